@@ -1,0 +1,172 @@
+"""The `crawler` command: parses arguments and delegates. Every user-facing error is one plain
+sentence on stderr and an exit code: 0 done, 1 usage or input error, 2 infrastructure error,
+130 interrupted and resumable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Any, Sequence
+
+from crawler.errors import EXIT_INTERRUPTED, CrawlerError, UsageError
+
+EXAMPLES = {
+    "crawl": "examples:\n  crawler crawl urls.csv\n  crawler crawl urls.txt.gz --workers 4 --concurrency 500 --job-name weekly\n"
+             "  cat urls.txt | crawler crawl - --allow-net 127.0.0.1/32",
+    "resume": "example:\n  crawler resume weekly",
+    "export": "examples:\n  crawler export weekly --format jsonl -o results.jsonl\n  crawler export 3 --format csv --only failed",
+    "db": "examples:\n  crawler db url\n  psql \"$(crawler db url --show-password)\"\n  crawler db stop",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one sentence and exit 1, not argparse's exit 2
+        raise UsageError(f"{message}; see `{self.prog} --help`.")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' cannot be negative")
+    return value
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    common.add_argument("--dsn", help="PostgreSQL URL (else CRAWLER_DSN, else DATABASE_URL, else the embedded server)")
+    common.add_argument("--config", metavar="FILE", help="a TOML file layered over config/default.toml")
+    common.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument("--log-format", default="text", choices=["text", "json"])
+
+    tuning = Parser(add_help=False)
+    tuning.add_argument("--workers", type=_positive, help="worker processes (default: one per CPU core)")
+    tuning.add_argument("--concurrency", type=_positive, help="fetch tasks per worker (default 200)")
+    tuning.add_argument("--allow-net", action="append", metavar="CIDR",
+                        help="allow fetching this loopback/private network (repeatable)")
+    tuning.add_argument("--max-attempts", type=_positive, help="attempts per request, the first included (default 3)")
+    tuning.add_argument("--quiet", action="store_true", help="no progress and no summary table")
+    tuning.add_argument("--summary-json", metavar="PATH", help="write the job's summary as JSON to PATH")
+
+    parser = Parser(prog="crawler", description="A massive asynchronous HTTP crawler: every outcome in PostgreSQL.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("crawl", parents=[common, tuning], help="crawl a CSV, text or gzip file of URLs",
+                       epilog=EXAMPLES["crawl"], formatter_class=fmt)
+    p.add_argument("input", help="CSV with a header, a text file of URLs, either gzipped, or - for stdin")
+    p.add_argument("--chunk-size", type=_positive, help="rows per chunk, the unit of leasing (default 1000)")
+    p.add_argument("--url-column", metavar="NAME", help="the CSV column holding the URL (default: url)")
+    p.add_argument("--job-name", metavar="NAME", help="a unique name to refer to the job by")
+
+    p = sub.add_parser("resume", parents=[common, tuning], help="finish an interrupted job",
+                       epilog=EXAMPLES["resume"], formatter_class=fmt)
+    p.add_argument("job", help="the job's id or name")
+
+    p = sub.add_parser("worker", parents=[common], help="fetch for a job from this machine (joins the job's ledger)")
+    p.add_argument("--job", required=True, help="the job's id or name")
+    p.add_argument("--concurrency", type=_positive)
+    p.add_argument("--allow-net", action="append", metavar="CIDR")
+
+    p = sub.add_parser("export", parents=[common], help="write a job's outcomes, one record per input row",
+                       epilog=EXAMPLES["export"], formatter_class=fmt)
+    p.add_argument("job", help="the job's id or name")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("-o", "--output", metavar="PATH", help="file to write (default: stdout)")
+    p.add_argument("--only", choices=["ok", "failed", "invalid"], help="export only these rows")
+
+    p = sub.add_parser("status", parents=[common], help="a job's state and counts")
+    p.add_argument("job", nargs="?", help="the job's id or name (default: the latest job)")
+    p.add_argument("--json", action="store_true")
+
+    sub.add_parser("jobs", parents=[common], help="list jobs with their state and counts")
+    sub.add_parser("migrate", parents=[common], help="apply database migrations (also done automatically)")
+
+    p = sub.add_parser("db", parents=[common], help="the database in use", epilog=EXAMPLES["db"], formatter_class=fmt)
+    dbsub = p.add_subparsers(dest="db_command", required=True, parser_class=Parser)
+    q = dbsub.add_parser("url", parents=[common], help="print the DSN in use (password masked)")
+    q.add_argument("--show-password", action="store_true")
+    dbsub.add_parser("stop", parents=[common], help="stop the embedded PostgreSQL")
+
+    p = sub.add_parser("mock-server", help="a local HTTP server for tests and load tests")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_positive, default=8080)
+    p.add_argument("--processes", type=_positive, default=1)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("config", parents=[common], help="the effective configuration")
+    p.add_argument("action", choices=["show"])
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("dsn", "workers", "concurrency", "chunk_size", "allow_net", "max_attempts")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _run(coro) -> int:
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from crawler import commands
+    from crawler.settings import load_settings
+
+    if args.command == "mock-server":
+        from crawler.mock_server import serve
+
+        serve(host=args.host, port=args.port, processes=max(1, args.processes), seed=args.seed)
+        return 0
+    settings, sources = load_settings(config_file=args.config, flags=_flags(args))
+    if args.command == "config":
+        return commands.show_config(settings, sources)
+    if args.command == "db" and args.db_command == "stop":
+        return commands.db_stop(settings)
+    dsn = commands.resolve(settings)
+    if args.command == "db":
+        return commands.db_url(dsn, show_password=args.show_password)
+    if args.command == "crawl":
+        from crawler.crawl import crawl
+
+        return _run(crawl(dsn, settings, input_path=args.input, url_column=args.url_column, job_name=args.job_name,
+                          summary_json=args.summary_json, quiet=args.quiet))
+    if args.command == "resume":
+        from crawler.crawl import resume
+
+        return _run(resume(dsn, settings, job_ref=args.job, summary_json=args.summary_json, quiet=args.quiet))
+    if args.command == "worker":
+        return commands.worker(dsn, settings, args.job)
+    if args.command == "export":
+        return _run(commands.export(dsn, args.job, fmt=args.format, path=args.output, only=args.only))
+    if args.command == "status":
+        return _run(commands.status(dsn, args.job, as_json=args.json))
+    if args.command == "jobs":
+        return _run(commands.jobs(dsn))
+    if args.command == "migrate":
+        return _run(commands.migrate(dsn))
+    raise UsageError(f"unknown command '{args.command}'.")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        from crawler.logs import setup_logging
+
+        setup_logging(args.log_level if hasattr(args, "log_level") else "WARNING",
+                      args.log_format if hasattr(args, "log_format") else "text")
+        return dispatch(args)
+    except CrawlerError as exc:
+        print(f"crawler: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("crawler: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # `crawler export | head`
+        return 0

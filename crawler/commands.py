@@ -1,0 +1,130 @@
+"""The small commands (db, migrate, export, status, jobs, worker, config): each opens what it
+needs, does one thing and returns an exit code. The crawl itself lives in crawl.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from crawler import database, ledger
+from crawler.crawl import prepare_database
+from crawler.errors import EXIT_OK
+from crawler.export import export_job
+from crawler.migrate import apply_migrations
+from crawler.settings import Settings
+from crawler.summary import job_summary
+
+
+def resolve(settings: Settings) -> str:
+    return database.resolve_dsn(settings.dsn, settings.home)
+
+
+def db_url(dsn: str, *, show_password: bool) -> int:
+    print(dsn if show_password else database.mask_dsn(dsn))
+    return EXIT_OK
+
+
+def db_stop(settings: Settings) -> int:
+    if database.stop_embedded(settings.home):
+        print("embedded PostgreSQL stopped.")
+    else:
+        print("embedded PostgreSQL is not running.")
+    return EXIT_OK
+
+
+def show_config(settings: Settings, sources: dict[str, str]) -> int:
+    for key, value in settings.as_dict().items():
+        if key == "dsn" and value:
+            value = database.mask_dsn(value)
+        print(f"{key} = {value!r}  # {sources[key]}")
+    return EXIT_OK
+
+
+async def migrate(dsn: str) -> int:
+    conn = await database.connect(dsn)
+    try:
+        applied = await apply_migrations(conn)
+    finally:
+        await conn.close()
+    print(f"applied migrations: {', '.join(map(str, applied))}" if applied else "the schema is up to date.")
+    return EXIT_OK
+
+
+async def export(dsn: str, job_ref: str, *, fmt: str, path: str | None, only: str | None) -> int:
+    await prepare_database(dsn)
+    conn = await database.connect(dsn)
+    try:
+        job = await ledger.find_job(conn, job_ref)
+        count = await export_job(conn, job.id, fmt=fmt, path=path, only=only)
+    finally:
+        await conn.close()
+    if path and path != "-":
+        print(f"exported {count} records to {path}", file=sys.stderr)
+    return EXIT_OK
+
+
+async def status(dsn: str, job_ref: str | None, *, as_json: bool) -> int:
+    await prepare_database(dsn)
+    conn = await database.connect(dsn)
+    try:
+        if job_ref is None:
+            job_ref = await conn.fetchval("SELECT max(id) FROM jobs")
+            if job_ref is None:
+                print("no jobs yet.")
+                return EXIT_OK
+        job = await ledger.find_job(conn, job_ref)
+        summary = await job_summary(conn, job.id)
+        summary["chunks"] = {k: v for k, v in (await ledger.job_counts(conn, job.id)).items()
+                             if k in ("pending", "leased", "done")}
+    finally:
+        await conn.close()
+    if as_json:
+        print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    else:
+        from crawler.progress import render_summary
+
+        render_summary(summary, Console())
+        c = summary["chunks"]
+        print(f"chunks: {c['pending']} pending, {c['leased']} leased, {c['done']} done")
+    return EXIT_OK
+
+
+async def jobs(dsn: str) -> int:
+    await prepare_database(dsn)
+    conn = await database.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT j.id, j.name, j.state, j.rows_read, j.created_at,"
+            " (SELECT count(*) FROM results r WHERE r.job_id = j.id) AS results"
+            " FROM jobs j ORDER BY j.id"
+        )
+    finally:
+        await conn.close()
+    table = Table("id", "name", "state", "rows read", "results", "created")
+    for r in rows:
+        table.add_row(str(r["id"]), r["name"] or "", r["state"], str(r["rows_read"]), str(r["results"]),
+                      r["created_at"].strftime("%Y-%m-%d %H:%M:%S"))
+    Console().print(table)
+    return EXIT_OK
+
+
+def worker(dsn: str, settings: Settings, job_ref: str) -> int:
+    import uvloop
+
+    from crawler.worker import run_worker
+
+    async def find() -> int:
+        await prepare_database(dsn)
+        conn = await database.connect(dsn)
+        try:
+            return (await ledger.find_job(conn, job_ref)).id
+        finally:
+            await conn.close()
+
+    job_id = uvloop.run(find())
+    run_worker(dsn, job_id, settings.as_dict(), standalone=True)
+    return EXIT_OK

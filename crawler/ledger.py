@@ -1,0 +1,298 @@
+"""The PostgreSQL ledger: jobs, chunks, requests, results — and nothing of HTTP.
+
+Chunks are leased with FOR UPDATE SKIP LOCKED and carry a fencing number; a result write locks
+its chunk's row and checks the fence, so a worker that lost its lease cannot commit over the new
+holder. Results are keyed by (job, row): every write is idempotent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import asyncpg
+
+from crawler.errors import CrawlerError, JobNotFound
+from crawler.inputs import InvalidRow, RequestRow
+
+RESULT_COLUMNS = (
+    "job_id", "row_no", "status", "final_url", "error_kind", "error",
+    "attempts", "from_cache", "elapsed_ms", "body_bytes", "body_sha256",
+)
+
+
+class JobExists(CrawlerError):
+    """A job of that name exists; the user is told how to resume it."""
+
+
+@dataclass(slots=True, frozen=True)
+class Job:
+    id: int
+    name: str | None
+    input: str
+    state: str
+    settings: dict
+    rows_read: int
+    ingest_done: bool
+
+
+@dataclass(slots=True, frozen=True)
+class Lease:
+    chunk_no: int
+    fence: int
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+
+async def create_job(conn: asyncpg.Connection, *, name: str | None, input: str, settings: dict) -> Job:
+    import orjson
+
+    try:
+        row = await conn.fetchrow(
+            "INSERT INTO jobs (name, input, settings) VALUES ($1, $2, $3::jsonb) RETURNING *",
+            name, input, orjson.dumps(settings).decode(),
+        )
+    except asyncpg.UniqueViolationError:
+        raise JobExists(
+            f"a job named '{name}' already exists; run `crawler resume {name}` to finish it,"
+            f" or choose another --job-name."
+        ) from None
+    return _job(row)
+
+
+def _job(row: asyncpg.Record) -> Job:
+    import orjson
+
+    settings = row["settings"]
+    if isinstance(settings, str):
+        settings = orjson.loads(settings)
+    return Job(row["id"], row["name"], row["input"], row["state"], settings, row["rows_read"], row["ingest_done"])
+
+
+async def find_job(conn: asyncpg.Connection, ref: str | int) -> Job:
+    """A job by its id or its name."""
+    ref = str(ref)
+    row = await conn.fetchrow("SELECT * FROM jobs WHERE name = $1", ref)
+    if row is None and ref.isdigit():
+        row = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1", int(ref))
+    if row is None:
+        raise JobNotFound(f"no job with id or name '{ref}'; `crawler jobs` lists them.")
+    return _job(row)
+
+
+async def set_job_state(conn: asyncpg.Connection, job_id: int, state: str) -> None:
+    await conn.execute(
+        "UPDATE jobs SET state = $2, finished_at = CASE WHEN $2 = 'done' THEN now() END WHERE id = $1",
+        job_id, state,
+    )
+
+
+# --- ingest -------------------------------------------------------------------------------------
+
+async def prepare_ingest(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS request_stage"
+        " (row_no bigint, method text, url text, fingerprint bytea) ON COMMIT DELETE ROWS"
+    )
+
+
+async def store_chunk(
+    conn: asyncpg.Connection, job_id: int, chunk_no: int, rows: Sequence[RequestRow | InvalidRow]
+) -> int:
+    """Write one chunk of input rows; return how many of them need a fetch.
+
+    A row whose fingerprint was seen earlier in the job is stored with dup_of pointing at the
+    first row of that fingerprint; the database, not this process, remembers fingerprints.
+    """
+    requests = [(r.row, r.method, r.url, r.fingerprint) for r in rows if isinstance(r, RequestRow)]
+    invalid = [(job_id, r.row, r.raw, r.reason) for r in rows if isinstance(r, InvalidRow)]
+    async with conn.transaction():
+        if invalid:
+            await conn.copy_records_to_table(
+                "invalid_rows", records=invalid, columns=("job_id", "row_no", "raw", "reason")
+            )
+        fetch_rows = 0
+        if requests:
+            await conn.copy_records_to_table(
+                "request_stage", records=requests, columns=("row_no", "method", "url", "fingerprint")
+            )
+            await conn.execute(
+                "INSERT INTO fingerprints (job_id, fingerprint, row_no)"
+                " SELECT DISTINCT ON (fingerprint) $1::bigint, fingerprint, row_no FROM request_stage"
+                " ORDER BY fingerprint, row_no ON CONFLICT DO NOTHING",
+                job_id,
+            )
+            fetch_rows = await conn.fetchval(
+                "WITH stored AS ("
+                " INSERT INTO requests (job_id, row_no, chunk_no, method, url, fingerprint, dup_of)"
+                " SELECT $1, s.row_no, $2, s.method, s.url, s.fingerprint,"
+                "        CASE WHEN f.row_no = s.row_no THEN NULL ELSE f.row_no END"
+                " FROM request_stage s JOIN fingerprints f ON f.job_id = $1 AND f.fingerprint = s.fingerprint"
+                " RETURNING dup_of)"
+                " SELECT count(*) FILTER (WHERE dup_of IS NULL) FROM stored",
+                job_id, chunk_no,
+            )
+        await conn.execute(
+            "INSERT INTO chunks (job_id, chunk_no, first_row, last_row, fetch_rows, state)"
+            " VALUES ($1, $2, $3, $4, $5, CASE WHEN $5 = 0 THEN 'done' ELSE 'pending' END)",
+            job_id, chunk_no, rows[0].row, rows[-1].row, fetch_rows,
+        )
+        await conn.execute("UPDATE jobs SET rows_read = $2 WHERE id = $1", job_id, rows[-1].row)
+    return fetch_rows
+
+
+async def mark_ingested(conn: asyncpg.Connection, job_id: int) -> None:
+    await conn.execute("UPDATE jobs SET ingest_done = true, state = 'running' WHERE id = $1", job_id)
+
+
+async def ingest_position(conn: asyncpg.Connection, job_id: int) -> tuple[int, int]:
+    """(next chunk number, last row stored) — where an interrupted ingest continues."""
+    row = await conn.fetchrow(
+        "SELECT coalesce(max(chunk_no) + 1, 0) AS next_chunk, coalesce(max(last_row), 0) AS last_row"
+        " FROM chunks WHERE job_id = $1",
+        job_id,
+    )
+    return row["next_chunk"], row["last_row"]
+
+
+# --- leases -------------------------------------------------------------------------------------
+
+async def lease_chunk(conn: asyncpg.Connection, job_id: int, owner: str, lease_seconds: float) -> Lease | None:
+    row = await conn.fetchrow(
+        "UPDATE chunks c SET state = 'leased', lease_owner = $2, fence = c.fence + 1,"
+        "   lease_expires = now() + make_interval(secs => $3)"
+        " FROM (SELECT chunk_no FROM chunks WHERE job_id = $1"
+        "       AND (state = 'pending' OR (state = 'leased' AND lease_expires < now()))"
+        "       ORDER BY chunk_no LIMIT 1 FOR UPDATE SKIP LOCKED) free"
+        " WHERE c.job_id = $1 AND c.chunk_no = free.chunk_no"
+        " RETURNING c.chunk_no, c.fence",
+        job_id, owner, lease_seconds,
+    )
+    return Lease(row["chunk_no"], row["fence"]) if row else None
+
+
+async def renew_leases(conn: asyncpg.Connection, job_id: int, leases: Iterable[Lease], lease_seconds: float) -> set[int]:
+    """Extend the given leases; return the chunk numbers whose lease is still ours."""
+    leases = list(leases)
+    if not leases:
+        return set()
+    rows = await conn.fetch(
+        "UPDATE chunks c SET lease_expires = now() + make_interval(secs => $4)"
+        " FROM unnest($2::int[], $3::bigint[]) AS held(chunk_no, fence)"
+        " WHERE c.job_id = $1 AND c.chunk_no = held.chunk_no AND c.fence = held.fence AND c.state = 'leased'"
+        " RETURNING c.chunk_no",
+        job_id, [l.chunk_no for l in leases], [l.fence for l in leases], lease_seconds,
+    )
+    return {r["chunk_no"] for r in rows}
+
+
+async def release_chunk(conn: asyncpg.Connection, job_id: int, lease: Lease) -> None:
+    """Give a chunk back unfinished, so another worker (or a resume) takes it at once."""
+    await conn.execute(
+        "UPDATE chunks SET state = 'pending', lease_owner = NULL, lease_expires = NULL"
+        " WHERE job_id = $1 AND chunk_no = $2 AND fence = $3 AND state = 'leased'",
+        job_id, lease.chunk_no, lease.fence,
+    )
+
+
+async def chunk_requests(conn: asyncpg.Connection, job_id: int, chunk_no: int) -> list[asyncpg.Record]:
+    """The requests of a chunk that still need a fetch: not duplicates, no result yet."""
+    return await conn.fetch(
+        "SELECT q.row_no, q.method, q.url FROM requests q"
+        " WHERE q.job_id = $1 AND q.chunk_no = $2 AND q.dup_of IS NULL"
+        " AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = $1 AND r.row_no = q.row_no)"
+        " ORDER BY q.row_no",
+        job_id, chunk_no,
+    )
+
+
+async def open_chunks(conn: asyncpg.Connection, job_id: int) -> int:
+    return await conn.fetchval("SELECT count(*) FROM chunks WHERE job_id = $1 AND state <> 'done'", job_id)
+
+
+# --- results ------------------------------------------------------------------------------------
+
+async def prepare_writer(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS result_stage (LIKE results INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )
+
+
+async def write_results(
+    conn: asyncpg.Connection,
+    job_id: int,
+    batches: dict[Lease, list[tuple]],
+    completed: set[Lease],
+    lease_seconds: float,
+) -> set[Lease]:
+    """Commit results for the given leases, and complete the `completed` ones, in one transaction.
+
+    Returns the leases that were refused because their fence is no longer current; their
+    results are dropped, since the chunk's new holder redoes them.
+    """
+    leases = sorted(set(batches) | completed, key=lambda l: l.chunk_no)
+    async with conn.transaction():
+        current = await conn.fetch(
+            "SELECT chunk_no, fence FROM chunks WHERE job_id = $1 AND chunk_no = ANY($2::int[])"
+            " AND state = 'leased' ORDER BY chunk_no FOR UPDATE",
+            job_id, [l.chunk_no for l in leases],
+        )
+        held = {Lease(r["chunk_no"], r["fence"]) for r in current}
+        refused = {l for l in leases if l not in held}
+        records = [rec for lease, recs in batches.items() if lease in held for rec in recs]
+        if records:
+            await conn.copy_records_to_table("result_stage", records=records, columns=RESULT_COLUMNS)
+            await conn.execute("INSERT INTO results SELECT * FROM result_stage ON CONFLICT DO NOTHING")
+        kept = [l for l in leases if l in held]
+        if kept:
+            await conn.execute(
+                "UPDATE chunks c SET done_rows = CASE WHEN w.complete THEN c.fetch_rows ELSE c.done_rows + w.n END,"
+                "   state = CASE WHEN w.complete THEN 'done' ELSE c.state END,"
+                "   lease_owner = CASE WHEN w.complete THEN NULL ELSE c.lease_owner END,"
+                "   lease_expires = CASE WHEN w.complete THEN NULL ELSE now() + make_interval(secs => $5) END"
+                " FROM unnest($2::int[], $3::int[], $4::bool[]) AS w(chunk_no, n, complete)"
+                " WHERE c.job_id = $1 AND c.chunk_no = w.chunk_no",
+                job_id,
+                [l.chunk_no for l in kept],
+                [len(batches.get(l, ())) for l in kept],
+                [l in completed for l in kept],
+                lease_seconds,
+            )
+    return refused
+
+
+async def finish_job(conn: asyncpg.Connection, job_id: int) -> bool:
+    """If every chunk is done, give each duplicate row its first row's outcome and mark the job
+    done; return whether the job is done. Idempotent."""
+    async with conn.transaction():
+        state = await conn.fetchval("SELECT state FROM jobs WHERE id = $1 FOR UPDATE", job_id)
+        if state == "done":
+            return True
+        ingested = await conn.fetchval("SELECT ingest_done FROM jobs WHERE id = $1", job_id)
+        if not ingested or await open_chunks(conn, job_id):
+            return False
+        await conn.execute(
+            "INSERT INTO results (job_id, row_no, status, final_url, error_kind, error, attempts,"
+            "                     from_cache, elapsed_ms, body_bytes, body_sha256)"
+            " SELECT q.job_id, q.row_no, p.status, p.final_url, p.error_kind, p.error, 0,"
+            "        true, 0, p.body_bytes, p.body_sha256"
+            " FROM requests q JOIN results p ON p.job_id = q.job_id AND p.row_no = q.dup_of"
+            " WHERE q.job_id = $1 AND q.dup_of IS NOT NULL ON CONFLICT DO NOTHING",
+            job_id,
+        )
+        await set_job_state(conn, job_id, "done")
+    return True
+
+
+async def job_counts(conn: asyncpg.Connection, job_id: int) -> dict[str, int]:
+    """Live counts for progress, from the small chunks table (cheap to poll)."""
+    row = await conn.fetchrow(
+        "SELECT j.rows_read, j.state,"
+        " coalesce(sum(c.fetch_rows), 0)::bigint AS to_fetch, coalesce(sum(c.done_rows), 0)::bigint AS fetched,"
+        " count(c.*) FILTER (WHERE c.state = 'pending') AS pending,"
+        " count(c.*) FILTER (WHERE c.state = 'leased') AS leased,"
+        " count(c.*) FILTER (WHERE c.state = 'done') AS done"
+        " FROM jobs j LEFT JOIN chunks c ON c.job_id = j.id WHERE j.id = $1 GROUP BY j.id",
+        job_id,
+    )
+    return dict(row)

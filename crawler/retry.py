@@ -1,0 +1,79 @@
+"""Retry decisions for requests: pure functions of an outcome, the attempts made and the policy.
+
+Which failures are retried, how long to wait (exponential backoff with full jitter, or the
+server's Retry-After up to a cap). The worker schedules the wait; nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+
+RETRYABLE_KINDS = frozenset({"timeout", "connect", "reset"})
+
+
+@dataclass(slots=True, frozen=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    retry_statuses: frozenset[int] = frozenset({429, 502, 503, 504})
+    retry_after_max: float = 120.0
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if absent
+    or unreadable. A date in the past means no wait."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    now = now or datetime.now(timezone.utc)
+    return max(0.0, (when - now).total_seconds())
+
+
+def backoff(attempts: int, policy: RetryPolicy, rng: random.Random | None = None) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2^(attempts-1))]."""
+    ceiling = min(policy.backoff_max, policy.backoff_base * (2 ** max(0, attempts - 1)))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    retry: bool
+    delay: float = 0.0
+    reason: str | None = None  # why a retryable failure was not retried
+
+
+def decide(
+    *,
+    error_kind: str | None,
+    status: int | None,
+    retry_after: str | None,
+    attempts: int,
+    policy: RetryPolicy,
+    rng: random.Random | None = None,
+) -> Decision:
+    """Whether to try again after `attempts` attempts ended like this, and after how long."""
+    retryable = error_kind in RETRYABLE_KINDS or (
+        error_kind in (None, "http_status") and status is not None and status in policy.retry_statuses
+    )
+    if not retryable or attempts >= policy.max_attempts:
+        return Decision(False)
+    wait = parse_retry_after(retry_after) if status in (429, 503) else None
+    if wait is not None:
+        if wait > policy.retry_after_max:
+            return Decision(False, reason=f"Retry-After of {wait:.0f}s exceeds the {policy.retry_after_max:.0f}s cap")
+        return Decision(True, wait if wait > 0 else backoff(attempts, policy, rng))
+    return Decision(True, backoff(attempts, policy, rng))

@@ -1,0 +1,148 @@
+"""One typed settings object, resolved from defaults, config/default.toml, a user file, the
+environment (CRAWLER_<KEY>) and flags — in that order, each layer overriding the one before.
+
+Nothing here opens a connection or a socket; it only decides values and remembers their source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import platformdirs
+
+from crawler.errors import UsageError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+ENV_PREFIX = "CRAWLER_"
+
+
+@dataclass(slots=True)
+class Settings:
+    # Database: an external server's DSN, or none for the embedded server under `home`.
+    dsn: str | None = None
+    home: str = field(default_factory=lambda: platformdirs.user_data_dir("crawler"))
+    # Processes and concurrency.
+    workers: int = 0  # 0 = one per CPU core
+    concurrency: int = 200
+    chunk_size: int = 1000
+    # Timeouts, seconds.
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    total_timeout: float = 60.0
+    # Retries.
+    max_attempts: int = 3
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    retry_statuses: list[int] = field(default_factory=lambda: [429, 502, 503, 504])
+    retry_after_max: float = 120.0
+    # Limits and safety.
+    max_redirects: int = 10
+    max_body_bytes: int = 10 * 1024 * 1024
+    allow_net: list[str] = field(default_factory=list)
+    user_agent: str = "crawler/0.1 (+https://example.invalid/crawler)"
+    dns_ttl: float = 300.0
+    # Persistence and leases.
+    write_batch: int = 1000
+    write_interval: float = 0.5
+    lease_seconds: float = 60.0
+    # Input.
+    sort_query: bool = False
+    # Output.
+    progress_interval: float = 5.0
+
+    def effective_workers(self) -> int:
+        return self.workers if self.workers > 0 else (os.cpu_count() or 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+KEYS = {f.name for f in fields(Settings)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Turn a value from TOML, the environment or a flag into the field's type."""
+    default = getattr(Settings(), name)
+    kind = type(default) if default is not None else str
+    try:
+        if isinstance(value, str) and kind is not str:
+            if kind is bool:
+                lowered = value.strip().lower()
+                if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return lowered in ("1", "true", "yes", "on")
+            if kind is list:
+                items = [item.strip() for item in value.split(",") if item.strip()]
+                return [int(i) for i in items] if name == "retry_statuses" else items
+            return kind(value)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if kind is not type(value) and not (kind is str and value is None):
+            raise ValueError(value)
+        return value
+    except ValueError:
+        raise UsageError(f"setting '{name}' from {source} must be a {kind.__name__}, not {value!r}.") from None
+
+
+def _validate(settings: Settings) -> None:
+    positive = ("concurrency", "chunk_size", "max_attempts", "write_batch")
+    for name in positive:
+        if getattr(settings, name) < 1:
+            raise UsageError(f"setting '{name}' must be at least 1, not {getattr(settings, name)}.")
+    if settings.workers < 0:
+        raise UsageError(f"setting 'workers' must be 0 (one per core) or more, not {settings.workers}.")
+    for name in ("connect_timeout", "read_timeout", "total_timeout", "lease_seconds", "write_interval"):
+        if getattr(settings, name) <= 0:
+            raise UsageError(f"setting '{name}' must be greater than 0.")
+    if settings.max_body_bytes < 0 or settings.max_redirects < 0:
+        raise UsageError("settings 'max_body_bytes' and 'max_redirects' cannot be negative.")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"config file '{path}' does not exist.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file '{path}' is not valid TOML: {exc}.") from None
+    unknown = sorted(set(data) - KEYS)
+    if unknown:
+        raise UsageError(f"config file '{path}' has unknown setting '{unknown[0]}'.")
+    return data
+
+
+def load_settings(
+    *,
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> tuple[Settings, dict[str, str]]:
+    """Resolve every setting; return it with a map of key -> where its value came from."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources = {name: "default" for name in KEYS}
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if DEFAULT_CONFIG.exists():
+        layers.append((str(DEFAULT_CONFIG), _read_toml(DEFAULT_CONFIG)))
+    if config_file is not None:
+        layers.append((str(config_file), _read_toml(Path(config_file))))
+    env_values = {
+        key[len(ENV_PREFIX):].lower(): value
+        for key, value in environ.items()
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in KEYS
+    }
+    layers.append(("environment", env_values))
+    layers.append(("flag", {k: v for k, v in (flags or {}).items() if v is not None}))
+    for source, layer in layers:
+        for name, value in layer.items():
+            values[name] = _coerce(name, value, source if source != "environment" else f"{ENV_PREFIX}{name.upper()}")
+            sources[name] = source
+    settings = Settings(**values)
+    _validate(settings)
+    return settings, sources

@@ -1,0 +1,60 @@
+"""A job's totals, computed by PostgreSQL from its results: the summary printed at the end of a
+crawl, written by --summary-json and shown by `crawler status`."""
+
+from __future__ import annotations
+
+import asyncpg
+
+
+async def job_summary(conn: asyncpg.Connection, job_id: int, *, elapsed_s: float | None = None) -> dict:
+    totals = await conn.fetchrow(
+        "SELECT count(*) AS requests,"
+        " count(*) FILTER (WHERE NOT from_cache) AS fetched,"
+        " count(*) FILTER (WHERE from_cache) AS from_cache,"
+        " count(*) FILTER (WHERE error_kind IS NULL) AS ok,"
+        " count(*) FILTER (WHERE error_kind IS NOT NULL) AS failed,"
+        " coalesce(sum(attempts - 1) FILTER (WHERE attempts > 1), 0) AS retries,"
+        " percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY elapsed_ms)"
+        "   FILTER (WHERE NOT from_cache) AS latency"
+        " FROM results WHERE job_id = $1",
+        job_id,
+    )
+    job = await conn.fetchrow(
+        "SELECT id, name, state, rows_read, extract(epoch FROM coalesce(finished_at, now()) - created_at) AS age,"
+        " extract(epoch FROM first_fetch_at - created_at) AS first_fetch"
+        " FROM jobs WHERE id = $1",
+        job_id,
+    )
+    invalid = await conn.fetchval("SELECT count(*) FROM invalid_rows WHERE job_id = $1", job_id)
+    statuses = await conn.fetch(
+        "SELECT status, count(*) AS n FROM results WHERE job_id = $1 AND status IS NOT NULL"
+        " GROUP BY status ORDER BY status",
+        job_id,
+    )
+    kinds = await conn.fetch(
+        "SELECT error_kind, count(*) AS n, min(q.url) AS example FROM results r"
+        " JOIN requests q USING (job_id, row_no)"
+        " WHERE r.job_id = $1 AND error_kind IS NOT NULL GROUP BY error_kind ORDER BY n DESC",
+        job_id,
+    )
+    elapsed = float(job["age"]) if elapsed_s is None else elapsed_s
+    latency = totals["latency"] or [None, None, None]
+    return {
+        "job_id": job["id"],
+        "job_name": job["name"],
+        "state": job["state"],
+        "rows": totals["requests"] + invalid if job["state"] == "done" else job["rows_read"],
+        "requests": totals["requests"],
+        "fetched": totals["fetched"],
+        "from_cache": totals["from_cache"],
+        "invalid": invalid,
+        "ok": totals["ok"],
+        "failed": totals["failed"],
+        "retries": int(totals["retries"]),
+        "elapsed_s": round(elapsed, 3),
+        "requests_per_s": round(totals["fetched"] / elapsed, 1) if elapsed > 0 else 0.0,
+        "time_to_first_fetch_s": round(float(job["first_fetch"]), 3) if job["first_fetch"] is not None else None,
+        "latency_ms": {"p50": latency[0], "p95": latency[1], "p99": latency[2]},
+        "statuses": {str(r["status"]): r["n"] for r in statuses},
+        "errors": {r["error_kind"]: {"count": r["n"], "example": r["example"]} for r in kinds},
+    }

@@ -1,0 +1,186 @@
+"""The supervisor: streams the input into chunks in the ledger, starts worker processes (spawn),
+restarts one that dies, shows progress, and turns Ctrl-C or SIGTERM into a drain.
+
+It never fetches and never holds more than one batch of input in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from crawler import ledger
+from crawler.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, CrawlerError, InputError
+from crawler.inputs import RowReader, open_input
+from crawler.ledger import Job
+from crawler.progress import ProgressView
+from crawler.settings import Settings
+from crawler.worker import run_worker
+
+log = logging.getLogger(__name__)
+
+RESTART_BUDGET = 5  # restarts per worker slot before the job is stopped as broken
+POLL = 0.25
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    process: multiprocessing.process.BaseProcess | None = None
+    restarts: int = 0
+    restart_at: float = 0.0
+    finished: bool = False
+
+
+@dataclass
+class CrawlOutcome:
+    job: Job
+    exit_code: int
+    message: str | None = None
+    summary: dict = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, dsn: str, settings: Settings, *, progress: ProgressView) -> None:
+        self.dsn = dsn
+        self.settings = settings
+        self.progress = progress
+        self.stopping = asyncio.Event()
+        self._signals = 0
+        self._ctx = multiprocessing.get_context("spawn")
+        self.slots: list[WorkerSlot] = []
+
+    # --- signals ---------------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+
+    def _on_signal(self) -> None:
+        self._signals += 1
+        self.stopping.set()
+        if self._signals == 1:
+            self._signal_workers(signal.SIGTERM)  # drain: stop leasing, finish in-flight, flush
+        else:
+            self._signal_workers(signal.SIGKILL)  # now: committed results are already safe
+
+    def _signal_workers(self, sig: int) -> None:
+        for slot in self.slots:
+            proc = slot.process
+            if proc is not None and proc.pid is not None and proc.exitcode is None:
+                try:
+                    os.kill(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    # --- workers ---------------------------------------------------------------------------
+
+    def _start(self, slot: WorkerSlot, job: Job) -> None:
+        proc = self._ctx.Process(
+            target=run_worker, args=(self.dsn, job.id, self.settings.as_dict()),
+            name=f"crawler-worker-{slot.index}", daemon=False,
+        )
+        proc.start()
+        slot.process = proc
+
+    def _watch(self, job: Job) -> str | None:
+        """Restart dead workers within budget; return a reason when the job cannot go on."""
+        now = time.monotonic()
+        for slot in self.slots:
+            proc = slot.process
+            if slot.finished or proc is None:
+                if proc is None and not slot.finished and now >= slot.restart_at and not self.stopping.is_set():
+                    self._start(slot, job)
+                continue
+            if proc.exitcode is None:
+                continue
+            if proc.exitcode == 0 or self.stopping.is_set():
+                slot.finished = True
+                continue
+            slot.restarts += 1
+            log.warning("worker %d (pid %s) died with exit code %s", slot.index, proc.pid, proc.exitcode)
+            if slot.restarts > RESTART_BUDGET:
+                return f"worker {slot.index} died {slot.restarts} times (last exit code {proc.exitcode})"
+            slot.process = None
+            slot.restart_at = now + min(30.0, 0.5 * 2 ** (slot.restarts - 1))
+        return None
+
+    def live_workers(self) -> int:
+        return sum(1 for s in self.slots if s.process is not None and s.process.exitcode is None)
+
+    # --- the job ---------------------------------------------------------------------------
+
+    async def run(self, job: Job, reader: RowReader | None) -> CrawlOutcome:
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            self.slots = [WorkerSlot(i) for i in range(self.settings.effective_workers())]
+            for slot in self.slots:
+                self._start(slot, job)
+            ingest = asyncio.create_task(self._ingest(job, reader)) if reader is not None else None
+            broken = None
+            try:
+                while True:
+                    broken = self._watch(job)
+                    if broken:
+                        self.stopping.set()
+                        self._signal_workers(signal.SIGTERM)
+                    counts = await ledger.job_counts(conn, job.id)
+                    counts["ingest_done"] = ingest is None or ingest.done()
+                    self.progress.update(counts, self.live_workers())
+                    if ingest is not None and ingest.done():
+                        ingest.result()  # an ingest failure ends the crawl with its own error
+                    if all(s.finished for s in self.slots):
+                        break
+                    await asyncio.sleep(POLL)
+            finally:
+                if ingest is not None and not ingest.done():
+                    ingest.cancel()
+                    await asyncio.gather(ingest, return_exceptions=True)
+                if ingest is not None and ingest.done() and not ingest.cancelled() and ingest.exception():
+                    self.stopping.set()
+                    self._signal_workers(signal.SIGTERM)
+                    await self._join_workers()
+            if not self.stopping.is_set() and await ledger.finish_job(conn, job.id):
+                return CrawlOutcome(job, EXIT_OK)
+            await ledger.set_job_state(conn, job.id, "interrupted")
+            ref = job.name or job.id
+            if broken:
+                return CrawlOutcome(job, EXIT_INFRA, f"{broken}; the job is stopped; run `crawler resume {ref}` once fixed.")
+            return CrawlOutcome(job, EXIT_INTERRUPTED, f"interrupted; run `crawler resume {ref}` to finish the job.")
+        finally:
+            await conn.close()
+
+    async def _join_workers(self) -> None:
+        for slot in self.slots:
+            if slot.process is not None:
+                await asyncio.to_thread(slot.process.join, 30)
+
+    async def _ingest(self, job: Job, reader: RowReader) -> None:
+        """Stream the input into chunks; on resume, skip the rows already stored."""
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            await ledger.prepare_ingest(conn)
+            chunk_no, last_row = await ledger.ingest_position(conn, job.id)
+            batches = reader.batches(self.settings.chunk_size)
+            while not self.stopping.is_set():
+                batch = await asyncio.to_thread(next, batches, None)
+                if batch is None:
+                    break
+                batch = [row for row in batch if row.row > last_row]
+                if not batch:
+                    continue
+                await ledger.store_chunk(conn, job.id, chunk_no, batch)
+                chunk_no += 1
+            if not self.stopping.is_set():
+                await ledger.mark_ingested(conn, job.id)
+        finally:
+            reader.close()
+            await conn.close()

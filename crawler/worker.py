@@ -1,0 +1,294 @@
+"""A worker: leases chunks from the ledger, fetches their requests with a fixed pool of tasks fed
+by a bounded queue, and hands results to the ResultWriter. One process, one uvloop loop, one
+aiohttp session. Runs the same under the local supervisor or on another machine.
+
+A retry waits on a timer, not in a fetch slot. A drain stops leasing, lets in-flight requests
+finish within a grace period, flushes, and gives unfinished chunks back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from crawler import ledger
+from crawler.fetcher import Attempt, Fetcher
+from crawler.ledger import Lease
+from crawler.retry import RetryPolicy, decide
+from crawler.settings import Settings
+from crawler.writer import ResultWriter
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL = 0.1  # seconds between looks for new chunks while the supervisor is still ingesting
+
+
+@dataclass(slots=True)
+class WorkItem:
+    lease: Lease
+    row_no: int
+    method: str
+    url: str
+    attempts: int = 0
+    elapsed_ms: float = 0.0
+
+
+@dataclass(slots=True)
+class HeldChunk:
+    lease: Lease
+    remaining: int
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    chunks: int = 0
+    fetched: int = 0
+    retries: int = 0
+    lost_leases: int = 0
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Worker:
+    def __init__(self, dsn: str, job_id: int, settings: Settings, *, grace: float = 10.0) -> None:
+        self.dsn = dsn
+        self.job_id = job_id
+        self.settings = settings
+        self.grace = grace
+        self.id = worker_id()
+        self.stop = asyncio.Event()
+        self.stats = WorkerStats()
+        self.policy = RetryPolicy(
+            max_attempts=settings.max_attempts,
+            backoff_base=settings.backoff_base,
+            backoff_max=settings.backoff_max,
+            retry_statuses=frozenset(settings.retry_statuses),
+            retry_after_max=settings.retry_after_max,
+        )
+        self._queue: asyncio.Queue[WorkItem | None] = asyncio.Queue()
+        self._held: dict[int, HeldChunk] = {}
+        self._in_system = 0  # items queued, in flight or waiting to retry
+        self._low_water = asyncio.Event()
+        self._idle = asyncio.Event()  # set when no item is in the system
+        self._idle.set()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._rng = random.Random()
+        self.high_water = settings.concurrency * 2
+
+    async def run(self) -> WorkerStats:
+        s = self.settings
+        self.writer = ResultWriter(
+            self.dsn, self.job_id, batch_size=s.write_batch, interval=s.write_interval,
+            lease_seconds=s.lease_seconds,
+        )
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        beat_conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            async with Fetcher(s) as fetcher:
+                async with asyncio.TaskGroup() as tg:
+                    writer_task = tg.create_task(self.writer.run())
+                    beat = tg.create_task(self._heartbeat(beat_conn))
+                    fetchers = [tg.create_task(self._fetch_loop(fetcher)) for _ in range(s.concurrency)]
+                    await self._feed(conn)
+                    await self._finish(fetchers)
+                    beat.cancel()
+                    self.writer.close()
+                    await writer_task
+                await self._release_unfinished(conn)
+        finally:
+            await self.writer.aclose()
+            await conn.close()
+            await beat_conn.close()
+        self.stats.lost_leases = len(self.writer.lost)
+        return self.stats
+
+    # --- leasing ---------------------------------------------------------------------------
+
+    async def _feed(self, conn: asyncpg.Connection) -> None:
+        """Lease chunks while there is room, until the job has nothing left for us or we stop."""
+        first = True
+        while not self.stop.is_set():
+            if self._in_system >= self.high_water:
+                self._low_water.clear()
+                await self._wait_stop_or(self._low_water.wait())
+                continue
+            lease = await ledger.lease_chunk(conn, self.job_id, self.id, self.settings.lease_seconds)
+            if lease is None:
+                if await self._nothing_left(conn):
+                    return
+                await self._wait_stop_or(asyncio.sleep(IDLE_POLL))
+                continue
+            if first:
+                await conn.execute("UPDATE jobs SET first_fetch_at = coalesce(first_fetch_at, now()) WHERE id = $1",
+                                   self.job_id)
+                first = False
+            rows = await ledger.chunk_requests(conn, self.job_id, lease.chunk_no)
+            self.stats.chunks += 1
+            if not rows:
+                self.writer.complete(lease)
+                continue
+            self._held[lease.chunk_no] = HeldChunk(lease, len(rows))
+            self._in_system += len(rows)
+            self._idle.clear()
+            for row in rows:
+                self._queue.put_nowait(WorkItem(lease, row["row_no"], row["method"], row["url"]))
+
+    async def _nothing_left(self, conn: asyncpg.Connection) -> bool:
+        """True when ingest is over and every open chunk is one of ours (being finished)."""
+        job = await conn.fetchrow("SELECT state, ingest_done FROM jobs WHERE id = $1", self.job_id)
+        if job["state"] == "done":
+            return True
+        if not job["ingest_done"]:
+            return False
+        return await ledger.open_chunks(conn, self.job_id) <= len(self._held)
+
+    async def _wait_stop_or(self, aw) -> None:
+        task = asyncio.ensure_future(aw)
+        stopper = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            task.cancel()
+            stopper.cancel()
+
+    async def _heartbeat(self, conn: asyncpg.Connection) -> None:
+        """Renew our leases well before they expire, so a long chunk is not taken from us."""
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            leases = [h.lease for h in self._held.values()]
+            try:
+                kept = await ledger.renew_leases(conn, self.job_id, leases, self.settings.lease_seconds)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("could not renew leases: %s", exc)
+                continue
+            for lease in leases:
+                if lease.chunk_no not in kept:
+                    log.warning("lost the lease on chunk %d; its results will be refused", lease.chunk_no)
+
+    # --- fetching --------------------------------------------------------------------------
+
+    async def _fetch_loop(self, fetcher: Fetcher) -> None:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            attempt = await fetcher.attempt(item.method, item.url)
+            item.attempts += 1
+            item.elapsed_ms += attempt.elapsed_ms
+            decision = decide(
+                error_kind=attempt.error_kind, status=attempt.status, retry_after=attempt.retry_after,
+                attempts=item.attempts, policy=self.policy, rng=self._rng,
+            )
+            if decision.retry and not self.stop.is_set():
+                self.stats.retries += 1
+                self._schedule_retry(item, decision.delay)
+                continue
+            if decision.reason:
+                attempt.error = f"{attempt.error}; {decision.reason}"
+            await self._done(item, attempt)
+
+    def _schedule_retry(self, item: WorkItem, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+
+        def requeue() -> None:
+            self._timers.discard(handle)
+            self._queue.put_nowait(item)
+
+        handle = loop.call_later(delay, requeue)
+        self._timers.add(handle)
+
+    async def _done(self, item: WorkItem, attempt: Attempt) -> None:
+        record = (
+            self.job_id, item.row_no, attempt.status, attempt.final_url, attempt.error_kind, attempt.error,
+            item.attempts, False, item.elapsed_ms, attempt.body_bytes, attempt.body_sha256,
+        )
+        await self.writer.add(item.lease, record)
+        self.stats.fetched += 1
+        held = self._held.get(item.lease.chunk_no)
+        if held is not None and held.lease == item.lease:
+            held.remaining -= 1
+            if held.remaining == 0:
+                del self._held[item.lease.chunk_no]
+                self.writer.complete(item.lease)
+        self._in_system -= 1
+        if self._in_system < self.high_water // 2:
+            self._low_water.set()
+        if self._in_system == 0:
+            self._idle.set()
+
+    # --- ending ----------------------------------------------------------------------------
+
+    async def _finish(self, fetchers: list[asyncio.Task]) -> None:
+        """Either every item is done (normal end), or we are draining: drop what has not started,
+        let in-flight requests finish within the grace period."""
+        if not self.stop.is_set():
+            await self._wait_stop_or(self._idle.wait())
+        if self.stop.is_set():
+            for handle in self._timers:
+                handle.cancel()
+            self._timers.clear()
+            while not self._queue.empty():
+                self._queue.get_nowait()
+        for _ in fetchers:
+            self._queue.put_nowait(None)
+        done, pending = await asyncio.wait(fetchers, timeout=self.grace)
+        for task in pending:
+            task.cancel()
+
+    async def _release_unfinished(self, conn: asyncpg.Connection) -> None:
+        for held in list(self._held.values()):
+            await ledger.release_chunk(conn, self.job_id, held.lease)
+        self._held.clear()
+
+
+def run_worker(dsn: str, job_id: int, settings: dict, standalone: bool = False) -> None:
+    """Process entry point (spawned by the supervisor, or `crawler worker`)."""
+    import uvloop
+
+    from crawler.logs import setup_worker_logging
+
+    # Our own process group: a Ctrl-C at the terminal reaches the supervisor alone, which turns
+    # it into one orderly drain signal per worker.
+    if not standalone:
+        os.setpgrp()
+    setup_worker_logging()
+    worker = Worker(dsn, job_id, Settings(**settings))
+    parent = os.getppid()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        presses = 0
+
+        def on_signal() -> None:
+            nonlocal presses
+            presses += 1
+            worker.stop.set()
+            if presses > 1:  # a second Ctrl-C: stop at once; committed results are safe
+                os._exit(130)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+
+        async def orphan_watch() -> None:
+            # A supervisor killed with SIGKILL cannot tell us: drain when we are orphaned.
+            while os.getppid() == parent:
+                await asyncio.sleep(1.0)
+            worker.stop.set()
+
+        watch = asyncio.create_task(orphan_watch()) if not standalone else None
+        try:
+            await worker.run()
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    uvloop.run(main())

@@ -1,0 +1,130 @@
+"""ResultWriter: buffers a worker's results and commits them to the ledger in batches (COPY),
+each chunk's last results together with its completion, retrying while the database is away.
+
+It never drops a buffered result; when its buffer is full, `add` waits (backpressure on fetching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+
+from crawler import ledger
+from crawler.ledger import Lease
+
+log = logging.getLogger(__name__)
+
+DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+             asyncpg.CannotConnectNowError)
+
+
+class ResultWriter:
+    def __init__(
+        self,
+        dsn: str,
+        job_id: int,
+        *,
+        batch_size: int,
+        interval: float,
+        lease_seconds: float,
+        outage_limit: float = 300.0,
+    ) -> None:
+        self.dsn = dsn
+        self.job_id = job_id
+        self.batch_size = batch_size
+        self.interval = interval
+        self.lease_seconds = lease_seconds
+        self.outage_limit = outage_limit
+        self._buffer: dict[Lease, list[tuple]] = {}
+        self._buffered = 0
+        self._completed: set[Lease] = set()
+        self._lost: set[Lease] = set()
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._closing = False
+        self._conn: asyncpg.Connection | None = None
+        self.rows_written = 0
+        self.max_buffer = batch_size * 8
+
+    @property
+    def lost(self) -> set[Lease]:
+        """Leases whose writes were refused by their fence: another worker holds the chunk now."""
+        return self._lost
+
+    async def add(self, lease: Lease, record: tuple) -> None:
+        while self._buffered >= self.max_buffer:
+            self._room.clear()
+            self._wake.set()
+            await self._room.wait()
+        self._buffer.setdefault(lease, []).append(record)
+        self._buffered += 1
+        if self._buffered >= self.batch_size:
+            self._wake.set()
+
+    def complete(self, lease: Lease) -> None:
+        """The chunk has no more results to come: commit its completion with its last results."""
+        self._completed.add(lease)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Flush on size, on a chunk's completion or every `interval`, until closed and empty."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if self._buffered or self._completed:
+                await self.flush()
+            if self._closing and not self._buffered and not self._completed:
+                return
+
+    def close(self) -> None:
+        """Ask run() to flush what is left and return."""
+        self._closing = True
+        self._wake.set()
+
+    async def flush(self) -> None:
+        batches, completed = self._buffer, self._completed
+        self._buffer, self._completed = {}, set()
+        count = self._buffered
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(DB_ERRORS),
+            wait=wait_random_exponential(multiplier=0.2, max=5.0),
+            stop=stop_after_delay(self.outage_limit),
+            reraise=True,
+        ):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    log.warning("database unavailable; retrying a write of %d results", count)
+                conn = await self._connection()
+                try:
+                    refused = await ledger.write_results(conn, self.job_id, batches, completed, self.lease_seconds)
+                except DB_ERRORS:
+                    await self._drop_connection()
+                    raise
+        self._lost |= refused
+        self.rows_written += count - sum(len(batches.get(l, ())) for l in refused)
+        self._buffered -= count
+        self._room.set()
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self.dsn, timeout=10)
+            await ledger.prepare_writer(self._conn)
+        return self._conn
+
+    async def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
