@@ -92,6 +92,15 @@ def build_parser() -> Parser:
     q.add_argument("--show-password", action="store_true")
     dbsub.add_parser("stop", parents=[common], help="stop the embedded PostgreSQL")
 
+    p = sub.add_parser("bench", parents=[common, tuning], help="load-test the whole path against the mock server",
+                       epilog="example:\n  crawler bench --urls 100000 --workers 2 --concurrency 200",
+                       formatter_class=fmt)
+    p.add_argument("--urls", type=_positive, default=10000, help="how many URLs to generate (default 10000)")
+    p.add_argument("--duplicates", type=float, default=0.0, help="fraction of repeated URLs (default 0)")
+    p.add_argument("--latency-ms", type=_positive, default=0, help="mock server latency per request (default 0)")
+    p.add_argument("--server-processes", type=_positive, default=1, help="mock server processes (default 1)")
+    p.add_argument("--chunk-size", type=_positive)
+
     p = sub.add_parser("mock-server", help="a local HTTP server for tests and load tests")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive, default=8080)
@@ -136,6 +145,12 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return _run(crawl(dsn, settings, input_path=args.input, url_column=args.url_column, job_name=args.job_name,
                           summary_json=args.summary_json, quiet=args.quiet))
+    if args.command == "bench":
+        from crawler.bench import bench
+
+        return _run(bench(dsn, settings, urls=args.urls, duplicates=args.duplicates, latency_ms=args.latency_ms,
+                          server_processes=max(1, args.server_processes), summary_json=args.summary_json,
+                          quiet=args.quiet))
     if args.command == "resume":
         from crawler.crawl import resume
 
@@ -162,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       args.log_format if hasattr(args, "log_format") else "text")
         return dispatch(args)
     except CrawlerError as exc:
-        print(f"crawler: {exc}", file=sys.stderr)
+        sentence = str(exc).rstrip()
+        print(f"crawler: {sentence}{'' if sentence.endswith(('.', '!', '?')) else '.'}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("crawler: interrupted.", file=sys.stderr)

@@ -97,7 +97,10 @@ async def _supervise(dsn, settings, job, reader, *, summary_json, quiet, started
     with ProgressView(quiet=quiet, interval=settings.progress_interval) as view:
         supervisor = Supervisor(dsn, settings, progress=view)
         supervisor.install_signals()
-        outcome = await supervisor.run(job, reader)
+        try:
+            outcome = await supervisor.run(job, reader)
+        finally:
+            supervisor.remove_signals()
     conn = await connect(dsn)
     try:
         summary = await job_summary(conn, job.id, elapsed_s=time.monotonic() - started)

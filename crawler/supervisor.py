@@ -7,6 +7,7 @@ It never fetches and never holds more than one batch of input in memory.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import multiprocessing
 import os
@@ -56,6 +57,7 @@ class Supervisor:
         self._signals = 0
         self._ctx = multiprocessing.get_context("spawn")
         self.slots: list[WorkerSlot] = []
+        self._reads = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="input")
 
     # --- signals ---------------------------------------------------------------------------
 
@@ -63,6 +65,11 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
+
+    def remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
     def _on_signal(self) -> None:
         self._signals += 1
@@ -148,6 +155,7 @@ class Supervisor:
                     self.stopping.set()
                     self._signal_workers(signal.SIGTERM)
                     await self._join_workers()
+                    await ledger.set_job_state(conn, job.id, "interrupted")
             if not self.stopping.is_set() and await ledger.finish_job(conn, job.id):
                 return CrawlOutcome(job, EXIT_OK)
             await ledger.set_job_state(conn, job.id, "interrupted")
@@ -171,7 +179,14 @@ class Supervisor:
             chunk_no, last_row = await ledger.ingest_position(conn, job.id)
             batches = reader.batches(self.settings.chunk_size)
             while not self.stopping.is_set():
-                batch = await asyncio.to_thread(next, batches, None)
+                # Reading blocks, so it runs in a thread; the reader is closed only after the read
+                # in flight has returned, even when this task is cancelled.
+                reading = self._reads.submit(next, batches, None)
+                try:
+                    batch = await asyncio.wrap_future(reading)
+                except asyncio.CancelledError:
+                    await asyncio.to_thread(concurrent.futures.wait, [reading])
+                    raise
                 if batch is None:
                     break
                 batch = [row for row in batch if row.row > last_row]
@@ -183,4 +198,5 @@ class Supervisor:
                 await ledger.mark_ingested(conn, job.id)
         finally:
             reader.close()
+            self._reads.shutdown(wait=False)
             await conn.close()

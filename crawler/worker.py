@@ -121,8 +121,8 @@ class Worker:
                 self._low_water.clear()
                 await self._wait_stop_or(self._low_water.wait())
                 continue
-            lease = await ledger.lease_chunk(conn, self.job_id, self.id, self.settings.lease_seconds)
-            if lease is None:
+            chunk = await ledger.lease_chunk(conn, self.job_id, self.id, self.settings.lease_seconds)
+            if chunk is None:
                 if await self._nothing_left(conn):
                     return
                 await self._wait_stop_or(asyncio.sleep(IDLE_POLL))
@@ -131,7 +131,8 @@ class Worker:
                 await conn.execute("UPDATE jobs SET first_fetch_at = coalesce(first_fetch_at, now()) WHERE id = $1",
                                    self.job_id)
                 first = False
-            rows = await ledger.chunk_requests(conn, self.job_id, lease.chunk_no)
+            lease = chunk.lease
+            rows = await ledger.chunk_requests(conn, self.job_id, chunk)
             self.stats.chunks += 1
             if not rows:
                 self.writer.complete(lease)
@@ -171,7 +172,8 @@ class Worker:
                 log.warning("could not renew leases: %s", exc)
                 continue
             for lease in leases:
-                if lease.chunk_no not in kept:
+                held = self._held.get(lease.chunk_no)
+                if lease.chunk_no not in kept and held is not None and held.lease == lease:
                     log.warning("lost the lease on chunk %d; its results will be refused", lease.chunk_no)
 
     # --- fetching --------------------------------------------------------------------------

@@ -44,7 +44,6 @@ CREATE TABLE requests (
     dup_of      bigint,
     PRIMARY KEY (job_id, row_no)
 );
-CREATE INDEX requests_chunk ON requests (job_id, chunk_no);
 
 -- The first row of each fingerprint in a job: the one that is fetched.
 CREATE TABLE fingerprints (

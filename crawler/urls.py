@@ -1,0 +1,147 @@
+"""URL validation, normalization and request fingerprints: pure functions, no I/O.
+
+A URL is parsed and re-serialized by yarl only (never by hand); this module decides what is
+accepted and which spellings of one request share a fingerprint. It must never touch the network.
+
+What `normalize_url` does, and who does it:
+
+* yarl (`URL(raw)`, i.e. requoting): lower-cases the scheme and a registered host, encodes an IDN
+  host to punycode (IDNA 2008 / UTS 46, so "faß.de" -> "xn--fa-hia.de"), compresses IPv6 literals,
+  normalizes percent-encoding in userinfo, path and query (unreserved characters decoded, e.g.
+  "%7e" -> "~" and "%41" -> "A"; other escapes upper-cased, "%2f" -> "%2F"; characters that must be
+  escaped are escaped, "a b" -> "a%20b"; a stray "%" becomes "%25"), removes dot segments
+  ("/a/../b" -> "/b", also "%2e%2e"), drops tab/CR/LF inside the URL and drops an empty query ("?").
+  It keeps "+" and "%20" in a query apart (they differ outside form encoding) and keeps "%2F" in a
+  path encoded (it is not a separator).
+* this module adds: stripping surrounding whitespace; rejecting what cannot be fetched (empty,
+  longer than 8 KiB in UTF-8 before *and* after normalization, not http/https, no host, a host that
+  is not a DNS name or IP literal, port outside 1-65535, lone surrogates); dropping the default port
+  and the fragment; "/" for an empty path; dropping an empty userinfo or password
+  ("http://u:@h/" is "http://u@h/"); and, on request, sorting the query by key.
+
+Userinfo ("user:password@") is kept, because it changes the request (it becomes an Authorization
+header); it is therefore part of the fingerprint, and a normalized URL may contain a secret, so
+callers must mask it before logging. A trailing dot in a host ("example.com.") is kept too: it is a
+different name for TLS and for the Host header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+
+from yarl import URL
+
+__all__ = ["MAX_URL_LENGTH", "InvalidURL", "fingerprint", "normalize_url"]
+
+MAX_URL_LENGTH = 8192  # bytes of UTF-8; longer URLs are refused by most servers anyway
+
+FINGERPRINT_SIZE = 16
+_FINGERPRINT_PERSON = b"crawler.req.v1"  # blake2b personalization: a new version never collides
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# A registered name as DNS can resolve it: labels of letters, digits, "-" and "_" (underscores
+# occur in real hostnames), an optional trailing dot. yarl has already lower-cased and punycoded it.
+_HOST_NAME = re.compile(r"[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*\.?")
+# A last label that is a number makes the host an IPv4 address to many resolvers ("0x7f.1" is
+# 127.0.0.1 to inet_aton); such a host must be a plain dotted quad or it is refused.
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
+
+
+class InvalidURL(ValueError):
+    """A URL that cannot be a request; str(error) is the reason, e.g. "unsupported scheme 'ftp'"."""
+
+
+def normalize_url(raw: str, *, sort_query: bool = False) -> str:
+    """Return the canonical spelling of an http(s) URL, or raise InvalidURL with the reason.
+
+    Idempotent: normalize_url(normalize_url(x)) == normalize_url(x). With sort_query, query
+    parameters are ordered by their (normalized, encoded) key, stably, and empty ones ("a=1&&b")
+    are dropped; without it the query is kept as written.
+    """
+    text = raw.strip()
+    if not text:
+        raise InvalidURL("empty URL")
+    _check_length(text)
+    try:
+        url = URL(text)
+        scheme, host, port = url.scheme, url.raw_host, url.explicit_port
+    except Exception as exc:  # noqa: BLE001 - hostile input must not crash the job on a yarl bug
+        if str(exc).startswith(("Port out of range", "Invalid URL: port")):  # yarl's wording
+            raise InvalidURL("invalid port") from None
+        raise InvalidURL(f"unparsable URL: {exc}") from None
+    if not scheme:
+        raise InvalidURL("URL has no scheme; expected http:// or https://")
+    if scheme not in _DEFAULT_PORTS:
+        raise InvalidURL(f"unsupported scheme {scheme!r}")
+    if not host:
+        raise InvalidURL("URL has no host")
+    _check_host(host)
+    if port is not None and not 1 <= port <= 65535:
+        raise InvalidURL("invalid port")
+    try:
+        result = str(_rebuild(url, scheme, port, sort_query))
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise InvalidURL(f"unparsable URL: {exc}") from None
+    _check_length(result)  # escaping can grow a URL past the limit; refusing keeps idempotence
+    return result
+
+
+def _rebuild(url: URL, scheme: str, port: int | None, sort_query: bool) -> URL:
+    query = url.raw_query_string
+    if sort_query and query:
+        query = _sorted_query(query)
+    user, password = url.raw_user or None, url.raw_password or None
+    return URL.build(
+        scheme=scheme,
+        user=user if user or password else None,
+        password=password,
+        host=url.host_subcomponent or "",  # host_subcomponent brackets an IPv6 literal
+        port=None if port == _DEFAULT_PORTS[scheme] else port,
+        path=url.raw_path or "/",
+        query_string=query,
+        encoded=True,
+    )
+
+
+def fingerprint(method: str, url: str, body: bytes | None = None) -> bytes:
+    """Return the 16-byte identity of a request: blake2b of method, normalized URL and body.
+
+    Each part is length-prefixed, so no choice of parts can shift a boundary and collide with
+    another. No body and an empty body are the same request. `url` must already be normalized.
+    """
+    digest = hashlib.blake2b(digest_size=FINGERPRINT_SIZE, person=_FINGERPRINT_PERSON)
+    for part in (method.upper().encode("utf-8"), url.encode("utf-8"), body or b""):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.digest()
+
+
+def _check_length(text: str) -> None:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate, e.g. an undecodable byte kept by surrogateescape
+        raise InvalidURL("URL is not valid UTF-8") from None
+    if size > MAX_URL_LENGTH:
+        raise InvalidURL(f"URL longer than 8 KiB ({size} bytes)")
+
+
+def _check_host(host: str) -> None:
+    if ":" in host:  # an IPv6 literal; yarl has validated and compressed it
+        return
+    name = host.rstrip(".")
+    valid = len(name) <= 253 and _HOST_NAME.fullmatch(host) is not None
+    if valid and _NUMERIC_LABEL.fullmatch(name.rsplit(".", 1)[-1]):
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            valid = False
+    if not valid:
+        raise InvalidURL(f"invalid host {host!r}")
+
+
+def _sorted_query(query: str) -> str:
+    pairs = [pair for pair in query.split("&") if pair]
+    pairs.sort(key=lambda pair: pair.partition("=")[0])  # list.sort is stable
+    return "&".join(pairs)

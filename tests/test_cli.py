@@ -1,0 +1,116 @@
+"""The `crawler` command as a user runs it: real processes, exit codes and one-sentence errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from conftest import run_cli
+
+ALLOW = ["--allow-net", "127.0.0.1/32"]
+
+
+def test_missing_file_is_one_sentence_and_exit_1(session_dsn, tmp_path):
+    proc = run_cli("crawl", str(tmp_path / "nope.csv"), "--dsn", session_dsn)
+    assert proc.returncode == 1
+    assert proc.stderr.decode().strip() == f"crawler: input file '{tmp_path / 'nope.csv'}' does not exist."
+    assert b"Traceback" not in proc.stderr
+
+
+def test_unreachable_database_is_exit_2_with_the_password_masked(tmp_path):
+    path = tmp_path / "urls.txt"
+    path.write_text("http://127.0.0.1/\n")
+    proc = run_cli("crawl", str(path), "--dsn", "postgresql://me:hunter2@127.0.0.1:1/db")
+    err = proc.stderr.decode()
+    assert proc.returncode == 2
+    assert err.startswith("crawler: cannot connect to PostgreSQL at postgresql://me:***@127.0.0.1:1/db")
+    assert "hunter2" not in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["crawl", "x.csv", "--workers", "many"], "--workers"),
+    (["crawl", "x.csv", "--concurrency", "-3"], "cannot be negative"),
+    (["crawl"], "input"),
+    (["export", "1", "--format", "xml"], "--format"),
+    (["frobnicate"], "frobnicate"),
+])
+def test_bad_flags_are_exit_1_with_one_sentence(args, fragment):
+    proc = run_cli(*args)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1
+    assert fragment in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_url_column_fails_before_anything_starts(session_dsn, tmp_path):
+    path = tmp_path / "cols.csv"
+    path.write_text("id,link\n1,http://127.0.0.1/\n")
+    proc = run_cli("crawl", str(path), "--dsn", session_dsn, "--job-name", "no-url-column")
+    assert proc.returncode == 1
+    assert "no column named 'url'" in proc.stderr.decode()
+    proc = run_cli("status", "no-url-column", "--dsn", session_dsn)
+    assert proc.returncode == 1 and "no job" in proc.stderr.decode()
+
+
+def test_stdin_crawl_summary_json_and_both_export_formats(session_dsn, mock_process, tmp_path):
+    urls = [f"{mock_process}/ok/{i}" for i in range(40)] + [f"{mock_process}/ok/0", "gopher://old"]
+    summary_path = tmp_path / "summary.json"
+    proc = run_cli("crawl", "-", "--dsn", session_dsn, "--workers", "2", "--job-name", "stdin-job",
+                   "--summary-json", str(summary_path), *ALLOW, input="\n".join(urls).encode())
+    assert proc.returncode == 0, proc.stderr.decode()
+    summary = json.loads(summary_path.read_text())
+    expected = {"rows": 42, "requests": 41, "fetched": 40, "from_cache": 1, "invalid": 1, "ok": 41, "failed": 0}
+    assert {k: summary[k] for k in expected} == expected
+    assert {"job_id", "elapsed_s", "requests_per_s"} <= summary.keys()
+    assert summary["rows"] == summary["fetched"] + summary["from_cache"] + summary["invalid"]
+
+    out = tmp_path / "out.jsonl"
+    proc = run_cli("export", "stdin-job", "--dsn", session_dsn, "--format", "jsonl", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr.decode()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in records] == list(range(1, 43))
+    first, dup, bad = records[0], records[40], records[41]
+    assert first["status"] == 200 and first["attempts"] == 1 and first["from_cache"] is False
+    assert isinstance(first["elapsed_ms"], float) and first["body_bytes"] == 3 and len(first["body_sha256"]) == 64
+    assert dup["from_cache"] is True and dup["status"] == 200 and dup["body_sha256"] == first["body_sha256"]
+    assert bad["error_kind"] == "invalid_url" and "scheme" in bad["error"]
+
+    proc = run_cli("export", str(summary["job_id"]), "--dsn", session_dsn, "--format", "csv")
+    assert proc.returncode == 0
+    table = list(csv.DictReader(io.StringIO(proc.stdout.decode())))
+    assert len(table) == 42
+    assert list(table[0]) == ["row", "url", "status", "final_url", "error_kind", "error", "attempts",
+                              "from_cache", "elapsed_ms", "body_bytes", "body_sha256"]
+    assert table[0]["status"] == "200" and table[41]["error_kind"] == "invalid_url"
+
+    proc = run_cli("export", "stdin-job", "--dsn", session_dsn, "--only", "invalid")
+    assert [json.loads(l)["row"] for l in proc.stdout.decode().splitlines()] == [42]
+
+
+def test_first_run_uses_the_embedded_database(mock_process, tmp_path):
+    home = tmp_path / "home"
+    env = {"CRAWLER_HOME": str(home), "CRAWLER_DSN": "", "DATABASE_URL": ""}
+    path = tmp_path / "urls.txt"
+    path.write_text("".join(f"{mock_process}/ok/{i}\n" for i in range(20)))
+    try:
+        proc = run_cli("crawl", str(path), "--workers", "1", "--quiet", *ALLOW, env=env)
+        assert proc.returncode == 0, proc.stderr.decode()
+        proc = run_cli("db", "url", env=env)
+        assert proc.returncode == 0 and f"host={home}" in proc.stdout.decode()
+        proc = run_cli("status", "--json", env=env)
+        assert json.loads(proc.stdout)["fetched"] == 20
+    finally:
+        stopped = run_cli("db", "stop", env=env)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout.decode()
+
+
+def test_migrate_is_idempotent_from_the_command_line(fresh_dsn):
+    first = run_cli("migrate", "--dsn", fresh_dsn)
+    second = run_cli("migrate", "--dsn", fresh_dsn)
+    assert first.returncode == second.returncode == 0
+    assert "applied migrations: 1" in first.stdout.decode()
+    assert "up to date" in second.stdout.decode()

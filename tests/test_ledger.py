@@ -1,0 +1,107 @@
+"""The ledger against a real PostgreSQL: migrations, leases and fencing, idempotent results."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from crawler import ledger
+from crawler.inputs import InvalidRow, RequestRow
+from crawler.migrate import apply_migrations, migration_files
+from crawler.urls import fingerprint
+
+
+async def test_migrations_apply_once_and_twice_is_a_no_op(fresh_dsn):
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        first = await apply_migrations(conn)
+        second = await apply_migrations(conn)
+        assert first == [v for v, _ in migration_files()] and first
+        assert second == []
+        tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        assert {"jobs", "chunks", "requests", "results", "invalid_rows", "fingerprints", "schema_migrations"} <= tables
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrators_do_not_collide(fresh_dsn):
+    conns = [await asyncpg.connect(fresh_dsn) for _ in range(3)]
+    try:
+        applied = await asyncio.gather(*(apply_migrations(c) for c in conns))
+        assert sorted(len(a) for a in applied) == [0, 0, len(migration_files())]
+    finally:
+        for c in conns:
+            await c.close()
+
+
+def rows(start: int, urls: list[str]) -> list[RequestRow]:
+    return [RequestRow(start + i, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls)]
+
+
+async def new_job(db, name: str) -> ledger.Job:
+    await ledger.prepare_ingest(db)
+    return await ledger.create_job(db, name=name, input="test", settings={})
+
+
+async def test_duplicates_point_at_the_first_row_across_chunks(db):
+    job = await new_job(db, "dups")
+    first = await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/", "http://a/"]))
+    second = await ledger.store_chunk(db, job.id, 1, rows(4, ["http://b/", "http://c/"]) + [InvalidRow(6, "x", "bad")])
+    assert (first, second) == (2, 1)
+    dup = dict(await db.fetch("SELECT row_no, dup_of FROM requests WHERE job_id = $1", job.id))
+    assert dup == {1: None, 2: None, 3: 1, 4: 2, 5: None}
+    assert await db.fetchval("SELECT rows_read FROM jobs WHERE id = $1", job.id) == 6
+
+
+def result(job_id: int, row_no: int, status: int = 200) -> tuple:
+    return (job_id, row_no, status, "http://a/", None, None, 1, False, 1.0, 2, b"\x00" * 32)
+
+
+async def test_a_stale_lease_cannot_commit_over_the_new_holder(db):
+    job = await new_job(db, "fencing")
+    await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"]))
+    await ledger.mark_ingested(db, job.id)
+    old = (await ledger.lease_chunk(db, job.id, "old-worker", lease_seconds=0.01)).lease
+    await asyncio.sleep(0.05)  # the old holder's lease expires
+    new = (await ledger.lease_chunk(db, job.id, "new-worker", lease_seconds=60)).lease
+    assert new is not None and new.chunk_no == old.chunk_no and new.fence > old.fence
+    await ledger.prepare_writer(db)
+    refused = await ledger.write_results(db, job.id, {old: [result(job.id, 1, 500)]}, {old}, 60)
+    assert refused == {old}
+    assert await db.fetchval("SELECT count(*) FROM results WHERE job_id = $1", job.id) == 0
+    refused = await ledger.write_results(db, job.id, {new: [result(job.id, 1), result(job.id, 2)]}, {new}, 60)
+    assert refused == set()
+    assert await db.fetchval("SELECT state FROM chunks WHERE job_id = $1", job.id) == "done"
+    assert await ledger.finish_job(db, job.id)
+
+
+async def test_results_are_idempotent_and_a_released_chunk_resumes_where_it_stopped(db):
+    job = await new_job(db, "idempotent")
+    await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/", "http://c/"]))
+    await ledger.mark_ingested(db, job.id)
+    await ledger.prepare_writer(db)
+    lease = (await ledger.lease_chunk(db, job.id, "w1", 60)).lease
+    await ledger.write_results(db, job.id, {lease: [result(job.id, 1)]}, set(), 60)
+    await ledger.write_results(db, job.id, {lease: [result(job.id, 1, 500)]}, set(), 60)  # a replay
+    assert await db.fetchval("SELECT status FROM results WHERE job_id = $1 AND row_no = 1", job.id) == 200
+    await ledger.release_chunk(db, job.id, lease)
+    again = await ledger.lease_chunk(db, job.id, "w2", 60)
+    assert again.lease.fence == 2
+    left = [r["row_no"] for r in await ledger.chunk_requests(db, job.id, again)]
+    assert left == [2, 3]
+    assert not await ledger.finish_job(db, job.id)
+
+
+async def test_lease_skips_chunks_locked_by_another_transaction(session_dsn, db):
+    job = await new_job(db, "skip-locked")
+    await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/"]))
+    await ledger.store_chunk(db, job.id, 1, rows(2, ["http://b/"]))
+    other = await asyncpg.connect(session_dsn)
+    try:
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM chunks WHERE job_id = $1 AND chunk_no = 0 FOR UPDATE", job.id)
+            chunk = await ledger.lease_chunk(db, job.id, "w", 60)
+            assert chunk.lease.chunk_no == 1
+    finally:
+        await other.close()
