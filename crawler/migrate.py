@@ -10,7 +10,9 @@ from pathlib import Path
 
 import asyncpg
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+from crawler.settings import project_dir
+
+MIGRATIONS_DIR = project_dir("migrations")
 _LOCK_KEY = 0x63726177  # "craw": one migrator at a time across processes and hosts
 _NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,7 +18,15 @@ import platformdirs
 
 from crawler.errors import UsageError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+def project_dir(name: str) -> Path:
+    """config/ or migrations/: from the source checkout, else where a wheel installs them."""
+    for base in (Path(__file__).resolve().parent.parent, Path(sys.prefix) / "share" / "crawler"):
+        if (base / name).is_dir():
+            return base / name
+    return Path(__file__).resolve().parent.parent / name
+
+
+DEFAULT_CONFIG = project_dir("config") / "default.toml"
 ENV_PREFIX = "CRAWLER_"
 
 

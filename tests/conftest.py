@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import asyncpg
+import hypothesis
 import pytest
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,6 +22,12 @@ from crawler.mock_server import start_mock_server
 from crawler.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# CI explores the same examples every run, so a red build is always reproducible; developers'
+# runs keep exploring new ones.
+hypothesis.settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+hypothesis.settings.register_profile("dev", deadline=None)
+hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 @pytest.fixture(scope="session")
