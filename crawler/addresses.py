@@ -18,11 +18,13 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Named so that a refusal says which kind of range it hit.
+# The first match names the refusal, so the narrow metadata addresses come before their ranges.
 REFUSED_RANGES: tuple[tuple[str, str], ...] = (
+    ("100.100.100.200/32", "cloud metadata"),
+    ("fd00:ec2::254/128", "cloud metadata"),
     ("0.0.0.0/8", "this-network"),
     ("10.0.0.0/8", "private"),
     ("100.64.0.0/10", "carrier-grade NAT"),
-    ("100.100.100.200/32", "cloud metadata"),
     ("127.0.0.0/8", "loopback"),
     ("169.254.0.0/16", "link-local (cloud metadata)"),
     ("172.16.0.0/12", "private"),
@@ -34,7 +36,6 @@ REFUSED_RANGES: tuple[tuple[str, str], ...] = (
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
     ("fc00::/7", "private (unique local)"),
-    ("fd00:ec2::254/128", "cloud metadata"),
     ("fe80::/10", "link-local"),
     ("ff00::/8", "multicast"),
 )

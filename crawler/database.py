@@ -92,3 +92,76 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyn
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
         reason = (str(exc).strip() or type(exc).__name__).replace(dsn, mask_dsn(dsn))
         raise DatabaseError(f"cannot connect to PostgreSQL at {mask_dsn(dsn)}: {reason}.") from None
+
+
+# Failures that mean "the database is away", as opposed to a wrong query.
+DB_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now, crash
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
+        return False
+    return isinstance(exc, DB_ERRORS) or isinstance(exc, asyncpg.InterfaceError)
+
+
+class LedgerConnection:
+    """One connection that comes back. A call that fails because the database went away waits
+    (exponential backoff with jitter), reconnects and tries again, for up to `outage_limit`
+    seconds; then the last error is raised. Calls must be safe to repeat."""
+
+    def __init__(self, dsn: str, *, outage_limit: float = 300.0, setup=None) -> None:
+        self.dsn = dsn
+        self.outage_limit = outage_limit
+        self._setup = setup
+        self._conn: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> "LedgerConnection":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def run(self, fn, *args, **kwargs):
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
+
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(is_outage),
+            wait=wait_random_exponential(multiplier=0.2, max=5.0),
+            stop=stop_after_delay(self.outage_limit),
+            reraise=True,
+        ):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    log.warning("database unavailable (%s); retrying", mask_dsn(self.dsn))
+                conn = await self._connection()
+                try:
+                    return await fn(conn, *args, **kwargs)
+                except BaseException as exc:
+                    if is_outage(exc):
+                        self._drop()
+                    raise
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self.dsn, timeout=10)
+            if self._setup is not None:
+                await self._setup(self._conn)
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            try:
+                await asyncio.wait_for(self._conn.close(), timeout=5)
+            except Exception:
+                self._conn.terminate()
+            self._conn = None

@@ -37,7 +37,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return "too_many_redirects", f"more than {len(exc.history)} redirects" if exc.history else _detail(exc)
     if isinstance(exc, (aiohttp.NonHttpUrlRedirectClientError, aiohttp.InvalidUrlRedirectClientError)):
         return "invalid_url", f"redirect to an unsupported URL: {exc}"
-    if isinstance(exc, aiohttp.InvalidURL):
+    if isinstance(exc, (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError)):
         return "invalid_url", _detail(exc)
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return "timeout", _detail(exc) if str(exc) else "timed out"

@@ -114,6 +114,11 @@ async def store_chunk(
     requests = [(r.row, r.method, r.url, r.fingerprint) for r in rows if isinstance(r, RequestRow)]
     invalid = [(job_id, r.row, r.raw, r.reason) for r in rows if isinstance(r, InvalidRow)]
     async with conn.transaction():
+        stored = await conn.fetchval(
+            "SELECT fetch_rows FROM chunks WHERE job_id = $1 AND chunk_no = $2", job_id, chunk_no
+        )
+        if stored is not None:  # a retry after a commit whose acknowledgement was lost
+            return stored
         if invalid:
             await conn.copy_records_to_table(
                 "invalid_rows", records=invalid, columns=("job_id", "row_no", "raw", "reason")
@@ -199,6 +204,55 @@ async def release_chunk(conn: asyncpg.Connection, job_id: int, lease: Lease) -> 
         "UPDATE chunks SET state = 'pending', lease_owner = NULL, lease_expires = NULL"
         " WHERE job_id = $1 AND chunk_no = $2 AND fence = $3 AND state = 'leased'",
         job_id, lease.chunk_no, lease.fence,
+    )
+
+
+async def release_leases_of(conn: asyncpg.Connection, job_id: int, owners: Sequence[str]) -> int:
+    """Give back every chunk leased by these owners, known to be dead, so that the work is
+    redone now rather than when the leases expire."""
+    result = await conn.execute(
+        "UPDATE chunks SET state = 'pending', lease_owner = NULL, lease_expires = NULL"
+        " WHERE job_id = $1 AND state = 'leased' AND lease_owner = ANY($2::text[])",
+        job_id, list(owners),
+    )
+    return int(result.split()[-1])
+
+
+async def lease_owners(conn: asyncpg.Connection, job_id: int) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT DISTINCT lease_owner FROM chunks WHERE job_id = $1 AND state = 'leased' AND lease_owner IS NOT NULL",
+        job_id,
+    )
+    return [r["lease_owner"] for r in rows]
+
+
+# --- workers ------------------------------------------------------------------------------------
+
+async def register_worker(conn: asyncpg.Connection, job_id: int, worker_id: str, host: str, pid: int) -> None:
+    await conn.execute(
+        "INSERT INTO workers (job_id, worker_id, host, pid) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (job_id, worker_id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL",
+        job_id, worker_id, host, pid,
+    )
+
+
+async def worker_heartbeat(conn: asyncpg.Connection, job_id: int, worker_id: str, fetched: int,
+                           *, stopped: bool = False) -> None:
+    await conn.execute(
+        "UPDATE workers SET heartbeat_at = now(), fetched = $3,"
+        " stopped_at = CASE WHEN $4 THEN now() ELSE stopped_at END"
+        " WHERE job_id = $1 AND worker_id = $2",
+        job_id, worker_id, fetched, stopped,
+    )
+
+
+async def live_workers(conn: asyncpg.Connection, job_id: int, within_seconds: float) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT worker_id, host, pid, fetched, started_at, heartbeat_at,"
+        " fetched / greatest(extract(epoch FROM heartbeat_at - started_at), 0.001) AS rate"
+        " FROM workers WHERE job_id = $1 AND stopped_at IS NULL"
+        " AND heartbeat_at > now() - make_interval(secs => $2) ORDER BY worker_id",
+        job_id, within_seconds,
     )
 
 

@@ -29,7 +29,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -45,7 +45,8 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
 def backoff(attempts: int, policy: RetryPolicy, rng: random.Random | None = None) -> float:
     """Full jitter: uniform in [0, min(cap, base * 2^(attempts-1))]."""
-    ceiling = min(policy.backoff_max, policy.backoff_base * (2 ** max(0, attempts - 1)))
+    exponent = min(max(0, attempts - 1), 64)  # past 2^64 the cap has long won; avoid overflow
+    ceiling = min(policy.backoff_max, policy.backoff_base * 2.0**exponent)
     return (rng or random).uniform(0.0, ceiling)
 
 

@@ -59,6 +59,9 @@ class Settings:
     write_batch: int = 1000
     write_interval: float = 0.5
     lease_seconds: float = 60.0
+    heartbeat_seconds: float = 5.0
+    drain_grace: float = 10.0
+    db_outage_limit: float = 300.0
     # Input.
     sort_query: bool = False
     # Output.
@@ -78,6 +81,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     """Turn a value from TOML, the environment or a flag into the field's type."""
     default = getattr(Settings(), name)
     kind = type(default) if default is not None else str
+    from_text = isinstance(value, str)  # the environment and comma lists: items are text too
+    original = value
     try:
         if isinstance(value, str) and kind is not str:
             if kind is bool:
@@ -86,16 +91,29 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                     raise ValueError(value)
                 return lowered in ("1", "true", "yes", "on")
             if kind is list:
-                items = [item.strip() for item in value.split(",") if item.strip()]
-                return [int(i) for i in items] if name == "retry_statuses" else items
-            return kind(value)
+                value = [item.strip() for item in value.split(",") if item.strip()]
+            else:
+                return kind(value)
+        if kind is list:
+            if not isinstance(value, list):
+                raise ValueError(value)
+            item_kind = int if name == "retry_statuses" else str
+            return [item_kind(item) if from_text else _checked(item, item_kind) for item in value]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if kind is not type(value) and not (kind is str and value is None):
             raise ValueError(value)
         return value
     except ValueError:
-        raise UsageError(f"setting '{name}' from {source} must be a {kind.__name__}, not {value!r}.") from None
+        what = {int: "whole number", float: "number", bool: "true or false", str: "string",
+                list: "list of whole numbers" if name == "retry_statuses" else "list of strings"}[kind]
+        raise UsageError(f"setting '{name}' from {source} must be a {what}, not {original!r}.") from None
+
+
+def _checked(item: Any, kind: type) -> Any:
+    if not isinstance(item, kind) or isinstance(item, bool):
+        raise ValueError(item)
+    return item
 
 
 def _validate(settings: Settings) -> None:
@@ -105,9 +123,13 @@ def _validate(settings: Settings) -> None:
             raise UsageError(f"setting '{name}' must be at least 1, not {getattr(settings, name)}.")
     if settings.workers < 0:
         raise UsageError(f"setting 'workers' must be 0 (one per core) or more, not {settings.workers}.")
-    for name in ("connect_timeout", "read_timeout", "total_timeout", "lease_seconds", "write_interval"):
-        if getattr(settings, name) <= 0:
+    for name in ("connect_timeout", "read_timeout", "total_timeout", "lease_seconds", "write_interval",
+                 "heartbeat_seconds", "db_outage_limit", "progress_interval"):
+        if not getattr(settings, name) > 0:  # also refuses NaN
             raise UsageError(f"setting '{name}' must be greater than 0.")
+    for name in ("backoff_base", "backoff_max", "retry_after_max", "dns_ttl", "drain_grace"):
+        if not getattr(settings, name) >= 0:
+            raise UsageError(f"setting '{name}' cannot be negative.")
     if settings.max_body_bytes < 0 or settings.max_redirects < 0:
         raise UsageError("settings 'max_body_bytes' and 'max_redirects' cannot be negative.")
 

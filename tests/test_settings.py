@@ -1,0 +1,281 @@
+"""Settings: the layers (defaults < config/default.toml < --config < CRAWLER_<KEY> < flags), the
+coercion of environment strings, the errors for bad values and files, and config/default.toml kept
+equal to the dataclass defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crawler.errors import UsageError
+from crawler.settings import DEFAULT_CONFIG, KEYS, Settings, load_settings
+
+DOCUMENTED_ELSEWHERE = {"dsn", "home"}  # commented out in default.toml: no value is the default
+
+
+def write(tmp_path: Path, text: str, name: str = "crawler.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def usage_error(**kwargs) -> str:
+    with pytest.raises(UsageError) as caught:
+        load_settings(**kwargs)
+    return str(caught.value)
+
+
+def assert_one_sentence(message: str) -> None:
+    assert message.endswith(".")
+    assert message[0].isalpha() or message[0] == "'"
+    assert "\n" not in message and "Traceback" not in message
+
+
+# --- config/default.toml never drifts from the code -------------------------------------------
+
+
+def test_default_toml_lists_every_setting_with_the_dataclass_default() -> None:
+    documented = tomllib.loads(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    defaults = Settings()
+    expected = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(Settings)}
+    for name in DOCUMENTED_ELSEWHERE:
+        del expected[name]
+    assert documented == expected
+
+
+def test_default_toml_documents_dsn_and_home_commented_out() -> None:
+    lines = DEFAULT_CONFIG.read_text(encoding="utf-8").splitlines()
+    for name in DOCUMENTED_ELSEWHERE:
+        assert any(line.startswith(f"# {name} = ") for line in lines), f"{name} is not documented"
+
+
+def test_default_toml_values_have_the_fields_types() -> None:
+    documented = tomllib.loads(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    for name, value in documented.items():
+        assert type(value) is type(getattr(Settings(), name)), name
+
+
+# --- the layers and their sources -------------------------------------------------------------
+
+
+def test_with_nothing_given_the_values_are_the_defaults() -> None:
+    settings, sources = load_settings(environ={})
+    assert settings == Settings(home=settings.home)
+    assert set(sources) == KEYS
+    assert sources["dsn"] == "default" and sources["home"] == "default"
+    assert sources["concurrency"] == str(DEFAULT_CONFIG)
+
+
+def test_each_layer_overrides_the_one_before_and_is_named_in_sources(tmp_path: Path) -> None:
+    config = write(tmp_path, "concurrency = 5\nchunk_size = 7\nwrite_batch = 9\n")
+    settings, sources = load_settings(
+        config_file=config,
+        environ={"CRAWLER_CHUNK_SIZE": "8", "CRAWLER_WRITE_BATCH": "10", "PATH": "/bin"},
+        flags={"write_batch": 11, "max_redirects": None},  # None: the flag was not given
+    )
+    assert (settings.concurrency, settings.chunk_size, settings.write_batch) == (5, 8, 11)
+    assert sources["concurrency"] == str(config)
+    assert sources["chunk_size"] == "environment"
+    assert sources["write_batch"] == "flag"
+    assert sources["max_redirects"] == str(DEFAULT_CONFIG) and settings.max_redirects == 10
+    assert sources["dsn"] == "default" and settings.dsn is None
+
+
+def test_a_config_file_may_set_dsn_and_home(tmp_path: Path) -> None:
+    config = write(tmp_path, 'dsn = "postgresql://u@127.0.0.1/db"\nhome = "/srv/crawler"\n')
+    settings, sources = load_settings(config_file=config, environ={})
+    assert settings.dsn == "postgresql://u@127.0.0.1/db" and settings.home == "/srv/crawler"
+    assert sources["dsn"] == sources["home"] == str(config)
+
+
+def test_the_environment_reads_only_crawler_keys_it_knows() -> None:
+    settings, sources = load_settings(
+        environ={"CRAWLER_DSN": "postgresql://127.0.0.1/x", "CRAWLER_NO_SUCH_KEY": "1", "CONCURRENCY": "9"}
+    )
+    assert settings.dsn == "postgresql://127.0.0.1/x" and sources["dsn"] == "environment"
+    assert settings.concurrency == 200
+
+
+def test_the_environment_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRAWLER_CONCURRENCY", "42")
+    settings, sources = load_settings()
+    assert settings.concurrency == 42 and sources["concurrency"] == "environment"
+
+
+# --- coercion of environment strings ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "name", "expected"),
+    [
+        ("CRAWLER_CONCURRENCY", "500", "concurrency", 500),
+        ("CRAWLER_WORKERS", " 4 ", "workers", 4),
+        ("CRAWLER_CONNECT_TIMEOUT", "2.5", "connect_timeout", 2.5),
+        ("CRAWLER_READ_TIMEOUT", "7", "read_timeout", 7.0),
+        ("CRAWLER_SORT_QUERY", "true", "sort_query", True),
+        ("CRAWLER_SORT_QUERY", "YES", "sort_query", True),
+        ("CRAWLER_SORT_QUERY", "1", "sort_query", True),
+        ("CRAWLER_SORT_QUERY", "on", "sort_query", True),
+        ("CRAWLER_SORT_QUERY", "false", "sort_query", False),
+        ("CRAWLER_SORT_QUERY", "0", "sort_query", False),
+        ("CRAWLER_SORT_QUERY", "off", "sort_query", False),
+        ("CRAWLER_ALLOW_NET", "127.0.0.1/32,10.0.0.0/8", "allow_net", ["127.0.0.1/32", "10.0.0.0/8"]),
+        ("CRAWLER_ALLOW_NET", " 127.0.0.1/32 , ,::1/128 ", "allow_net", ["127.0.0.1/32", "::1/128"]),
+        ("CRAWLER_ALLOW_NET", "", "allow_net", []),
+        ("CRAWLER_RETRY_STATUSES", "429,503", "retry_statuses", [429, 503]),
+        ("CRAWLER_USER_AGENT", "me/1.0, with a comma", "user_agent", "me/1.0, with a comma"),
+        ("CRAWLER_HOME", "/srv/crawler", "home", "/srv/crawler"),
+    ],
+)
+def test_environment_strings_are_coerced_to_the_fields_type(variable, value, name, expected) -> None:
+    settings, sources = load_settings(environ={variable: value})
+    actual = getattr(settings, name)
+    assert actual == expected and type(actual) is type(expected)
+    assert sources[name] == "environment"
+
+
+@given(st.integers(1, 10**6))
+def test_any_positive_integer_from_the_environment_round_trips(value: int) -> None:
+    settings, _ = load_settings(environ={"CRAWLER_CHUNK_SIZE": str(value)})
+    assert settings.chunk_size == value
+
+
+@given(st.lists(st.integers(100, 599), max_size=6))
+def test_any_comma_list_of_statuses_round_trips(statuses: list[int]) -> None:
+    settings, _ = load_settings(environ={"CRAWLER_RETRY_STATUSES": ",".join(map(str, statuses))})
+    assert settings.retry_statuses == statuses
+
+
+def test_an_int_in_toml_is_accepted_for_a_float_setting(tmp_path: Path) -> None:
+    settings, _ = load_settings(config_file=write(tmp_path, "connect_timeout = 3\n"), environ={})
+    assert settings.connect_timeout == 3.0 and type(settings.connect_timeout) is float
+
+
+# --- bad values -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CRAWLER_CONCURRENCY", "many"),
+        ("CRAWLER_CONCURRENCY", "2.5"),
+        ("CRAWLER_CONCURRENCY", ""),
+        ("CRAWLER_CONNECT_TIMEOUT", "fast"),
+        ("CRAWLER_SORT_QUERY", "maybe"),
+        ("CRAWLER_RETRY_STATUSES", "429,abc"),
+    ],
+)
+def test_an_unreadable_environment_value_is_a_usage_error_naming_the_variable(variable: str, value: str) -> None:
+    name = variable.removeprefix("CRAWLER_").lower()
+    message = usage_error(environ={variable: value})
+    assert f"'{name}'" in message and variable in message and repr(value) in message
+    assert_one_sentence(message)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CRAWLER_CONCURRENCY", "0"),
+        ("CRAWLER_CHUNK_SIZE", "-1"),
+        ("CRAWLER_MAX_ATTEMPTS", "0"),
+        ("CRAWLER_WRITE_BATCH", "0"),
+        ("CRAWLER_WORKERS", "-1"),
+        ("CRAWLER_CONNECT_TIMEOUT", "0"),
+        ("CRAWLER_READ_TIMEOUT", "-1"),
+        ("CRAWLER_TOTAL_TIMEOUT", "0"),
+        ("CRAWLER_LEASE_SECONDS", "0"),
+        ("CRAWLER_WRITE_INTERVAL", "-0.5"),
+        ("CRAWLER_MAX_BODY_BYTES", "-1"),
+        ("CRAWLER_MAX_REDIRECTS", "-1"),
+    ],
+)
+def test_an_out_of_range_value_is_a_usage_error_naming_the_setting(variable: str, value: str) -> None:
+    name = variable.removeprefix("CRAWLER_").lower()
+    message = usage_error(environ={variable: value})
+    assert f"'{name}'" in message
+    assert_one_sentence(message)
+
+
+def test_a_nan_timeout_is_a_usage_error() -> None:
+    message = usage_error(environ={"CRAWLER_CONNECT_TIMEOUT": "nan"})
+    assert "'connect_timeout'" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ('concurrency = "many"\n', "concurrency"),
+        ("concurrency = 2.5\n", "concurrency"),
+        ("concurrency = true\n", "concurrency"),  # a bool is not an int here
+        ("sort_query = 1\n", "sort_query"),
+        ("user_agent = 5\n", "user_agent"),
+        ("connect_timeout = \"soon\"\n", "connect_timeout"),
+    ],
+)
+def test_a_wrongly_typed_toml_value_is_a_usage_error_naming_the_setting_and_file(
+    tmp_path: Path, text: str, name: str
+) -> None:
+    config = write(tmp_path, text)
+    message = usage_error(config_file=config, environ={})
+    assert f"'{name}'" in message and str(config) in message
+    assert_one_sentence(message)
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [('retry_statuses = ["429", "503"]\n', "retry_statuses"), ("allow_net = [1]\n", "allow_net")],
+)
+def test_a_toml_list_with_wrongly_typed_items_is_a_usage_error(tmp_path: Path, text: str, name: str) -> None:
+    message = usage_error(config_file=write(tmp_path, text), environ={})
+    assert f"'{name}'" in message
+
+
+def test_an_unknown_key_in_a_config_file_is_a_usage_error_naming_it(tmp_path: Path) -> None:
+    config = write(tmp_path, "concurrency = 5\nconcurrancy = 6\n")
+    message = usage_error(config_file=config, environ={})
+    assert "'concurrancy'" in message and str(config) in message
+    assert_one_sentence(message)
+
+
+def test_a_table_in_a_config_file_is_an_unknown_key(tmp_path: Path) -> None:
+    message = usage_error(config_file=write(tmp_path, "[crawler]\nconcurrency = 5\n"), environ={})
+    assert "'crawler'" in message
+
+
+def test_an_invalid_toml_file_is_a_usage_error(tmp_path: Path) -> None:
+    config = write(tmp_path, "concurrency = = 5\n")
+    message = usage_error(config_file=config, environ={})
+    assert str(config) in message and "not valid TOML" in message
+    assert message.endswith(".")
+
+
+def test_a_missing_config_file_is_a_usage_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.toml"
+    message = usage_error(config_file=missing, environ={})
+    assert str(missing) in message and "does not exist" in message
+    assert_one_sentence(message)
+
+
+def test_flags_are_validated_too() -> None:
+    message = usage_error(environ={}, flags={"concurrency": 0})
+    assert "'concurrency'" in message
+
+
+# --- the settings object ----------------------------------------------------------------------
+
+
+def test_effective_workers_is_one_per_core_when_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    assert Settings(workers=0).effective_workers() == 6
+    assert Settings(workers=3).effective_workers() == 3
+    monkeypatch.setattr("os.cpu_count", lambda: None)
+    assert Settings(workers=0).effective_workers() == 1
+
+
+def test_as_dict_has_every_key() -> None:
+    assert set(Settings().as_dict()) == KEYS
