@@ -62,6 +62,8 @@ def build_parser() -> Parser:
     p.add_argument("--chunk-size", type=_positive, help="rows per chunk, the unit of leasing (default 1000)")
     p.add_argument("--url-column", metavar="NAME", help="the CSV column holding the URL (default: url)")
     p.add_argument("--job-name", metavar="NAME", help="a unique name to refer to the job by")
+    p.add_argument("--resume", action="store_true",
+                   help="if this input (or --job-name) has an unfinished job, finish it instead of starting anew")
 
     p = sub.add_parser("resume", parents=[common, tuning], help="finish an interrupted job",
                        epilog=EXAMPLES["resume"], formatter_class=fmt)
@@ -144,7 +146,7 @@ def dispatch(args: argparse.Namespace) -> int:
         from crawler.crawl import crawl
 
         return _run(crawl(dsn, settings, input_path=args.input, url_column=args.url_column, job_name=args.job_name,
-                          summary_json=args.summary_json, quiet=args.quiet))
+                          summary_json=args.summary_json, quiet=args.quiet, resume_existing=args.resume))
     if args.command == "bench":
         from crawler.bench import bench
 

@@ -78,18 +78,36 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool) -> int:
                 return EXIT_OK
         job = await ledger.find_job(conn, job_ref)
         summary = await job_summary(conn, job.id)
-        summary["chunks"] = {k: v for k, v in (await ledger.job_counts(conn, job.id)).items()
-                             if k in ("pending", "leased", "done")}
+        counts = await ledger.job_counts(conn, job.id)
+        summary["chunks"] = {k: counts[k] for k in ("pending", "leased", "done")}
+        workers = await ledger.live_workers(conn, job.id, within_seconds=30)
     finally:
         await conn.close()
+    rate = sum(float(w["rate"]) for w in workers)
+    remaining = counts["to_fetch"] - counts["fetched"]
+    summary["progress"] = {
+        "rows_read": counts["rows_read"], "to_fetch": counts["to_fetch"], "fetched": counts["fetched"],
+        "ingest_done": job.ingest_done, "rate_per_s": round(rate, 1),
+        "eta_s": round(remaining / rate) if rate > 0 and job.ingest_done else None,
+    }
+    summary["workers"] = [
+        {"worker": w["worker_id"], "host": w["host"], "pid": w["pid"], "fetched": w["fetched"],
+         "rate_per_s": round(float(w["rate"]), 1), "last_seen": w["heartbeat_at"].isoformat()}
+        for w in workers
+    ]
     if as_json:
         print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     else:
         from crawler.progress import render_summary
 
         render_summary(summary, Console())
-        c = summary["chunks"]
+        c, p = summary["chunks"], summary["progress"]
         print(f"chunks: {c['pending']} pending, {c['leased']} leased, {c['done']} done")
+        eta = f", eta {p['eta_s']}s" if p["eta_s"] is not None else ""
+        print(f"progress: {p['fetched']}/{p['to_fetch']} fetched of {p['rows_read']} rows read,"
+              f" {p['rate_per_s']}/s{eta}")
+        for w in summary["workers"]:
+            print(f"worker {w['worker']}: {w['fetched']} fetched, {w['rate_per_s']}/s, last seen {w['last_seen']}")
     return EXIT_OK
 
 

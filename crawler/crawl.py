@@ -53,14 +53,28 @@ async def crawl(
     job_name: str | None,
     summary_json: str | None,
     quiet: bool,
+    resume_existing: bool = False,
 ) -> int:
     started = time.monotonic()
-    reader = open_input(input_path, url_column=url_column, sort_query=settings.sort_query)
-    try:
-        await prepare_database(dsn)
+    source = "-" if input_path == "-" else str(Path(input_path).resolve())
+    await prepare_database(dsn)
+    if resume_existing:
         conn = await connect(dsn)
         try:
-            source = "-" if input_path == "-" else str(Path(input_path).resolve())
+            unfinished = await ledger.unfinished_job(conn, name=job_name, input=source)
+        finally:
+            await conn.close()
+        if unfinished is not None:
+            return await resume(dsn, settings, job_ref=str(unfinished.id), summary_json=summary_json, quiet=quiet)
+    reader = open_input(input_path, url_column=url_column, sort_query=settings.sort_query)
+    try:
+        conn = await connect(dsn)
+        try:
+            unfinished = await ledger.unfinished_job(conn, name=None, input=source) if source != "-" else None
+            if unfinished is not None and not quiet:
+                ref = unfinished.name or unfinished.id
+                print(f"crawler: note: job {ref} for this input is unfinished; this starts a new job"
+                      f" (`crawler resume {ref}` or --resume would finish that one).", file=sys.stderr)
             settings_doc = {k: v for k, v in settings.as_dict().items() if k != "dsn"}
             settings_doc["url_column"] = url_column
             job = await ledger.create_job(conn, name=job_name, input=source, settings=settings_doc)
@@ -83,6 +97,11 @@ async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: st
     if job.state == "done":
         print(f"crawler: job {job.name or job.id} is already complete.", file=sys.stderr)
         return EXIT_OK
+    conn = await connect(dsn)
+    try:
+        await ledger.set_job_state(conn, job.id, "running" if job.ingest_done else "ingesting")
+    finally:
+        await conn.close()
     reader = None
     if not job.ingest_done:
         if job.input == "-":

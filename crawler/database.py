@@ -146,6 +146,17 @@ class LedgerConnection:
                         self._drop()
                     raise
 
+    async def try_run(self, fn, *args, **kwargs):
+        """One attempt, for what may simply be skipped while the database is away (progress)."""
+        try:
+            conn = await self._connection()
+            return await fn(conn, *args, **kwargs)
+        except BaseException as exc:
+            if not is_outage(exc):
+                raise
+            self._drop()
+            return None
+
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
             self._conn = await asyncpg.connect(self.dsn, timeout=10)

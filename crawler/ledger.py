@@ -87,6 +87,17 @@ async def find_job(conn: asyncpg.Connection, ref: str | int) -> Job:
     return _job(row)
 
 
+async def unfinished_job(conn: asyncpg.Connection, *, name: str | None, input: str) -> Job | None:
+    """The latest job of that name (or, without a name, of that input) that is not done."""
+    if name is not None:
+        row = await conn.fetchrow("SELECT * FROM jobs WHERE name = $1 AND state <> 'done'", name)
+    else:
+        row = await conn.fetchrow(
+            "SELECT * FROM jobs WHERE input = $1 AND state <> 'done' ORDER BY id DESC LIMIT 1", input
+        )
+    return _job(row) if row else None
+
+
 async def set_job_state(conn: asyncpg.Connection, job_id: int, state: str) -> None:
     await conn.execute(
         "UPDATE jobs SET state = $2, finished_at = CASE WHEN $2 = 'done' THEN now() END WHERE id = $1",
@@ -151,6 +162,10 @@ async def store_chunk(
         )
         await conn.execute("UPDATE jobs SET rows_read = $2 WHERE id = $1", job_id, rows[-1].row)
     return fetch_rows
+
+
+async def mark_first_fetch(conn: asyncpg.Connection, job_id: int) -> None:
+    await conn.execute("UPDATE jobs SET first_fetch_at = coalesce(first_fetch_at, now()) WHERE id = $1", job_id)
 
 
 async def mark_ingested(conn: asyncpg.Connection, job_id: int) -> None:

@@ -12,12 +12,14 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 
-import asyncpg
+import psutil
 
 from crawler import ledger
+from crawler.database import LedgerConnection
 from crawler.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, CrawlerError, InputError
 from crawler.inputs import RowReader, open_input
 from crawler.ledger import Job
@@ -38,6 +40,7 @@ class WorkerSlot:
     restarts: int = 0
     restart_at: float = 0.0
     finished: bool = False
+    reaped: bool = False
 
 
 @dataclass
@@ -117,6 +120,7 @@ class Supervisor:
             if slot.restarts > RESTART_BUDGET:
                 return f"worker {slot.index} died {slot.restarts} times (last exit code {proc.exitcode})"
             slot.process = None
+            slot.reaped = False
             slot.restart_at = now + min(30.0, 0.5 * 2 ** (slot.restarts - 1))
         return None
 
@@ -126,8 +130,11 @@ class Supervisor:
     # --- the job ---------------------------------------------------------------------------
 
     async def run(self, job: Job, reader: RowReader | None) -> CrawlOutcome:
-        conn = await asyncpg.connect(self.dsn, timeout=10)
-        try:
+        limit = self.settings.db_outage_limit
+        async with LedgerConnection(self.dsn, outage_limit=limit) as db:
+            released = await db.run(release_dead_local_leases, job.id)
+            if released:
+                log.warning("released %d chunks leased by workers that are gone", released)
             self.slots = [WorkerSlot(i) for i in range(self.settings.effective_workers())]
             for slot in self.slots:
                 self._start(slot, job)
@@ -135,36 +142,50 @@ class Supervisor:
             broken = None
             try:
                 while True:
-                    broken = self._watch(job)
-                    if broken:
+                    dead = self._reap()
+                    if dead:
+                        await db.try_run(ledger.release_leases_of, job.id, dead)
+                    broken = broken or self._watch(job)
+                    if broken and not self.stopping.is_set():
                         self.stopping.set()
                         self._signal_workers(signal.SIGTERM)
-                    counts = await ledger.job_counts(conn, job.id)
-                    counts["ingest_done"] = ingest is None or ingest.done()
-                    self.progress.update(counts, self.live_workers())
+                    counts = await db.try_run(ledger.job_counts, job.id)
+                    if counts is not None:
+                        counts["ingest_done"] = ingest is None or ingest.done()
+                        self.progress.update(counts, self.live_workers())
                     if ingest is not None and ingest.done():
                         ingest.result()  # an ingest failure ends the crawl with its own error
                     if all(s.finished for s in self.slots):
                         break
                     await asyncio.sleep(POLL)
+            except BaseException:
+                self.stopping.set()
+                self._signal_workers(signal.SIGTERM)
+                await self._join_workers()
+                await db.try_run(ledger.set_job_state, job.id, "interrupted")
+                raise
             finally:
                 if ingest is not None and not ingest.done():
                     ingest.cancel()
                     await asyncio.gather(ingest, return_exceptions=True)
-                if ingest is not None and ingest.done() and not ingest.cancelled() and ingest.exception():
-                    self.stopping.set()
-                    self._signal_workers(signal.SIGTERM)
-                    await self._join_workers()
-                    await ledger.set_job_state(conn, job.id, "interrupted")
-            if not self.stopping.is_set() and await ledger.finish_job(conn, job.id):
+            if not self.stopping.is_set() and await db.run(ledger.finish_job, job.id):
                 return CrawlOutcome(job, EXIT_OK)
-            await ledger.set_job_state(conn, job.id, "interrupted")
-            ref = job.name or job.id
-            if broken:
-                return CrawlOutcome(job, EXIT_INFRA, f"{broken}; the job is stopped; run `crawler resume {ref}` once fixed.")
-            return CrawlOutcome(job, EXIT_INTERRUPTED, f"interrupted; run `crawler resume {ref}` to finish the job.")
-        finally:
-            await conn.close()
+            await db.run(ledger.set_job_state, job.id, "interrupted")
+        ref = job.name or job.id
+        if broken:
+            return CrawlOutcome(job, EXIT_INFRA, f"{broken}; the job is stopped; run `crawler resume {ref}` once fixed.")
+        return CrawlOutcome(job, EXIT_INTERRUPTED, f"interrupted; run `crawler resume {ref}` to finish the job.")
+
+    def _reap(self) -> list[str]:
+        """Worker ids of processes that died since the last look (their leases can go back now:
+        a dead process cannot commit)."""
+        dead = []
+        for slot in self.slots:
+            proc = slot.process
+            if proc is not None and proc.exitcode not in (None, 0) and not slot.reaped:
+                slot.reaped = True
+                dead.append(f"{socket.gethostname()}:{proc.pid}")
+        return dead
 
     async def _join_workers(self) -> None:
         for slot in self.slots:
@@ -173,30 +194,41 @@ class Supervisor:
 
     async def _ingest(self, job: Job, reader: RowReader) -> None:
         """Stream the input into chunks; on resume, skip the rows already stored."""
-        conn = await asyncpg.connect(self.dsn, timeout=10)
+        limit = self.settings.db_outage_limit
         try:
-            await ledger.prepare_ingest(conn)
-            chunk_no, last_row = await ledger.ingest_position(conn, job.id)
-            batches = reader.batches(self.settings.chunk_size)
-            while not self.stopping.is_set():
-                # Reading blocks, so it runs in a thread; the reader is closed only after the read
-                # in flight has returned, even when this task is cancelled.
-                reading = self._reads.submit(next, batches, None)
-                try:
-                    batch = await asyncio.wrap_future(reading)
-                except asyncio.CancelledError:
-                    await asyncio.to_thread(concurrent.futures.wait, [reading])
-                    raise
-                if batch is None:
-                    break
-                batch = [row for row in batch if row.row > last_row]
-                if not batch:
-                    continue
-                await ledger.store_chunk(conn, job.id, chunk_no, batch)
-                chunk_no += 1
-            if not self.stopping.is_set():
-                await ledger.mark_ingested(conn, job.id)
+            async with LedgerConnection(self.dsn, outage_limit=limit, setup=ledger.prepare_ingest) as db:
+                chunk_no, last_row = await db.run(ledger.ingest_position, job.id)
+                batches = reader.batches(self.settings.chunk_size)
+                while not self.stopping.is_set():
+                    # Reading blocks, so it runs in a thread; the reader is closed only after the
+                    # read in flight has returned, even when this task is cancelled.
+                    reading = self._reads.submit(next, batches, None)
+                    try:
+                        batch = await asyncio.wrap_future(reading)
+                    except asyncio.CancelledError:
+                        await asyncio.to_thread(concurrent.futures.wait, [reading])
+                        raise
+                    if batch is None:
+                        break
+                    batch = [row for row in batch if row.row > last_row]
+                    if not batch:
+                        continue
+                    await db.run(ledger.store_chunk, job.id, chunk_no, batch)
+                    chunk_no += 1
+                if not self.stopping.is_set():
+                    await db.run(ledger.mark_ingested, job.id)
         finally:
             reader.close()
             self._reads.shutdown(wait=False)
-            await conn.close()
+
+
+async def release_dead_local_leases(conn, job_id: int) -> int:
+    """Leases held by worker processes of this host that no longer exist (after a supervisor
+    was killed with its workers) go back at once instead of waiting for their expiry."""
+    host = socket.gethostname()
+    dead = []
+    for owner in await ledger.lease_owners(conn, job_id):
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            dead.append(owner)
+    return await ledger.release_leases_of(conn, job_id, dead) if dead else 0

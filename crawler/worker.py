@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from crawler import ledger
+from crawler.database import LedgerConnection
 from crawler.fetcher import Attempt, Fetcher
 from crawler.ledger import Lease
 from crawler.retry import RetryPolicy, decide
@@ -59,11 +60,11 @@ def worker_id() -> str:
 
 
 class Worker:
-    def __init__(self, dsn: str, job_id: int, settings: Settings, *, grace: float = 10.0) -> None:
+    def __init__(self, dsn: str, job_id: int, settings: Settings, *, grace: float | None = None) -> None:
         self.dsn = dsn
         self.job_id = job_id
         self.settings = settings
-        self.grace = grace
+        self.grace = settings.drain_grace if grace is None else grace
         self.id = worker_id()
         self.stop = asyncio.Event()
         self.stats = WorkerStats()
@@ -88,32 +89,34 @@ class Worker:
         s = self.settings
         self.writer = ResultWriter(
             self.dsn, self.job_id, batch_size=s.write_batch, interval=s.write_interval,
-            lease_seconds=s.lease_seconds,
+            lease_seconds=s.lease_seconds, outage_limit=s.db_outage_limit,
         )
-        conn = await asyncpg.connect(self.dsn, timeout=10)
-        beat_conn = await asyncpg.connect(self.dsn, timeout=10)
-        try:
-            async with Fetcher(s) as fetcher:
-                async with asyncio.TaskGroup() as tg:
+        async with (
+            LedgerConnection(self.dsn, outage_limit=s.db_outage_limit) as db,
+            LedgerConnection(self.dsn, outage_limit=s.db_outage_limit) as beat_db,
+        ):
+            host, pid = self.id.rsplit(":", 1)
+            await db.run(ledger.register_worker, self.job_id, self.id, host, int(pid))
+            try:
+                async with Fetcher(s) as fetcher, asyncio.TaskGroup() as tg:
                     writer_task = tg.create_task(self.writer.run())
-                    beat = tg.create_task(self._heartbeat(beat_conn))
+                    beat = tg.create_task(self._heartbeat(beat_db))
                     fetchers = [tg.create_task(self._fetch_loop(fetcher)) for _ in range(s.concurrency)]
-                    await self._feed(conn)
+                    await self._feed(db)
                     await self._finish(fetchers)
                     beat.cancel()
                     self.writer.close()
                     await writer_task
-                await self._release_unfinished(conn)
-        finally:
-            await self.writer.aclose()
-            await conn.close()
-            await beat_conn.close()
+                await self._release_unfinished(db)
+                await db.run(ledger.worker_heartbeat, self.job_id, self.id, self.stats.fetched, stopped=True)
+            finally:
+                await self.writer.aclose()
         self.stats.lost_leases = len(self.writer.lost)
         return self.stats
 
     # --- leasing ---------------------------------------------------------------------------
 
-    async def _feed(self, conn: asyncpg.Connection) -> None:
+    async def _feed(self, db: LedgerConnection) -> None:
         """Lease chunks while there is room, until the job has nothing left for us or we stop."""
         first = True
         while not self.stop.is_set():
@@ -121,18 +124,17 @@ class Worker:
                 self._low_water.clear()
                 await self._wait_stop_or(self._low_water.wait())
                 continue
-            chunk = await ledger.lease_chunk(conn, self.job_id, self.id, self.settings.lease_seconds)
+            chunk = await db.run(ledger.lease_chunk, self.job_id, self.id, self.settings.lease_seconds)
             if chunk is None:
-                if await self._nothing_left(conn):
+                if await db.run(self._nothing_left):
                     return
                 await self._wait_stop_or(asyncio.sleep(IDLE_POLL))
                 continue
             if first:
-                await conn.execute("UPDATE jobs SET first_fetch_at = coalesce(first_fetch_at, now()) WHERE id = $1",
-                                   self.job_id)
+                await db.run(ledger.mark_first_fetch, self.job_id)
                 first = False
             lease = chunk.lease
-            rows = await ledger.chunk_requests(conn, self.job_id, chunk)
+            rows = await db.run(ledger.chunk_requests, self.job_id, chunk)
             self.stats.chunks += 1
             if not rows:
                 self.writer.complete(lease)
@@ -161,16 +163,15 @@ class Worker:
             task.cancel()
             stopper.cancel()
 
-    async def _heartbeat(self, conn: asyncpg.Connection) -> None:
-        """Renew our leases well before they expire, so a long chunk is not taken from us."""
+    async def _heartbeat(self, db: LedgerConnection) -> None:
+        """Renew our leases well before they expire, so a long chunk is not taken from us, and
+        tell the ledger we are alive (what `crawler status` shows)."""
+        interval = min(self.settings.heartbeat_seconds, self.settings.lease_seconds / 3)
         while True:
-            await asyncio.sleep(self.settings.lease_seconds / 3)
+            await asyncio.sleep(interval)
             leases = [h.lease for h in self._held.values()]
-            try:
-                kept = await ledger.renew_leases(conn, self.job_id, leases, self.settings.lease_seconds)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("could not renew leases: %s", exc)
-                continue
+            kept = await db.run(ledger.renew_leases, self.job_id, leases, self.settings.lease_seconds)
+            await db.run(ledger.worker_heartbeat, self.job_id, self.id, self.stats.fetched)
             for lease in leases:
                 held = self._held.get(lease.chunk_no)
                 if lease.chunk_no not in kept and held is not None and held.lease == lease:
@@ -246,9 +247,9 @@ class Worker:
         for task in pending:
             task.cancel()
 
-    async def _release_unfinished(self, conn: asyncpg.Connection) -> None:
+    async def _release_unfinished(self, db: LedgerConnection) -> None:
         for held in list(self._held.values()):
-            await ledger.release_chunk(conn, self.job_id, held.lease)
+            await db.run(ledger.release_chunk, self.job_id, held.lease)
         self._held.clear()
 
 

@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-
-import asyncpg
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
 from crawler import ledger
+from crawler.database import LedgerConnection
 from crawler.ledger import Lease
 
 log = logging.getLogger(__name__)
-
-DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-             asyncpg.CannotConnectNowError)
 
 
 class ResultWriter:
@@ -47,7 +41,7 @@ class ResultWriter:
         self._room = asyncio.Event()
         self._room.set()
         self._closing = False
-        self._conn: asyncpg.Connection | None = None
+        self._db = LedgerConnection(dsn, outage_limit=outage_limit, setup=ledger.prepare_writer)
         self.rows_written = 0
         self.max_buffer = batch_size * 8
 
@@ -90,41 +84,29 @@ class ResultWriter:
         self._wake.set()
 
     async def flush(self) -> None:
+        """Commit what is buffered. While the database is away this waits and retries (the
+        buffer stays, `add` blocks when it is full); past the outage limit it raises."""
         batches, completed = self._buffer, self._completed
         self._buffer, self._completed = {}, set()
-        count = self._buffered
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(DB_ERRORS),
-            wait=wait_random_exponential(multiplier=0.2, max=5.0),
-            stop=stop_after_delay(self.outage_limit),
-            reraise=True,
-        ):
-            with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    log.warning("database unavailable; retrying a write of %d results", count)
-                conn = await self._connection()
-                try:
-                    refused = await ledger.write_results(conn, self.job_id, batches, completed, self.lease_seconds)
-                except DB_ERRORS:
-                    await self._drop_connection()
-                    raise
+        count = sum(len(records) for records in batches.values())
+        try:
+            refused = await self._db.run(
+                ledger.write_results, self.job_id, batches, completed, self.lease_seconds
+            )
+        except BaseException:
+            # Keep the results for the caller's last attempt (or for nobody, if the worker dies:
+            # the chunk is then redone by whoever leases it next).
+            for lease, records in batches.items():
+                self._buffer.setdefault(lease, [])[:0] = records
+            self._completed |= completed
+            raise
+        for lease in refused:
+            log.warning("results for chunk %d refused: its lease (fence %d) was taken over by another worker",
+                        lease.chunk_no, lease.fence)
         self._lost |= refused
         self.rows_written += count - sum(len(batches.get(l, ())) for l in refused)
         self._buffered -= count
         self._room.set()
 
-    async def _connection(self) -> asyncpg.Connection:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.dsn, timeout=10)
-            await ledger.prepare_writer(self._conn)
-        return self._conn
-
-    async def _drop_connection(self) -> None:
-        if self._conn is not None:
-            self._conn.terminate()
-            self._conn = None
-
     async def aclose(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        await self._db.close()
