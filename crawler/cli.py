@@ -107,7 +107,8 @@ def build_parser() -> Parser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive, default=8080)
     p.add_argument("--processes", type=_positive, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for the /random/.. paths")
+    p.add_argument("--capacity", type=_positive, help="answer 503 above this many requests in flight per process")
 
     p = sub.add_parser("config", parents=[common], help="the effective configuration")
     p.add_argument("action", choices=["show"])
@@ -132,7 +133,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "mock-server":
         from crawler.mock_server import serve
 
-        serve(host=args.host, port=args.port, processes=max(1, args.processes), seed=args.seed)
+        serve(host=args.host, port=args.port, processes=max(1, args.processes), seed=args.seed,
+              capacity=args.capacity)
         return 0
     settings, sources = load_settings(config_file=args.config, flags=_flags(args))
     if args.command == "config":

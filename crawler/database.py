@@ -104,9 +104,12 @@ DB_ERRORS = (
 
 
 def is_outage(exc: BaseException) -> bool:
+    """True when the database went away or the connection is no longer usable. A connection cut
+    in the middle of COPY surfaces as a protocol-state error (InternalClientError) raised while
+    rolling back; that, too, means: drop the connection and try again."""
     if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
         return False
-    return isinstance(exc, DB_ERRORS) or isinstance(exc, asyncpg.InterfaceError)
+    return isinstance(exc, DB_ERRORS + (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError))
 
 
 class LedgerConnection:

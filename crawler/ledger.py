@@ -186,12 +186,13 @@ async def ingest_position(conn: asyncpg.Connection, job_id: int) -> tuple[int, i
 
 async def lease_chunk(conn: asyncpg.Connection, job_id: int, owner: str, lease_seconds: float) -> LeasedChunk | None:
     row = await conn.fetchrow(
+        # A scalar subquery runs once (an InitPlan); joined as a FROM item it may be rescanned and
+        # lease several chunks in one statement, all but one of them silently.
         "UPDATE chunks c SET state = 'leased', lease_owner = $2, fence = c.fence + 1,"
         "   lease_expires = now() + make_interval(secs => $3)"
-        " FROM (SELECT chunk_no FROM chunks WHERE job_id = $1"
+        " WHERE c.job_id = $1 AND c.chunk_no = (SELECT chunk_no FROM chunks WHERE job_id = $1"
         "       AND (state = 'pending' OR (state = 'leased' AND lease_expires < now()))"
-        "       ORDER BY chunk_no LIMIT 1 FOR UPDATE SKIP LOCKED) free"
-        " WHERE c.job_id = $1 AND c.chunk_no = free.chunk_no"
+        "       ORDER BY chunk_no LIMIT 1 FOR UPDATE SKIP LOCKED)"
         " RETURNING c.chunk_no, c.fence, c.first_row, c.last_row",
         job_id, owner, lease_seconds,
     )

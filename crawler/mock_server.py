@@ -1,6 +1,17 @@
 """The mock HTTP server that tests and load tests crawl: every answer is decided by the path alone.
 
-It listens on loopback by default and must never make an outbound request of its own.
+It listens on loopback by default and must never make an outbound request of its own. What each
+path answers is in mock_behaviours; this module counts and limits the load, and serves the app.
+
+Path                 Answer
+GET /__hits          {"total": n, "paths": {path: hits}}: requests per path, counted on arrival
+POST /__hits/reset   clears the hits (flaky paths then fail again)
+GET /__stats         {"in_flight", "max_in_flight", "rejected", "capacity", "hits": <as /__hits>}
+POST /__stats/reset  clears the hits and `rejected`; `max_in_flight` restarts from `in_flight`
+
+With a capacity N, a request that arrives while N others are in flight in this process gets 503
+at once ("over capacity"); it still counts as a hit. The four paths above are never counted,
+limited or seen as in flight. All counts are per process.
 """
 
 import argparse
@@ -13,107 +24,104 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_ready
 
 import uvloop
 from aiohttp import web
 
-HITS = web.AppKey("hits", Counter)  # request path -> how many requests it got
-SEED = web.AppKey("seed", int)  # for seeded random knobs; nothing uses it yet
+from crawler import mock_behaviours
+from crawler.mock_behaviours import HITS, SEED, add_routes
 
-MAX_DELAY_MS = 60_000
-MAX_BYTES = 1 << 30
-MAX_REDIRECTS = 1_000
-CHUNK_SIZE = 64 * 1024
-# Byte i of every /bytes body is i % 256; the chunk is a whole number of 256-byte cycles so that
-# slicing it keeps the pattern aligned.
-_PATTERN = bytes(range(256)) * (CHUNK_SIZE // 256)
-_STATS_PATHS = frozenset({"/__hits", "/__hits/reset"})
+_STATS_PATHS = frozenset({"/__hits", "/__hits/reset", "/__stats", "/__stats/reset"})
 _STARTUP_TIMEOUT_S = 30.0
 _CHILD_EXIT_TIMEOUT_S = 5.0
 
 
-def _int_param(request: web.Request, name: str, low: int, high: int) -> int:
-    raw = request.match_info[name]
-    try:
-        value = int(raw)
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"{name} must be an integer, got {raw!r}\n") from None
-    if not low <= value <= high:
-        raise web.HTTPBadRequest(text=f"{name} must be between {low} and {high}, got {value}\n")
-    return value
+@dataclass(slots=True)
+class ServerLoad:
+    """Requests in flight in this process, and how many the capacity limit turned away."""
+
+    capacity: int | None = None
+    in_flight: int = 0
+    max_in_flight: int = 0
+    rejected: int = 0
+
+
+LOAD = web.AppKey("load", ServerLoad)
 
 
 @web.middleware
-async def _count_hits(
+async def _account(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    if request.path in _STATS_PATHS:
+        return await handler(request)
     # Counted on arrival, before the handler, so a request the client gives up on still counts.
-    if request.path not in _STATS_PATHS:
-        request.app[HITS][request.path] += 1
-    return await handler(request)
+    request.app[HITS][request.path] += 1
+    load = request.app[LOAD]
+    if load.capacity is not None and load.in_flight >= load.capacity:
+        load.rejected += 1
+        return web.Response(status=503, text="over capacity\n")
+    load.in_flight += 1
+    load.max_in_flight = max(load.max_in_flight, load.in_flight)
+    try:
+        return await handler(request)
+    finally:
+        load.in_flight -= 1
 
 
-async def _ok(request: web.Request) -> web.Response:
-    return web.Response(text="ok\n")
-
-
-async def _status(request: web.Request) -> web.Response:
-    # 1xx codes are sent as if final; most clients then wait for a final response that never comes.
-    code = _int_param(request, "code", 100, 599)
-    return web.Response(status=code, text=f"{code}\n")
-
-
-async def _delay(request: web.Request) -> web.Response:
-    ms = _int_param(request, "ms", 0, MAX_DELAY_MS)
-    await asyncio.sleep(ms / 1000)
-    return web.Response(text="ok\n")
-
-
-async def _bytes(request: web.Request) -> web.StreamResponse:
-    n = _int_param(request, "n", 0, MAX_BYTES)
-    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-    response.content_length = n  # a known length, not chunked, so clients can check truncation
-    await response.prepare(request)
-    if request.method != "HEAD":
-        for start in range(0, n, CHUNK_SIZE):
-            await response.write(_PATTERN[: min(CHUNK_SIZE, n - start)])
-    await response.write_eof()
-    return response
-
-
-async def _redirect(request: web.Request) -> web.Response:
-    n = _int_param(request, "n", 0, MAX_REDIRECTS)
-    if n == 0:
-        return web.Response(text="ok\n")
-    return web.Response(status=302, headers={"Location": f"/redirect/{n - 1}"})
+def _hits_json(hits: Counter[str]) -> dict[str, object]:
+    return {"total": hits.total(), "paths": dict(hits)}
 
 
 async def _hits(request: web.Request) -> web.Response:
-    hits = request.app[HITS]
-    return web.json_response({"total": hits.total(), "paths": dict(hits)})
+    return web.json_response(_hits_json(request.app[HITS]))
 
 
 async def _reset_hits(request: web.Request) -> web.Response:
     request.app[HITS].clear()
-    return web.json_response({"total": 0, "paths": {}})
+    return await _hits(request)
 
 
-def create_app(seed: int = 0) -> web.Application:
-    """The mock application; hit counts live in app[HITS], one counter per process."""
-    app = web.Application(middlewares=[_count_hits])
+async def _stats(request: web.Request) -> web.Response:
+    load = request.app[LOAD]
+    return web.json_response({
+        "in_flight": load.in_flight,
+        "max_in_flight": load.max_in_flight,
+        "rejected": load.rejected,
+        "capacity": load.capacity,
+        "hits": _hits_json(request.app[HITS]),
+    })  # fmt: skip
+
+
+async def _reset_stats(request: web.Request) -> web.Response:
+    load = request.app[LOAD]
+    load.max_in_flight = load.in_flight
+    load.rejected = 0
+    request.app[HITS].clear()
+    return await _stats(request)
+
+
+def create_app(seed: int = 0, capacity: int | None = None) -> web.Application:
+    """The mock application; counts live in app[HITS] and app[LOAD], per process.
+
+    `seed` decides the seeded answers (/random, /garbage-bytes); `capacity` (None: no limit) is
+    how many requests may be in flight at once before the next one gets 503.
+    """
+    if capacity is not None and capacity < 0:
+        raise ValueError(f"capacity must be at least 0, got {capacity}")
+    app = web.Application(middlewares=[_account])
     app[HITS] = Counter()
     app[SEED] = seed
-    # "{rest:(/.*)?}" accepts both "/ok" and "/ok/anything", but not "/okay".
+    app[LOAD] = ServerLoad(capacity=capacity)
     app.router.add_route("GET", "/__hits", _hits)
     app.router.add_route("POST", "/__hits/reset", _reset_hits)
-    for method in ("GET", "HEAD", "POST"):
-        app.router.add_route(method, r"/ok{rest:(/.*)?}", _ok)
-        app.router.add_route(method, "/status/{code}", _status)
-        app.router.add_route(method, r"/delay/{ms}{rest:(/.*)?}", _delay)
-        app.router.add_route(method, "/bytes/{n}", _bytes)
-        app.router.add_route(method, "/redirect/{n}", _redirect)
+    app.router.add_route("GET", "/__stats", _stats)
+    app.router.add_route("POST", "/__stats/reset", _reset_stats)
+    add_routes(app)
     return app
 
 
@@ -122,10 +130,10 @@ def _base_url(host: str, port: int) -> str:
 
 
 async def start_mock_server(
-    host: str = "127.0.0.1", port: int = 0, seed: int = 0
+    host: str = "127.0.0.1", port: int = 0, seed: int = 0, capacity: int | None = None
 ) -> tuple[web.AppRunner, str]:
     """Start the app on the running loop; returns (runner, base URL). Call runner.cleanup()."""
-    runner = web.AppRunner(create_app(seed), access_log=None)
+    runner = web.AppRunner(create_app(seed, capacity), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -137,24 +145,27 @@ async def start_mock_server(
 
 @asynccontextmanager
 async def running_mock_server(
-    host: str = "127.0.0.1", port: int = 0, seed: int = 0
+    host: str = "127.0.0.1", port: int = 0, seed: int = 0, capacity: int | None = None
 ) -> AsyncIterator[str]:
     """start_mock_server as a context manager: yields the base URL, stops the server on exit."""
-    runner, url = await start_mock_server(host, port, seed)
+    runner, url = await start_mock_server(host, port, seed, capacity)
     try:
         yield url
     finally:
         await runner.cleanup()
 
 
+AppFactory = Callable[[], web.Application]  # picklable (a partial of create_app) for children
+
+
 async def _serve_until_signalled(
-    host: str, port: int, seed: int, reuse_port: bool, on_listening: Callable[[int], None]
+    host: str, port: int, make_app: AppFactory, reuse_port: bool, on_listening: Callable[[int], None]
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(create_app(seed), access_log=None)
+    runner = web.AppRunner(make_app(), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
@@ -165,15 +176,15 @@ async def _serve_until_signalled(
 
 
 def _run_in_process(
-    host: str, port: int, seed: int, reuse_port: bool, on_listening: Callable[[int], None]
+    host: str, port: int, make_app: AppFactory, reuse_port: bool, on_listening: Callable[[int], None]
 ) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve_until_signalled(host, port, seed, reuse_port, on_listening))
+        runner.run(_serve_until_signalled(host, port, make_app, reuse_port, on_listening))
 
 
-def _run_child(host: str, port: int, seed: int, ready: Connection) -> None:
+def _run_child(host: str, port: int, make_app: AppFactory, ready: Connection) -> None:
     # `ready` is the write end of a multiprocessing Pipe: one message tells the parent we listen.
-    _run_in_process(host, port, seed, True, lambda _port: ready.send(os.getpid()))
+    _run_in_process(host, port, make_app, True, lambda _port: ready.send(os.getpid()))
 
 
 def _announce(host: str, port: int, processes: int, ready: Callable[[str], None] | None) -> None:
@@ -196,7 +207,7 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 
 
 def _serve_processes(
-    host: str, port: int, processes: int, seed: int, ready: Callable[[str], None] | None
+    host: str, port: int, processes: int, make_app: AppFactory, ready: Callable[[str], None] | None
 ) -> None:
     # The parent only supervises: a signal or any child's exit stops all children.
     stopping = False
@@ -217,7 +228,9 @@ def _serve_processes(
         ready_ends: list[Connection] = []
         for _ in range(processes):
             receive, send = context.Pipe(duplex=False)
-            child = context.Process(target=_run_child, args=(host, port, seed, send), daemon=True)
+            child = context.Process(
+                target=_run_child, args=(host, port, make_app, send), daemon=True
+            )
             child.start()
             send.close()
             children.append(child)
@@ -262,28 +275,40 @@ def serve(
     processes: int = 1,
     seed: int = 0,
     ready: Callable[[str], None] | None = None,
+    capacity: int | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM; `ready(base_url)` is called once every process listens.
 
     With processes > 1 each child binds the port with SO_REUSEPORT and the kernel spreads the
-    connections; the hit counts are then per process. Must run in the main thread (signals).
+    connections; hit counts, flaky paths and the capacity are then per process. Must run in the
+    main thread (signals).
     """
     if processes < 1:
         raise ValueError(f"processes must be at least 1, got {processes}")
+    make_app = partial(create_app, seed, capacity)
+    make_app()  # a bad capacity fails here, in the caller, rather than in every child
     if processes == 1:
-        _run_in_process(host, port, seed, False, lambda bound: _announce(host, bound, 1, ready))
+        _run_in_process(host, port, make_app, False, lambda bound: _announce(host, bound, 1, ready))
     else:
-        _serve_processes(host, port, processes, seed, ready)
+        _serve_processes(host, port, processes, make_app, ready)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m crawler.mock_server", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m crawler.mock_server",
+        description=f"{__doc__}\n{mock_behaviours.__doc__}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the path tables as written
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     parser.add_argument("--processes", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="decides /random and other seeded answers")
+    parser.add_argument(
+        "--capacity", type=int, default=None, metavar="N",
+        help="answer 503 to a request that arrives while N are in flight (per process)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    serve(args.host, args.port, args.processes, args.seed)
+    serve(args.host, args.port, args.processes, args.seed, capacity=args.capacity)
     return 0
 
 

@@ -60,6 +60,7 @@ class Supervisor:
         self._signals = 0
         self._ctx = multiprocessing.get_context("spawn")
         self.slots: list[WorkerSlot] = []
+        self._unreleased: list[str] = []  # dead workers whose leases are not yet given back
         self._reads = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="input")
 
     # --- signals ---------------------------------------------------------------------------
@@ -142,9 +143,12 @@ class Supervisor:
             broken = None
             try:
                 while True:
-                    dead = self._reap()
-                    if dead:
-                        await db.try_run(ledger.release_leases_of, job.id, dead)
+                    self._unreleased += self._reap()
+                    if self._unreleased:
+                        # Retried on every turn until the database takes it: an outage must not
+                        # leave a dead worker's chunks waiting for their leases to expire.
+                        if await db.try_run(ledger.release_leases_of, job.id, self._unreleased) is not None:
+                            self._unreleased = []
                     broken = broken or self._watch(job)
                     if broken and not self.stopping.is_set():
                         self.stopping.set()
@@ -229,6 +233,13 @@ async def release_dead_local_leases(conn, job_id: int) -> int:
     dead = []
     for owner in await ledger.lease_owners(conn, job_id):
         owner_host, _, pid = owner.rpartition(":")
-        if owner_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
             dead.append(owner)
     return await ledger.release_leases_of(conn, job_id, dead) if dead else 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -105,3 +105,34 @@ async def test_lease_skips_chunks_locked_by_another_transaction(session_dsn, db)
             assert chunk.lease.chunk_no == 1
     finally:
         await other.close()
+
+
+async def test_concurrent_leases_each_take_exactly_one_chunk(session_dsn, db):
+    """Under contention (other workers leasing, completing and renewing at the same time) every
+    lease call takes one chunk: none is leased without its worker knowing."""
+    job = await new_job(db, "one-lease-one-chunk")
+    for n in range(300):
+        await ledger.store_chunk(db, job.id, n, rows(n * 2 + 1, [f"http://h/{n}/a", f"http://h/{n}/b"]))
+    await ledger.mark_ingested(db, job.id)
+    await db.execute("ANALYZE chunks")
+    conns = [await asyncpg.connect(session_dsn) for _ in range(4)]
+    taken: list = []
+
+    async def worker(conn, name):
+        for _ in range(60):
+            chunk = await ledger.lease_chunk(conn, job.id, name, 60)
+            if chunk is None:
+                return
+            taken.append(chunk.lease)
+            await ledger.renew_leases(conn, job.id, [chunk.lease], 60)
+            if chunk.lease.chunk_no % 2:  # complete half of them, as a writer would
+                await conn.execute("UPDATE chunks SET state = 'done' WHERE job_id = $1 AND chunk_no = $2",
+                                   job.id, chunk.lease.chunk_no)
+    try:
+        await asyncio.gather(*(worker(c, f"w{i}") for i, c in enumerate(conns)))
+    finally:
+        for c in conns:
+            await c.close()
+    assert len({l.chunk_no for l in taken}) == len(taken)
+    touched = await db.fetchval("SELECT count(*) FROM chunks WHERE job_id = $1 AND fence > 0", job.id)
+    assert touched == len(taken)

