@@ -130,6 +130,17 @@ class LedgerConnection:
         await self.close()
 
     async def run(self, fn, *args, **kwargs):
+        try:
+            return await self._run(fn, *args, **kwargs)
+        except BaseException as exc:
+            if not is_outage(exc):
+                raise
+            raise DatabaseError(
+                f"PostgreSQL at {mask_dsn(self.dsn)} was unavailable for more than {self.outage_limit:g}s"
+                f" ({type(exc).__name__}); once it is back, `crawler resume JOB` finishes the job."
+            ) from None
+
+    async def _run(self, fn, *args, **kwargs):
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
         async for attempt in AsyncRetrying(

