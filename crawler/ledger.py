@@ -7,6 +7,7 @@ holder. Results are keyed by (job, row): every write is idempotent.
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -254,11 +255,13 @@ async def register_worker(conn: asyncpg.Connection, job_id: int, worker_id: str,
 
 async def worker_heartbeat(conn: asyncpg.Connection, job_id: int, worker_id: str, fetched: int,
                            *, stopped: bool = False) -> None:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # of the calling process: the worker
     await conn.execute(
         "UPDATE workers SET heartbeat_at = now(), fetched = $3,"
-        " stopped_at = CASE WHEN $4 THEN now() ELSE stopped_at END"
+        " stopped_at = CASE WHEN $4 THEN now() ELSE stopped_at END,"
+        " peak_rss_bytes = $5, cpu_seconds = $6"
         " WHERE job_id = $1 AND worker_id = $2",
-        job_id, worker_id, fetched, stopped,
+        job_id, worker_id, fetched, stopped, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime,
     )
 
 

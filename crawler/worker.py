@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from crawler import ledger
+from crawler.errors import CrawlerError
 from crawler.database import LedgerConnection
 from crawler.fetcher import Attempt, Fetcher
 from crawler.ledger import Lease
@@ -294,4 +295,8 @@ def run_worker(dsn: str, job_id: int, settings: dict, standalone: bool = False) 
             if watch is not None:
                 watch.cancel()
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    except CrawlerError as exc:  # e.g. the database gone past its outage limit: one line, no traceback
+        log.error("worker %s stops: %s", worker.id, exc)
+        raise SystemExit(exc.exit_code) from None
