@@ -157,9 +157,9 @@ async def store_chunk(
                 job_id, chunk_no,
             )
         await conn.execute(
-            "INSERT INTO chunks (job_id, chunk_no, first_row, last_row, fetch_rows, state)"
-            " VALUES ($1, $2, $3, $4, $5, CASE WHEN $5 = 0 THEN 'done' ELSE 'pending' END)",
-            job_id, chunk_no, rows[0].row, rows[-1].row, fetch_rows,
+            "INSERT INTO chunks (job_id, chunk_no, first_row, last_row, fetch_rows, input_rows, invalid_rows, state)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $5 = 0 THEN 'done' ELSE 'pending' END)",
+            job_id, chunk_no, rows[0].row, rows[-1].row, fetch_rows, len(rows), len(invalid),
         )
         await conn.execute("UPDATE jobs SET rows_read = $2 WHERE id = $1", job_id, rows[-1].row)
     return fetch_rows
@@ -334,18 +334,22 @@ async def write_results(
             await conn.execute("INSERT INTO results SELECT * FROM result_stage ON CONFLICT DO NOTHING")
         kept = [l for l in leases if l in held]
         if kept:
+            # Column 4 of a result record is its error kind: None means ok.
+            ok = [sum(1 for rec in batches.get(l, ()) if rec[4] is None) for l in kept]
             await conn.execute(
                 "UPDATE chunks c SET done_rows = CASE WHEN w.complete THEN c.fetch_rows ELSE c.done_rows + w.n END,"
+                "   ok_rows = c.ok_rows + w.ok, failed_rows = c.failed_rows + w.n - w.ok,"
                 "   state = CASE WHEN w.complete THEN 'done' ELSE c.state END,"
                 "   lease_owner = CASE WHEN w.complete THEN NULL ELSE c.lease_owner END,"
                 "   lease_expires = CASE WHEN w.complete THEN NULL ELSE now() + make_interval(secs => $5) END"
-                " FROM unnest($2::int[], $3::int[], $4::bool[]) AS w(chunk_no, n, complete)"
+                " FROM unnest($2::int[], $3::int[], $4::bool[], $6::int[]) AS w(chunk_no, n, complete, ok)"
                 " WHERE c.job_id = $1 AND c.chunk_no = w.chunk_no",
                 job_id,
                 [l.chunk_no for l in kept],
                 [len(batches.get(l, ())) for l in kept],
                 [l in completed for l in kept],
                 lease_seconds,
+                ok,
             )
     return refused
 
@@ -378,6 +382,9 @@ async def job_counts(conn: asyncpg.Connection, job_id: int) -> dict[str, int]:
     row = await conn.fetchrow(
         "SELECT j.rows_read, j.state,"
         " coalesce(sum(c.fetch_rows), 0)::bigint AS to_fetch, coalesce(sum(c.done_rows), 0)::bigint AS fetched,"
+        " coalesce(sum(c.ok_rows), 0)::bigint AS ok, coalesce(sum(c.failed_rows), 0)::bigint AS failed,"
+        " coalesce(sum(c.invalid_rows), 0)::bigint AS invalid,"
+        " coalesce(sum(c.input_rows - c.invalid_rows - c.fetch_rows), 0)::bigint AS duplicates,"
         " count(c.*) FILTER (WHERE c.state = 'pending') AS pending,"
         " count(c.*) FILTER (WHERE c.state = 'leased') AS leased,"
         " count(c.*) FILTER (WHERE c.state = 'done') AS done"

@@ -41,7 +41,9 @@ class ProgressView:
         first_t, first_n = self._samples[0]
         return (fetched - first_n) / (now - first_t) if now > first_t else 0.0
 
-    def update(self, counts: dict, workers: int) -> None:
+    def update(self, counts: dict, workers: list[dict]) -> None:
+        """counts: ledger.job_counts plus ingest_done (and bytes_read/bytes_total for a file);
+        workers: ledger.live_workers rows as dicts."""
         if self.quiet:
             return
         fetched, to_fetch = counts["fetched"], counts["to_fetch"]
@@ -53,13 +55,13 @@ class ProgressView:
             table = Table.grid(padding=(0, 2))
             table.add_row("rows read", f"{counts['rows_read']:,}", "chunks", f"{counts['done']}/{counts['done'] + counts['pending'] + counts['leased']}")
             table.add_row("fetched", f"{fetched:,}/{to_fetch:,}", "rate", f"{rate:,.0f}/s")
-            table.add_row("workers", str(workers), "elapsed", f"{elapsed:.0f}s  eta {eta}")
+            table.add_row("workers", str(len(workers)), "elapsed", f"{elapsed:.0f}s  eta {eta}")
             self._live.update(table)
         elif time.monotonic() - self._last_line >= self.interval:
             self._last_line = time.monotonic()
             print(
                 f"progress: rows read {counts['rows_read']}, fetched {fetched}/{to_fetch},"
-                f" {rate:.0f}/s, chunks done {counts['done']}, workers {workers}, elapsed {elapsed:.0f}s, eta {eta}",
+                f" {rate:.0f}/s, chunks done {counts['done']}, workers {len(workers)}, elapsed {elapsed:.0f}s, eta {eta}",
                 file=self.stream, flush=True,
             )
 

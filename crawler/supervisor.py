@@ -164,7 +164,10 @@ class Supervisor:
                     self._check_outage(counts is None, job)
                     if counts is not None:
                         counts["ingest_done"] = ingest is None or ingest.done()
-                        self.progress.update(counts, self.live_workers())
+                        if reader is not None:
+                            counts["bytes_read"], counts["bytes_total"] = reader.bytes_read, reader.bytes_total
+                        workers = await db.try_run(ledger.live_workers, job.id, 3 * self.settings.heartbeat_seconds)
+                        self.progress.update(counts, [dict(w) for w in workers or ()])
                     if ingest is not None and ingest.done():
                         ingest.result()  # an ingest failure ends the crawl with its own error
                     if all(s.finished for s in self.slots):
