@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
 
 from crawler.addresses import AddressPolicy
 from crawler.failures import BodyTooLarge, classify
@@ -29,6 +30,7 @@ class Attempt:
     body_bytes: int | None = None
     body_sha256: bytes | None = None
     retry_after: str | None = None
+    body: tuple[str | None, bytes] | None = None  # (content type, bytes), with --store-bodies
 
 
 def _resolver() -> aiohttp.abc.AbstractResolver:
@@ -74,29 +76,41 @@ class Fetcher:
             await self._session.close()
             self._session = None
 
-    async def attempt(self, method: str, url: str) -> Attempt:
-        """One try at the request; every failure is classified into the Attempt, never raised."""
+    async def attempt(self, method: str, url: str, *, headers: str | None = None,
+                      body: bytes | None = None) -> Attempt:
+        """One try at the request; every failure is classified into the Attempt, never raised.
+        `headers` is a JSON object as text (as stored with the request)."""
         assert self._session is not None, "use Fetcher as an async context manager"
         limit = self.settings.max_body_bytes
         started = time.perf_counter()
         result = Attempt()
         try:
             async with self._session.request(
-                method, url, allow_redirects=True, max_redirects=self.settings.max_redirects
+                method, url, allow_redirects=True, max_redirects=self.settings.max_redirects,
+                headers=orjson.loads(headers) if headers else None, data=body,
+                ssl=False if self.settings.insecure else True,
             ) as resp:
                 result.status = resp.status
                 result.final_url = str(resp.url)
                 result.retry_after = resp.headers.get("Retry-After")
                 if limit > 0:
+                    declared = resp.content_length
+                    if declared is not None and declared > limit and not resp.headers.get("Content-Encoding"):
+                        raise BodyTooLarge(limit)  # refused before a byte is read
                     digest = hashlib.sha256()
+                    kept = bytearray() if self.settings.store_bodies else None
                     size = 0
                     async for block in resp.content.iter_chunked(READ_SIZE):
                         size += len(block)
-                        if size > limit:
+                        if size > limit:  # counted after decompression: a gzip bomb stops here
                             raise BodyTooLarge(limit)
                         digest.update(block)
+                        if kept is not None:
+                            kept += block
                     result.body_bytes = size
                     result.body_sha256 = digest.digest()
+                    if kept is not None:
+                        result.body = (resp.headers.get("Content-Type"), bytes(kept))
             if result.status >= 400:
                 result.error_kind = "http_status"
                 result.error = f"HTTP {result.status} {resp.reason or ''}".strip()

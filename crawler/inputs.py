@@ -8,6 +8,7 @@ an event loop calls it through a thread (e.g. asyncio.to_thread(next, batches)).
 from __future__ import annotations
 
 import csv
+import json
 import gzip
 import io
 import itertools
@@ -41,6 +42,8 @@ class RequestRow:
     method: str
     url: str  # normalized
     fingerprint: bytes
+    headers: str | None = None  # a JSON object of header names to values, as text
+    body: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -61,6 +64,10 @@ class Layout:
     delimiter: str = ","
     url_index: int = 0
     url_column: str = DEFAULT_URL_COLUMN
+    # Optional request columns of a CSV, by position: method, headers (a JSON object), body.
+    method_index: int | None = None
+    headers_index: int | None = None
+    body_index: int | None = None
 
 
 # --- pure row logic --------------------------------------------------------------------------
@@ -85,9 +92,11 @@ def detect_layout(first_line: str | None, url_column: str | None, source: str) -
     widest: list[str] = []
     for delimiter in _DELIMITERS:
         columns = [_column_name(name) for name in _split_line(first_line, delimiter)]
+        lowered = [name.lower() for name in columns]
         for index, name in enumerate(columns):
             if name.lower() == wanted:
-                return Layout("csv", delimiter, index, name)
+                optional = {col: lowered.index(col) if col in lowered else None for col in ("method", "headers", "body")}
+                return Layout("csv", delimiter, index, name, optional["method"], optional["headers"], optional["body"])
         if len(columns) > len(widest):
             widest = columns
     if url_column is None and len(widest) < 2:
@@ -102,16 +111,49 @@ def detect_layout(first_line: str | None, url_column: str | None, source: str) -
     raise InputError(message)
 
 
-def parse_request(row: int, cell: str, *, sort_query: bool = False) -> Row:
-    """Turn one URL cell into a GET request, or into an invalid row with the reason."""
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP method is a token (RFC 9110)
+
+
+def parse_headers(text: str) -> str | None:
+    """A headers cell, a JSON object of names to string values, as canonical JSON text (None when
+    empty); raises ValueError with the reason."""
+    if not text.strip():
+        return None
     try:
-        cell.encode("utf-8")  # fails on the lone surrogates that surrogateescape made of bad bytes
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"headers are not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("headers must be a JSON object of names to values")
+    for name, item in value.items():
+        if not _TOKEN.match(name) or not isinstance(item, str) or any(c in item for c in "\r\n\0"):
+            raise ValueError(f"header {name!r} must be a token name with a one-line string value")
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def parse_request(row: int, cell: str, *, sort_query: bool = False, method: str = "GET",
+                  headers: str = "", body: str = "") -> Row:
+    """Turn one row's cells into a request, or into an invalid row with the reason."""
+    try:
+        for text in (cell, method, headers, body):
+            text.encode("utf-8")  # fails on the lone surrogates that surrogateescape made of bad bytes
         url = normalize_url(cell, sort_query=sort_query)
+        method = method.strip().upper() or "GET"
+        if not _TOKEN.match(method):
+            return InvalidRow(row, _printable(cell), f"invalid method {method!r}")
+        canonical_headers = parse_headers(headers)
     except UnicodeEncodeError:
         return InvalidRow(row, _printable(cell), "row is not valid UTF-8")
     except InvalidURL as exc:
         return InvalidRow(row, _printable(cell), str(exc))
-    return RequestRow(row, "GET", url, fingerprint("GET", url))
+    except ValueError as exc:
+        return InvalidRow(row, _printable(cell), str(exc))
+    payload = body.encode("utf-8") if body else None
+    return RequestRow(row, method, url, fingerprint(method, url, payload), canonical_headers, payload)
+
+
+def _cell(fields: list[str], index: int | None) -> str:
+    return fields[index] if index is not None and index < len(fields) else ""
 
 
 def unquote_line(line: str) -> str:
@@ -302,8 +344,11 @@ class RowReader:
                 raw = _printable(layout.delimiter.join(fields))
                 yield InvalidRow(row, raw, f"row has no {layout.url_column!r} column value")
             else:
-                cell = fields[layout.url_index]
-                yield parse_request(row, cell, sort_query=self._sort_query)
+                yield parse_request(
+                    row, fields[layout.url_index], sort_query=self._sort_query,
+                    method=_cell(fields, layout.method_index) or "GET",
+                    headers=_cell(fields, layout.headers_index), body=_cell(fields, layout.body_index),
+                )
 
 
 def open_input(path: str, *, url_column: str | None = None, sort_query: bool = False,

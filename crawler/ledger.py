@@ -111,7 +111,8 @@ async def set_job_state(conn: asyncpg.Connection, job_id: int, state: str) -> No
 async def prepare_ingest(conn: asyncpg.Connection) -> None:
     await conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS request_stage"
-        " (row_no bigint, method text, url text, fingerprint bytea) ON COMMIT DELETE ROWS"
+        " (row_no bigint, method text, url text, fingerprint bytea, headers text, body bytea)"
+        " ON COMMIT DELETE ROWS"
     )
 
 
@@ -123,7 +124,7 @@ async def store_chunk(
     A row whose fingerprint was seen earlier in the job is stored with dup_of pointing at the
     first row of that fingerprint; the database, not this process, remembers fingerprints.
     """
-    requests = [(r.row, r.method, r.url, r.fingerprint) for r in rows if isinstance(r, RequestRow)]
+    requests = [(r.row, r.method, r.url, r.fingerprint, r.headers, r.body) for r in rows if isinstance(r, RequestRow)]
     invalid = [(job_id, r.row, r.raw, r.reason) for r in rows if isinstance(r, InvalidRow)]
     async with conn.transaction():
         stored = await conn.fetchval(
@@ -138,7 +139,8 @@ async def store_chunk(
         fetch_rows = 0
         if requests:
             await conn.copy_records_to_table(
-                "request_stage", records=requests, columns=("row_no", "method", "url", "fingerprint")
+                "request_stage", records=requests,
+                columns=("row_no", "method", "url", "fingerprint", "headers", "body"),
             )
             await conn.execute(
                 "INSERT INTO fingerprints (job_id, fingerprint, row_no)"
@@ -148,8 +150,8 @@ async def store_chunk(
             )
             fetch_rows = await conn.fetchval(
                 "WITH stored AS ("
-                " INSERT INTO requests (job_id, row_no, chunk_no, method, url, fingerprint, dup_of)"
-                " SELECT $1, s.row_no, $2, s.method, s.url, s.fingerprint,"
+                " INSERT INTO requests (job_id, row_no, chunk_no, method, url, fingerprint, headers, body, dup_of)"
+                " SELECT $1, s.row_no, $2, s.method, s.url, s.fingerprint, s.headers::jsonb, s.body,"
                 "        CASE WHEN f.row_no = s.row_no THEN NULL ELSE f.row_no END"
                 " FROM request_stage s JOIN fingerprints f ON f.job_id = $1 AND f.fingerprint = s.fingerprint"
                 " RETURNING dup_of)"
@@ -282,7 +284,8 @@ async def chunk_requests(conn: asyncpg.Connection, job_id: int, chunk: LeasedChu
     tables grow faster than their statistics. A first lease has no results to look for.
     """
     rows = await conn.fetch(
-        "SELECT row_no, method, url FROM requests WHERE job_id = $1 AND row_no BETWEEN $2 AND $3"
+        "SELECT row_no, method, url, headers::text AS headers, body FROM requests"
+        " WHERE job_id = $1 AND row_no BETWEEN $2 AND $3"
         " AND dup_of IS NULL ORDER BY row_no",
         job_id, chunk.first_row, chunk.last_row,
     )
@@ -313,6 +316,7 @@ async def write_results(
     batches: dict[Lease, list[tuple]],
     completed: set[Lease],
     lease_seconds: float,
+    bodies: dict[Lease, list[tuple]] | None = None,
 ) -> set[Lease]:
     """Commit results for the given leases, and complete the `completed` ones, in one transaction.
 
@@ -332,6 +336,13 @@ async def write_results(
         if records:
             await conn.copy_records_to_table("result_stage", records=records, columns=RESULT_COLUMNS)
             await conn.execute("INSERT INTO results SELECT * FROM result_stage ON CONFLICT DO NOTHING")
+        kept_bodies = [rec for lease, recs in (bodies or {}).items() if lease in held for rec in recs]
+        if kept_bodies:
+            await conn.executemany(
+                "INSERT INTO bodies (job_id, row_no, content_type, body) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT DO NOTHING",
+                kept_bodies,
+            )
         kept = [l for l in leases if l in held]
         if kept:
             # Column 4 of a result record is its error kind: None means ok.

@@ -53,6 +53,13 @@ class Settings:
     max_redirects: int = 10
     max_body_bytes: int = 10 * 1024 * 1024
     allow_net: list[str] = field(default_factory=list)
+    insecure: bool = False
+    store_bodies: bool = False
+    # Politeness, per host (scheme + authority), shared by the job's local workers.
+    per_host_concurrency: int = 16
+    per_host_max: int = 0
+    per_host_rate: float = 0.0
+    adaptive_concurrency: bool = True
     user_agent: str = "crawler/0.1 (+https://example.invalid/crawler)"
     dns_ttl: float = 300.0
     # Persistence and leases.
@@ -129,6 +136,11 @@ def _validate(settings: Settings) -> None:
                  "heartbeat_seconds", "db_outage_limit", "progress_interval"):
         if not getattr(settings, name) > 0:  # also refuses NaN
             raise UsageError(f"setting '{name}' must be greater than 0.")
+    for name in ("per_host_concurrency", "per_host_max"):
+        if getattr(settings, name) < 0:
+            raise UsageError(f"setting '{name}' cannot be negative (0 means: no limit of its own).")
+    if not settings.per_host_rate >= 0:
+        raise UsageError("setting 'per_host_rate' cannot be negative (0 means: no rate limit).")
     if settings.worker_restarts < 0:
         raise UsageError("setting 'worker_restarts' cannot be negative.")
     for name in ("backoff_base", "backoff_max", "retry_after_max", "dns_ttl", "drain_grace", "restart_backoff"):

@@ -180,9 +180,10 @@ class Supervisor:
                 await db.try_run(ledger.set_job_state, job.id, "interrupted")
                 raise
             finally:
-                if ingest is not None and not ingest.done():
-                    ingest.cancel()
-                    await asyncio.gather(ingest, return_exceptions=True)
+                if ingest is not None:
+                    if not ingest.done():
+                        ingest.cancel()
+                    await asyncio.gather(ingest, return_exceptions=True)  # its error is retrieved, or raised above
             if not self.stopping.is_set() and await db.run(ledger.finish_job, job.id):
                 return CrawlOutcome(job, EXIT_OK)
             await db.run(ledger.set_job_state, job.id, "interrupted")

@@ -23,7 +23,8 @@ from crawler.errors import CrawlerError
 from crawler.database import LedgerConnection
 from crawler.fetcher import Attempt, Fetcher
 from crawler.ledger import Lease
-from crawler.retry import RetryPolicy, decide
+from crawler.hosts import HostScheduler
+from crawler.retry import RetryPolicy, decide, parse_retry_after
 from crawler.settings import Settings
 from crawler.writer import ResultWriter
 
@@ -38,6 +39,8 @@ class WorkItem:
     row_no: int
     method: str
     url: str
+    headers: str | None = None  # a JSON object, as stored
+    body: bytes | None = None
     attempts: int = 0
     elapsed_ms: float = 0.0
 
@@ -76,7 +79,15 @@ class Worker:
             retry_statuses=frozenset(settings.retry_statuses),
             retry_after_max=settings.retry_after_max,
         )
-        self._queue: asyncio.Queue[WorkItem | None] = asyncio.Queue()
+        workers = max(1, settings.effective_workers())
+        # A host's budget is shared by the job's local workers, not multiplied by them.
+        self.hosts = HostScheduler(
+            initial=max(1, settings.per_host_concurrency // workers) if settings.per_host_concurrency else settings.concurrency,
+            maximum=max(1, settings.per_host_max // workers) if settings.per_host_max else settings.concurrency,
+            rate=settings.per_host_rate / workers,
+            adaptive=settings.adaptive_concurrency,
+        )
+        self._in_flight = 0
         self._held: dict[int, HeldChunk] = {}
         self._in_system = 0  # items queued, in flight or waiting to retry
         self._low_water = asyncio.Event()
@@ -85,6 +96,9 @@ class Worker:
         self._timers: set[asyncio.TimerHandle] = set()
         self._rng = random.Random()
         self.high_water = settings.concurrency * 2
+        # With many items waiting on slow hosts, lease more so that other hosts keep the pool
+        # busy — up to a hard bound, so memory stays O(chunk size + concurrency).
+        self.max_in_system = self.high_water + 4 * settings.chunk_size
 
     async def run(self) -> WorkerStats:
         s = self.settings
@@ -121,7 +135,7 @@ class Worker:
         """Lease chunks while there is room, until the job has nothing left for us or we stop."""
         first = True
         while not self.stop.is_set():
-            if self._in_system >= self.high_water:
+            if not self._wants_more():
                 self._low_water.clear()
                 await self._wait_stop_or(self._low_water.wait())
                 continue
@@ -144,7 +158,14 @@ class Worker:
             self._in_system += len(rows)
             self._idle.clear()
             for row in rows:
-                self._queue.put_nowait(WorkItem(lease, row["row_no"], row["method"], row["url"]))
+                self.hosts.put(WorkItem(lease, row["row_no"], row["method"], row["url"],
+                                        headers=row["headers"], body=row["body"]))
+
+    def _wants_more(self) -> bool:
+        if self._in_system >= self.max_in_system:
+            return False
+        starving = self.hosts.ready.qsize() == 0 and self._in_flight < self.settings.concurrency
+        return self._in_system < self.high_water or starving
 
     async def _nothing_left(self, conn: asyncpg.Connection) -> bool:
         """True when ingest is over and every open chunk is one of ours (being finished)."""
@@ -182,16 +203,24 @@ class Worker:
 
     async def _fetch_loop(self, fetcher: Fetcher) -> None:
         while True:
-            item = await self._queue.get()
+            item = await self.hosts.ready.get()
             if item is None:
                 return
-            attempt = await fetcher.attempt(item.method, item.url)
+            self._in_flight += 1
+            try:
+                attempt = await fetcher.attempt(item.method, item.url, headers=item.headers, body=item.body)
+            finally:
+                self._in_flight -= 1
             item.attempts += 1
             item.elapsed_ms += attempt.elapsed_ms
             decision = decide(
                 error_kind=attempt.error_kind, status=attempt.status, retry_after=attempt.retry_after,
                 attempts=item.attempts, policy=self.policy, rng=self._rng,
             )
+            pause = parse_retry_after(attempt.retry_after) if attempt.status in (429, 503) else None
+            self.hosts.done(item, error_kind=attempt.error_kind, status=attempt.status,
+                            elapsed=attempt.elapsed_ms / 1000.0,
+                            pause=min(pause or 0.0, self.settings.retry_after_max))
             if decision.retry and not self.stop.is_set():
                 self.stats.retries += 1
                 self._schedule_retry(item, decision.delay)
@@ -205,7 +234,7 @@ class Worker:
 
         def requeue() -> None:
             self._timers.discard(handle)
-            self._queue.put_nowait(item)
+            self.hosts.put(item)
 
         handle = loop.call_later(delay, requeue)
         self._timers.add(handle)
@@ -215,7 +244,7 @@ class Worker:
             self.job_id, item.row_no, attempt.status, attempt.final_url, attempt.error_kind, attempt.error,
             item.attempts, False, item.elapsed_ms, attempt.body_bytes, attempt.body_sha256,
         )
-        await self.writer.add(item.lease, record)
+        await self.writer.add(item.lease, record, attempt.body)
         self.stats.fetched += 1
         held = self._held.get(item.lease.chunk_no)
         if held is not None and held.lease == item.lease:
@@ -224,7 +253,7 @@ class Worker:
                 del self._held[item.lease.chunk_no]
                 self.writer.complete(item.lease)
         self._in_system -= 1
-        if self._in_system < self.high_water // 2:
+        if self._wants_more():
             self._low_water.set()
         if self._in_system == 0:
             self._idle.set()
@@ -240,10 +269,9 @@ class Worker:
             for handle in self._timers:
                 handle.cancel()
             self._timers.clear()
-            while not self._queue.empty():
-                self._queue.get_nowait()
+            self.hosts.clear()
         for _ in fetchers:
-            self._queue.put_nowait(None)
+            self.hosts.ready.put_nowait(None)
         done, pending = await asyncio.wait(fetchers, timeout=self.grace)
         for task in pending:
             task.cancel()
@@ -297,6 +325,20 @@ def run_worker(dsn: str, job_id: int, settings: dict, standalone: bool = False) 
 
     try:
         uvloop.run(main())
-    except CrawlerError as exc:  # e.g. the database gone past its outage limit: one line, no traceback
-        log.error("worker %s stops: %s", worker.id, exc)
-        raise SystemExit(exc.exit_code) from None
+    except (CrawlerError, BaseExceptionGroup) as exc:
+        # e.g. the database gone past its outage limit: one line, no traceback. From inside the
+        # task group it comes wrapped in an exception group.
+        found = exc if isinstance(exc, CrawlerError) else _first_crawler_error(exc)
+        if found is None:
+            raise
+        log.error("worker %s stops: %s", worker.id, found)
+        raise SystemExit(found.exit_code) from None
+
+
+def _first_crawler_error(group: BaseExceptionGroup) -> CrawlerError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, CrawlerError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (inner := _first_crawler_error(exc)):
+            return inner
+    return None

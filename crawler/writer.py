@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 
 from crawler import ledger
 from crawler.database import LedgerConnection
@@ -34,6 +35,7 @@ class ResultWriter:
         self.lease_seconds = lease_seconds
         self.outage_limit = outage_limit
         self._buffer: dict[Lease, list[tuple]] = {}
+        self._bodies: dict[Lease, list[tuple]] = {}
         self._buffered = 0
         self._completed: set[Lease] = set()
         self._lost: set[Lease] = set()
@@ -50,12 +52,16 @@ class ResultWriter:
         """Leases whose writes were refused by their fence: another worker holds the chunk now."""
         return self._lost
 
-    async def add(self, lease: Lease, record: tuple) -> None:
+    async def add(self, lease: Lease, record: tuple, body: tuple | None = None) -> None:
+        """Buffer one result (and, with --store-bodies, its body: (content_type, bytes))."""
         while self._buffered >= self.max_buffer:
             self._room.clear()
             self._wake.set()
             await self._room.wait()
         self._buffer.setdefault(lease, []).append(record)
+        if body is not None:
+            content_type, data = body
+            self._bodies.setdefault(lease, []).append((record[0], record[1], content_type, zlib.compress(data, 6)))
         self._buffered += 1
         if self._buffered >= self.batch_size:
             self._wake.set()
@@ -86,18 +92,20 @@ class ResultWriter:
     async def flush(self) -> None:
         """Commit what is buffered. While the database is away this waits and retries (the
         buffer stays, `add` blocks when it is full); past the outage limit it raises."""
-        batches, completed = self._buffer, self._completed
-        self._buffer, self._completed = {}, set()
+        batches, completed, bodies = self._buffer, self._completed, self._bodies
+        self._buffer, self._completed, self._bodies = {}, set(), {}
         count = sum(len(records) for records in batches.values())
         try:
             refused = await self._db.run(
-                ledger.write_results, self.job_id, batches, completed, self.lease_seconds
+                ledger.write_results, self.job_id, batches, completed, self.lease_seconds, bodies
             )
         except BaseException:
             # Keep the results for the caller's last attempt (or for nobody, if the worker dies:
             # the chunk is then redone by whoever leases it next).
             for lease, records in batches.items():
                 self._buffer.setdefault(lease, [])[:0] = records
+            for lease, records in bodies.items():
+                self._bodies.setdefault(lease, [])[:0] = records
             self._completed |= completed
             raise
         for lease in refused:

@@ -1,0 +1,167 @@
+"""Per-host politeness for one worker: how many requests a host may have in flight and how
+often a new one may start, adapted to how the host answers (AIMD with slow start).
+
+Items wait here, per host, until their host has room; only then do they reach the fetch pool, so
+a slow or failing host never holds more fetch slots than its limit. Pure scheduling: no I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+OVERLOAD_KINDS = frozenset({"timeout", "connect", "reset"})
+OVERLOAD_STATUSES = frozenset({429, 503})
+
+
+def host_of(url: str) -> str:
+    """The scheme and authority of a normalized URL: 'https://example.com:8443'."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+@dataclass(slots=True)
+class HostLimit:
+    """AIMD: grow by one per answered request while in slow start (doubling per round trip),
+    then by one per window; halve on an overload signal, at most once per round trip."""
+
+    limit: float
+    minimum: float = 1.0
+    maximum: float = 1000.0
+    adaptive: bool = True
+    slow_start: bool = True
+    last_decrease: float = 0.0
+
+    def on_success(self) -> None:
+        if not self.adaptive:
+            return
+        step = 1.0 if self.slow_start else 1.0 / max(self.limit, 1.0)
+        self.limit = min(self.maximum, self.limit + step)
+
+    def on_overload(self, now: float, rtt: float) -> None:
+        if not self.adaptive or now - self.last_decrease < max(rtt, 0.05):
+            return  # the answers of one window are one signal, not many
+        self.slow_start = False
+        self.last_decrease = now
+        self.limit = max(self.minimum, self.limit / 2)
+
+
+@dataclass(slots=True)
+class HostState:
+    limit: HostLimit
+    pending: deque = field(default_factory=deque)
+    active: int = 0  # dispatched to the fetch pool or in flight
+    next_start: float = 0.0  # rate limit and Retry-After pauses
+    timer: asyncio.TimerHandle | None = None
+    rtt: float = 0.1
+
+
+class HostScheduler:
+    """put() items; fetch tasks take them from `ready`; done() reports each answer."""
+
+    def __init__(
+        self,
+        *,
+        initial: int,
+        maximum: int,
+        rate: float = 0.0,
+        adaptive: bool = True,
+        key: Callable[[Any], str] = lambda item: host_of(item.url),
+        clock: Callable[[], float] = time.monotonic,
+        max_idle_hosts: int = 10_000,
+    ) -> None:
+        self.initial = max(1, initial)
+        self.maximum = max(self.initial, maximum)
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.adaptive = adaptive
+        self.key = key
+        self.clock = clock
+        self.ready: asyncio.Queue = asyncio.Queue()
+        self.hosts: OrderedDict[str, HostState] = OrderedDict()
+        self.max_idle_hosts = max_idle_hosts
+        self._idle_hosts = 0  # an upper estimate: hosts that went idle since they were counted
+
+    def _state(self, host: str) -> HostState:
+        state = self.hosts.get(host)
+        if state is None:
+            state = self.hosts[host] = HostState(
+                HostLimit(float(self.initial), maximum=float(self.maximum), adaptive=self.adaptive)
+            )
+        return state
+
+    def put(self, item: Any) -> None:
+        host = self.key(item)
+        state = self._state(host)
+        state.pending.append(item)
+        self._pump(host, state)
+
+    def done(self, item: Any, *, error_kind: str | None, status: int | None, elapsed: float,
+             pause: float = 0.0) -> None:
+        """An attempt at `item` ended; `pause` (seconds, e.g. a Retry-After) holds the host back."""
+        host = self.key(item)
+        state = self._state(host)
+        state.active -= 1
+        now = self.clock()
+        state.rtt = 0.8 * state.rtt + 0.2 * max(elapsed, 0.001)
+        if error_kind in OVERLOAD_KINDS or status in OVERLOAD_STATUSES:
+            state.limit.on_overload(now, state.rtt)
+        elif error_kind is None or error_kind == "http_status":
+            state.limit.on_success()
+        if pause > 0:
+            state.next_start = max(state.next_start, now + pause)
+        self._pump(host, state)
+        if not state.pending and state.active == 0 and state.timer is None:
+            self._idle(host)
+
+    def _idle(self, host: str) -> None:
+        """Keep what was learnt of recently idle hosts (their limit, a pause), but only so many:
+        memory is per host with work, not per host ever seen."""
+        self.hosts.move_to_end(host)
+        self._idle_hosts += 1
+        while self._idle_hosts > self.max_idle_hosts:
+            oldest, state = next(iter(self.hosts.items()))
+            if state.pending or state.active or state.timer is not None:
+                self.hosts.move_to_end(oldest)  # busy: not idle after all
+                self._idle_hosts -= 1
+                continue
+            del self.hosts[oldest]
+            self._idle_hosts -= 1
+
+    def clear(self) -> int:
+        """Drop every item not yet started (a drain); return how many."""
+        dropped = self.ready.qsize()
+        while not self.ready.empty():
+            self.ready.get_nowait()
+        for state in self.hosts.values():
+            dropped += len(state.pending)
+            state.pending.clear()
+            if state.timer is not None:
+                state.timer.cancel()
+                state.timer = None
+        return dropped
+
+    def limit_of(self, host: str) -> float | None:
+        state = self.hosts.get(host)
+        return state.limit.limit if state else None
+
+    def _pump(self, host: str, state: HostState) -> None:
+        """Move this host's items to the fetch pool while it has room and may start one."""
+        while state.pending and state.active < int(state.limit.limit):
+            now = self.clock()
+            if now < state.next_start:
+                if state.timer is None:
+                    loop = asyncio.get_running_loop()
+                    state.timer = loop.call_later(state.next_start - now, self._wake, host)
+                return
+            state.active += 1
+            state.next_start = max(state.next_start, now) + self.interval if self.interval else state.next_start
+            self.ready.put_nowait(state.pending.popleft())
+
+    def _wake(self, host: str) -> None:
+        state = self.hosts.get(host)
+        if state is not None:
+            state.timer = None
+            self._pump(host, state)

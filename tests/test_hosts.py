@@ -1,0 +1,116 @@
+"""The per-host scheduler, as pure logic on a fake clock: limits, rates, pauses, AIMD."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from crawler.hosts import HostLimit, HostScheduler, host_of
+
+
+@dataclass
+class Item:
+    url: str
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drain(scheduler: HostScheduler) -> list[Item]:
+    out = []
+    while not scheduler.ready.empty():
+        out.append(scheduler.ready.get_nowait())
+    return out
+
+
+def test_host_of_keeps_scheme_host_and_port():
+    assert host_of("https://a.example:8443/x?y") == "https://a.example:8443"
+    assert host_of("http://b.example/") == "http://b.example"
+
+
+async def test_a_host_gets_no_more_than_its_limit_and_others_are_not_held_up():
+    s = HostScheduler(initial=2, maximum=2, adaptive=False)
+    for i in range(5):
+        s.put(Item(f"http://slow/{i}"))
+    s.put(Item("http://fast/1"))
+    dispatched = drain(s)
+    assert [i.url for i in dispatched] == ["http://slow/0", "http://slow/1", "http://fast/1"]
+    s.done(dispatched[0], error_kind=None, status=200, elapsed=0.1)
+    assert [i.url for i in drain(s)] == ["http://slow/2"]
+
+
+async def test_a_rate_limit_spaces_starts_with_a_timer():
+    clock = Clock()
+    s = HostScheduler(initial=10, maximum=10, rate=2.0, adaptive=False, clock=clock)
+    for i in range(3):
+        s.put(Item(f"http://h/{i}"))
+    assert len(drain(s)) == 1  # the next may start half a second later
+    clock.now += 0.5
+    s._wake("http://h")
+    assert len(drain(s)) == 1
+
+
+async def test_retry_after_pauses_the_host():
+    clock = Clock()
+    s = HostScheduler(initial=4, maximum=4, adaptive=False, clock=clock)
+    s.put(Item("http://h/0"))
+    first = drain(s)[0]
+    s.done(first, error_kind="http_status", status=503, elapsed=0.01, pause=5.0)
+    s.put(Item("http://h/1"))
+    assert drain(s) == []  # paused
+    clock.now += 5.0
+    s._wake("http://h")
+    assert len(drain(s)) == 1
+
+
+def test_aimd_slow_start_then_halving_then_additive_growth():
+    limit = HostLimit(4.0, maximum=100.0)
+    for _ in range(4):
+        limit.on_success()
+    assert limit.limit == 8.0  # slow start: +1 per answer, doubling per round trip
+    limit.on_overload(now=10.0, rtt=0.1)
+    assert limit.limit == 4.0 and not limit.slow_start
+    limit.on_overload(now=10.05, rtt=0.1)  # same round trip: one signal, not two
+    assert limit.limit == 4.0
+    for _ in range(4):
+        limit.on_success()
+    assert 4.9 < limit.limit < 5.1  # +1 per window of `limit` answers
+    for _ in range(20):
+        limit.on_overload(now=limit.last_decrease + 1.0, rtt=0.1)
+    assert limit.limit == 1.0  # never below one
+
+
+async def test_overload_answers_shrink_the_host_limit_and_good_ones_grow_it():
+    clock = Clock()
+    s = HostScheduler(initial=8, maximum=64, clock=clock)
+    for i in range(8):
+        s.put(Item(f"http://h/{i}"))
+    items = drain(s)
+    clock.now += 1
+    s.done(items[0], error_kind="http_status", status=429, elapsed=0.1)
+    assert s.limit_of("http://h") == 4.0
+    for item in items[1:]:
+        clock.now += 1
+        s.done(item, error_kind=None, status=200, elapsed=0.1)
+    assert s.limit_of("http://h") > 4.0
+
+
+async def test_clear_drops_what_has_not_started():
+    s = HostScheduler(initial=1, maximum=1, adaptive=False)
+    for i in range(4):
+        s.put(Item(f"http://h/{i}"))
+    assert s.clear() == 4  # one dispatched but not taken, three pending
+    assert s.ready.empty()
+
+
+async def test_idle_hosts_are_forgotten_beyond_a_bound():
+    s = HostScheduler(initial=1, maximum=1, adaptive=False, max_idle_hosts=10)
+    for i in range(50):
+        s.put(Item(f"http://h{i}/"))
+        s.done(drain(s)[0], error_kind=None, status=200, elapsed=0.01)
+    assert len(s.hosts) <= 11
