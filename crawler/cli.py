@@ -55,6 +55,8 @@ def build_parser() -> Parser:
     tuning.add_argument("--max-body-bytes", type=_positive, metavar="N", help="body cap after decompression (0 = read none)")
     tuning.add_argument("--store-bodies", action="store_true", default=None, help="keep response bodies, compressed")
     tuning.add_argument("--insecure", action="store_true", default=None, help="do not verify TLS certificates")
+    tuning.add_argument("--cache-ttl", metavar="DURATION", help="reuse earlier jobs' responses this fresh (90s, 2h, 1d)")
+    tuning.add_argument("--no-cache", action="store_true", default=None, help="fetch every row, duplicates included")
     tuning.add_argument("--quiet", action="store_true", help="no progress and no summary table")
     tuning.add_argument("--summary-json", metavar="PATH", help="write the job's summary as JSON to PATH")
 
@@ -123,7 +125,7 @@ def build_parser() -> Parser:
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     names = ("dsn", "workers", "concurrency", "chunk_size", "allow_net", "max_attempts", "per_host_concurrency",
-             "per_host_rate", "max_body_bytes", "store_bodies", "insecure")
+             "per_host_rate", "max_body_bytes", "store_bodies", "insecure", "cache_ttl", "no_cache")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

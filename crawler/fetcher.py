@@ -31,6 +31,8 @@ class Attempt:
     body_sha256: bytes | None = None
     retry_after: str | None = None
     body: tuple[str | None, bytes] | None = None  # (content type, bytes), with --store-bodies
+    etag: str | None = None
+    last_modified: str | None = None
 
 
 def _resolver() -> aiohttp.abc.AbstractResolver:
@@ -39,6 +41,13 @@ def _resolver() -> aiohttp.abc.AbstractResolver:
         return aiohttp.AsyncResolver()
     except Exception:  # aiodns missing or c-ares unusable here
         return aiohttp.ThreadedResolver()
+
+
+def _headers(stored: str | None, validators: dict[str, str] | None) -> dict[str, str] | None:
+    headers = orjson.loads(stored) if stored else {}
+    if validators:
+        headers.update(validators)
+    return headers or None
 
 
 class Fetcher:
@@ -77,7 +86,7 @@ class Fetcher:
             self._session = None
 
     async def attempt(self, method: str, url: str, *, headers: str | None = None,
-                      body: bytes | None = None) -> Attempt:
+                      body: bytes | None = None, validators: dict[str, str] | None = None) -> Attempt:
         """One try at the request; every failure is classified into the Attempt, never raised.
         `headers` is a JSON object as text (as stored with the request)."""
         assert self._session is not None, "use Fetcher as an async context manager"
@@ -87,12 +96,14 @@ class Fetcher:
         try:
             async with self._session.request(
                 method, url, allow_redirects=True, max_redirects=self.settings.max_redirects,
-                headers=orjson.loads(headers) if headers else None, data=body,
+                headers=_headers(headers, validators), data=body,
                 ssl=False if self.settings.insecure else True,
             ) as resp:
                 result.status = resp.status
                 result.final_url = str(resp.url)
                 result.retry_after = resp.headers.get("Retry-After")
+                result.etag = resp.headers.get("ETag")
+                result.last_modified = resp.headers.get("Last-Modified")
                 if limit > 0:
                     declared = resp.content_length
                     if declared is not None and declared > limit and not resp.headers.get("Content-Encoding"):

@@ -13,12 +13,13 @@ from typing import Iterable, Sequence
 
 import asyncpg
 
+from crawler import cache
 from crawler.errors import CrawlerError, JobNotFound
 from crawler.inputs import InvalidRow, RequestRow
 
 RESULT_COLUMNS = (
     "job_id", "row_no", "status", "final_url", "error_kind", "error",
-    "attempts", "from_cache", "elapsed_ms", "body_bytes", "body_sha256",
+    "attempts", "from_cache", "elapsed_ms", "body_bytes", "body_sha256", "cache_kind",
 )
 
 
@@ -117,12 +118,14 @@ async def prepare_ingest(conn: asyncpg.Connection) -> None:
 
 
 async def store_chunk(
-    conn: asyncpg.Connection, job_id: int, chunk_no: int, rows: Sequence[RequestRow | InvalidRow]
+    conn: asyncpg.Connection, job_id: int, chunk_no: int, rows: Sequence[RequestRow | InvalidRow],
+    *, dedup: bool = True,
 ) -> int:
     """Write one chunk of input rows; return how many of them need a fetch.
 
     A row whose fingerprint was seen earlier in the job is stored with dup_of pointing at the
     first row of that fingerprint; the database, not this process, remembers fingerprints.
+    Without `dedup` (--no-cache) every row is fetched.
     """
     requests = [(r.row, r.method, r.url, r.fingerprint, r.headers, r.body) for r in rows if isinstance(r, RequestRow)]
     invalid = [(job_id, r.row, r.raw, r.reason) for r in rows if isinstance(r, InvalidRow)]
@@ -142,6 +145,14 @@ async def store_chunk(
                 "request_stage", records=requests,
                 columns=("row_no", "method", "url", "fingerprint", "headers", "body"),
             )
+            if not dedup:
+                await conn.execute(
+                    "INSERT INTO requests (job_id, row_no, chunk_no, method, url, fingerprint, headers, body)"
+                    " SELECT $1, row_no, $2, method, url, fingerprint, headers::jsonb, body FROM request_stage",
+                    job_id, chunk_no,
+                )
+                fetch_rows = len(requests)
+        if requests and dedup:
             await conn.execute(
                 "INSERT INTO fingerprints (job_id, fingerprint, row_no)"
                 " SELECT DISTINCT ON (fingerprint) $1::bigint, fingerprint, row_no FROM request_stage"
@@ -284,7 +295,7 @@ async def chunk_requests(conn: asyncpg.Connection, job_id: int, chunk: LeasedChu
     tables grow faster than their statistics. A first lease has no results to look for.
     """
     rows = await conn.fetch(
-        "SELECT row_no, method, url, headers::text AS headers, body FROM requests"
+        "SELECT row_no, method, url, fingerprint, headers::text AS headers, body FROM requests"
         " WHERE job_id = $1 AND row_no BETWEEN $2 AND $3"
         " AND dup_of IS NULL ORDER BY row_no",
         job_id, chunk.first_row, chunk.last_row,
@@ -317,6 +328,8 @@ async def write_results(
     completed: set[Lease],
     lease_seconds: float,
     bodies: dict[Lease, list[tuple]] | None = None,
+    cache_rows: list[tuple] | None = None,
+    cache_touch: list[bytes] | None = None,
 ) -> set[Lease]:
     """Commit results for the given leases, and complete the `completed` ones, in one transaction.
 
@@ -336,6 +349,9 @@ async def write_results(
         if records:
             await conn.copy_records_to_table("result_stage", records=records, columns=RESULT_COLUMNS)
             await conn.execute("INSERT INTO results SELECT * FROM result_stage ON CONFLICT DO NOTHING")
+        # The cross-job cache learns from every write, fenced or not: an answer is an answer.
+        await cache.store(conn, cache_rows or [])
+        await cache.touch(conn, cache_touch or [])
         kept_bodies = [rec for lease, recs in (bodies or {}).items() if lease in held for rec in recs]
         if kept_bodies:
             await conn.executemany(
@@ -377,9 +393,9 @@ async def finish_job(conn: asyncpg.Connection, job_id: int) -> bool:
             return False
         await conn.execute(
             "INSERT INTO results (job_id, row_no, status, final_url, error_kind, error, attempts,"
-            "                     from_cache, elapsed_ms, body_bytes, body_sha256)"
+            "                     from_cache, elapsed_ms, body_bytes, body_sha256, cache_kind)"
             " SELECT q.job_id, q.row_no, p.status, p.final_url, p.error_kind, p.error, 0,"
-            "        true, 0, p.body_bytes, p.body_sha256"
+            "        true, 0, p.body_bytes, p.body_sha256, 'duplicate'"
             " FROM requests q JOIN results p ON p.job_id = q.job_id AND p.row_no = q.dup_of"
             " WHERE q.job_id = $1 AND q.dup_of IS NOT NULL ON CONFLICT DO NOTHING",
             job_id,

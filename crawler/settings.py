@@ -71,8 +71,10 @@ class Settings:
     db_outage_limit: float = 300.0
     worker_restarts: int = 5
     restart_backoff: float = 0.5
-    # Input.
+    # Input and the request cache.
     sort_query: bool = False
+    cache_ttl: float = 0.0  # seconds; 0 = no reuse of earlier jobs' responses
+    no_cache: bool = False
     # Output.
     progress_interval: float = 5.0
 
@@ -90,6 +92,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     """Turn a value from TOML, the environment or a flag into the field's type."""
     default = getattr(Settings(), name)
     kind = type(default) if default is not None else str
+    if name == "cache_ttl" and isinstance(value, str):
+        from crawler.cache import parse_duration
+
+        return parse_duration(value)
     from_text = isinstance(value, str)  # the environment and comma lists: items are text too
     original = value
     try:
@@ -143,7 +149,8 @@ def _validate(settings: Settings) -> None:
         raise UsageError("setting 'per_host_rate' cannot be negative (0 means: no rate limit).")
     if settings.worker_restarts < 0:
         raise UsageError("setting 'worker_restarts' cannot be negative.")
-    for name in ("backoff_base", "backoff_max", "retry_after_max", "dns_ttl", "drain_grace", "restart_backoff"):
+    for name in ("backoff_base", "backoff_max", "retry_after_max", "dns_ttl", "drain_grace", "restart_backoff",
+                 "cache_ttl"):
         if not getattr(settings, name) >= 0:
             raise UsageError(f"setting '{name}' cannot be negative.")
     if settings.max_body_bytes < 0 or settings.max_redirects < 0:

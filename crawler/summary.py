@@ -26,6 +26,10 @@ async def job_summary(conn: asyncpg.Connection, job_id: int, *, elapsed_s: float
         job_id,
     )
     invalid = await conn.fetchval("SELECT count(*) FROM invalid_rows WHERE job_id = $1", job_id)
+    cache_kinds = dict(await conn.fetch(
+        "SELECT cache_kind, count(*) FROM results WHERE job_id = $1 AND cache_kind IS NOT NULL GROUP BY cache_kind",
+        job_id,
+    ))
     statuses = await conn.fetch(
         "SELECT status, count(*) AS n FROM results WHERE job_id = $1 AND status IS NOT NULL"
         " GROUP BY status ORDER BY status",
@@ -55,6 +59,9 @@ async def job_summary(conn: asyncpg.Connection, job_id: int, *, elapsed_s: float
         "requests_per_s": round(totals["fetched"] / elapsed, 1) if elapsed > 0 else 0.0,
         "time_to_first_fetch_s": round(float(job["first_fetch"]), 3) if job["first_fetch"] is not None else None,
         "latency_ms": {"p50": latency[0], "p95": latency[1], "p99": latency[2]},
+        # duplicate: joined an identical request of this job (single flight); fresh: an earlier
+        # job's stored response; revalidated: a stored response the server confirmed with 304.
+        "cache": {kind: cache_kinds.get(kind, 0) for kind in ("duplicate", "fresh", "revalidated")},
         "statuses": {str(r["status"]): r["n"] for r in statuses},
         "errors": {r["error_kind"]: {"count": r["n"], "example": r["example"]} for r in kinds},
     }

@@ -243,7 +243,7 @@ class Supervisor:
                     batch = [row for row in batch if row.row > last_row]
                     if not batch:
                         continue
-                    await db.run(ledger.store_chunk, job.id, chunk_no, batch)
+                    await db.run(ledger.store_chunk, job.id, chunk_no, batch, dedup=not self.settings.no_cache)
                     chunk_no += 1
                 if not self.stopping.is_set():
                     await db.run(ledger.mark_ingested, job.id)

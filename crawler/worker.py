@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from crawler import ledger
+from crawler import cache, ledger
+from crawler.cache import CachedResponse
 from crawler.errors import CrawlerError
 from crawler.database import LedgerConnection
 from crawler.fetcher import Attempt, Fetcher
@@ -41,6 +42,8 @@ class WorkItem:
     url: str
     headers: str | None = None  # a JSON object, as stored
     body: bytes | None = None
+    fingerprint: bytes = b""
+    cached: CachedResponse | None = None  # a stale stored response to revalidate
     attempts: int = 0
     elapsed_ms: float = 0.0
 
@@ -157,9 +160,18 @@ class Worker:
             self._held[lease.chunk_no] = HeldChunk(lease, len(rows))
             self._in_system += len(rows)
             self._idle.clear()
+            stored = {}
+            if self.settings.cache_ttl > 0 and not self.settings.no_cache:
+                stored = await db.run(cache.lookup, [row["fingerprint"] for row in rows], self.settings.cache_ttl)
             for row in rows:
-                self.hosts.put(WorkItem(lease, row["row_no"], row["method"], row["url"],
-                                        headers=row["headers"], body=row["body"]))
+                item = WorkItem(lease, row["row_no"], row["method"], row["url"], headers=row["headers"],
+                                body=row["body"], fingerprint=row["fingerprint"])
+                entry = stored.get(item.fingerprint)
+                if entry is not None and entry.fresh:
+                    await self._done(item, _from_cache(entry), cache_kind="fresh")
+                    continue
+                item.cached = entry
+                self.hosts.put(item)
 
     def _wants_more(self) -> bool:
         if self._in_system >= self.max_in_system:
@@ -208,7 +220,8 @@ class Worker:
                 return
             self._in_flight += 1
             try:
-                attempt = await fetcher.attempt(item.method, item.url, headers=item.headers, body=item.body)
+                attempt = await fetcher.attempt(item.method, item.url, headers=item.headers, body=item.body,
+                                                validators=item.cached.validators() if item.cached else None)
             finally:
                 self._in_flight -= 1
             item.attempts += 1
@@ -227,6 +240,11 @@ class Worker:
                 continue
             if decision.reason:
                 attempt.error = f"{attempt.error}; {decision.reason}"
+            if attempt.status == 304 and item.cached is not None:  # the stored response still holds
+                served = _from_cache(item.cached)
+                served.elapsed_ms = attempt.elapsed_ms
+                await self._done(item, served, cache_kind="revalidated")
+                continue
             await self._done(item, attempt)
 
     def _schedule_retry(self, item: WorkItem, delay: float) -> None:
@@ -239,12 +257,23 @@ class Worker:
         handle = loop.call_later(delay, requeue)
         self._timers.add(handle)
 
-    async def _done(self, item: WorkItem, attempt: Attempt) -> None:
+    async def _done(self, item: WorkItem, attempt: Attempt, *, cache_kind: str | None = None) -> None:
         record = (
             self.job_id, item.row_no, attempt.status, attempt.final_url, attempt.error_kind, attempt.error,
-            item.attempts, False, item.elapsed_ms, attempt.body_bytes, attempt.body_sha256,
+            item.attempts, cache_kind is not None, item.elapsed_ms, attempt.body_bytes, attempt.body_sha256,
+            cache_kind,
         )
-        await self.writer.add(item.lease, record, attempt.body)
+        remember = None
+        if self.settings.cache_ttl > 0 and not self.settings.no_cache:
+            if cache_kind == "revalidated":
+                remember = item.fingerprint  # confirmed by a 304: fresh again
+            elif cache_kind is None:
+                remember = cache.cache_row(
+                    item.fingerprint, self.job_id, status=attempt.status, error_kind=attempt.error_kind,
+                    final_url=attempt.final_url, body_bytes=attempt.body_bytes, body_sha256=attempt.body_sha256,
+                    etag=attempt.etag, last_modified=attempt.last_modified,
+                )
+        await self.writer.add(item.lease, record, attempt.body, remember)
         self.stats.fetched += 1
         held = self._held.get(item.lease.chunk_no)
         if held is not None and held.lease == item.lease:
@@ -280,6 +309,13 @@ class Worker:
         for held in list(self._held.values()):
             await db.run(ledger.release_chunk, self.job_id, held.lease)
         self._held.clear()
+
+
+def _from_cache(entry: CachedResponse) -> Attempt:
+    error_kind = "http_status" if entry.status >= 400 else None
+    return Attempt(status=entry.status, final_url=entry.final_url, error_kind=error_kind,
+                   error=f"HTTP {entry.status} (stored)" if error_kind else None,
+                   body_bytes=entry.body_bytes, body_sha256=entry.body_sha256)
 
 
 def run_worker(dsn: str, job_id: int, settings: dict, standalone: bool = False) -> None:

@@ -36,6 +36,8 @@ class ResultWriter:
         self.outage_limit = outage_limit
         self._buffer: dict[Lease, list[tuple]] = {}
         self._bodies: dict[Lease, list[tuple]] = {}
+        self._cache_rows: list[tuple] = []
+        self._cache_touch: list[bytes] = []
         self._buffered = 0
         self._completed: set[Lease] = set()
         self._lost: set[Lease] = set()
@@ -52,8 +54,10 @@ class ResultWriter:
         """Leases whose writes were refused by their fence: another worker holds the chunk now."""
         return self._lost
 
-    async def add(self, lease: Lease, record: tuple, body: tuple | None = None) -> None:
-        """Buffer one result (and, with --store-bodies, its body: (content_type, bytes))."""
+    async def add(self, lease: Lease, record: tuple, body: tuple | None = None,
+                  remember: tuple | bytes | None = None) -> None:
+        """Buffer one result; with --store-bodies its body (content_type, bytes); with --cache-ttl
+        what the cross-job cache learns from it (a row to store, or a fingerprint a 304 confirmed)."""
         while self._buffered >= self.max_buffer:
             self._room.clear()
             self._wake.set()
@@ -62,6 +66,10 @@ class ResultWriter:
         if body is not None:
             content_type, data = body
             self._bodies.setdefault(lease, []).append((record[0], record[1], content_type, zlib.compress(data, 6)))
+        if isinstance(remember, tuple):
+            self._cache_rows.append(remember)
+        elif remember is not None:
+            self._cache_touch.append(remember)
         self._buffered += 1
         if self._buffered >= self.batch_size:
             self._wake.set()
@@ -94,10 +102,13 @@ class ResultWriter:
         buffer stays, `add` blocks when it is full); past the outage limit it raises."""
         batches, completed, bodies = self._buffer, self._completed, self._bodies
         self._buffer, self._completed, self._bodies = {}, set(), {}
+        cache_rows, cache_touch = self._cache_rows, self._cache_touch
+        self._cache_rows, self._cache_touch = [], []
         count = sum(len(records) for records in batches.values())
         try:
             refused = await self._db.run(
-                ledger.write_results, self.job_id, batches, completed, self.lease_seconds, bodies
+                ledger.write_results, self.job_id, batches, completed, self.lease_seconds, bodies,
+                cache_rows, cache_touch,
             )
         except BaseException:
             # Keep the results for the caller's last attempt (or for nobody, if the worker dies:
@@ -106,6 +117,7 @@ class ResultWriter:
                 self._buffer.setdefault(lease, [])[:0] = records
             for lease, records in bodies.items():
                 self._bodies.setdefault(lease, [])[:0] = records
+            self._cache_rows[:0], self._cache_touch[:0] = cache_rows, cache_touch
             self._completed |= completed
             raise
         for lease in refused:

@@ -55,7 +55,7 @@ async def test_duplicates_point_at_the_first_row_across_chunks(db):
 
 
 def result(job_id: int, row_no: int, status: int = 200) -> tuple:
-    return (job_id, row_no, status, "http://a/", None, None, 1, False, 1.0, 2, b"\x00" * 32)
+    return (job_id, row_no, status, "http://a/", None, None, 1, False, 1.0, 2, b"\x00" * 32, None)
 
 
 async def test_a_stale_lease_cannot_commit_over_the_new_holder(db):
