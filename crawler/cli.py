@@ -51,6 +51,8 @@ def build_parser() -> Parser:
     tuning.add_argument("--max-attempts", type=_positive, help="attempts per request, the first included (default 3)")
     tuning.add_argument("--per-host-concurrency", type=_positive, metavar="N",
                         help="requests in flight per host to start with (adapts; 0 = no limit)")
+    tuning.add_argument("--no-adaptive", dest="adaptive_concurrency", action="store_false", default=None,
+                        help="keep each host's limit fixed instead of adapting it to the host's answers")
     tuning.add_argument("--per-host-rate", type=float, metavar="R", help="new requests per second per host (0 = none)")
     tuning.add_argument("--max-body-bytes", type=_positive, metavar="N", help="body cap after decompression (0 = read none)")
     tuning.add_argument("--store-bodies", action="store_true", default=None, help="keep response bodies, compressed")
@@ -125,7 +127,8 @@ def build_parser() -> Parser:
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     names = ("dsn", "workers", "concurrency", "chunk_size", "allow_net", "max_attempts", "per_host_concurrency",
-             "per_host_rate", "max_body_bytes", "store_bodies", "insecure", "cache_ttl", "no_cache")
+             "per_host_rate", "max_body_bytes", "store_bodies", "insecure", "cache_ttl", "no_cache",
+             "adaptive_concurrency")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
