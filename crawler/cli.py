@@ -16,7 +16,8 @@ EXAMPLES = {
     "crawl": "examples:\n  crawler crawl urls.csv\n  crawler crawl urls.txt.gz --workers 4 --concurrency 500 --job-name weekly\n"
              "  cat urls.txt | crawler crawl - --allow-net 127.0.0.1/32",
     "resume": "example:\n  crawler resume weekly",
-    "export": "examples:\n  crawler export weekly --format jsonl -o results.jsonl\n  crawler export 3 --format csv --only failed",
+    "export": "examples:\n  crawler export weekly --format jsonl -o results.jsonl\n  crawler export 3 --format csv --only failed\n"
+              "  crawler export weekly --format parquet -o results.parquet   (pip install 'crawler[parquet]')",
     "db": "examples:\n  crawler db url\n  psql \"$(crawler db url --show-password)\"\n  crawler db stop",
 }
 
@@ -87,8 +88,9 @@ def build_parser() -> Parser:
     p = sub.add_parser("export", parents=[common], help="write a job's outcomes, one record per input row",
                        epilog=EXAMPLES["export"], formatter_class=fmt)
     p.add_argument("job", help="the job's id or name")
-    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
-    p.add_argument("-o", "--output", metavar="PATH", help="file to write (default: stdout)")
+    p.add_argument("--format", choices=["jsonl", "csv", "parquet"], default="jsonl",
+                   help="jsonl (default), csv, or parquet (needs pyarrow and -o PATH)")
+    p.add_argument("-o", "--output", metavar="PATH", help="file to write (default: stdout; parquet needs a file)")
     p.add_argument("--only", choices=["ok", "failed", "invalid"], help="export only these rows")
 
     p = sub.add_parser("status", parents=[common], help="a job's state and counts")

@@ -140,7 +140,9 @@ class Worker:
         while not self.stop.is_set():
             if not self._wants_more():
                 self._low_water.clear()
-                await self._wait_stop_or(self._low_water.wait())
+                # Also look again now and then: a paused host can starve the pool with no answer
+                # arriving to wake us.
+                await self._wait_stop_or(self._low_water.wait(), timeout=0.5)
                 continue
             chunk = await db.run(ledger.lease_chunk, self.job_id, self.id, self.settings.lease_seconds)
             if chunk is None:
@@ -188,11 +190,11 @@ class Worker:
             return False
         return await ledger.open_chunks(conn, self.job_id) <= len(self._held)
 
-    async def _wait_stop_or(self, aw) -> None:
+    async def _wait_stop_or(self, aw, timeout: float | None = None) -> None:
         task = asyncio.ensure_future(aw)
         stopper = asyncio.ensure_future(self.stop.wait())
         try:
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             task.cancel()
             stopper.cancel()
@@ -322,7 +324,7 @@ def run_worker(dsn: str, job_id: int, settings: dict, standalone: bool = False) 
     """Process entry point (spawned by the supervisor, or `crawler worker`)."""
     import uvloop
 
-    from crawler.logs import setup_worker_logging
+    from crawler.logs import log_context, setup_worker_logging
 
     # Our own process group: a Ctrl-C at the terminal reaches the supervisor alone, which turns
     # it into one orderly drain signal per worker.
@@ -360,7 +362,8 @@ def run_worker(dsn: str, job_id: int, settings: dict, standalone: bool = False) 
                 watch.cancel()
 
     try:
-        uvloop.run(main())
+        with log_context(job=job_id, worker=worker.id):  # every record of this process carries both
+            uvloop.run(main())
     except (CrawlerError, BaseExceptionGroup) as exc:
         # e.g. the database gone past its outage limit: one line, no traceback. From inside the
         # task group it comes wrapped in an exception group.
