@@ -178,8 +178,11 @@ async def tls_server(aiohttp_server):
     cert = authority.issue_cert("127.0.0.1")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(context)
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="secret")
+
     app = web.Application()
-    app.router.add_get("/{tail:.*}", lambda request: web.Response(text="secret"))
+    app.router.add_get("/{tail:.*}", page)
     server = await aiohttp_server(app, ssl=context)
     return f"https://127.0.0.1:{server.port}/page"
 
