@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
+import subprocess
+import sys
+import time
+
+import asyncpg
 
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 ALLOW = ["--allow-net", "127.0.0.1/32"]
 
@@ -114,3 +120,38 @@ def test_migrate_is_idempotent_from_the_command_line(fresh_dsn):
     assert first.returncode == second.returncode == 0
     assert "applied migrations: 1" in first.stdout.decode()
     assert "up to date" in second.stdout.decode()
+
+
+def test_a_worker_started_elsewhere_joins_the_job_through_the_ledger(session_dsn, mock_process, tmp_path):
+    """`crawler worker` needs only the DSN and the job: PostgreSQL is the coordinator."""
+    path = tmp_path / "shared.txt"
+    path.write_text("".join(f"{mock_process}/delay/20/{i}\n" for i in range(3000)))
+    crawl = subprocess.Popen(
+        [sys.executable, "-m", "crawler", "crawl", str(path), "--dsn", session_dsn, "--job-name", "joined",
+         "--workers", "1", "--concurrency", "20", "--chunk-size", "100", *ALLOW, "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while run_cli("status", "joined", "--dsn", session_dsn).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        helper = run_cli("worker", "--job", "joined", "--dsn", session_dsn, "--concurrency", "20", *ALLOW, timeout=120)
+        assert helper.returncode == 0, helper.stderr.decode()
+        assert crawl.wait(120) == 0, crawl.stderr.read().decode()
+    finally:
+        if crawl.poll() is None:
+            crawl.kill()
+            crawl.wait(10)
+    status = json.loads(run_cli("status", "joined", "--dsn", session_dsn, "--json").stdout)
+    assert status["state"] == "done" and status["fetched"] == 3000
+
+    async def fetched_by_worker() -> list[int]:
+        conn = await asyncpg.connect(session_dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT w.fetched FROM workers w JOIN jobs j ON j.id = w.job_id WHERE j.name = 'joined'")
+            return [r["fetched"] for r in rows]
+        finally:
+            await conn.close()
+
+    shares = asyncio.run(fetched_by_worker())
+    assert len(shares) == 2 and all(n > 0 for n in shares) and sum(shares) == 3000
