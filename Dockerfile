@@ -32,17 +32,17 @@ RUN /opt/crawler/bin/pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" \
     && test -f /opt/crawler/share/crawler/config/default.toml
 
 FROM ${PYTHON_IMAGE}
-# /data: inputs, mounted read-only; /home/crawler/work: the working directory, where outputs
+# /data: inputs, mounted read-only; /home/crawler/jobs: the working directory, where outputs
 # and generated files go (a volume in docker-compose.yml).
 RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin crawler \
-    && mkdir -p /data /home/crawler/work \
-    && chown crawler:crawler /home/crawler/work
+    && mkdir -p /data /home/crawler/jobs \
+    && chown crawler:crawler /home/crawler/jobs
 COPY --from=build /opt/crawler /opt/crawler
 ENV PATH=/opt/crawler/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     CRAWLER_HOME=/home/crawler/data
 USER 10001:10001
-WORKDIR /home/crawler/work
+WORKDIR /home/crawler/jobs
 ENTRYPOINT ["crawler"]
 CMD ["--help"]
