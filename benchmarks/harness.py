@@ -27,6 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import psutil
 
+from crawler.bench import MockServerProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = Path(__file__).resolve().parent
 
@@ -231,33 +233,16 @@ def wait_listening(port: int, timeout: float = 15.0) -> None:
     raise SystemExit(f"benchmarks: nothing listens on 127.0.0.1:{port} after {timeout:g}s")
 
 
-class MockServer:
+class MockServer(MockServerProcess):
     """`crawler mock-server --processes N` on a free loopback port; answers /ok/<n> with "ok\\n"."""
 
     name = "mock"
 
     def __init__(self, processes: int = 1) -> None:
-        self.processes = processes
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-
-    def __enter__(self) -> "MockServer":
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "crawler", "mock-server", "--port", "0", "--processes", str(self.processes)],
-            stdout=subprocess.PIPE, text=True, cwd=ROOT,
-        )
-        line = self.proc.stdout.readline()
-        if "listening on" not in line:
-            self.__exit__()
-            raise SystemExit("benchmarks: the mock server did not start")
-        self.url = line.split("listening on ", 1)[1].split()[0]
-        return self
+        super().__init__(processes)
 
     def describe(self) -> str:
         return f"crawler mock-server --processes {self.processes}"
-
-    def __exit__(self, *exc: object) -> None:
-        stop(self.proc)
 
 
 NGINX_CONF = """\
