@@ -5,20 +5,88 @@ sentence on stderr and an exit code: 0 done, 1 usage or input error, 2 infrastru
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from typing import Any, Sequence
 
 from crawler.errors import EXIT_INTERRUPTED, CrawlerError, UsageError
 
-EXAMPLES = {
-    "crawl": "examples:\n  crawler crawl urls.csv\n  crawler crawl urls.txt.gz --workers 4 --concurrency 500 --job-name weekly\n"
-             "  cat urls.txt | crawler crawl - --allow-net 127.0.0.1/32",
-    "resume": "example:\n  crawler resume weekly",
-    "export": "examples:\n  crawler export weekly --format jsonl -o results.jsonl\n  crawler export 3 --format csv --only failed\n"
-              "  crawler export weekly --format parquet -o results.parquet   (pip install 'crawler[parquet]')",
+EXAMPLES = {  # each `crawler ...` line must parse: tests/test_cli.py checks every one
+    "crawler": (
+        "examples:\n"
+        "  crawler crawl urls.csv --job-name weekly          # every outcome into PostgreSQL (embedded without --dsn)\n"
+        "  crawler export weekly --format csv -o results.csv\n"
+        "  crawler resume weekly                             # after Ctrl-C, a crash or kill -9\n"
+        "\n"
+        "exit codes:\n"
+        "  0    done (failed fetches are results, not a failed job)\n"
+        "  1    usage or input error (a bad flag, a missing file or URL column)\n"
+        "  2    infrastructure error (the database unreachable, workers that keep dying)\n"
+        "  130  interrupted and resumable: `crawler resume JOB` finishes the job\n"
+        "\n"
+        "`crawler COMMAND --help` shows a command's options and examples."
+    ),
+    "crawl": (
+        "examples:\n"
+        "  crawler crawl urls.csv --job-name weekly          # a CSV with a url column, one URL a line, or .gz\n"
+        "  cat urls.txt | crawler crawl - --concurrency 500 --metrics-port 9100\n"
+        "  crawler crawl big.csv.gz --dsn postgresql://crawler@db.internal/crawler --workers 0 --job-name big\n"
+        "      # --workers 0: ingest and supervise only; `crawler worker` on other machines fetches"
+    ),
+    "resume": (
+        "examples:\n"
+        "  crawler resume weekly                             # by name, after Ctrl-C, a crash or kill -9\n"
+        "  crawler resume 42 --workers 8                     # by id, with this run's own tuning flags"
+    ),
+    "worker": (
+        "examples:\n"
+        "  crawler worker --dsn postgresql://crawler@db.internal/crawler --job big\n"
+        "      # join job `big` from this machine, leave when it is done\n"
+        "  crawler worker --dsn postgresql://crawler@db.internal/crawler --workers 8 --concurrency 400\n"
+        "      # no --job: wait for the next unfinished job, fetch it, then leave\n"
+        "  crawler worker --job big --metrics-port 9100      # DSN from CRAWLER_DSN; Prometheus on :9100"
+    ),
+    "export": (
+        "examples:\n"
+        "  crawler export weekly --format jsonl -o results.jsonl\n"
+        "  crawler export 42 --format csv --only failed > failed.csv\n"
+        "  crawler export weekly --format parquet -o results.parquet   # needs pip install 'crawler[parquet]'"
+    ),
+    "status": (
+        "examples:\n"
+        "  crawler status                                    # the latest job\n"
+        "  crawler status weekly --json                      # counts, rate, ETA, errors by kind, live workers"
+    ),
+    "jobs": "example:\n  crawler jobs                                      # id, name, state, rows read, results",
+    "migrate": (
+        "examples:\n"
+        "  crawler migrate                                   # the embedded database\n"
+        "  crawler migrate --dsn postgresql://crawler@db.internal/crawler   # an external server"
+    ),
     "db": "examples:\n  crawler db url\n  psql \"$(crawler db url --show-password)\"\n  crawler db stop",
+    "db url": (
+        "examples:\n"
+        "  crawler db url                                    # the DSN in use, password masked\n"
+        "  psql \"$(crawler db url --show-password)\"          # query the results directly"
+    ),
+    "db stop": "example:\n  crawler db stop                                   # the next command starts it again",
+    "bench": (
+        "examples:\n"
+        "  crawler bench --urls 100000 --workers 2 --concurrency 200\n"
+        "  crawler bench --urls 100000 --duplicates 0.3      # 30 % repeats, each fetched once\n"
+        "  crawler bench --urls 50000 --latency-ms 100 --concurrency 400 --server-processes 2"
+    ),
+    "mock-server": (
+        "examples:\n"
+        "  crawler mock-server --port 8080 --processes 4     # then: curl http://127.0.0.1:8080/delay/100/x\n"
+        "  crawler mock-server --seed 7 --capacity 20        # 503 above 20 requests in flight per process\n"
+        "  python -m crawler.mock_server --help              # the table of paths and what each answers"
+    ),
+    "config": (
+        "examples:\n"
+        "  crawler config show                               # every setting, its value and where it came from\n"
+        "  crawler config show --config crawl.toml           # with a file layered over config/default.toml"
+    ),
 }
 
 
@@ -37,6 +105,10 @@ def _positive(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else _positive(text)
+
+
 def build_parser() -> Parser:
     common = Parser(add_help=False)
     common.add_argument("--dsn", help="PostgreSQL URL (else CRAWLER_DSN, else DATABASE_URL, else the embedded server)")
@@ -45,7 +117,9 @@ def build_parser() -> Parser:
     common.add_argument("--log-format", default="text", choices=["text", "json"])
 
     tuning = Parser(add_help=False)
-    tuning.add_argument("--workers", type=_positive, help="worker processes (default: one per CPU core)")
+    tuning.add_argument("--workers", type=_workers, metavar="N",
+                        help="worker processes here (default auto: one per core; 0: only ingest and supervise,"
+                             " `crawler worker` on other machines fetches)")
     tuning.add_argument("--concurrency", type=_positive, help="fetch tasks per worker (default 200)")
     tuning.add_argument("--allow-net", action="append", metavar="CIDR",
                         help="allow fetching this loopback/private network (repeatable)")
@@ -60,10 +134,13 @@ def build_parser() -> Parser:
     tuning.add_argument("--insecure", action="store_true", default=None, help="do not verify TLS certificates")
     tuning.add_argument("--cache-ttl", metavar="DURATION", help="reuse earlier jobs' responses this fresh (90s, 2h, 1d)")
     tuning.add_argument("--no-cache", action="store_true", default=None, help="fetch every row, duplicates included")
+    tuning.add_argument("--metrics-port", type=_positive, metavar="PORT",
+                        help="serve Prometheus metrics on this port (all worker processes together)")
     tuning.add_argument("--quiet", action="store_true", help="no progress and no summary table")
     tuning.add_argument("--summary-json", metavar="PATH", help="write the job's summary as JSON to PATH")
 
-    parser = Parser(prog="crawler", description="A massive asynchronous HTTP crawler: every outcome in PostgreSQL.")
+    parser = Parser(prog="crawler", description="A massive asynchronous HTTP crawler: every outcome in PostgreSQL.",
+                    epilog=EXAMPLES["crawler"], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -80,10 +157,14 @@ def build_parser() -> Parser:
                        epilog=EXAMPLES["resume"], formatter_class=fmt)
     p.add_argument("job", help="the job's id or name")
 
-    p = sub.add_parser("worker", parents=[common], help="fetch for a job from this machine (joins the job's ledger)")
-    p.add_argument("--job", required=True, help="the job's id or name")
-    p.add_argument("--concurrency", type=_positive)
-    p.add_argument("--allow-net", action="append", metavar="CIDR")
+    p = sub.add_parser("worker", parents=[common], help="fetch a job's chunks from this machine (or wait for the next job)",
+                       epilog=EXAMPLES["worker"], formatter_class=fmt)
+    p.add_argument("--job", help="the job's id or name (default: the oldest unfinished job, waiting for one)")
+    p.add_argument("--workers", type=_workers, metavar="N", help="worker processes here (default auto: one per core)")
+    p.add_argument("--concurrency", type=_positive, help="fetch tasks per worker (default 200)")
+    p.add_argument("--allow-net", action="append", metavar="CIDR",
+                   help="also allow this network from here (the job's own --allow-net list applies)")
+    p.add_argument("--metrics-port", type=_positive, metavar="PORT", help="serve Prometheus metrics on this port")
 
     p = sub.add_parser("export", parents=[common], help="write a job's outcomes, one record per input row",
                        epilog=EXAMPLES["export"], formatter_class=fmt)
@@ -93,36 +174,42 @@ def build_parser() -> Parser:
     p.add_argument("-o", "--output", metavar="PATH", help="file to write (default: stdout; parquet needs a file)")
     p.add_argument("--only", choices=["ok", "failed", "invalid"], help="export only these rows")
 
-    p = sub.add_parser("status", parents=[common], help="a job's state and counts")
+    p = sub.add_parser("status", parents=[common], help="a job's state and counts",
+                       epilog=EXAMPLES["status"], formatter_class=fmt)
     p.add_argument("job", nargs="?", help="the job's id or name (default: the latest job)")
     p.add_argument("--json", action="store_true")
 
-    sub.add_parser("jobs", parents=[common], help="list jobs with their state and counts")
-    sub.add_parser("migrate", parents=[common], help="apply database migrations (also done automatically)")
+    sub.add_parser("jobs", parents=[common], help="list jobs with their state and counts",
+                   epilog=EXAMPLES["jobs"], formatter_class=fmt)
+    sub.add_parser("migrate", parents=[common], help="apply database migrations (also done automatically)",
+                   epilog=EXAMPLES["migrate"], formatter_class=fmt)
 
     p = sub.add_parser("db", parents=[common], help="the database in use", epilog=EXAMPLES["db"], formatter_class=fmt)
     dbsub = p.add_subparsers(dest="db_command", required=True, parser_class=Parser)
-    q = dbsub.add_parser("url", parents=[common], help="print the DSN in use (password masked)")
+    q = dbsub.add_parser("url", parents=[common], help="print the DSN in use (password masked)",
+                          epilog=EXAMPLES["db url"], formatter_class=fmt)
     q.add_argument("--show-password", action="store_true")
-    dbsub.add_parser("stop", parents=[common], help="stop the embedded PostgreSQL")
+    dbsub.add_parser("stop", parents=[common], help="stop the embedded PostgreSQL",
+                     epilog=EXAMPLES["db stop"], formatter_class=fmt)
 
     p = sub.add_parser("bench", parents=[common, tuning], help="load-test the whole path against the mock server",
-                       epilog="example:\n  crawler bench --urls 100000 --workers 2 --concurrency 200",
-                       formatter_class=fmt)
+                       epilog=EXAMPLES["bench"], formatter_class=fmt)
     p.add_argument("--urls", type=_positive, default=10000, help="how many URLs to generate (default 10000)")
     p.add_argument("--duplicates", type=float, default=0.0, help="fraction of repeated URLs (default 0)")
     p.add_argument("--latency-ms", type=_positive, default=0, help="mock server latency per request (default 0)")
     p.add_argument("--server-processes", type=_positive, default=1, help="mock server processes (default 1)")
     p.add_argument("--chunk-size", type=_positive)
 
-    p = sub.add_parser("mock-server", help="a local HTTP server for tests and load tests")
+    p = sub.add_parser("mock-server", help="a local HTTP server for tests and load tests",
+                       epilog=EXAMPLES["mock-server"], formatter_class=fmt)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive, default=8080)
     p.add_argument("--processes", type=_positive, default=1)
     p.add_argument("--seed", type=int, default=0, help="seed for the /random/.. paths")
     p.add_argument("--capacity", type=_positive, help="answer 503 above this many requests in flight per process")
 
-    p = sub.add_parser("config", parents=[common], help="the effective configuration")
+    p = sub.add_parser("config", parents=[common], help="the effective configuration",
+                       epilog=EXAMPLES["config"], formatter_class=fmt)
     p.add_argument("action", choices=["show"])
     return parser
 
@@ -130,7 +217,7 @@ def build_parser() -> Parser:
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     names = ("dsn", "workers", "concurrency", "chunk_size", "allow_net", "max_attempts", "per_host_concurrency",
              "per_host_rate", "max_body_bytes", "store_bodies", "insecure", "cache_ttl", "no_cache",
-             "adaptive_concurrency")
+             "adaptive_concurrency", "metrics_port")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -151,6 +238,8 @@ def dispatch(args: argparse.Namespace) -> int:
               capacity=args.capacity)
         return 0
     settings, sources = load_settings(config_file=args.config, flags=_flags(args))
+    if args.command == "bench" and settings.effective_workers() == 0:
+        raise UsageError("bench measures this machine's workers: --workers must be auto or at least 1.")
     if args.command == "config":
         return commands.show_config(settings, sources)
     if args.command == "db" and args.db_command == "stop":

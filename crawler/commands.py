@@ -3,20 +3,22 @@ needs, does one thing and returns an exit code. The crawl itself lives in crawl.
 
 from __future__ import annotations
 
-import os
+import asyncio
 import sys
 
 import orjson
 from rich.console import Console
 from rich.table import Table
 
-from crawler import database, ledger
+from crawler import database, ledger, registry
 from crawler.crawl import prepare_database
 from crawler.errors import EXIT_OK
 from crawler.export import export_job
 from crawler.migrate import apply_migrations
-from crawler.settings import Settings
+from crawler.settings import Settings, for_job
 from crawler.summary import job_summary
+
+JOB_POLL = 1.0  # seconds between looks for a job to join
 
 
 def resolve(settings: Settings) -> str:
@@ -80,7 +82,7 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool) -> int:
         summary = await job_summary(conn, job.id)
         counts = await ledger.job_counts(conn, job.id)
         summary["chunks"] = {k: counts[k] for k in ("pending", "leased", "done")}
-        workers = await ledger.live_workers(conn, job.id, within_seconds=30)
+        workers = await registry.live_workers(conn, job.id, within_seconds=30)
     finally:
         await conn.close()
     rate = sum(float(w["rate"]) for w in workers)
@@ -90,6 +92,7 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool) -> int:
         "ingest_done": job.ingest_done, "rate_per_s": round(rate, 1),
         "eta_s": round(remaining / rate) if rate > 0 and job.ingest_done else None,
     }
+    summary["hosts"] = registry.by_host([dict(w) for w in workers])
     summary["workers"] = [
         {"worker": w["worker_id"], "host": w["host"], "pid": w["pid"], "fetched": w["fetched"],
          "rate_per_s": round(float(w["rate"]), 1), "last_seen": w["heartbeat_at"].isoformat()}
@@ -106,6 +109,8 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool) -> int:
         eta = f", eta {p['eta_s']}s" if p["eta_s"] is not None else ""
         print(f"progress: {p['fetched']}/{p['to_fetch']} fetched of {p['rows_read']} rows read,"
               f" {p['rate_per_s']}/s{eta}")
+        for h in summary["hosts"]:
+            print(f"host {h['host']}: {h['workers']} workers, {h['fetched']} fetched, {h['rate_per_s']}/s")
         for w in summary["workers"]:
             print(f"worker {w['worker']}: {w['fetched']} fetched, {w['rate_per_s']}/s, last seen {w['last_seen']}")
     return EXIT_OK
@@ -130,19 +135,33 @@ async def jobs(dsn: str) -> int:
     return EXIT_OK
 
 
-def worker(dsn: str, settings: Settings, job_ref: str) -> int:
+def worker(dsn: str, settings: Settings, job_ref: str | None) -> int:
+    """`crawler worker`: join the named job, or wait for the next unfinished one; leave when it
+    has nothing left for this machine."""
     import uvloop
 
-    from crawler.worker import run_worker
+    from crawler.processes import join_job
 
-    async def find() -> int:
-        await prepare_database(dsn)
-        conn = await database.connect(dsn)
-        try:
-            return (await ledger.find_job(conn, job_ref)).id
-        finally:
-            await conn.close()
+    job = uvloop.run(_job_to_join(dsn, settings, job_ref))
+    ref = job.name or job.id
+    if job.state == "done":
+        print(f"crawler: job {ref} is already complete.", file=sys.stderr)
+        return EXIT_OK
+    joined = for_job(job.settings, settings)
+    print(f"crawler: joining job {ref} with {joined.effective_workers()} worker processes"
+          f" of {joined.concurrency} fetch tasks each.", file=sys.stderr)
+    return uvloop.run(join_job(dsn, job, joined))
 
-    job_id = uvloop.run(find())
-    run_worker(dsn, job_id, settings.as_dict(), standalone=True)
-    return EXIT_OK
+
+async def _job_to_join(dsn: str, settings: Settings, job_ref: str | None) -> ledger.Job:
+    await prepare_database(dsn)
+    async with database.LedgerConnection(dsn, outage_limit=settings.db_outage_limit) as db:
+        if job_ref is not None:
+            return await db.run(ledger.find_job, job_ref)
+        told = False
+        while (job := await db.run(registry.open_job)) is None:
+            if not told:
+                print("crawler: waiting for a job to start (Ctrl-C to stop).", file=sys.stderr)
+                told = True
+            await asyncio.sleep(JOB_POLL)
+        return job

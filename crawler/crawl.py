@@ -3,8 +3,6 @@ the job, run the supervisor, and report. The CLI calls these; they return an exi
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sys
 import time
 from pathlib import Path
@@ -13,8 +11,8 @@ import orjson
 from rich.console import Console
 
 from crawler import ledger
-from crawler.database import connect, mask_dsn
-from crawler.errors import EXIT_OK, CrawlerError, InputError
+from crawler.database import connect
+from crawler.errors import EXIT_OK, InputError
 from crawler.inputs import open_input
 from crawler.migrate import apply_migrations
 from crawler.progress import ProgressView, render_summary

@@ -143,6 +143,18 @@ class HostScheduler:
                 state.timer = None
         return dropped
 
+    def rescale(self, *, initial: int, maximum: int, rate: float) -> None:
+        """New per-host bounds, e.g. when workers join or leave the job: hosts already known keep
+        what they learnt, within the new maximum (a fixed limit takes the new value)."""
+        self.initial = max(1, initial)
+        self.maximum = max(self.initial, maximum)
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        for host, state in self.hosts.items():
+            limit = state.limit
+            limit.maximum = float(self.maximum)
+            limit.limit = min(limit.limit, limit.maximum) if self.adaptive else float(self.initial)
+            self._pump(host, state)
+
     def limit_of(self, host: str) -> float | None:
         state = self.hosts.get(host)
         return state.limit.limit if state else None

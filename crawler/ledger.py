@@ -7,7 +7,6 @@ holder. Results are keyed by (job, row): every write is idempotent.
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -254,38 +253,6 @@ async def lease_owners(conn: asyncpg.Connection, job_id: int) -> list[str]:
         job_id,
     )
     return [r["lease_owner"] for r in rows]
-
-
-# --- workers ------------------------------------------------------------------------------------
-
-async def register_worker(conn: asyncpg.Connection, job_id: int, worker_id: str, host: str, pid: int) -> None:
-    await conn.execute(
-        "INSERT INTO workers (job_id, worker_id, host, pid) VALUES ($1, $2, $3, $4)"
-        " ON CONFLICT (job_id, worker_id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL",
-        job_id, worker_id, host, pid,
-    )
-
-
-async def worker_heartbeat(conn: asyncpg.Connection, job_id: int, worker_id: str, fetched: int,
-                           *, stopped: bool = False) -> None:
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # of the calling process: the worker
-    await conn.execute(
-        "UPDATE workers SET heartbeat_at = now(), fetched = $3,"
-        " stopped_at = CASE WHEN $4 THEN now() ELSE stopped_at END,"
-        " peak_rss_bytes = $5, cpu_seconds = $6"
-        " WHERE job_id = $1 AND worker_id = $2",
-        job_id, worker_id, fetched, stopped, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime,
-    )
-
-
-async def live_workers(conn: asyncpg.Connection, job_id: int, within_seconds: float) -> list[asyncpg.Record]:
-    return await conn.fetch(
-        "SELECT worker_id, host, pid, fetched, started_at, heartbeat_at,"
-        " fetched / greatest(extract(epoch FROM heartbeat_at - started_at), 0.001) AS rate"
-        " FROM workers WHERE job_id = $1 AND stopped_at IS NULL"
-        " AND heartbeat_at > now() - make_interval(secs => $2) ORDER BY worker_id",
-        job_id, within_seconds,
-    )
 
 
 async def chunk_requests(conn: asyncpg.Connection, job_id: int, chunk: LeasedChunk) -> list[asyncpg.Record]:

@@ -116,7 +116,7 @@ def live_display(snap: Snapshot) -> RenderableType:
 
 class ProgressView:
     """Fed by the supervisor with ledger.job_counts (plus ingest_done, bytes_read, bytes_total)
-    and ledger.live_workers rows, a few times a second; a context manager around the job."""
+    and registry.live_workers rows, a few times a second; a context manager around the job."""
 
     def __init__(self, *, quiet: bool = False, interval: float = 5.0, stream=None) -> None:
         self.stream = stream or sys.stderr
@@ -198,7 +198,7 @@ class ProgressView:
 
     def update(self, counts: dict, workers: list[dict]) -> None:
         """counts: ledger.job_counts plus ingest_done (and bytes_read/bytes_total for a file);
-        workers: ledger.live_workers rows as dicts."""
+        workers: registry.live_workers rows as dicts."""
         if self.quiet:
             return
         now = time.monotonic()
@@ -210,6 +210,11 @@ class ProgressView:
             self._print(snap)
         else:
             self._unprinted = snap
+
+    def note(self, text: str) -> None:
+        """A one-off line for the person watching (above the live view on a terminal)."""
+        if not self.quiet:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def _print(self, snap: Snapshot) -> None:
         self._unprinted = None

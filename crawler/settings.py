@@ -36,7 +36,7 @@ class Settings:
     dsn: str | None = None
     home: str = field(default_factory=lambda: platformdirs.user_data_dir("crawler"))
     # Processes and concurrency.
-    workers: int = 0  # 0 = one per CPU core
+    workers: int | str = "auto"  # "auto" = one per CPU core; 0 = ingest and supervise, fetch elsewhere
     concurrency: int = 200
     chunk_size: int = 1000
     # Timeouts, seconds.
@@ -77,15 +77,32 @@ class Settings:
     no_cache: bool = False
     # Output.
     progress_interval: float = 5.0
+    metrics_port: int = 0  # 0 = no Prometheus endpoint
+    metrics_host: str = "127.0.0.1"
 
     def effective_workers(self) -> int:
-        return self.workers if self.workers > 0 else (os.cpu_count() or 1)
+        """Worker processes to start on this machine (0: none, the job is fetched elsewhere)."""
+        return (os.cpu_count() or 1) if self.workers == "auto" else int(self.workers)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 KEYS = {f.name for f in fields(Settings)}
+# What a machine decides for itself when it joins another machine's job: how much it runs, where
+# it finds the database, what it serves. Everything else is the job's policy.
+MACHINE_KEYS = frozenset({"dsn", "home", "workers", "concurrency", "metrics_port", "metrics_host",
+                          "progress_interval", "db_outage_limit"})
+
+
+def for_job(job_settings: Mapping[str, Any], local: Settings) -> Settings:
+    """The settings of a worker joining a job: the job's policy (timeouts, retries, politeness,
+    cache, safety) as its crawl stored it, this machine's capacity and addresses; the networks
+    allowed are the job's plus this machine's own --allow-net."""
+    policy = {k: v for k, v in job_settings.items() if k in KEYS and k not in MACHINE_KEYS}
+    merged = Settings(**{**local.as_dict(), **policy})
+    merged.allow_net = sorted(set(policy.get("allow_net", [])) | set(local.allow_net))
+    return merged
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -96,6 +113,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         from crawler.cache import parse_duration
 
         return parse_duration(value)
+    if name == "workers":
+        return _worker_count(value, source)
     from_text = isinstance(value, str)  # the environment and comma lists: items are text too
     original = value
     try:
@@ -125,6 +144,18 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise UsageError(f"setting '{name}' from {source} must be a {what}, not {original!r}.") from None
 
 
+def _worker_count(value: Any, source: str) -> int | str:
+    """'auto' or a whole number: the one setting that takes either."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(value)
+        return int(value)
+    except ValueError:
+        raise UsageError(f"setting 'workers' from {source} must be 'auto' or a whole number, not {value!r}.") from None
+
+
 def _checked(item: Any, kind: type) -> Any:
     if not isinstance(item, kind) or isinstance(item, bool):
         raise ValueError(item)
@@ -136,8 +167,10 @@ def _validate(settings: Settings) -> None:
     for name in positive:
         if getattr(settings, name) < 1:
             raise UsageError(f"setting '{name}' must be at least 1, not {getattr(settings, name)}.")
-    if settings.workers < 0:
-        raise UsageError(f"setting 'workers' must be 0 (one per core) or more, not {settings.workers}.")
+    if settings.workers != "auto" and settings.workers < 0:
+        raise UsageError(f"setting 'workers' must be 'auto', 0 (fetch elsewhere) or more, not {settings.workers}.")
+    if not 0 <= settings.metrics_port <= 65535:
+        raise UsageError(f"setting 'metrics_port' must be a port number (0 = off), not {settings.metrics_port}.")
     for name in ("connect_timeout", "read_timeout", "total_timeout", "lease_seconds", "write_interval",
                  "heartbeat_seconds", "db_outage_limit", "progress_interval"):
         if not getattr(settings, name) > 0:  # also refuses NaN

@@ -14,11 +14,11 @@ import os
 import random
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import asyncpg
 
-from crawler import cache, ledger
+from crawler import cache, ledger, registry
 from crawler.cache import CachedResponse
 from crawler.errors import CrawlerError
 from crawler.database import LedgerConnection
@@ -82,14 +82,10 @@ class Worker:
             retry_statuses=frozenset(settings.retry_statuses),
             retry_after_max=settings.retry_after_max,
         )
-        workers = max(1, settings.effective_workers())
-        # A host's budget is shared by the job's local workers, not multiplied by them.
-        self.hosts = HostScheduler(
-            initial=max(1, settings.per_host_concurrency // workers) if settings.per_host_concurrency else settings.concurrency,
-            maximum=max(1, settings.per_host_max // workers) if settings.per_host_max else settings.concurrency,
-            rate=settings.per_host_rate / workers,
-            adaptive=settings.adaptive_concurrency,
-        )
+        # A host's budget is shared by every live worker of the job, on every machine, not
+        # multiplied by them: until the registry has been read, by this machine's workers.
+        self.share = max(1, settings.effective_workers())
+        self.hosts = HostScheduler(**self._host_budget(self.share), adaptive=settings.adaptive_concurrency)
         self._in_flight = 0
         self._held: dict[int, HeldChunk] = {}
         self._in_system = 0  # items queued, in flight or waiting to retry
@@ -103,6 +99,22 @@ class Worker:
         # busy — up to a hard bound, so memory stays O(chunk size + concurrency).
         self.max_in_system = self.high_water + 4 * settings.chunk_size
 
+    def _host_budget(self, share: int) -> dict:
+        s = self.settings
+        return {
+            "initial": max(1, s.per_host_concurrency // share) if s.per_host_concurrency else s.concurrency,
+            "maximum": max(1, s.per_host_max // share) if s.per_host_max else s.concurrency,
+            "rate": s.per_host_rate / share,
+        }
+
+    async def _count_workers(self, db: LedgerConnection, *, floor: int = 1) -> None:
+        window = registry.LIVE_BEATS * self.settings.heartbeat_seconds
+        share = max(floor, await db.run(registry.live_worker_count, self.job_id, window))
+        if share != self.share:
+            log.info("%d workers share the job: per-host budgets divided by %d", share, share)
+            self.share = share
+            self.hosts.rescale(**self._host_budget(share))
+
     async def run(self) -> WorkerStats:
         s = self.settings
         self.writer = ResultWriter(
@@ -114,7 +126,8 @@ class Worker:
             LedgerConnection(self.dsn, outage_limit=s.db_outage_limit) as beat_db,
         ):
             host, pid = self.id.rsplit(":", 1)
-            await db.run(ledger.register_worker, self.job_id, self.id, host, int(pid))
+            await db.run(registry.register_worker, self.job_id, self.id, host, int(pid))
+            await self._count_workers(db, floor=self.share)  # siblings may not have registered yet
             try:
                 async with Fetcher(s) as fetcher, asyncio.TaskGroup() as tg:
                     writer_task = tg.create_task(self.writer.run())
@@ -126,7 +139,7 @@ class Worker:
                     self.writer.close()
                     await writer_task
                 await self._release_unfinished(db)
-                await db.run(ledger.worker_heartbeat, self.job_id, self.id, self.stats.fetched, stopped=True)
+                await db.run(registry.worker_heartbeat, self.job_id, self.id, self.stats.fetched, stopped=True)
             finally:
                 await self.writer.aclose()
         self.stats.lost_leases = len(self.writer.lost)
@@ -182,9 +195,10 @@ class Worker:
         return self._in_system < self.high_water or starving
 
     async def _nothing_left(self, conn: asyncpg.Connection) -> bool:
-        """True when ingest is over and every open chunk is one of ours (being finished)."""
+        """True when ingest is over and every open chunk is one of ours (being finished), or the
+        job was stopped (its `crawler resume` starts workers anew)."""
         job = await conn.fetchrow("SELECT state, ingest_done FROM jobs WHERE id = $1", self.job_id)
-        if job["state"] == "done":
+        if job["state"] in ("done", "interrupted"):
             return True
         if not job["ingest_done"]:
             return False
@@ -200,14 +214,15 @@ class Worker:
             stopper.cancel()
 
     async def _heartbeat(self, db: LedgerConnection) -> None:
-        """Renew our leases well before they expire, so a long chunk is not taken from us, and
-        tell the ledger we are alive (what `crawler status` shows)."""
+        """Renew our leases well before they expire, so a long chunk is not taken from us, tell
+        the registry we are alive (what `crawler status` shows), and count who shares the job."""
         interval = min(self.settings.heartbeat_seconds, self.settings.lease_seconds / 3)
         while True:
             await asyncio.sleep(interval)
             leases = [h.lease for h in self._held.values()]
             kept = await db.run(ledger.renew_leases, self.job_id, leases, self.settings.lease_seconds)
-            await db.run(ledger.worker_heartbeat, self.job_id, self.id, self.stats.fetched)
+            await db.run(registry.worker_heartbeat, self.job_id, self.id, self.stats.fetched)
+            await self._count_workers(db)
             for lease in leases:
                 held = self._held.get(lease.chunk_no)
                 if lease.chunk_no not in kept and held is not None and held.lease == lease:
@@ -320,16 +335,15 @@ def _from_cache(entry: CachedResponse) -> Attempt:
                    body_bytes=entry.body_bytes, body_sha256=entry.body_sha256)
 
 
-def run_worker(dsn: str, job_id: int, settings: dict, standalone: bool = False) -> None:
-    """Process entry point (spawned by the supervisor, or `crawler worker`)."""
+def run_worker(dsn: str, job_id: int, settings: dict) -> None:
+    """Process entry point, spawned by the supervisor of `crawler crawl` or by `crawler worker`."""
     import uvloop
 
     from crawler.logs import log_context, setup_worker_logging
 
     # Our own process group: a Ctrl-C at the terminal reaches the supervisor alone, which turns
     # it into one orderly drain signal per worker.
-    if not standalone:
-        os.setpgrp()
+    os.setpgrp()
     setup_worker_logging()
     worker = Worker(dsn, job_id, Settings(**settings))
     parent = os.getppid()
@@ -354,12 +368,11 @@ def run_worker(dsn: str, job_id: int, settings: dict, standalone: bool = False) 
                 await asyncio.sleep(1.0)
             worker.stop.set()
 
-        watch = asyncio.create_task(orphan_watch()) if not standalone else None
+        watch = asyncio.create_task(orphan_watch())
         try:
             await worker.run()
         finally:
-            if watch is not None:
-                watch.cancel()
+            watch.cancel()
 
     try:
         with log_context(job=job_id, worker=worker.id):  # every record of this process carries both

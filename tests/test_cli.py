@@ -43,6 +43,8 @@ def test_unreachable_database_is_exit_2_with_the_password_masked(tmp_path):
     (["crawl"], "input"),
     (["export", "1", "--format", "xml"], "--format"),
     (["frobnicate"], "frobnicate"),
+    (["bench", "--workers", "0"], "--workers must be auto or at least 1"),
+    (["worker", "--workers", "some"], "--workers"),
 ])
 def test_bad_flags_are_exit_1_with_one_sentence(args, fragment):
     proc = run_cli(*args)
@@ -128,13 +130,14 @@ def test_a_worker_started_elsewhere_joins_the_job_through_the_ledger(session_dsn
     path.write_text("".join(f"{mock_process}/delay/20/{i}\n" for i in range(3000)))
     crawl = subprocess.Popen(
         [sys.executable, "-m", "crawler", "crawl", str(path), "--dsn", session_dsn, "--job-name", "joined",
-         "--workers", "1", "--concurrency", "20", "--chunk-size", "100", *ALLOW, "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+         "--workers", "1", "--concurrency", "5", "--chunk-size", "100", *ALLOW, "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)  # ~12 s alone: the helper joins in time
     try:
         deadline = time.monotonic() + 30
         while run_cli("status", "joined", "--dsn", session_dsn).returncode != 0 and time.monotonic() < deadline:
             time.sleep(0.2)
-        helper = run_cli("worker", "--job", "joined", "--dsn", session_dsn, "--concurrency", "20", *ALLOW, timeout=120)
+        helper = run_cli("worker", "--job", "joined", "--dsn", session_dsn, "--workers", "1", "--concurrency", "20",
+                         *ALLOW, timeout=120)
         assert helper.returncode == 0, helper.stderr.decode()
         assert crawl.wait(120) == 0, crawl.stderr.read().decode()
     finally:
@@ -155,3 +158,65 @@ def test_a_worker_started_elsewhere_joins_the_job_through_the_ledger(session_dsn
 
     shares = asyncio.run(fetched_by_worker())
     assert len(shares) == 2 and all(n > 0 for n in shares) and sum(shares) == 3000
+
+
+def _command_paths(parser=None, path=()):
+    """Every command and subcommand, found from the parser itself so that a new one cannot be missed."""
+    import argparse
+
+    from crawler.cli import build_parser
+
+    parser = build_parser() if parser is None else parser
+    yield path
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                yield from _command_paths(subparser, (*path, name))
+
+
+def _example_commands(help_text: str) -> list[list[str]]:
+    """The words of each `crawler ...` line in a help text's examples, without shell comments, a leading
+    `cat x |` or a trailing redirection."""
+    import shlex
+
+    commands, in_examples = [], False
+    for line in help_text.splitlines():
+        if line.strip() in ("example:", "examples:"):
+            in_examples = True
+        elif in_examples and not line.strip():
+            break
+        elif in_examples:
+            words = shlex.split(line, comments=True)
+            if words and words[0] != "crawler" and "|" in words:
+                words = words[words.index("|") + 1:]
+            if not words or words[0] != "crawler":
+                continue
+            ends = [i for i, word in enumerate(words) if word in ("|", ">", ">>", "<", "&&", ";")]
+            commands.append(words[:ends[0]] if ends else words)
+    return commands
+
+
+@pytest.mark.parametrize("path", list(_command_paths()), ids=lambda path: " ".join(path) or "crawler")
+def test_every_command_has_help_with_examples_that_parse(path, capsys):
+    from crawler.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([*path, "--help"])
+    assert stopped.value.code == 0
+    examples = _example_commands(capsys.readouterr().out)
+    assert examples, f"`crawler {' '.join(path)} --help` shows no example line starting with `crawler `"
+    for words in examples:
+        assert words[1:1 + len(path)] == list(path), f"an example of another command: {' '.join(words)}"
+        build_parser().parse_args(words[1:])  # a stale example raises UsageError here
+
+
+def test_top_level_help_ends_with_the_exit_codes(capsys):
+    from crawler.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    lines = [line.split(None, 1) for line in out[out.index("exit codes:"):].splitlines()[1:] if line.strip()]
+    for code, meaning in (("0", "done"), ("1", "usage or input error"), ("2", "infrastructure error"),
+                          ("130", "interrupted")):
+        assert any(words[0] == code and meaning in words[-1] for words in lines), code

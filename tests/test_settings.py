@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crawler.errors import UsageError
-from crawler.settings import DEFAULT_CONFIG, KEYS, Settings, load_settings
+from crawler.settings import DEFAULT_CONFIG, KEYS, Settings, for_job, load_settings
 
 DOCUMENTED_ELSEWHERE = {"dsn", "home"}  # commented out in default.toml: no value is the default
 
@@ -269,12 +269,43 @@ def test_flags_are_validated_too() -> None:
 # --- the settings object ----------------------------------------------------------------------
 
 
-def test_effective_workers_is_one_per_core_when_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_auto_is_one_per_core_and_zero_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.cpu_count", lambda: 6)
-    assert Settings(workers=0).effective_workers() == 6
+    assert Settings().effective_workers() == 6
+    assert Settings(workers="auto").effective_workers() == 6
     assert Settings(workers=3).effective_workers() == 3
+    assert Settings(workers=0).effective_workers() == 0  # ingest and supervise; fetched elsewhere
     monkeypatch.setattr("os.cpu_count", lambda: None)
-    assert Settings(workers=0).effective_workers() == 1
+    assert Settings(workers="auto").effective_workers() == 1
+
+
+@pytest.mark.parametrize("source, value, expected", [
+    ("flags", "auto", "auto"), ("flags", 0, 0), ("flags", 4, 4),
+    ("environ", "AUTO", "auto"), ("environ", " 0 ", 0), ("environ", "2", 2),
+])
+def test_workers_takes_auto_or_a_count(source: str, value, expected) -> None:
+    layer = {"flags": {"workers": value}} if source == "flags" else {"environ": {"CRAWLER_WORKERS": value}}
+    settings, _ = load_settings(**{"environ": {}, **layer})
+    assert settings.workers == expected
+
+
+@pytest.mark.parametrize("value", ["many", "-1", 1.5, True])
+def test_workers_refuses_anything_else(value) -> None:
+    message = usage_error(environ={"CRAWLER_WORKERS": value} if isinstance(value, str) else {},
+                          flags={} if isinstance(value, str) else {"workers": value})
+    assert "'workers'" in message
+
+
+def test_a_joining_worker_takes_the_jobs_policy_and_keeps_its_own_capacity() -> None:
+    job = Settings(workers=0, concurrency=50, per_host_concurrency=4, max_attempts=5, allow_net=["10.0.0.0/8"],
+                   dsn=None, home="/srv/supervisor").as_dict()
+    job["url_column"] = "link"  # stored with the job, not a setting
+    local = Settings(workers=3, concurrency=400, per_host_concurrency=16, max_attempts=1,
+                     allow_net=["192.168.0.0/16"], dsn="postgresql://db/crawler", home="/here")
+    merged = for_job(job, local)
+    assert (merged.workers, merged.concurrency, merged.dsn, merged.home) == (3, 400, "postgresql://db/crawler", "/here")
+    assert (merged.per_host_concurrency, merged.max_attempts) == (4, 5)
+    assert merged.allow_net == ["10.0.0.0/8", "192.168.0.0/16"]
 
 
 def test_as_dict_has_every_key() -> None:

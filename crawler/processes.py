@@ -1,0 +1,185 @@
+"""Worker processes on this machine: start them (spawn), restart one that dies within a budget,
+tell which died so their leases can go back at once, and turn Ctrl-C or SIGTERM into a drain.
+
+Used by the supervisor of `crawler crawl` and by `crawler worker --workers N`, which joins a job
+from another machine and leaves when the job has nothing left for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+from crawler import ledger
+from crawler.database import LedgerConnection
+from crawler.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK
+from crawler.ledger import Job
+from crawler.settings import Settings
+from crawler.worker import run_worker
+
+log = logging.getLogger(__name__)
+
+POLL = 0.25
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    process: multiprocessing.process.BaseProcess | None = None
+    restarts: int = 0
+    restart_at: float = 0.0
+    finished: bool = False
+    reaped: bool = False
+
+
+class WorkerProcesses:
+    def __init__(self, dsn: str, settings: Settings, *, exporter=None) -> None:
+        self.dsn = dsn
+        self.settings = settings
+        self.exporter = exporter  # Prometheus, when --metrics-port is set
+        self.stopping = asyncio.Event()
+        self._signals = 0
+        self._ctx = multiprocessing.get_context("spawn")
+        self.slots: list[WorkerSlot] = []
+
+    # --- signals ---------------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+
+    def remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    def _on_signal(self) -> None:
+        self._signals += 1
+        self.stopping.set()
+        if self._signals == 1:
+            self.signal(signal.SIGTERM)  # drain: stop leasing, finish in-flight, flush
+        else:
+            self.signal(signal.SIGKILL)  # now: committed results are already safe
+
+    def signal(self, sig: int) -> None:
+        for slot in self.slots:
+            proc = slot.process
+            if proc is not None and proc.pid is not None and proc.exitcode is None:
+                try:
+                    os.kill(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    # --- the processes ---------------------------------------------------------------------
+
+    def start(self, job: Job, count: int) -> None:
+        self.slots = [WorkerSlot(i) for i in range(count)]
+        for slot in self.slots:
+            self._start(slot, job)
+
+    def _start(self, slot: WorkerSlot, job: Job) -> None:
+        proc = self._ctx.Process(
+            target=run_worker, args=(self.dsn, job.id, self.settings.as_dict()),
+            name=f"crawler-worker-{slot.index}", daemon=False,
+        )
+        proc.start()
+        slot.process = proc
+
+    def watch(self, job: Job) -> str | None:
+        """Restart dead workers within budget; return a reason when the job cannot go on."""
+        now = time.monotonic()
+        broken = None
+        for slot in self.slots:
+            proc = slot.process
+            if slot.finished:
+                continue
+            if proc is None:  # waiting out its restart backoff
+                if self.stopping.is_set():
+                    slot.finished = True
+                elif now >= slot.restart_at:
+                    self._start(slot, job)
+                continue
+            if proc.exitcode is None:
+                continue
+            if proc.exitcode == 0 or self.stopping.is_set():
+                slot.finished = True
+                continue
+            slot.restarts += 1
+            log.warning("worker %d (pid %s) died with exit code %s", slot.index, proc.pid, proc.exitcode)
+            if slot.restarts > self.settings.worker_restarts:
+                slot.finished = True
+                broken = f"worker {slot.index} died {slot.restarts} times (last exit code {proc.exitcode})"
+                continue
+            if self.exporter is not None:
+                self.exporter.worker_restarted()
+            slot.process = None
+            slot.reaped = False
+            slot.restart_at = now + min(30.0, self.settings.restart_backoff * 2 ** (slot.restarts - 1))
+        return broken
+
+    def reap(self) -> list[str]:
+        """Worker ids of processes that ended since the last look; those that died can have their
+        leases back at once (a dead process cannot commit)."""
+        dead = []
+        for slot in self.slots:
+            proc = slot.process
+            if proc is not None and proc.exitcode is not None and not slot.reaped:
+                slot.reaped = True
+                if self.exporter is not None:
+                    self.exporter.worker_exited(proc.pid)
+                if proc.exitcode != 0:
+                    dead.append(f"{socket.gethostname()}:{proc.pid}")
+        return dead
+
+    def all_finished(self) -> bool:
+        return all(s.finished for s in self.slots)
+
+    def live(self) -> int:
+        return sum(1 for s in self.slots if s.process is not None and s.process.exitcode is None)
+
+    async def join(self) -> None:
+        for slot in self.slots:
+            if slot.process is not None:
+                await asyncio.to_thread(slot.process.join, 30)
+
+
+async def join_job(dsn: str, job: Job, settings: Settings, *, exporter=None) -> int:
+    """`crawler worker`: fetch the job's chunks with this machine's worker processes until the
+    job has nothing left for them. The job's own supervisor ingests and finishes it."""
+    pool = WorkerProcesses(dsn, settings, exporter=exporter)
+    pool.install_signals()
+    unreleased: list[str] = []
+    broken = None
+    try:
+        async with LedgerConnection(dsn, outage_limit=settings.db_outage_limit) as db:
+            pool.start(job, max(1, settings.effective_workers()))
+            try:
+                while not pool.all_finished():
+                    unreleased += pool.reap()
+                    if unreleased and await db.try_run(ledger.release_leases_of, job.id, unreleased) is not None:
+                        unreleased = []
+                    broken = pool.watch(job) or broken
+                    if broken and not pool.stopping.is_set():
+                        pool.stopping.set()
+                        pool.signal(signal.SIGTERM)
+                    await asyncio.sleep(POLL)
+            except BaseException:
+                pool.stopping.set()
+                pool.signal(signal.SIGTERM)
+                await pool.join()
+                raise
+            pool.reap()
+    finally:
+        pool.remove_signals()
+    if broken:
+        print(f"crawler: {broken}; this machine stops fetching (the job goes on elsewhere).", file=sys.stderr)
+        return EXIT_INFRA
+    return EXIT_INTERRUPTED if pool.stopping.is_set() else EXIT_OK

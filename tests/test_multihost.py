@@ -1,0 +1,179 @@
+"""Several machines on one job, played by separate `crawler worker` process groups on this one:
+`crawl --workers 0` only ingests and supervises; the "hosts" wait for the job, share its chunks
+through PostgreSQL, survive one host killed and another frozen (as good as cut off), and keep a
+host's politeness budget whole however many of them fetch. tests/test_netns.py runs the same
+with real network links."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from conftest import ROOT, run_cli
+from crawler import ledger
+from test_faults import assert_exactly_once, results_so_far
+
+pytestmark = pytest.mark.slow
+
+# Short leases, so that the chunks of a lost host come back within the test.
+FAST_LEASES = {"CRAWLER_LEASE_SECONDS": "2", "CRAWLER_HEARTBEAT_SECONDS": "0.3"}
+
+
+def crawler(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """`crawler ARGS` in a session of its own: one "host", killed or frozen as a whole."""
+    return subprocess.Popen([sys.executable, "-m", "crawler", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **FAST_LEASES, **(env or {})}, cwd=ROOT, start_new_session=True)
+
+
+def signal_host(host: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(host.pid, sig)  # the `crawler worker` process and its worker processes
+    except ProcessLookupError:
+        pass
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            signal_host(proc, signal.SIGCONT)
+            signal_host(proc, signal.SIGKILL)
+            proc.wait(10)
+
+
+async def status_of(dsn: str, name: str) -> dict:
+    return json.loads((await asyncio.to_thread(run_cli, "status", name, "--dsn", dsn, "--json")).stdout or "{}")
+
+
+async def live_workers(dsn: str, name: str) -> list[dict]:
+    return (await status_of(dsn, name)).get("workers", [])
+
+
+def write_input(path: Path, base: str, count: int) -> int:
+    """Requests of 20 ms each: with a few fetch tasks per host, the job lasts long enough to lose
+    hosts in the middle of it."""
+    path.write_text("url\n" + "".join(f"{base}/delay/20/{i}\n" for i in range(count)))
+    return count
+
+
+async def wait_until(check, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout}s")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_all([proc])
+        raise
+    return proc.returncode, err.decode()
+
+
+async def test_three_hosts_share_a_job_one_killed_one_frozen(fresh_dsn, mock_process, tmp_path: Path):
+    rows = write_input(tmp_path / "urls.csv", mock_process, count=5000)
+    name = "three-hosts"
+    # The hosts start first and wait for a job; the supervisor fetches nothing itself.
+    hosts = [crawler("worker", "--dsn", fresh_dsn, "--workers", "1", "--concurrency", "5") for _ in range(3)]
+    supervisor = crawler("crawl", str(tmp_path / "urls.csv"), "--dsn", fresh_dsn, "--job-name", name, "--workers", "0",
+                         "--chunk-size", "100", "--allow-net", "127.0.0.1/32", "--quiet")
+    try:
+        seen = {}
+
+        async def everyone_joined() -> bool:
+            seen.update(await status_of(fresh_dsn, name))
+            return len(seen.get("workers", [])) == 3
+
+        await wait_until(everyone_joined, "three workers joining the job")
+        assert [h["workers"] for h in seen["hosts"]] == [3]  # one machine name here; netns tests give three
+
+        async def some_results() -> bool:
+            assert supervisor.poll() is None, supervisor.stderr.read().decode()
+            return await results_so_far(fresh_dsn, name) >= 1000
+
+        await wait_until(some_results, "1000 results")
+        signal_host(hosts[0], signal.SIGKILL)  # a host lost whole
+        signal_host(hosts[1], signal.SIGSTOP)  # a host cut off: alive, holding leases, silent
+        code, err = finish(supervisor)
+        assert code == 0, err
+        await assert_exactly_once(fresh_dsn, name, rows)
+        # The frozen host comes back to a finished job: its late results are refused, it leaves.
+        signal_host(hosts[1], signal.SIGCONT)
+        assert finish(hosts[1])[0] == 0
+        code, err = finish(hosts[2])
+        assert code == 0, err
+        assert "joining job" in err
+        await assert_exactly_once(fresh_dsn, name, rows)
+    finally:
+        stop_all([supervisor, *hosts])
+
+
+async def test_a_hosts_budget_is_shared_by_every_machine_not_multiplied(fresh_dsn, mock_process, tmp_path: Path):
+    """Per-host limits hold across machines: three hosts with a fixed budget of 6 requests in
+    flight to one server never send it more than 6 at once."""
+    path = tmp_path / "urls.txt"
+    path.write_text("".join(f"{mock_process}/delay/20/{i}\n" for i in range(3000)))
+    name = "shared-budget"
+    supervisor = crawler("crawl", str(path), "--dsn", fresh_dsn, "--job-name", name, "--workers", "0",
+                         "--chunk-size", "50", "--per-host-concurrency", "6", "--no-adaptive",
+                         "--allow-net", "127.0.0.1/32", "--quiet")
+    hosts = []
+    try:
+        async def created() -> bool:
+            return run_cli("status", name, "--dsn", fresh_dsn).returncode == 0
+
+        await wait_until(created, "the job being created")
+        hosts = [crawler("worker", "--dsn", fresh_dsn, "--job", name, "--workers", "1", "--concurrency", "50")
+                 for _ in range(3)]
+
+        async def everyone_joined() -> bool:
+            return len(await live_workers(fresh_dsn, name)) == 3
+
+        await wait_until(everyone_joined, "three workers joining the job")
+        await asyncio.sleep(1.0)  # a few heartbeats: each worker has counted the others
+        async with aiohttp.ClientSession() as session:
+            await session.post(f"{mock_process}/__stats/reset")
+            await asyncio.sleep(2.0)
+            stats = await (await session.get(f"{mock_process}/__stats")).json()
+        assert supervisor.poll() is None, "the job ended before the budget was measured"
+        assert stats["hits"]["total"] > 50  # the hosts were fetching while we watched
+        assert stats["max_in_flight"] <= 6
+        code, err = finish(supervisor)
+        assert code == 0, err
+        assert all(finish(host)[0] == 0 for host in hosts)
+        await assert_exactly_once(fresh_dsn, name, 3000)
+    finally:
+        stop_all([supervisor, *hosts])
+
+
+def test_a_worker_for_a_job_that_does_not_exist_says_so(session_dsn):
+    proc = run_cli("worker", "--dsn", session_dsn, "--job", "no-such-job")
+    assert proc.returncode == 1
+    assert proc.stderr.decode().strip() == "crawler: no job with id or name 'no-such-job'; `crawler jobs` lists them."
+
+
+async def test_a_worker_leaves_a_job_that_was_stopped_before_its_input_was_read(session_dsn):
+    """An interrupted job waits for `crawler resume`; a worker on another machine does not wait
+    with it (forever, since no more input comes until then)."""
+    conn = await asyncpg.connect(session_dsn)
+    try:
+        job = await ledger.create_job(conn, name="stopped-early", input="/nonexistent.csv", settings={})
+        await ledger.set_job_state(conn, job.id, "interrupted")
+    finally:
+        await conn.close()
+    proc = await asyncio.to_thread(run_cli, "worker", "--dsn", session_dsn, "--job", "stopped-early",
+                                   "--workers", "1", timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
