@@ -267,7 +267,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
         return _run(commands.export(dsn, args.job, fmt=args.format, path=args.output, only=args.only))
     if args.command == "status":
-        return _run(commands.status(dsn, args.job, as_json=args.json))
+        return _run(commands.status(dsn, args.job, as_json=args.json, heartbeat_seconds=settings.heartbeat_seconds))
     if args.command == "jobs":
         return _run(commands.jobs(dsn))
     if args.command == "migrate":

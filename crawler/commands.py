@@ -69,7 +69,7 @@ async def export(dsn: str, job_ref: str, *, fmt: str, path: str | None, only: st
     return EXIT_OK
 
 
-async def status(dsn: str, job_ref: str | None, *, as_json: bool) -> int:
+async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seconds: float = 5.0) -> int:
     await prepare_database(dsn)
     conn = await database.connect(dsn)
     try:
@@ -82,7 +82,7 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool) -> int:
         summary = await job_summary(conn, job.id)
         counts = await ledger.job_counts(conn, job.id)
         summary["chunks"] = {k: counts[k] for k in ("pending", "leased", "done")}
-        workers = await registry.live_workers(conn, job.id, within_seconds=30)
+        workers = await registry.live_workers(conn, job.id, registry.LIVE_BEATS * heartbeat_seconds)
     finally:
         await conn.close()
     rate = sum(float(w["rate"]) for w in workers)

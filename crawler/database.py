@@ -112,6 +112,20 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, DB_ERRORS + (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError))
 
 
+# For the crawl's own connections: if a machine is cut off in the middle of a transaction, the
+# server ends that session instead of holding its row locks (a chunk's lease row among them) for
+# the hours it takes TCP to notice. Our transactions are a few statements back to back, so 30 s
+# idle inside one means the client is gone; keepalives and the user timeout end a session whose
+# client vanished while the server waited on it (mid-COPY). Unix-socket sessions ignore the TCP ones.
+SESSION_SETTINGS = {
+    "idle_in_transaction_session_timeout": "30s",
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
+
+
 class LedgerConnection:
     """One connection that comes back. A call that fails because the database went away waits
     (exponential backoff with jitter), reconnects and tries again, for up to `outage_limit`
@@ -173,7 +187,7 @@ class LedgerConnection:
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.dsn, timeout=10)
+            self._conn = await asyncpg.connect(self.dsn, timeout=10, server_settings=SESSION_SETTINGS)
             if self._setup is not None:
                 await self._setup(self._conn)
         return self._conn

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import psutil
 import pytest
 
 from conftest import ROOT, run_cli
@@ -36,10 +37,14 @@ def crawler(*args: str, env: dict | None = None) -> subprocess.Popen:
 
 
 def signal_host(host: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(host.pid, sig)  # the `crawler worker` process and its worker processes
-    except ProcessLookupError:
-        pass
+    """Every process of the host's session: the `crawler worker` and its worker processes (each
+    worker has a process group of its own, so killpg would miss them)."""
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == host.pid:
+                proc.send_signal(sig)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
 
 
 def stop_all(procs: list[subprocess.Popen]) -> None:
