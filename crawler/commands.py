@@ -4,6 +4,7 @@ needs, does one thing and returns an exit code. The crawl itself lives in crawl.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 import orjson
@@ -140,6 +141,7 @@ def worker(dsn: str, settings: Settings, job_ref: str | None) -> int:
     has nothing left for this machine."""
     import uvloop
 
+    from crawler.metrics import Exporter
     from crawler.processes import join_job
 
     job = uvloop.run(_job_to_join(dsn, settings, job_ref))
@@ -150,7 +152,8 @@ def worker(dsn: str, settings: Settings, job_ref: str | None) -> int:
     joined = for_job(job.settings, settings)
     print(f"crawler: joining job {ref} with {joined.effective_workers()} worker processes"
           f" of {joined.concurrency} fetch tasks each.", file=sys.stderr)
-    return uvloop.run(join_job(dsn, job, joined))
+    with Exporter.start(joined) or contextlib.nullcontext() as exporter:
+        return uvloop.run(join_job(dsn, job, joined, exporter=exporter))
 
 
 async def _job_to_join(dsn: str, settings: Settings, job_ref: str | None) -> ledger.Job:

@@ -3,6 +3,7 @@ the job, run the supervisor, and report. The CLI calls these; they return an exi
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from crawler import ledger
 from crawler.database import connect
 from crawler.errors import EXIT_OK, InputError
 from crawler.inputs import open_input
+from crawler.metrics import Exporter
 from crawler.migrate import apply_migrations
 from crawler.progress import ProgressView, render_summary
 from crawler.settings import Settings
@@ -111,8 +113,11 @@ async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: st
 
 async def _supervise(dsn, settings, job, reader, *, summary_json, quiet, started) -> int:
     console = Console()
-    with ProgressView(quiet=quiet, interval=settings.progress_interval) as view:
-        supervisor = Supervisor(dsn, settings, progress=view)
+    with (
+        Exporter.start(settings) or contextlib.nullcontext() as exporter,
+        ProgressView(quiet=quiet, interval=settings.progress_interval) as view,
+    ):
+        supervisor = Supervisor(dsn, settings, progress=view, exporter=exporter)
         supervisor.install_signals()
         try:
             outcome = await supervisor.run(job, reader)

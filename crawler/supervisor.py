@@ -90,7 +90,7 @@ class Supervisor:
                                                    registry.LIVE_BEATS * self.settings.heartbeat_seconds)
                         self.progress.update(counts, [dict(w) for w in workers or ()])
                         if self.exporter is not None:
-                            self.exporter.observe_chunks(counts["pending"], counts["leased"], counts["done"])
+                            self.exporter.observe_job(counts)
                     if ingest is not None and ingest.done():
                         ingest.result()  # an ingest failure ends the crawl with its own error
                     if local == 0:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from crawler import cache, ledger, registry
+from crawler import cache, ledger, metrics, registry
 from crawler.cache import CachedResponse
 from crawler.errors import CrawlerError
 from crawler.database import LedgerConnection
@@ -98,6 +98,7 @@ class Worker:
         # With many items waiting on slow hosts, lease more so that other hosts keep the pool
         # busy — up to a hard bound, so memory stays O(chunk size + concurrency).
         self.max_in_system = self.high_water + 4 * settings.chunk_size
+        self.metrics = metrics.for_worker()
 
     def _host_budget(self, share: int) -> dict:
         s = self.settings
@@ -236,11 +237,14 @@ class Worker:
             if item is None:
                 return
             self._in_flight += 1
+            self.metrics.fetch_started()
             try:
                 attempt = await fetcher.attempt(item.method, item.url, headers=item.headers, body=item.body,
                                                 validators=item.cached.validators() if item.cached else None)
             finally:
                 self._in_flight -= 1
+                self.metrics.fetch_ended()
+            self.metrics.attempted(attempt)
             item.attempts += 1
             item.elapsed_ms += attempt.elapsed_ms
             decision = decide(
@@ -265,6 +269,7 @@ class Worker:
             await self._done(item, attempt)
 
     def _schedule_retry(self, item: WorkItem, delay: float) -> None:
+        self.metrics.retried()
         loop = asyncio.get_running_loop()
 
         def requeue() -> None:
@@ -291,6 +296,8 @@ class Worker:
                     etag=attempt.etag, last_modified=attempt.last_modified,
                 )
         await self.writer.add(item.lease, record, attempt.body, remember)
+        if cache_kind is not None:
+            self.metrics.cache_hit(cache_kind)
         self.stats.fetched += 1
         held = self._held.get(item.lease.chunk_no)
         if held is not None and held.lease == item.lease:

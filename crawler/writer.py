@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 
-from crawler import ledger
+from crawler import ledger, metrics
 from crawler.database import LedgerConnection
 from crawler.ledger import Lease
 
@@ -36,6 +37,7 @@ class ResultWriter:
         self.outage_limit = outage_limit
         self._buffer: dict[Lease, list[tuple]] = {}
         self._bodies: dict[Lease, list[tuple]] = {}
+        self._handed: dict[Lease, list[float]] = {}  # when each buffered result came: its write lag
         self._cache_rows: list[tuple] = []
         self._cache_touch: list[bytes] = []
         self._buffered = 0
@@ -48,6 +50,7 @@ class ResultWriter:
         self._db = LedgerConnection(dsn, outage_limit=outage_limit, setup=ledger.prepare_writer)
         self.rows_written = 0
         self.max_buffer = batch_size * 8
+        self.metrics = metrics.for_worker()
 
     @property
     def lost(self) -> set[Lease]:
@@ -63,6 +66,7 @@ class ResultWriter:
             self._wake.set()
             await self._room.wait()
         self._buffer.setdefault(lease, []).append(record)
+        self._handed.setdefault(lease, []).append(time.monotonic())
         if body is not None:
             content_type, data = body
             self._bodies.setdefault(lease, []).append((record[0], record[1], content_type, zlib.compress(data, 6)))
@@ -100,8 +104,8 @@ class ResultWriter:
     async def flush(self) -> None:
         """Commit what is buffered. While the database is away this waits and retries (the
         buffer stays, `add` blocks when it is full); past the outage limit it raises."""
-        batches, completed, bodies = self._buffer, self._completed, self._bodies
-        self._buffer, self._completed, self._bodies = {}, set(), {}
+        batches, completed, bodies, handed = self._buffer, self._completed, self._bodies, self._handed
+        self._buffer, self._completed, self._bodies, self._handed = {}, set(), {}, {}
         cache_rows, cache_touch = self._cache_rows, self._cache_touch
         self._cache_rows, self._cache_touch = [], []
         count = sum(len(records) for records in batches.values())
@@ -117,6 +121,8 @@ class ResultWriter:
                 self._buffer.setdefault(lease, [])[:0] = records
             for lease, records in bodies.items():
                 self._bodies.setdefault(lease, [])[:0] = records
+            for lease, times in handed.items():
+                self._handed.setdefault(lease, [])[:0] = times
             self._cache_rows[:0], self._cache_touch[:0] = cache_rows, cache_touch
             self._completed |= completed
             raise
@@ -125,6 +131,7 @@ class ResultWriter:
                         lease.chunk_no, lease.fence)
         self._lost |= refused
         self.rows_written += count - sum(len(batches.get(l, ())) for l in refused)
+        self.metrics.results_written(t for lease, times in handed.items() if lease not in refused for t in times)
         self._buffered -= count
         self._room.set()
 
