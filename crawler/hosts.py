@@ -103,7 +103,6 @@ class HostScheduler:
         """An attempt at `item` ended; `pause` (seconds, e.g. a Retry-After) holds the host back."""
         host = self.key(item)
         state = self._state(host)
-        state.active -= 1
         now = self.clock()
         state.rtt = 0.8 * state.rtt + 0.2 * max(elapsed, 0.001)
         if error_kind in OVERLOAD_KINDS or status in OVERLOAD_STATUSES:
@@ -112,6 +111,15 @@ class HostScheduler:
             state.limit.on_success()
         if pause > 0:
             state.next_start = max(state.next_start, now + pause)
+        self._release(host, state)
+
+    def cancel(self, item: Any) -> None:
+        """An item taken from `ready` that will not be fetched after all (its chunk was lost)."""
+        host = self.key(item)
+        self._release(host, self._state(host))
+
+    def _release(self, host: str, state: HostState) -> None:
+        state.active -= 1
         self._pump(host, state)
         if not state.pending and state.active == 0 and state.timer is None:
             self._idle(host)

@@ -88,6 +88,7 @@ class Worker:
         self.hosts = HostScheduler(**self._host_budget(self.share), adaptive=settings.adaptive_concurrency)
         self._in_flight = 0
         self._held: dict[int, HeldChunk] = {}
+        self._lost: set[Lease] = set()  # leases taken over by another worker: their items are dropped
         self._in_system = 0  # items queued, in flight or waiting to retry
         self._low_water = asyncio.Event()
         self._idle = asyncio.Event()  # set when no item is in the system
@@ -227,7 +228,11 @@ class Worker:
             for lease in leases:
                 held = self._held.get(lease.chunk_no)
                 if lease.chunk_no not in kept and held is not None and held.lease == lease:
-                    log.warning("lost the lease on chunk %d; its results will be refused", lease.chunk_no)
+                    # Another worker has it now (ours expired): what we have not fetched yet is
+                    # dropped, and results still on their way will be refused.
+                    log.warning("lost the lease on chunk %d; its remaining requests are dropped", lease.chunk_no)
+                    del self._held[lease.chunk_no]
+                    self._lost.add(lease)
 
     # --- fetching --------------------------------------------------------------------------
 
@@ -236,6 +241,10 @@ class Worker:
             item = await self.hosts.ready.get()
             if item is None:
                 return
+            if item.lease in self._lost:
+                self.hosts.cancel(item)
+                self._left_system()
+                continue
             self._in_flight += 1
             self.metrics.fetch_started()
             try:
@@ -305,6 +314,9 @@ class Worker:
             if held.remaining == 0:
                 del self._held[item.lease.chunk_no]
                 self.writer.complete(item.lease)
+        self._left_system()
+
+    def _left_system(self) -> None:
         self._in_system -= 1
         if self._wants_more():
             self._low_water.set()

@@ -114,3 +114,45 @@ async def test_idle_hosts_are_forgotten_beyond_a_bound():
         s.put(Item(f"http://h{i}/"))
         s.done(drain(s)[0], error_kind=None, status=200, elapsed=0.01)
     assert len(s.hosts) <= 11
+
+
+async def test_rescale_shares_a_fixed_budget_when_workers_join_and_leave():
+    s = HostScheduler(initial=6, maximum=6, adaptive=False)
+    for i in range(10):
+        s.put(Item(f"http://h/{i}"))
+    first = drain(s)
+    assert len(first) == 6
+    s.rescale(initial=2, maximum=2, rate=0.0)  # two more workers joined: a third each
+    for item in first[:4]:
+        s.done(item, error_kind=None, status=200, elapsed=0.01)
+    assert drain(s) == []  # two still in flight: the host has its share
+    s.done(first[4], error_kind=None, status=200, elapsed=0.01)
+    assert len(drain(s)) == 1
+    s.rescale(initial=6, maximum=6, rate=0.0)  # they left: the whole budget again, at once
+    assert len(drain(s)) == 3  # 4 pending, up to 6 in flight with the 2 still out
+    assert s.limit_of("http://h") == 6
+
+
+async def test_rescale_keeps_what_an_adaptive_host_learnt_within_the_new_maximum():
+    s = HostScheduler(initial=2, maximum=40, adaptive=True)
+    s.put(Item("http://h/0"))
+    (item,) = drain(s)
+    for _ in range(20):
+        s.done(item, error_kind=None, status=200, elapsed=0.01)
+        s.put(item)
+        (item,) = drain(s)
+    assert s.limit_of("http://h") == 22
+    s.rescale(initial=1, maximum=10, rate=0.0)
+    assert s.limit_of("http://h") == 10
+    s.rescale(initial=2, maximum=40, rate=0.0)
+    assert s.limit_of("http://h") == 10  # room to grow again, not a jump
+
+
+async def test_a_cancelled_item_frees_its_hosts_slot():
+    s = HostScheduler(initial=1, maximum=1, adaptive=False)
+    s.put(Item("http://h/0"))
+    s.put(Item("http://h/1"))
+    (first,) = drain(s)
+    s.cancel(first)  # its chunk was lost: not fetched, and no answer to learn from
+    assert [i.url for i in drain(s)] == ["http://h/1"]
+    assert s.limit_of("http://h") == 1
