@@ -28,6 +28,12 @@ from crawler.settings import Settings
 
 log = logging.getLogger(__name__)
 
+LOOK_EVERY = 1.0  # seconds between looks at the job's counts (progress, metrics, the end of a job)
+# Chunk counts at which ingest refreshes the planner's statistics of `chunks`: leasing a new job's
+# chunks with stale ones sorts or walks every chunk of the job (measured: 30-390 ms per lease at
+# 60 000 chunks, against 0.1 s for an ANALYZE).
+ANALYZE_AT = frozenset(64 * 8**k for k in range(6))
+
 
 @dataclass
 class CrawlOutcome:
@@ -68,6 +74,7 @@ class Supervisor:
                                    " with this database on the machines that fetch.")
             ingest = asyncio.create_task(self._ingest(job, reader)) if reader is not None else None
             broken = None
+            next_look = 0.0
             try:
                 while True:
                     self._unreleased += self.pool.reap()
@@ -80,8 +87,11 @@ class Supervisor:
                     if broken and not self.stopping.is_set():
                         self.stopping.set()
                         self.pool.signal(signal.SIGTERM)
-                    counts = await db.try_run(ledger.job_counts, job.id)
-                    self._check_outage(counts is None, job)
+                    counts = None
+                    if time.monotonic() >= next_look:  # the counts sum every chunk of the job
+                        next_look = time.monotonic() + LOOK_EVERY
+                        counts = await db.try_run(ledger.job_counts, job.id)
+                        self._check_outage(counts is None, job)
                     if counts is not None:
                         counts["ingest_done"] = ingest is None or ingest.done()
                         if reader is not None:
@@ -157,6 +167,8 @@ class Supervisor:
                         continue
                     await db.run(ledger.store_chunk, job.id, chunk_no, batch, dedup=not self.settings.no_cache)
                     chunk_no += 1
+                    if chunk_no in ANALYZE_AT:
+                        await db.run(ledger.analyze_chunks)
                 if not self.stopping.is_set():
                     await db.run(ledger.mark_ingested, job.id)
         finally:
