@@ -361,7 +361,11 @@ class TreeSampler:
         except psutil.Error:
             return []
         keep, skip = [root], set()
-        for child in root.children(recursive=True):
+        try:
+            children = root.children(recursive=True)
+        except psutil.Error:  # the root ended between the two calls
+            return []
+        for child in children:
             try:
                 cmd = " ".join(child.cmdline())
                 parent = child.ppid()

@@ -24,15 +24,29 @@ async def register_worker(conn: asyncpg.Connection, job_id: int, worker_id: str,
     )
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak resident memory. getrusage's ru_maxrss would do, but Linux carries
+    it over exec from the process that started us, so a small worker of a big parent reports the
+    parent's peak; /proc's VmHWM is this process's alone."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 async def worker_heartbeat(conn: asyncpg.Connection, job_id: int, worker_id: str, fetched: int,
                            *, stopped: bool = False) -> None:
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # of the calling process: the worker
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # of the calling process: the worker's CPU
     await conn.execute(
         "UPDATE workers SET heartbeat_at = now(), fetched = $3,"
         " stopped_at = CASE WHEN $4 THEN now() ELSE stopped_at END,"
         " peak_rss_bytes = $5, cpu_seconds = $6"
         " WHERE job_id = $1 AND worker_id = $2",
-        job_id, worker_id, fetched, stopped, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime,
+        job_id, worker_id, fetched, stopped, peak_rss_bytes(), usage.ru_utime + usage.ru_stime,
     )
 
 
