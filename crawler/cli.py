@@ -207,6 +207,8 @@ def build_parser() -> Parser:
     p.add_argument("--processes", type=_positive, default=1)
     p.add_argument("--seed", type=int, default=0, help="seed for the /random/.. paths")
     p.add_argument("--capacity", type=_positive, help="answer 503 above this many requests in flight per process")
+    p.add_argument("--no-path-hits", dest="count_paths", action="store_false",
+                   help="count only the total of hits, not each path's: for load tests of millions of paths")
 
     p = sub.add_parser("config", parents=[common], help="the effective configuration",
                        epilog=EXAMPLES["config"], formatter_class=fmt)
@@ -235,7 +237,7 @@ def dispatch(args: argparse.Namespace) -> int:
         from crawler.mock_server import serve
 
         serve(host=args.host, port=args.port, processes=max(1, args.processes), seed=args.seed,
-              capacity=args.capacity)
+              capacity=args.capacity, count_paths=args.count_paths)
         return 0
     settings, sources = load_settings(config_file=args.config, flags=_flags(args))
     if args.command == "bench" and settings.effective_workers() == 0:

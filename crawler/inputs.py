@@ -136,12 +136,14 @@ def parse_request(row: int, cell: str, *, sort_query: bool = False, method: str 
     """Turn one row's cells into a request, or into an invalid row with the reason."""
     try:
         for text in (cell, method, headers, body):
-            text.encode("utf-8")  # fails on the lone surrogates that surrogateescape made of bad bytes
+            if not text.isascii():  # isascii is O(1); only other text can hold a lone surrogate
+                text.encode("utf-8")  # fails on the lone surrogates that surrogateescape made of bad bytes
         url = normalize_url(cell, sort_query=sort_query)
-        method = method.strip().upper() or "GET"
-        if not _TOKEN.match(method):
-            return InvalidRow(row, _printable(cell), f"invalid method {method!r}")
-        canonical_headers = parse_headers(headers)
+        if method != "GET":
+            method = method.strip().upper() or "GET"
+            if not _TOKEN.match(method):
+                return InvalidRow(row, _printable(cell), f"invalid method {method!r}")
+        canonical_headers = parse_headers(headers) if headers else None
     except UnicodeEncodeError:
         return InvalidRow(row, _printable(cell), "row is not valid UTF-8")
     except InvalidURL as exc:

@@ -109,11 +109,8 @@ async def set_job_state(conn: asyncpg.Connection, job_id: int, state: str) -> No
 # --- ingest -------------------------------------------------------------------------------------
 
 async def prepare_ingest(conn: asyncpg.Connection) -> None:
-    await conn.execute(
-        "CREATE TEMP TABLE IF NOT EXISTS request_stage"
-        " (row_no bigint, method text, url text, fingerprint bytea, headers text, body bytea)"
-        " ON COMMIT DELETE ROWS"
-    )
+    """The ingest connection's setup: none is needed, store_chunk COPYs straight into the tables
+    (kept as the supervisor's setup hook)."""
 
 
 async def store_chunk(
@@ -126,7 +123,20 @@ async def store_chunk(
     first row of that fingerprint; the database, not this process, remembers fingerprints.
     Without `dedup` (--no-cache) every row is fetched.
     """
-    requests = [(r.row, r.method, r.url, r.fingerprint, r.headers, r.body) for r in rows if isinstance(r, RequestRow)]
+    # Stores the chunk's new fingerprints (each with its first row in the chunk) and returns, for
+    # those an earlier chunk stored, that chunk's first row. It never joins the job's fingerprints:
+    # a join's plan depends on statistics that lag a growing job (a hash of all the job's
+    # fingerprints, once per chunk, until autoanalyze: ingest quadratic in the job's size); the
+    # subquery is one primary-key probe per fingerprint seen before, none in the common case.
+    store_fingerprints = (
+        "WITH new AS ("
+        " INSERT INTO fingerprints (job_id, fingerprint, row_no)"
+        " SELECT $1, f, r FROM unnest($2::bytea[], $3::bigint[]) AS u(f, r)"
+        " ON CONFLICT DO NOTHING RETURNING fingerprint)"
+        " SELECT u.f, (SELECT row_no FROM fingerprints WHERE job_id = $1 AND fingerprint = u.f)"
+        " FROM unnest($2::bytea[]) AS u(f) WHERE u.f NOT IN (SELECT fingerprint FROM new)"
+    )
+    requests = [r for r in rows if isinstance(r, RequestRow)]
     invalid = [(job_id, r.row, r.raw, r.reason) for r in rows if isinstance(r, InvalidRow)]
     async with conn.transaction():
         stored = await conn.fetchval(
@@ -138,35 +148,21 @@ async def store_chunk(
             await conn.copy_records_to_table(
                 "invalid_rows", records=invalid, columns=("job_id", "row_no", "raw", "reason")
             )
-        fetch_rows = 0
-        if requests:
-            await conn.copy_records_to_table(
-                "request_stage", records=requests,
-                columns=("row_no", "method", "url", "fingerprint", "headers", "body"),
-            )
-            if not dedup:
-                await conn.execute(
-                    "INSERT INTO requests (job_id, row_no, chunk_no, method, url, fingerprint, headers, body)"
-                    " SELECT $1, row_no, $2, method, url, fingerprint, headers::jsonb, body FROM request_stage",
-                    job_id, chunk_no,
-                )
-                fetch_rows = len(requests)
+        first: dict[bytes, int] = {}  # fingerprint -> the job's first row of it
         if requests and dedup:
-            await conn.execute(
-                "INSERT INTO fingerprints (job_id, fingerprint, row_no)"
-                " SELECT DISTINCT ON (fingerprint) $1::bigint, fingerprint, row_no FROM request_stage"
-                " ORDER BY fingerprint, row_no ON CONFLICT DO NOTHING",
-                job_id,
-            )
-            fetch_rows = await conn.fetchval(
-                "WITH stored AS ("
-                " INSERT INTO requests (job_id, row_no, chunk_no, method, url, fingerprint, headers, body, dup_of)"
-                " SELECT $1, s.row_no, $2, s.method, s.url, s.fingerprint, s.headers::jsonb, s.body,"
-                "        CASE WHEN f.row_no = s.row_no THEN NULL ELSE f.row_no END"
-                " FROM request_stage s JOIN fingerprints f ON f.job_id = $1 AND f.fingerprint = s.fingerprint"
-                " RETURNING dup_of)"
-                " SELECT count(*) FILTER (WHERE dup_of IS NULL) FROM stored",
-                job_id, chunk_no,
+            for r in requests:  # rows come in order: the first seen is the chunk's first
+                first.setdefault(r.fingerprint, r.row)
+            first.update(await conn.fetch(store_fingerprints, job_id, list(first), list(first.values())))
+        records = []
+        for r in requests:
+            dup_of = first.get(r.fingerprint)
+            records.append((job_id, r.row, chunk_no, r.method, r.url, r.fingerprint, r.headers, r.body,
+                            None if dup_of == r.row else dup_of))
+        fetch_rows = sum(1 for record in records if record[-1] is None)
+        if records:
+            await conn.copy_records_to_table(
+                "requests", records=records,
+                columns=("job_id", "row_no", "chunk_no", "method", "url", "fingerprint", "headers", "body", "dup_of"),
             )
         await conn.execute(
             "INSERT INTO chunks (job_id, chunk_no, first_row, last_row, fetch_rows, input_rows, invalid_rows, state)"

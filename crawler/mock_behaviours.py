@@ -62,6 +62,9 @@ from email.utils import formatdate
 from aiohttp import web
 
 HITS = web.AppKey("hits", Counter)  # request path -> how many requests arrived for it
+# Paths whose answer depends on their own hit count: counted by path even when the server counts
+# only the total of the others (mock_server's count_paths=False, for big load tests).
+COUNTED_PREFIXES = ("/flaky/", "/flaky-reset/", "/flaky-retry-after/")
 SEED = web.AppKey("seed", int)  # with the path, decides every seeded answer
 
 MAX_DELAY_MS = 60_000

@@ -246,3 +246,29 @@ async def test_a_per_host_rate_limit_spaces_requests(session_dsn, mock_url, tmp_
     assert await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name="rate",
                        summary_json=None, quiet=True) == EXIT_OK
     assert asyncio.get_running_loop().time() - started >= 29 / 20  # a lower bound only
+
+
+@pytest.mark.parametrize("size", [0, 3000, 64 * 1024, 64 * 1024 + 1, 300_000])
+async def test_a_body_of_any_size_is_counted_hashed_and_kept_whole(mock_url, size):
+    """Bodies of one read block (64 KiB), of more, and of none."""
+    import hashlib
+
+    expected = (bytes(range(256)) * (size // 256 + 1))[:size]
+    async with Fetcher(test_settings(store_bodies=True, max_body_bytes=1 << 20)) as fetcher:
+        kept = await fetcher.attempt("GET", f"{mock_url}/bytes/{size}")
+    async with Fetcher(test_settings(max_body_bytes=1 << 20)) as fetcher:
+        hashed = await fetcher.attempt("GET", f"{mock_url}/bytes/{size}")
+        head = await fetcher.attempt("HEAD", f"{mock_url}/bytes/{size}")
+    assert (kept.status, kept.error_kind, kept.body_bytes) == (200, None, size)
+    assert kept.body == ("application/octet-stream", expected)
+    assert kept.body_sha256 == hashed.body_sha256 == hashlib.sha256(expected).digest()
+    assert hashed.body is None
+    assert (head.status, head.body_bytes) == (200, 0)
+
+
+async def test_a_small_declared_length_over_a_small_cap_is_refused(mock_url):
+    async with Fetcher(test_settings(max_body_bytes=1000)) as fetcher:
+        over = await fetcher.attempt("GET", f"{mock_url}/bytes/1001")
+        at = await fetcher.attempt("GET", f"{mock_url}/bytes/1000")
+    assert (over.status, over.error_kind) == (200, "body_too_large")
+    assert (at.error_kind, at.body_bytes) == (None, 1000)

@@ -136,3 +136,41 @@ async def test_concurrent_leases_each_take_exactly_one_chunk(session_dsn, db):
     assert len({l.chunk_no for l in taken}) == len(taken)
     touched = await db.fetchval("SELECT count(*) FROM chunks WHERE job_id = $1 AND fence > 0", job.id)
     assert touched == len(taken)
+
+
+async def test_a_chunk_stores_every_request_column_and_a_retried_chunk_is_stored_once(db):
+    job = await new_job(db, "columns")
+    first = [RequestRow(1, "POST", "http://a/", fingerprint("POST", "http://a/", b"x"), '{"X-A":"1"}', b"x"),
+             InvalidRow(2, "nope", "bad URL"), *rows(3, ["http://a/", "http://a/"])]
+    assert await ledger.store_chunk(db, job.id, 0, first) == 2
+    assert await ledger.store_chunk(db, job.id, 0, first) == 2  # the acknowledgement was lost: a no-op
+    stored = await db.fetch(
+        "SELECT row_no, chunk_no, method, url, headers->>'X-A' AS x_a, body, dup_of FROM requests"
+        " WHERE job_id = $1 ORDER BY row_no", job.id)
+    assert [tuple(r) for r in stored] == [
+        (1, 0, "POST", "http://a/", "1", b"x", None), (3, 0, "GET", "http://a/", None, None, None),
+        (4, 0, "GET", "http://a/", None, None, 3)]
+    assert await db.fetchval("SELECT reason FROM invalid_rows WHERE job_id = $1", job.id) == "bad URL"
+
+
+async def test_without_dedup_every_row_is_fetched(db):
+    job = await new_job(db, "no-dedup")
+    assert await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://a/"]), dedup=False) == 2
+    assert await ledger.store_chunk(db, job.id, 1, rows(3, ["http://a/"]), dedup=False) == 1
+    assert await db.fetchval("SELECT count(*) FROM requests WHERE job_id = $1 AND dup_of IS NULL", job.id) == 3
+    assert await db.fetchval("SELECT count(*) FROM fingerprints WHERE job_id = $1", job.id) == 0
+
+
+async def test_duplicates_of_a_big_job_point_at_their_first_row(db):
+    """Many chunks, repeats from far back and within a chunk: each row's dup_of is its first row."""
+    job = await new_job(db, "many-chunks")
+    urls = [f"http://h/{(i * 7) % 1300}" for i in range(3000)]
+    for chunk_no in range(30):
+        await ledger.store_chunk(db, job.id, chunk_no, rows(chunk_no * 100 + 1, urls[chunk_no * 100:chunk_no * 100 + 100]))
+    first_row: dict[str, int] = {}
+    expected = {}
+    for row_no, url in enumerate(urls, start=1):
+        expected[row_no] = first_row.get(url)
+        first_row.setdefault(url, row_no)
+    assert dict(await db.fetch("SELECT row_no, dup_of FROM requests WHERE job_id = $1", job.id)) == expected
+    assert await db.fetchval("SELECT sum(fetch_rows) FROM chunks WHERE job_id = $1", job.id) == 1300

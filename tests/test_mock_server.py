@@ -282,3 +282,36 @@ async def test_the_cli_takes_seed_and_capacity_and_misbehaves_the_same_under_uvl
         if proc.returncode is None:
             kill_tree(psutil.Process(proc.pid))
             await asyncio.wait_for(proc.wait(), 10)
+
+
+async def test_without_path_counts_the_total_still_counts_and_flaky_paths_still_recover(aiohttp_client):
+    client = await aiohttp_client(create_app(count_paths=False), timeout=TIMEOUT)
+    for i in range(5):
+        assert (await client.get(f"/ok/{i}")).status == 200
+    assert [(await client.get("/flaky/1/a")).status for _ in range(3)] == [503, 200, 200]
+    assert await (await client.get("/__hits")).json() == {"total": 8, "paths": {"/flaky/1/a": 3}}
+    assert client.server.app[LOAD].unlisted_hits == 5
+    resp = await client.post("/__stats/reset")
+    assert (await resp.json())["hits"] == {"total": 0, "paths": {}}
+    assert (await client.get("/flaky/1/a")).status == 503  # counted afresh
+
+
+async def test_the_cli_can_turn_path_counts_off():
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "crawler.mock_server", "--port", "0", "--no-path-hits",
+        stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        url = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().split()[4]
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            for i in range(3):
+                async with session.get(f"{url}/ok/{i}") as resp:
+                    assert resp.status == 200
+            async with session.get(f"{url}/__hits") as resp:
+                assert await resp.json() == {"total": 3, "paths": {}}
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            kill_tree(psutil.Process(proc.pid))
+            await asyncio.wait_for(proc.wait(), 10)

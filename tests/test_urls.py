@@ -245,3 +245,81 @@ def test_requests_differing_in_method_url_or_body_have_different_fingerprints(
 ) -> None:
     assume((method_a, url_a, body_a or b"") != (method_b, url_b, body_b or b""))
     assert fingerprint(method_a, url_a, body_a) != fingerprint(method_b, url_b, body_b)
+
+
+# --- the fast path: byte for byte what the slow path (yarl) gives ---------------------------
+
+from crawler.urls import _normalize_plain, _normalize_with_yarl  # noqa: E402 - private, on purpose
+
+
+def test_fingerprints_stay_what_they_were() -> None:
+    """Fingerprints are stored: a later version must compute the same bytes for the same request."""
+    assert fingerprint("GET", "http://example.com/").hex() == "ee2c15b7c55d9f7f57ae8678a0b69176"
+    assert fingerprint("post", "https://example.com/a?b=1", b"x=1").hex() == "01e25dab5d4a619d3b3f2a40ae4fc41f"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("http://127.0.0.1:8080/ok/1", "http://127.0.0.1:8080/ok/1"),
+        ("HTTPS://Example.COM:443", "https://example.com/"),
+        ("http://example.com?b=2&a=1", "http://example.com/?b=2&a=1"),
+        ("https://a.example/%E2%82%AC/%2F?q=%3D&r=a+b", "https://a.example/%E2%82%AC/%2F?q=%3D&r=a+b"),
+    ],
+)
+def test_plain_urls_take_the_fast_path(raw: str, expected: str) -> None:
+    assert _normalize_plain(raw, False) == expected == _normalize_with_yarl(raw, False)
+
+
+def _assert_fast_path_agrees(text: str, sort_query: bool) -> bool:
+    """The fast path either declines (None) or gives exactly the slow path's result."""
+    fast = _normalize_plain(text, sort_query)
+    if fast is None:
+        return False
+    assert fast == _normalize_with_yarl(text, sort_query), text
+    return True
+
+
+_PROBES = [chr(c) for c in range(128)] + [f"%{b:02X}" for b in range(256)] + [f"%{b:02x}" for b in range(256)]
+_PROBE_PLACES = [
+    "http://h.com/a{}b", "http://h.com/{}", "http://h.com/?a{}b", "http://h.com/a?{}", "http://h.com/?{}=1&{}",
+    "http://h{}.com/", "http://{}h.com/", "http://h.com{}", "http://h.com:8{}/", "http://1.2.3.{}/",
+    "h{}tp://h.com/",
+]
+
+
+@pytest.mark.parametrize("place", _PROBE_PLACES)
+def test_fast_path_agrees_for_every_ascii_character_and_escape(place: str) -> None:
+    taken = 0
+    for probe in _PROBES:
+        text = place.replace("{}", probe).strip()
+        for sort_query in (False, True):
+            taken += _assert_fast_path_agrees(text, sort_query)
+    assert taken  # each place has characters the fast path accepts
+
+
+_FAST_HEADS = st.sampled_from([
+    "http://", "https://", "HTTP://", "ftp://", "http://example.com", "http://Ex_a-1.COM.", "http://h:80",
+    "https://h:443", "http://h:0", "http://h:65536", "http://h:080", "http://127.0.0.1:8080", "http://01.2.3.4",
+    "http://256.1.1.1", "http://a.123", "http://a.0x1f", "http://" + "a" * 63 + ".b", "http://" + "a" * 64 + ".b",
+    "http://" + ".".join(["a" * 63] * 4), "http://" + ".".join(["a" * 63] * 4) + ".",
+])
+_FAST_PIECES = st.sampled_from(
+    list("abcXYZ019-._~!$'()*,+&=;@:/?#%[]\\ \"<>^`{|}") + ["%20", "%2F", "%2f", "%41", "%7E", "%3D", "%E2", "%zz"]
+    + ["/./", "/../", "/.", "/..", "%2e", "%2E"]
+)
+
+
+@given(_FAST_HEADS, st.lists(_FAST_PIECES, max_size=14).map("".join), st.booleans())
+@example("http://h.com", "/a/..", False)
+@example("http://h.com", "?b=1&&a=2", True)
+def test_fast_path_gives_what_the_slow_path_gives(head: str, tail: str, sort_query: bool) -> None:
+    _assert_fast_path_agrees(head + tail, sort_query)
+
+
+@given(http_urls(), st.booleans(), st.booleans(), st.booleans(), st.booleans())
+def test_normalize_url_is_the_slow_path_for_any_spelling(
+    parts: dict, upper: bool, default_port: bool, escape: bool, sort_query: bool
+) -> None:
+    text = spell(parts, upper=upper, default_port=default_port, escape=escape)
+    assert normalize_url(text, sort_query=sort_query) == _normalize_with_yarl(text, sort_query)
