@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -126,6 +127,22 @@ SESSION_SETTINGS = {
 }
 
 
+def _keep_alive(conn: asyncpg.Connection) -> None:
+    """The client's side of SESSION_SETTINGS: a machine whose link came back after the server
+    dropped its session would otherwise wait forever for an answer that is not coming; with
+    keepalives the next probe meets a reset and the call is retried on a new connection.
+    asyncpg has no option for it, so it is set on the transport's socket."""
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a Unix socket: the server is on this machine
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3),
+                          ("TCP_USER_TIMEOUT", 30_000)):
+        if hasattr(socket, option):  # Linux names; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 class LedgerConnection:
     """One connection that comes back. A call that fails because the database went away waits
     (exponential backoff with jitter), reconnects and tries again, for up to `outage_limit`
@@ -188,6 +205,7 @@ class LedgerConnection:
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
             self._conn = await asyncpg.connect(self.dsn, timeout=10, server_settings=SESSION_SETTINGS)
+            _keep_alive(self._conn)
             if self._setup is not None:
                 await self._setup(self._conn)
         return self._conn
