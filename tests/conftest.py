@@ -5,6 +5,7 @@ project's mock server on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -97,15 +98,15 @@ async def mock_url():
     await runner.cleanup()
 
 
-@pytest.fixture
-def mock_process():
-    """The mock server as a separate process (for crawls run as subprocesses); its base URL."""
+@contextlib.contextmanager
+def mock_server_process(host: str = "127.0.0.1"):
+    """The mock server as a separate process listening on `host`; yields its base URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crawler.mock_server", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "crawler.mock_server", "--host", host, "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )
     try:
-        line = proc.stdout.readline()
+        line = proc.stdout.readline()  # bounded: the server announces itself or exits
         assert "listening on" in line, proc.stderr.read()
         yield line.split("listening on ", 1)[1].split()[0]
     finally:
@@ -114,6 +115,14 @@ def mock_process():
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def mock_process():
+    """The mock server as a separate process (for crawls run as subprocesses); its base URL."""
+    with mock_server_process() as url:
+        yield url
 
 
 def test_settings(**overrides) -> Settings:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from crawler.hosts import HostLimit, HostScheduler, host_of

@@ -25,7 +25,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, mock_server_process
 from test_faults import assert_exactly_once, results_so_far, server_hits
 from test_multihost import FAST_LEASES, crawler, finish, status_of, stop_all, wait_until, write_input
 
@@ -174,21 +174,17 @@ def lan_postgres(lan):
 @pytest.fixture
 def lan_mock(lan):
     """The mock server as a process, listening on the bridge's address only; its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "crawler.mock_server", "--host", lan.gateway, "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )
-    try:
-        line = proc.stdout.readline()  # bounded: the server announces itself or exits
-        assert "listening on" in line, proc.stderr.read()
-        yield line.split("listening on ", 1)[1].split()[0]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    with mock_server_process(lan.gateway) as url:
+        yield url
+
+
+async def shut_down(lan, supervisor: subprocess.Popen, hosts: dict) -> None:
+    """Whatever a test left running: the supervisor, then every machine powered off."""
+    stop_all([supervisor])
+    for machine in lan.machines:
+        await asyncio.to_thread(power_off, machine)
+        if hosts.get(machine) is not None:
+            hosts[machine].wait(10)
 
 
 def start_on(machine: Machine, log: Path, *args: str) -> subprocess.Popen:
@@ -298,11 +294,7 @@ async def test_three_machines_finish_a_job_exactly_once_after_one_dies_and_one_i
         await assert_exactly_once(dsn, name, rows)
         assert await server_hits(lan_mock) >= rows
     finally:
-        stop_all([supervisor])
-        for machine in lan.machines:
-            await asyncio.to_thread(power_off, machine)
-            if hosts.get(machine) is not None:
-                hosts[machine].wait(10)
+        await shut_down(lan, supervisor, hosts)
 
 
 async def test_a_machine_cut_off_inside_a_write_does_not_hold_its_chunks_forever(
@@ -352,8 +344,4 @@ async def test_a_machine_cut_off_inside_a_write_does_not_hold_its_chunks_forever
         assert code == 0, out
         await assert_exactly_once(dsn, name, rows)
     finally:
-        stop_all([supervisor])
-        for machine in lan.machines:
-            await asyncio.to_thread(power_off, machine)
-            if hosts.get(machine) is not None:
-                hosts[machine].wait(10)
+        await shut_down(lan, supervisor, hosts)
