@@ -20,7 +20,6 @@ import json
 import re
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import aiohttp
@@ -57,27 +56,20 @@ def mock_server_url() -> str | None:
     return None
 
 
-class ServerHits:
+class ServerHits(harness.Watcher):
     """What the bench's mock server received: its /__hits total (counted on arrival, retries
     included; exact with one server process), read in a thread as soon as every chunk of the job is
     done in the scratch database. No request is sent after that, and the bench stops the server
     only later (after the workers exit, the job is finished and its figures are read)."""
 
     def __init__(self, dsn: str, *, interval: float = 0.05) -> None:
+        super().__init__(interval=interval)
         self.dsn = dsn
-        self.interval = interval
         self.total: int | None = None
         self.error: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "ServerHits":
-        self._thread.start()
-        return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__exit__(*exc)
         if self.total is None and self.error is None:
             self.error = "the job's chunks were never seen all done while the mock server was up"
 

@@ -333,27 +333,38 @@ def stop(proc: subprocess.Popen | None) -> None:
 
 # --- running and measuring --------------------------------------------------------------------
 
-class TreeSampler:
-    """Samples the resident memory of a process and its descendants every `interval` seconds in a
-    thread: the peak of each process, and the peak of their sum (what the tree held at once).
-    Processes whose command line contains one of `exclude` (and their children) are left out."""
+class Watcher:
+    """A daemon thread that runs `_run` from entering the block until leaving it, when `_stop` is
+    set and the thread joined. Subclasses poll every `interval` seconds until `_stop`."""
 
-    def __init__(self, pid: int, *, interval: float = 0.1, exclude: tuple[str, ...] = ()) -> None:
-        self.pid = pid
+    def __init__(self, *, interval: float) -> None:
         self.interval = interval
-        self.exclude = exclude
-        self.peaks: dict[int, tuple[str, int]] = {}
-        self.peak_total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "TreeSampler":
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class TreeSampler(Watcher):
+    """Samples the resident memory of a process and its descendants every `interval` seconds in a
+    thread: the peak of each process, and the peak of their sum (what the tree held at once).
+    Processes whose command line contains one of `exclude` (and their children) are left out."""
+
+    def __init__(self, pid: int, *, interval: float = 0.1, exclude: tuple[str, ...] = ()) -> None:
+        super().__init__(interval=interval)
+        self.pid = pid
+        self.exclude = exclude
+        self.peaks: dict[int, tuple[str, int]] = {}
+        self.peak_total = 0
 
     def _tree(self) -> list[psutil.Process]:
         try:
