@@ -48,6 +48,7 @@ class WorkerProcesses:
         self._signals = 0
         self._ctx = multiprocessing.get_context("spawn")
         self.slots: list[WorkerSlot] = []
+        self._unreleased: list[str] = []  # dead workers whose leases are not yet given back
 
     # --- signals ---------------------------------------------------------------------------
 
@@ -139,6 +140,20 @@ class WorkerProcesses:
                     dead.append(f"{socket.gethostname()}:{proc.pid}")
         return dead
 
+    async def tend(self, db: LedgerConnection, job: Job) -> str | None:
+        """One turn of looking after the workers: give dead ones' leases back at once, restart
+        within budget; return why the job cannot go on (a drain has then begun)."""
+        self._unreleased += self.reap()
+        # Retried on every turn until the database takes it: an outage must not leave a dead
+        # worker's chunks waiting for their leases to expire.
+        if self._unreleased and await db.try_run(ledger.release_leases_of, job.id, self._unreleased) is not None:
+            self._unreleased = []
+        broken = self.watch(job)
+        if broken and not self.stopping.is_set():
+            self.stopping.set()
+            self.signal(signal.SIGTERM)
+        return broken
+
     def all_finished(self) -> bool:
         return all(s.finished for s in self.slots)
 
@@ -156,20 +171,13 @@ async def join_job(dsn: str, job: Job, settings: Settings, *, exporter=None) -> 
     job has nothing left for them. The job's own supervisor ingests and finishes it."""
     pool = WorkerProcesses(dsn, settings, exporter=exporter)
     pool.install_signals()
-    unreleased: list[str] = []
     broken = None
     try:
         async with LedgerConnection(dsn, outage_limit=settings.db_outage_limit) as db:
             pool.start(job, max(1, settings.effective_workers()))
             try:
                 while not pool.all_finished():
-                    unreleased += pool.reap()
-                    if unreleased and await db.try_run(ledger.release_leases_of, job.id, unreleased) is not None:
-                        unreleased = []
-                    broken = pool.watch(job) or broken
-                    if broken and not pool.stopping.is_set():
-                        pool.stopping.set()
-                        pool.signal(signal.SIGTERM)
+                    broken = await pool.tend(db, job) or broken
                     await asyncio.sleep(POLL)
             except BaseException:
                 pool.stopping.set()

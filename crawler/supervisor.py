@@ -51,7 +51,6 @@ class Supervisor:
         self.exporter = exporter
         self.pool = WorkerProcesses(dsn, settings, exporter=exporter)
         self.stopping = self.pool.stopping
-        self._unreleased: list[str] = []  # dead workers whose leases are not yet given back
         self._outage_since: float | None = None
         self._reads = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="input")
 
@@ -77,16 +76,7 @@ class Supervisor:
             next_look = 0.0
             try:
                 while True:
-                    self._unreleased += self.pool.reap()
-                    if self._unreleased:
-                        # Retried on every turn until the database takes it: an outage must not
-                        # leave a dead worker's chunks waiting for their leases to expire.
-                        if await db.try_run(ledger.release_leases_of, job.id, self._unreleased) is not None:
-                            self._unreleased = []
-                    broken = self.pool.watch(job) or broken
-                    if broken and not self.stopping.is_set():
-                        self.stopping.set()
-                        self.pool.signal(signal.SIGTERM)
+                    broken = await self.pool.tend(db, job) or broken
                     counts = None
                     if time.monotonic() >= next_look:  # the counts sum every chunk of the job
                         next_look = time.monotonic() + LOOK_EVERY
