@@ -102,6 +102,52 @@ def owner(process: psutil.Process) -> str:
     return f"{socket.gethostname()}:{process.pid}"
 
 
+async def held_chunks(dsn: str, name: str, worker: psutil.Process) -> dict[int, int]:
+    """Chunks this worker holds a lease on and has not finished, with their fences."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {r["chunk_no"]: r["fence"] for r in await conn.fetch(
+            "SELECT c.chunk_no, c.fence FROM chunks c JOIN jobs j ON j.id = c.job_id"
+            " WHERE j.name = $1 AND c.state = 'leased' AND c.lease_owner = $2", name, owner(worker))}
+    finally:
+        await conn.close()
+
+
+async def suspend_a_lease_holder(dsn: str, name: str, proc: subprocess.Popen) -> tuple[psutil.Process, dict[int, int]]:
+    """SIGSTOP a worker that, once stopped, still holds at least one unfinished chunk (a worker
+    caught between chunks, or still starting, holds nothing and would prove nothing)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for worker in workers_of(proc):
+            worker.suspend()
+            await asyncio.sleep(0.2)  # a COMMIT it sent just before stopping lands first
+            held = await held_chunks(dsn, name, worker)
+            if held:
+                return worker, held
+            worker.resume()
+        await asyncio.sleep(0.05)
+    raise AssertionError("no worker held a lease within 30 s")
+
+
+async def wait_until_taken_over(dsn: str, name: str, fences: dict[int, int], timeout: float = 60) -> None:
+    """Until every one of these chunks has been leased again: its fence moved on."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            moved = await conn.fetchval(
+                "SELECT count(*) FROM chunks c JOIN jobs j ON j.id = c.job_id"
+                " JOIN unnest($2::int[], $3::bigint[]) AS held(chunk_no, fence) ON held.chunk_no = c.chunk_no"
+                " WHERE j.name = $1 AND c.fence <> held.fence",
+                name, list(fences), list(fences.values()))
+            if moved == len(fences):
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    raise AssertionError(f"chunks {sorted(fences)} were not taken over within {timeout}s")
+
+
 async def server_hits(base: str) -> int:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{base}/__hits") as resp:
@@ -241,9 +287,9 @@ async def test_a_stale_worker_cannot_commit_over_the_new_lease_holder(session_ds
     proc = crawl_process(session_dsn, tmp_path / "urls.csv", name, env=env)
     try:
         await wait_for_results(session_dsn, name, 300, proc)
-        stale = workers_of(proc)[0]
-        stale.suspend()  # SIGSTOP: alive, holding leases, silent
-        await asyncio.sleep(4)  # its leases expire; the other worker takes the chunks over
+        stale, taken = await suspend_a_lease_holder(session_dsn, name, proc)  # SIGSTOP: alive, silent
+        # Its leases expire and the other worker takes its chunks over (polled, not slept on).
+        await wait_until_taken_over(session_dsn, name, taken)
         stale.resume()  # SIGCONT: it finishes its requests and tries to commit them
         code, err = finish(proc)
     finally:
