@@ -306,7 +306,21 @@ async def write_results(
 
     Returns the leases that were refused because their fence is no longer current; their
     results are dropped, since the chunk's new holder redoes them.
+
+    Results are COPied straight into `results`. A batch can only meet rows already there when it
+    is a replay, after a connection lost before we saw our COMMIT's answer; the COPY then fails
+    on the primary key and the batch is written again through a staging table, keeping what is
+    there and counting only the new rows.
     """
+    args = (conn, job_id, batches, completed, lease_seconds, bodies, cache_rows, cache_touch)
+    try:
+        return await _write_results(*args, replay=False)
+    except asyncpg.UniqueViolationError:
+        return await _write_results(*args, replay=True)
+
+
+async def _write_results(conn, job_id, batches, completed, lease_seconds, bodies, cache_rows, cache_touch,
+                         *, replay: bool) -> set[Lease]:
     leases = sorted(set(batches) | completed, key=lambda l: l.chunk_no)
     async with conn.transaction():
         current = await conn.fetch(
@@ -317,9 +331,13 @@ async def write_results(
         held = {Lease(r["chunk_no"], r["fence"]) for r in current}
         refused = {l for l in leases if l not in held}
         records = [rec for lease, recs in batches.items() if lease in held for rec in recs]
-        if records:
+        if records and not replay:
+            await conn.copy_records_to_table("results", records=records, columns=RESULT_COLUMNS)
+        elif records:
             await conn.copy_records_to_table("result_stage", records=records, columns=RESULT_COLUMNS)
-            await conn.execute("INSERT INTO results SELECT * FROM result_stage ON CONFLICT DO NOTHING")
+            new = {r[0] for r in await conn.fetch(
+                "INSERT INTO results SELECT * FROM result_stage ON CONFLICT DO NOTHING RETURNING row_no")}
+            batches = {lease: [rec for rec in recs if rec[1] in new] for lease, recs in batches.items()}
         # The cross-job cache learns from every write, fenced or not: an answer is an answer.
         await cache.store(conn, cache_rows or [])
         await cache.touch(conn, cache_touch or [])
