@@ -100,7 +100,7 @@ class Supervisor:
                             break
                     elif self.pool.all_finished():
                         break
-                    await asyncio.sleep(POLL)
+                    await self.pool.pause(POLL)
             except BaseException:
                 self.stopping.set()
                 self.pool.signal(signal.SIGTERM)
