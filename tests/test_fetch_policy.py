@@ -128,6 +128,46 @@ async def test_a_gzip_bomb_and_an_endless_body_cost_bounded_memory(mock_url):
     assert peak < 32 * 1024 * 1024  # a few read buffers beyond the 4 MiB cap, not a gigabyte
 
 
+async def test_the_total_timeout_cuts_a_body_that_never_pauses_long(mock_url):
+    # One byte every 100 ms for 10 s: never silent for the read timeout, always over the total.
+    settings = test_settings(read_timeout=1.0, total_timeout=0.6)
+    async with Fetcher(settings) as fetcher:
+        attempt = await fetcher.attempt("GET", f"{mock_url}/slow-body/100/100/x")
+    assert (attempt.status, attempt.error_kind) == (200, "timeout")
+    assert "total timeout (0.6s)" in attempt.error
+    assert 600 <= attempt.elapsed_ms < 600 + 1000 * fetcher.sweep + 1000
+
+
+async def test_the_read_timeout_counts_from_the_last_read(mock_url):
+    settings = test_settings(read_timeout=0.4, total_timeout=10.0)
+    async with Fetcher(settings) as fetcher:
+        # Five bytes 150 ms apart: 750 ms in all, each wait shorter than the read timeout.
+        steady = await fetcher.attempt("GET", f"{mock_url}/slow-body/150/5/x")
+        # Silent for 1.5 s before the first byte of the body.
+        stalled = await fetcher.attempt("GET", f"{mock_url}/slow-body/1500/2/x")
+        # Silent for 1.5 s before the status line.
+        no_headers = await fetcher.attempt("GET", f"{mock_url}/slow-headers/1500/x")
+    assert (steady.status, steady.error_kind, steady.body_bytes) == (200, None, 5)
+    assert (stalled.status, stalled.error_kind) == (200, "timeout")
+    assert (no_headers.status, no_headers.error_kind) == (None, "timeout")
+    assert "read timeout (0.4s)" in stalled.error and "read timeout (0.4s)" in no_headers.error
+    assert no_headers.elapsed_ms < 1500
+
+
+async def test_a_timeout_leaves_the_task_fetching_and_other_cancellations_go_through(mock_url):
+    settings = test_settings(read_timeout=0.2, total_timeout=10.0)
+    async with Fetcher(settings) as fetcher:
+        timed_out = await fetcher.attempt("GET", f"{mock_url}/slow-headers/2000/x")
+        after = await fetcher.attempt("GET", f"{mock_url}/ok/x")  # the same task, not left cancelled
+        assert asyncio.current_task().cancelling() == 0
+        stopped = asyncio.create_task(fetcher.attempt("GET", f"{mock_url}/slow-headers/2000/y"))
+        await asyncio.sleep(0.05)
+        stopped.cancel()  # e.g. a drain past its grace period: not a timeout, not swallowed
+        with pytest.raises(asyncio.CancelledError):
+            await stopped
+    assert timed_out.error_kind == "timeout" and (after.status, after.error_kind) == (200, None)
+
+
 async def test_a_body_is_hashed_and_stored_only_when_asked(session_dsn, db, mock_url, tmp_path):
     path = tmp_path / "bodies.txt"
     path.write_text(f"{mock_url}/bytes/3000\n")
