@@ -145,7 +145,8 @@ class Fetcher:
                 ssl=False if self.settings.insecure else True,
             ) as resp:
                 result.status = resp.status
-                result.final_url = str(resp.url)
+                # Without a redirect the final URL is the one asked for (already in yarl's form).
+                result.final_url = str(resp.url) if resp.history else url
                 result.retry_after = resp.headers.get("Retry-After")
                 result.etag = resp.headers.get("ETag")
                 result.last_modified = resp.headers.get("Last-Modified")

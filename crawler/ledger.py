@@ -8,7 +8,7 @@ holder. Results are keyed by (job, row): every write is idempotent.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import asyncpg
 
@@ -37,8 +37,10 @@ class Job:
     ingest_done: bool
 
 
-@dataclass(slots=True, frozen=True)
-class Lease:
+class Lease(NamedTuple):
+    """A chunk as leased: its number and the fence that lease got. Looked up and compared a few
+    times per request (a tuple's hash and equality run in C; a dataclass's in Python)."""
+
     chunk_no: int
     fence: int
 

@@ -57,6 +57,9 @@ class Decision:
     reason: str | None = None  # why a retryable failure was not retried
 
 
+FINAL = Decision(False)  # most attempts' decision: one frozen instance, not one per request
+
+
 def decide(
     *,
     error_kind: str | None,
@@ -71,7 +74,7 @@ def decide(
         error_kind in (None, "http_status") and status is not None and status in policy.retry_statuses
     )
     if not retryable or attempts >= policy.max_attempts:
-        return Decision(False)
+        return FINAL
     wait = parse_retry_after(retry_after) if status in (429, 503) else None
     if wait is not None:
         if wait > policy.retry_after_max:

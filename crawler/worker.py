@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import os
 import random
 import signal
@@ -24,7 +25,7 @@ from crawler.errors import CrawlerError
 from crawler.database import LedgerConnection
 from crawler.fetcher import Attempt, Fetcher
 from crawler.ledger import Lease
-from crawler.hosts import HostScheduler
+from crawler.hosts import HostScheduler, host_of
 from crawler.retry import RetryPolicy, decide, parse_retry_after
 from crawler.settings import Settings
 from crawler.writer import ResultWriter
@@ -40,6 +41,7 @@ class WorkItem:
     row_no: int
     method: str
     url: str
+    host: str  # the per-host scheduler's key (hosts.host_of), worked out once
     headers: str | None = None  # a JSON object, as stored
     body: bytes | None = None
     fingerprint: bytes = b""
@@ -85,7 +87,8 @@ class Worker:
         # A host's budget is shared by every live worker of the job, on every machine, not
         # multiplied by them: until the registry has been read, by this machine's workers.
         self.share = max(1, settings.effective_workers())
-        self.hosts = HostScheduler(**self._host_budget(self.share), adaptive=settings.adaptive_concurrency)
+        self.hosts = HostScheduler(**self._host_budget(self.share), adaptive=settings.adaptive_concurrency,
+                                   key=operator.attrgetter("host"))
         self._in_flight = 0
         self._held: dict[int, HeldChunk] = {}
         self._lost: set[Lease] = set()  # leases taken over by another worker: their items are dropped
@@ -181,7 +184,8 @@ class Worker:
             if self.settings.cache_ttl > 0 and not self.settings.no_cache:
                 stored = await db.run(cache.lookup, [row["fingerprint"] for row in rows], self.settings.cache_ttl)
             for row in rows:
-                item = WorkItem(lease, row["row_no"], row["method"], row["url"], headers=row["headers"],
+                url = row["url"]
+                item = WorkItem(lease, row["row_no"], row["method"], url, host_of(url), headers=row["headers"],
                                 body=row["body"], fingerprint=row["fingerprint"])
                 entry = stored.get(item.fingerprint)
                 if entry is not None and entry.fresh:
@@ -304,7 +308,9 @@ class Worker:
                     final_url=attempt.final_url, body_bytes=attempt.body_bytes, body_sha256=attempt.body_sha256,
                     etag=attempt.etag, last_modified=attempt.last_modified,
                 )
-        await self.writer.add(item.lease, record, attempt.body, remember)
+        if self.writer.full:
+            await self.writer.room()
+        self.writer.add(item.lease, record, attempt.body, remember)
         if cache_kind is not None:
             self.metrics.cache_hit(cache_kind)
         self.stats.fetched += 1

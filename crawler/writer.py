@@ -57,14 +57,22 @@ class ResultWriter:
         """Leases whose writes were refused by their fence: another worker holds the chunk now."""
         return self._lost
 
-    async def add(self, lease: Lease, record: tuple, body: tuple | None = None,
-                  remember: tuple | bytes | None = None) -> None:
-        """Buffer one result; with --store-bodies its body (content_type, bytes); with --cache-ttl
-        what the cross-job cache learns from it (a row to store, or a fingerprint a 304 confirmed)."""
+    @property
+    def full(self) -> bool:
+        return self._buffered >= self.max_buffer
+
+    async def room(self) -> None:
+        """Wait until the buffer can take a result (at once, unless the database is behind)."""
         while self._buffered >= self.max_buffer:
             self._room.clear()
             self._wake.set()
             await self._room.wait()
+
+    def add(self, lease: Lease, record: tuple, body: tuple | None = None,
+            remember: tuple | bytes | None = None) -> None:
+        """Buffer one result, after `room()`; with --store-bodies its body (content_type, bytes);
+        with --cache-ttl what the cross-job cache learns from it (a row to store, or a fingerprint
+        a 304 confirmed)."""
         self._buffer.setdefault(lease, []).append(record)
         self._handed.setdefault(lease, []).append(time.monotonic())
         if body is not None:

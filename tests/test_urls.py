@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yarl
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
@@ -225,6 +226,15 @@ def test_normalizing_any_text_twice_changes_nothing(tail: str, head: str, sort_q
     except InvalidURL:
         return
     assert normalize_url(once, sort_query=sort_query) == once
+    assert str(yarl.URL(once)) == once  # what aiohttp would make of it (see the test above)
+
+
+@given(http_urls(), st.booleans())
+def test_aiohttp_asks_for_a_normalized_url_as_written(parts: dict, sort_query: bool) -> None:
+    # The Fetcher reports such a URL as the final one when there was no redirect, without asking
+    # aiohttp's yarl.URL for its text: the two must be the same.
+    once = normalize_url(spell(parts, fragment="x", escape=True), sort_query=sort_query)
+    assert str(yarl.URL(once)) == once
 
 
 @given(http_urls(), http_urls())
