@@ -84,6 +84,10 @@ def child(dsn: str, job_id: int) -> None:
             job = await ledger.find_job(conn, job_id)
         finally:
             await conn.close()
+        import crawler.worker as worker_module
+
+        if hasattr(worker_module, "tune_gc"):  # as run_worker does, where this revision has it
+            worker_module.tune_gc()
         known = {f.name for f in dataclasses.fields(Settings)}
         worker = Worker(dsn, job_id, Settings(**{k: v for k, v in job.settings.items() if k in known}))
         gc0 = [g["collections"] for g in gc.get_stats()]

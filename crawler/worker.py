@@ -9,6 +9,7 @@ finish within a grace period, flushes, and gives unfinished chunks back.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import operator
 import os
@@ -360,6 +361,16 @@ def _from_cache(entry: CachedResponse) -> Attempt:
                    body_bytes=entry.body_bytes, body_sha256=entry.body_sha256)
 
 
+def tune_gc() -> None:
+    """Fewer, cheaper garbage collections in a worker: what was allocated at start-up (modules,
+    the session, the connections) is frozen out of the collector's scans, and the young
+    generation is collected every 10 000 allocations instead of 700. A worker's garbage is short
+    lived and acyclic (its per-request objects die by reference count); the cycles aiohttp and
+    asyncio leave behind (exceptions with tracebacks) are still collected."""
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+
+
 def run_worker(dsn: str, job_id: int, settings: dict) -> None:
     """Process entry point, spawned by the supervisor of `crawler crawl` or by `crawler worker`."""
     import uvloop
@@ -370,6 +381,7 @@ def run_worker(dsn: str, job_id: int, settings: dict) -> None:
     # it into one orderly drain signal per worker.
     os.setpgrp()
     setup_worker_logging()
+    tune_gc()
     worker = Worker(dsn, job_id, Settings(**settings))
     parent = os.getppid()
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -174,3 +177,15 @@ async def test_a_corrupt_gzip_stops_with_one_sentence_and_keeps_what_was_read(se
     assert "\n" not in str(caught.value)
     jid = await job_id(db, "truncated-gzip")
     assert await db.fetchval("SELECT state FROM jobs WHERE id = $1", jid) == "interrupted"
+
+
+def test_a_worker_collects_garbage_rarely_and_never_scans_its_start_up_objects() -> None:
+    # In a process of its own, as a worker would: pytest's collector stays as it is.
+    code = (
+        "import gc, json; from crawler.worker import tune_gc; tune_gc();"
+        " print(json.dumps([gc.get_threshold(), gc.get_freeze_count()]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    threshold, frozen = json.loads(done.stdout)
+    assert threshold[0] >= 10_000  # CPython's default is 700: a collection every few requests
+    assert frozen > 10_000  # the modules' objects, out of every later scan
