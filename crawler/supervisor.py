@@ -77,8 +77,11 @@ class Supervisor:
             try:
                 while True:
                     broken = await self.pool.tend(db, job) or broken
+                    finished = local > 0 and self.pool.all_finished()
                     counts = None
-                    if time.monotonic() >= next_look:  # the counts sum every chunk of the job
+                    # The counts sum every chunk of the job: read once a second, and once more at
+                    # the end, so that the last progress shown is the job's final state.
+                    if time.monotonic() >= next_look or finished:
                         next_look = time.monotonic() + LOOK_EVERY
                         counts = await db.try_run(ledger.job_counts, job.id)
                         self._check_outage(counts is None, job)
@@ -98,7 +101,7 @@ class Supervisor:
                         if self.stopping.is_set() or (counts is not None and counts["ingest_done"]
                                                       and counts["pending"] == counts["leased"] == 0):
                             break
-                    elif self.pool.all_finished():
+                    elif finished:
                         break
                     await self.pool.pause(POLL)
             except BaseException:
