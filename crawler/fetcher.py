@@ -157,7 +157,8 @@ class Fetcher:
                     digest = hashlib.sha256()
                     kept = bytearray() if self.settings.store_bodies else None
                     size = 0
-                    async for block in resp.content.iter_chunked(READ_SIZE):
+                    read = resp.content.read
+                    while block := await read(READ_SIZE):
                         flight.progress = loop.time()
                         size += len(block)
                         if size > limit:  # counted after decompression: a gzip bomb stops here
