@@ -90,7 +90,7 @@ class Fetcher:
             connector=connector,
             # Only the connect timeout is aiohttp's (armed for new connections alone); the read
             # and total timeouts are the watchdog's: aiohttp's cost a timer per request and
-            # another re-armed on every read, ~10 % of a request's instructions.
+            # another re-armed on every read, 7 % of a request's instructions (callgrind).
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout, sock_read=None),
             headers={"User-Agent": s.user_agent},
             cookie_jar=aiohttp.DummyCookieJar(),  # rows are independent: no state between them

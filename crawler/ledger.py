@@ -321,8 +321,18 @@ async def write_results(
         return await _write_results(*args, replay=True)
 
 
-async def _write_results(conn, job_id, batches, completed, lease_seconds, bodies, cache_rows, cache_touch,
-                         *, replay: bool) -> set[Lease]:
+async def _write_results(
+    conn: asyncpg.Connection,
+    job_id: int,
+    batches: dict[Lease, list[tuple]],
+    completed: set[Lease],
+    lease_seconds: float,
+    bodies: dict[Lease, list[tuple]] | None,
+    cache_rows: list[tuple] | None,
+    cache_touch: list[bytes] | None,
+    *,
+    replay: bool,
+) -> set[Lease]:
     leases = sorted(set(batches) | completed, key=lambda l: l.chunk_no)
     async with conn.transaction():
         current = await conn.fetch(
