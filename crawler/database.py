@@ -146,12 +146,14 @@ def _keep_alive(conn: asyncpg.Connection) -> None:
 class LedgerConnection:
     """One connection that comes back. A call that fails because the database went away waits
     (exponential backoff with jitter), reconnects and tries again, for up to `outage_limit`
-    seconds; then the last error is raised. Calls must be safe to repeat."""
+    seconds; then the last error is raised, naming `job` (its name or id) in the resume hint.
+    Calls must be safe to repeat."""
 
-    def __init__(self, dsn: str, *, outage_limit: float = 300.0, setup=None) -> None:
+    def __init__(self, dsn: str, *, outage_limit: float = 300.0, setup=None, job: str | int | None = None) -> None:
         self.dsn = dsn
         self.outage_limit = outage_limit
         self._setup = setup
+        self.job = job
         self._conn: asyncpg.Connection | None = None
 
     async def __aenter__(self) -> "LedgerConnection":
@@ -168,7 +170,7 @@ class LedgerConnection:
                 raise
             raise DatabaseError(
                 f"PostgreSQL at {mask_dsn(self.dsn)} was unavailable for more than {self.outage_limit:g}s"
-                f" ({type(exc).__name__}); once it is back, `crawler resume JOB` finishes the job."
+                f" ({type(exc).__name__}); once it is back, `crawler resume {self.job or 'JOB'}` finishes the job."
             ) from None
 
     async def _run(self, fn, *args, **kwargs):

@@ -63,7 +63,7 @@ class Supervisor:
     async def run(self, job: Job, reader: RowReader | None) -> CrawlOutcome:
         limit = self.settings.db_outage_limit
         local = self.settings.effective_workers()
-        async with LedgerConnection(self.dsn, outage_limit=limit) as db:
+        async with LedgerConnection(self.dsn, outage_limit=limit, job=job.name or job.id) as db:
             released = await db.run(release_dead_local_leases, job.id)
             if released:
                 log.warning("released %d chunks leased by workers that are gone", released)
@@ -141,7 +141,8 @@ class Supervisor:
         """Stream the input into chunks; on resume, skip the rows already stored."""
         limit = self.settings.db_outage_limit
         try:
-            async with LedgerConnection(self.dsn, outage_limit=limit, setup=ledger.prepare_ingest) as db:
+            async with LedgerConnection(self.dsn, outage_limit=limit, setup=ledger.prepare_ingest,
+                                        job=job.name or job.id) as db:
                 chunk_no, last_row = await db.run(ledger.ingest_position, job.id)
                 batches = reader.batches(self.settings.chunk_size)
                 while not self.stopping.is_set():

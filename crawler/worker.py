@@ -128,8 +128,8 @@ class Worker:
             lease_seconds=s.lease_seconds, outage_limit=s.db_outage_limit,
         )
         async with (
-            LedgerConnection(self.dsn, outage_limit=s.db_outage_limit) as db,
-            LedgerConnection(self.dsn, outage_limit=s.db_outage_limit) as beat_db,
+            LedgerConnection(self.dsn, outage_limit=s.db_outage_limit, job=self.job_id) as db,
+            LedgerConnection(self.dsn, outage_limit=s.db_outage_limit, job=self.job_id) as beat_db,
         ):
             host, pid = self.id.rsplit(":", 1)
             await db.run(registry.register_worker, self.job_id, self.id, host, int(pid))

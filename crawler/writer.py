@@ -47,7 +47,7 @@ class ResultWriter:
         self._room = asyncio.Event()
         self._room.set()
         self._closing = False
-        self._db = LedgerConnection(dsn, outage_limit=outage_limit, setup=ledger.prepare_writer)
+        self._db = LedgerConnection(dsn, outage_limit=outage_limit, setup=ledger.prepare_writer, job=job_id)
         self.rows_written = 0
         self.max_buffer = batch_size * 8
         self.metrics = metrics.for_worker()

@@ -21,6 +21,8 @@ import psutil
 import pytest
 
 from conftest import ROOT
+from crawler.database import LedgerConnection
+from crawler.errors import DatabaseError
 from crawler.migrate import apply_migrations
 
 URLS = 20_000
@@ -426,3 +428,13 @@ async def test_a_worker_that_keeps_dying_exhausts_its_restart_budget(session_dsn
     assert code == 2, err
     assert "died 3 times" in err and f"crawler resume {name}" in err
     assert len(killed) <= 2 * 3  # two slots, each started once and restarted twice
+
+
+async def test_a_database_gone_for_good_names_the_job_to_resume(tmp_path):
+    # Whichever of the supervisor's calls meets the outage last, its one sentence names the job.
+    gone = f"postgresql://postgres:@/postgres?host={tmp_path}/no-server-here"
+    async with LedgerConnection(gone, outage_limit=0.3, job="weekly") as db:
+        with pytest.raises(DatabaseError) as caught:
+            await db.run(lambda conn: conn.fetchval("SELECT 1"))
+    message = str(caught.value)
+    assert message.startswith("PostgreSQL at") and "`crawler resume weekly`" in message
