@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -70,9 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="crawler-ab-") as tmp, harness.ScratchDatabase(server_dsn) as db:
         base_tree = str(Path(tmp) / "base")
         os.mkdir(base_tree)
-        archive = subprocess.run(["git", "archive", args.baseline, "crawler", "migrations", "config"],
-                                 cwd=harness.ROOT, check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", base_tree], input=archive, check=True)
+        harness.export_revision(args.baseline, base_tree)
         pg = harness.PostgresCPU(server_dsn)
         print(f"baseline {args.baseline}; {args.urls} URLs, {args.workers} workers, concurrency {args.concurrency},"
               f" {args.runs} runs", flush=True)

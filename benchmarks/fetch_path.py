@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import re
 import resource
 import subprocess
 import sys
@@ -134,11 +133,13 @@ def callgrind(variant: str, path: Path, args: argparse.Namespace, tmp: str) -> i
     done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
                            "--concurrency", str(args.concurrency), "--baseline", args.baseline,
                            "--child", variant, str(path)], capture_output=True, text=True, timeout=3600)
-    collected = re.search(r"Collected : (\d+)", done.stderr)
+    import harness  # the parent's side only: children import no harness
+
+    collected = harness.callgrind_instructions(done.stderr)
     if done.returncode != 0 or collected is None:
         raise SystemExit(f"fetch_path: {variant} under callgrind failed: {done.stderr[-2000:]}")
     out.unlink(missing_ok=True)
-    return int(collected.group(1))
+    return collected
 
 
 def main() -> None:
@@ -160,9 +161,7 @@ def main() -> None:
     import harness
 
     harness.print_machine(harness.machine())
-    server = harness.Nginx(1) if args.server == "nginx" else harness.MockServer(1)
-    if args.server == "nginx" and not server.available:
-        server = harness.MockServer(1)
+    server = harness.http_server(args.server)
     variants = args.variants.split(",")
     rows: dict[str, list[dict]] = {v: [] for v in variants}
     if args.callgrind:

@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -318,6 +319,29 @@ class Nginx:
         stop(self.proc)
         if self.tmp is not None:
             self.tmp.cleanup()
+
+
+def http_server(kind: str) -> "Nginx | MockServer":
+    """The server under test: nginx (one worker, a static file) where installed, else, or when
+    `kind` is "mock", the crawler's own mock server (one process)."""
+    if kind == "nginx":
+        server = Nginx(1)
+        if server.available:
+            return server
+    return MockServer(1)
+
+
+def export_revision(revision: str, dest: str, paths: tuple[str, ...] = ("crawler", "migrations", "config")) -> None:
+    """The project's `paths` as of a git revision, unpacked under `dest` (which must exist), to put
+    first on a child's PYTHONPATH."""
+    archive = subprocess.run(["git", "archive", revision, *paths], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+
+
+def callgrind_instructions(stderr: str) -> int | None:
+    """The instruction count in `valgrind --tool=callgrind`'s closing lines, if any."""
+    found = re.search(r"Collected : (\d+)", stderr)
+    return int(found.group(1)) if found else None
 
 
 def stop(proc: subprocess.Popen | None) -> None:

@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -162,7 +161,9 @@ def run_child(path: Path, variant: str, base_tree: str, *, callgrind: str | None
         raise SystemExit(f"ingest_path: {variant} imported {figures['package']}, not {expected}")
     if callgrind:
         Path(callgrind).unlink(missing_ok=True)
-        return int(re.search(r"Collected : (\d+)", done.stderr).group(1))
+        import harness  # the parent's side only: children import no harness
+
+        return harness.callgrind_instructions(done.stderr)
     return figures
 
 
@@ -202,9 +203,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="crawler-ingest-path-") as tmp, scratch as db:
         base_tree = str(Path(tmp) / "base")
         os.mkdir(base_tree)
-        archive = subprocess.run(["git", "archive", args.baseline, "crawler"], cwd=ROOT, check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", base_tree], input=archive, check=True)
+        harness.export_revision(args.baseline, base_tree, ("crawler",))
         sizes = (args.rows, 3 * args.rows) if args.callgrind else (args.rows,)
         files = {}
         for name in inputs:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shutil
 import subprocess
@@ -175,10 +174,11 @@ def run_child(variant: str, size: int, args: argparse.Namespace, db, files: dict
         print(f"  WARNING: {variant} at {size} URLs: only {rows['ok']} of {size} results are ok"
               f" ({figures['retries']} retries): the figures include failures", flush=True)
     if callgrind:
-        collected = re.search(r"Collected : (\d+)", done.stderr)
-        if collected is None:
+        import harness  # the parent's side only: children import no harness
+
+        figures["ir"] = harness.callgrind_instructions(done.stderr)
+        if figures["ir"] is None:
             raise SystemExit(f"{where}: no instruction count in callgrind's output: {done.stderr[-3000:]}")
-        figures["ir"] = int(collected.group(1))
     return figures
 
 
@@ -212,9 +212,7 @@ def main() -> None:
 
     server_dsn = harness.resolve_dsn(args.dsn)
     harness.print_machine(harness.machine(server_dsn))
-    server = harness.Nginx(1) if args.server == "nginx" else harness.MockServer(1)
-    if args.server == "nginx" and not server.available:
-        server = harness.MockServer(1)
+    server = harness.http_server(args.server)
     sizes = (urls, 3 * urls) if args.callgrind else (urls,)
     settings = job_settings(args)
     rows: dict[str, list[dict]] = {v: [] for v in variants}
@@ -223,9 +221,7 @@ def main() -> None:
         trees = {v: str(Path(tmp).resolve() / v) for v in VARIANTS}
         if "base" in variants:
             os.mkdir(trees["base"])
-            archive = subprocess.run(["git", "archive", args.baseline, "crawler", "migrations", "config"],
-                                     cwd=ROOT, check=True, capture_output=True).stdout
-            subprocess.run(["tar", "-x", "-C", trees["base"]], input=archive, check=True)
+            harness.export_revision(args.baseline, trees["base"])
         # The working tree as it is now: others' edits during the run do not mix into its figures.
         for name in ("crawler", "migrations", "config"):
             shutil.copytree(ROOT / name, Path(trees["current"]) / name,
