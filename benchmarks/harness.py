@@ -2,12 +2,16 @@
 under test (the project's mock server, nginx when it is on PATH), a timed subprocess with its
 resource usage, a sampler of a process tree's memory, and medians.
 
+Importing it compiles the crawler's modules to bytecode (see compile_package): every process of
+the crawler is then measured as a regular install runs it.
+
 Every server here listens on 127.0.0.1 only; nothing here sends a request anywhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import compileall
 import datetime as dt
 import os
 import platform
@@ -32,6 +36,17 @@ from crawler.bench import MockServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = Path(__file__).resolve().parent
+
+
+def compile_package(root: Path = ROOT) -> None:
+    """The crawler's modules compiled to bytecode under `root`, as `pip install` leaves them: an
+    editable install under PYTHONDONTWRITEBYTECODE=1 (set on some machines) has none, and every
+    process of the crawler, supervisor and workers alike, would compile its modules on start
+    (measured: +85 ms to import the supervisor's)."""
+    compileall.compile_dir(root / "crawler", quiet=1)
+
+
+compile_package()
 
 
 # --- the machine ----------------------------------------------------------------------------
@@ -336,6 +351,7 @@ def export_revision(revision: str, dest: str, paths: tuple[str, ...] = ("crawler
     first on a child's PYTHONPATH."""
     archive = subprocess.run(["git", "archive", revision, *paths], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    compile_package(Path(dest))
 
 
 def callgrind_instructions(stderr: str) -> int | None:

@@ -27,6 +27,7 @@ from crawler.crawl import crawl
 from crawler.database import connect
 from crawler.errors import CrawlerError
 from crawler.settings import Settings
+from crawler.standby import Standby
 
 
 def duplicate_rows(count: int, duplicates: float) -> int:
@@ -185,7 +186,7 @@ def render_bench(figures: dict, console: Console) -> None:
 
 
 async def bench(dsn: str, settings: Settings, *, urls: int, duplicates: float, latency_ms: int,
-                server_processes: int, summary_json: str | None, quiet: bool) -> int:
+                server_processes: int, summary_json: str | None, quiet: bool, standby: Standby | None = None) -> int:
     if not 0 <= duplicates < 1:
         raise CrawlerError("--duplicates must be a fraction from 0 up to (not including) 1.")
     if urls < 1:
@@ -203,7 +204,7 @@ async def bench(dsn: str, settings: Settings, *, urls: int, duplicates: float, l
         before = resource.getrusage(resource.RUSAGE_SELF)
         code = await crawl(dsn, settings, input_path=str(path), url_column=None,
                            job_name=f"bench-{int(time.time())}-{os.getpid()}", summary_json=str(crawl_summary),
-                           quiet=quiet)
+                           quiet=quiet, standby=standby)
         after = resource.getrusage(resource.RUSAGE_SELF)
         server_cpu_after = server.cpu_seconds()
         if not crawl_summary.exists():

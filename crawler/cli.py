@@ -7,9 +7,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from crawler.errors import EXIT_INTERRUPTED, CrawlerError, UsageError
+
+if TYPE_CHECKING:  # imported where used: `crawler --help` stays quick
+    from crawler.settings import Settings
+    from crawler.standby import Standby
 
 EXAMPLES = {  # each `crawler ...` line must parse: tests/test_cli.py checks every one
     "crawler": (
@@ -230,8 +234,8 @@ def _run(coro) -> int:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    from crawler import commands
     from crawler.settings import load_settings
+    from crawler.standby import Standby
 
     if args.command == "mock-server":
         from crawler.mock_server import serve
@@ -242,6 +246,16 @@ def dispatch(args: argparse.Namespace) -> int:
     settings, sources = load_settings(config_file=args.config, flags=_flags(args))
     if args.command == "bench" and settings.effective_workers() == 0:
         raise UsageError("bench measures this machine's workers: --workers must be auto or at least 1.")
+    # The commands that run a job start their workers first of all: they import while this
+    # process imports its own modules and prepares the database and the job (standby.py).
+    starts_job = args.command in ("crawl", "resume", "bench")
+    with Standby(settings.effective_workers() if starts_job else 0) as standby:
+        return _dispatch(args, settings, sources, standby)
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings, sources: dict[str, str], standby: Standby) -> int:
+    from crawler import commands
+
     if args.command == "config":
         return commands.show_config(settings, sources)
     if args.command == "db" and args.db_command == "stop":
@@ -253,17 +267,19 @@ def dispatch(args: argparse.Namespace) -> int:
         from crawler.crawl import crawl
 
         return _run(crawl(dsn, settings, input_path=args.input, url_column=args.url_column, job_name=args.job_name,
-                          summary_json=args.summary_json, quiet=args.quiet, resume_existing=args.resume))
+                          summary_json=args.summary_json, quiet=args.quiet, resume_existing=args.resume,
+                          standby=standby))
     if args.command == "bench":
         from crawler.bench import bench
 
         return _run(bench(dsn, settings, urls=args.urls, duplicates=args.duplicates, latency_ms=args.latency_ms,
                           server_processes=max(1, args.server_processes), summary_json=args.summary_json,
-                          quiet=args.quiet))
+                          quiet=args.quiet, standby=standby))
     if args.command == "resume":
         from crawler.crawl import resume
 
-        return _run(resume(dsn, settings, job_ref=args.job, summary_json=args.summary_json, quiet=args.quiet))
+        return _run(resume(dsn, settings, job_ref=args.job, summary_json=args.summary_json, quiet=args.quiet,
+                           standby=standby))
     if args.command == "worker":
         return commands.worker(dsn, settings, args.job)
     if args.command == "export":

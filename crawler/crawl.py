@@ -19,6 +19,7 @@ from crawler.metrics import Exporter
 from crawler.migrate import apply_migrations
 from crawler.progress import ProgressView, render_summary
 from crawler.settings import Settings
+from crawler.standby import Standby
 from crawler.summary import job_summary
 from crawler.supervisor import Supervisor
 
@@ -54,6 +55,7 @@ async def crawl(
     summary_json: str | None,
     quiet: bool,
     resume_existing: bool = False,
+    standby: Standby | None = None,
 ) -> int:
     started = time.monotonic()
     source = "-" if input_path == "-" else str(Path(input_path).resolve())
@@ -65,7 +67,8 @@ async def crawl(
         finally:
             await conn.close()
         if unfinished is not None:
-            return await resume(dsn, settings, job_ref=str(unfinished.id), summary_json=summary_json, quiet=quiet)
+            return await resume(dsn, settings, job_ref=str(unfinished.id), summary_json=summary_json, quiet=quiet,
+                                standby=standby)
     reader = open_input(input_path, url_column=url_column, sort_query=settings.sort_query)
     try:
         conn = await connect(dsn)
@@ -83,10 +86,12 @@ async def crawl(
     except BaseException:
         reader.close()
         raise
-    return await _supervise(dsn, settings, job, reader, summary_json=summary_json, quiet=quiet, started=started)
+    return await _supervise(dsn, settings, job, reader, summary_json=summary_json, quiet=quiet, started=started,
+                            standby=standby)
 
 
-async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: str | None, quiet: bool) -> int:
+async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: str | None, quiet: bool,
+                 standby: Standby | None = None) -> int:
     started = time.monotonic()
     await prepare_database(dsn)
     conn = await connect(dsn)
@@ -108,16 +113,17 @@ async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: st
             raise InputError("this job read its input from stdin and stopped before reading all of it; it cannot be resumed.")
         reader = open_input(job.input, url_column=job.settings.get("url_column"),
                             sort_query=job.settings.get("sort_query", False))
-    return await _supervise(dsn, settings, job, reader, summary_json=summary_json, quiet=quiet, started=started)
+    return await _supervise(dsn, settings, job, reader, summary_json=summary_json, quiet=quiet, started=started,
+                            standby=standby)
 
 
-async def _supervise(dsn, settings, job, reader, *, summary_json, quiet, started) -> int:
+async def _supervise(dsn, settings, job, reader, *, summary_json, quiet, started, standby) -> int:
     console = Console()
     with (
         Exporter.start(settings) or contextlib.nullcontext() as exporter,
         ProgressView(quiet=quiet, interval=settings.progress_interval) as view,
     ):
-        supervisor = Supervisor(dsn, settings, progress=view, exporter=exporter)
+        supervisor = Supervisor(dsn, settings, progress=view, exporter=exporter, standby=standby)
         supervisor.install_signals()
         try:
             outcome = await supervisor.run(job, reader)

@@ -1,5 +1,6 @@
-"""Worker processes on this machine: start them (spawn), restart one that dies within a budget,
-tell which died so their leases can go back at once, and turn Ctrl-C or SIGTERM into a drain.
+"""Worker processes on this machine: start them (standby.py), restart one that dies within a
+budget, tell which died so their leases can go back at once, and turn Ctrl-C or SIGTERM into a
+drain.
 
 Used by the supervisor of `crawler crawl` and by `crawler worker --workers N`, which joins a job
 from another machine and leaves when the job has nothing left for it.
@@ -22,18 +23,11 @@ from crawler.database import LedgerConnection
 from crawler.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK
 from crawler.ledger import Job
 from crawler.settings import Settings
+from crawler.standby import Standby, send_order, spawn_worker
 
 log = logging.getLogger(__name__)
 
 POLL = 0.25
-
-
-def _worker_main(dsn: str, job_id: int, settings: dict) -> None:
-    """A worker process's entry point. The worker's modules (aiohttp the largest, ~0.15 s) are
-    imported here, in the child: the supervisor never fetches and starts sooner without them."""
-    from crawler.worker import run_worker
-
-    run_worker(dsn, job_id, settings)
 
 
 @dataclass
@@ -47,13 +41,13 @@ class WorkerSlot:
 
 
 class WorkerProcesses:
-    def __init__(self, dsn: str, settings: Settings, *, exporter=None) -> None:
+    def __init__(self, dsn: str, settings: Settings, *, exporter=None, standby: Standby | None = None) -> None:
         self.dsn = dsn
         self.settings = settings
         self.exporter = exporter  # Prometheus, when --metrics-port is set
+        self.standby = standby  # processes already started, waiting for the job
         self.stopping = asyncio.Event()
         self._signals = 0
-        self._ctx = multiprocessing.get_context("spawn")
         self.slots: list[WorkerSlot] = []
         self._unreleased: list[str] = []  # dead workers whose leases are not yet given back
 
@@ -89,17 +83,19 @@ class WorkerProcesses:
     # --- the processes ---------------------------------------------------------------------
 
     def start(self, job: Job, count: int) -> None:
+        """Set `count` workers on the job: those standing by first, new processes for the rest."""
+        waiting = self.standby.take(count) if self.standby is not None else []
         self.slots = [WorkerSlot(i) for i in range(count)]
-        for slot in self.slots:
+        for slot, (process, sender) in zip(self.slots, waiting):
+            slot.process = process
+            send_order(sender, self.dsn, job.id, self.settings.as_dict())
+        for slot in self.slots[len(waiting):]:
             self._start(slot, job)
 
     def _start(self, slot: WorkerSlot, job: Job) -> None:
-        proc = self._ctx.Process(
-            target=_worker_main, args=(self.dsn, job.id, self.settings.as_dict()),
-            name=f"crawler-worker-{slot.index}", daemon=False,
-        )
-        proc.start()
-        slot.process = proc
+        process, sender = spawn_worker(slot.index)
+        slot.process = process
+        send_order(sender, self.dsn, job.id, self.settings.as_dict())
 
     def watch(self, job: Job) -> str | None:
         """Restart dead workers within budget; return a reason when the job cannot go on."""

@@ -25,6 +25,7 @@ from crawler.ledger import Job
 from crawler.progress import ProgressView
 from crawler.processes import POLL, WorkerProcesses
 from crawler.settings import Settings
+from crawler.standby import Standby
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,13 @@ class CrawlOutcome:
 
 
 class Supervisor:
-    def __init__(self, dsn: str, settings: Settings, *, progress: ProgressView, exporter=None) -> None:
+    def __init__(self, dsn: str, settings: Settings, *, progress: ProgressView, exporter=None,
+                 standby: Standby | None = None) -> None:
         self.dsn = dsn
         self.settings = settings
         self.progress = progress
         self.exporter = exporter
-        self.pool = WorkerProcesses(dsn, settings, exporter=exporter)
+        self.pool = WorkerProcesses(dsn, settings, exporter=exporter, standby=standby)
         self.stopping = self.pool.stopping
         self._outage_since: float | None = None
         self._reads = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="input")

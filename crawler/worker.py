@@ -372,14 +372,12 @@ def tune_gc() -> None:
 
 
 def run_worker(dsn: str, job_id: int, settings: dict) -> None:
-    """Process entry point, spawned by the supervisor of `crawler crawl` or by `crawler worker`."""
+    """A worker process's work once it has its job (its entry point is standby.worker_main)."""
     import uvloop
 
     from crawler.logs import log_context, setup_worker_logging
 
-    # Our own process group: a Ctrl-C at the terminal reaches the supervisor alone, which turns
-    # it into one orderly drain signal per worker.
-    os.setpgrp()
+    os.setpgrp()  # as standby.worker_main does first: Ctrl-C is the supervisor's to turn into a drain
     setup_worker_logging()
     tune_gc()
     worker = Worker(dsn, job_id, Settings(**settings))
