@@ -86,14 +86,11 @@ class WorkerProcesses:
         """Set `count` workers on the job: those standing by first, new processes for the rest."""
         waiting = self.standby.take(count) if self.standby is not None else []
         self.slots = [WorkerSlot(i) for i in range(count)]
-        for slot, (process, sender) in zip(self.slots, waiting):
-            slot.process = process
-            send_order(sender, self.dsn, job.id, self.settings.as_dict())
-        for slot in self.slots[len(waiting):]:
-            self._start(slot, job)
+        for slot in self.slots:
+            self._start(slot, job, waiting.pop(0) if waiting else None)
 
-    def _start(self, slot: WorkerSlot, job: Job) -> None:
-        process, sender = spawn_worker(slot.index)
+    def _start(self, slot: WorkerSlot, job: Job, started: tuple | None = None) -> None:
+        process, sender = started or spawn_worker(slot.index)
         slot.process = process
         send_order(sender, self.dsn, job.id, self.settings.as_dict())
 

@@ -9,8 +9,6 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
-
 from crawler.cli import main
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
