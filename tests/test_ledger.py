@@ -54,6 +54,18 @@ async def test_duplicates_point_at_the_first_row_across_chunks(db):
     assert await db.fetchval("SELECT rows_read FROM jobs WHERE id = $1", job.id) == 6
 
 
+async def test_a_chunk_that_repeats_only_an_earlier_chunk_points_at_its_rows(db):
+    """No repeat within the chunk, one of an earlier chunk at its very end: the chunk's new
+    fingerprints are stored once, and the repeat points at the earlier row."""
+    job = await new_job(db, "late-dup")
+    assert await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"])) == 2
+    assert await ledger.store_chunk(db, job.id, 1, rows(3, ["http://c/", "http://d/", "http://b/"])) == 2
+    dup = dict(await db.fetch("SELECT row_no, dup_of FROM requests WHERE job_id = $1", job.id))
+    assert dup == {1: None, 2: None, 3: None, 4: None, 5: 2}
+    stored = dict(await db.fetch("SELECT row_no, fingerprint FROM fingerprints WHERE job_id = $1", job.id))
+    assert sorted(stored) == [1, 2, 3, 4]
+
+
 def result(job_id: int, row_no: int, status: int = 200) -> tuple:
     return (job_id, row_no, status, "http://a/", None, None, 1, False, 1.0, 2, b"\x00" * 32, None)
 
