@@ -46,6 +46,9 @@ MAX_URL_LENGTH = 8192  # bytes of UTF-8; longer URLs are refused by most servers
 FINGERPRINT_SIZE = 16
 _FINGERPRINT_PERSON = b"crawler.req.v1"  # blake2b personalization: a new version never collides
 _length = struct.Struct(">Q").pack  # a part's length prefix: 8 bytes, big-endian
+_FINGERPRINT_HASHER = hashlib.blake2b(digest_size=FINGERPRINT_SIZE, person=_FINGERPRINT_PERSON)  # only copied
+_GET_PART = _length(3) + b"GET"
+_NO_BODY_PART = _length(0)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # A registered name as DNS can resolve it: labels of letters, digits, "-" and "_" (underscores
@@ -190,10 +193,17 @@ def fingerprint(method: str, url: str, body: bytes | None = None) -> bytes:
     Each part is length-prefixed, so no choice of parts can shift a boundary and collide with
     another. No body and an empty body are the same request. `url` must already be normalized.
     """
-    method_bytes, url_bytes, body = method.upper().encode("utf-8"), url.encode("utf-8"), body or b""
-    message = b"".join((_length(len(method_bytes)), method_bytes, _length(len(url_bytes)), url_bytes,
-                        _length(len(body)), body))  # one call to hash: cheaper than six updates
-    return hashlib.blake2b(message, digest_size=FINGERPRINT_SIZE, person=_FINGERPRINT_PERSON).digest()
+    method_part = _GET_PART if method == "GET" else _part(method.upper().encode("utf-8"))
+    url_bytes = url.encode("utf-8")
+    # One update of a copy of a hasher made once: cheaper than parsing blake2b's keyword
+    # arguments per request (about half the cost of a fingerprint) or updating part by part.
+    hasher = _FINGERPRINT_HASHER.copy()
+    hasher.update(b"".join((method_part, _length(len(url_bytes)), url_bytes, _part(body) if body else _NO_BODY_PART)))
+    return hasher.digest()
+
+
+def _part(data: bytes) -> bytes:
+    return _length(len(data)) + data
 
 
 def _check_length(text: str) -> None:

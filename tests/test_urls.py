@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import yarl
 from hypothesis import assume, example, given
@@ -266,6 +268,16 @@ def test_fingerprints_stay_what_they_were() -> None:
     """Fingerprints are stored: a later version must compute the same bytes for the same request."""
     assert fingerprint("GET", "http://example.com/").hex() == "ee2c15b7c55d9f7f57ae8678a0b69176"
     assert fingerprint("post", "https://example.com/a?b=1", b"x=1").hex() == "01e25dab5d4a619d3b3f2a40ae4fc41f"
+
+
+@given(_METHODS | st.text(st.characters(blacklist_categories=["Cs"]), max_size=8), _URLS, _BODIES)
+@example("GET", "http://example.com/", None)
+@example("get", "http://example.com/", b"")
+def test_fingerprint_is_blake2b_of_the_length_prefixed_parts(method: str, url: str, body: bytes | None) -> None:
+    parts = (method.upper().encode("utf-8"), url.encode("utf-8"), body or b"")
+    message = b"".join(len(part).to_bytes(8, "big") + part for part in parts)
+    expected = hashlib.blake2b(message, digest_size=16, person=b"crawler.req.v1").digest()
+    assert fingerprint(method, url, body) == expected
 
 
 @pytest.mark.parametrize(
