@@ -81,10 +81,11 @@ def _kept_escapes(decoded: str) -> str:
 
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _PLAIN_URL = re.compile(
-    # the host: a dotted quad as ipaddress spells it, or a name as _HOST_NAME has it, in either
-    # case, whose last label is `last`
-    rf"(?P<scheme>[A-Za-z]+)://(?P<host>{_OCTET}(?:\.{_OCTET}){{3}}"
-    r"|(?:[A-Za-z0-9_-]{1,63}\.)*(?P<last>[A-Za-z0-9_-]{1,63})\.?)"
+    # the origin: http or https in any case, and a host, in any case: a dotted quad as ipaddress
+    # spells it, or a name as _HOST_NAME has it whose last label does not start with a digit (such
+    # a name may be an IPv4 address in another spelling, see _check_host)
+    rf"(?P<origin>[Hh][Tt][Tt][Pp](?P<secure>[Ss])?://(?:{_OCTET}(?:\.{_OCTET}){{3}}"
+    r"|(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z_-][A-Za-z0-9_-]{0,62}\.?))"
     r"(?::(?P<port>[1-9][0-9]{0,4}))?"
     rf"(?P<path>/[{re.escape(_PATH_KEPT)}%]*)?(?:\?(?P<query>[{re.escape(_QUERY_KEPT)}%]*))?"
 )
@@ -144,20 +145,17 @@ def _normalize_plain(text: str, sort_query: bool) -> str | None:
     """normalize_url without yarl for a URL whose every part is already as yarl would spell it,
     but for the case of scheme and host, a default port and an empty path; None for any other URL
     (then the slow path decides, and gives every reason for refusing one)."""
-    if len(text) > MAX_URL_LENGTH or (match := _PLAIN_URL.fullmatch(text)) is None:
+    # Shorter than the limit, so that the result, at most one character longer ("/"), is not over it.
+    if len(text) >= MAX_URL_LENGTH or (match := _PLAIN_URL.fullmatch(text)) is None:
         return None
-    scheme, host, last, port, path, query = match.group("scheme", "host", "last", "port", "path", "query")
-    scheme, host = scheme.lower(), host.lower()
-    default_port = _DEFAULT_PORTS.get(scheme)
-    if default_port is None or (len(host) > 253 and len(host.rstrip(".")) > 253):
-        return None
-    if last is not None and last[0] in "0123456789":
-        return None  # perhaps an IPv4 address in another spelling (see _check_host)
+    origin, secure, port, path, query = match.groups()
+    if len(origin) > len("http://") + 253 and len(origin.partition("://")[2].rstrip(".")) > 253:
+        return None  # a host name too long for DNS
     if port is not None:
-        if int(port) > 65535:
-            return None
-        if int(port) == default_port:
+        if port == ("443" if secure else "80"):
             port = None
+        elif len(port) == 5 and int(port) > 65535:
+            return None
     if path is None:
         path = "/"
     elif ("." in path and _DOT_SEGMENT.search(path)) or ("%" in path and _PATH_ESCAPE_CHANGES.search(path)):
@@ -166,8 +164,7 @@ def _normalize_plain(text: str, sort_query: bool) -> str | None:
         return None
     if sort_query and query:
         query = _sorted_query(query)
-    result = f"{scheme}://{host}{'' if port is None else ':' + port}{path}{'?' + query if query else ''}"
-    return result if len(result) <= MAX_URL_LENGTH else None
+    return f"{origin.lower()}{'' if port is None else ':' + port}{path}{'?' + query if query else ''}"
 
 
 def _rebuild(url: URL, scheme: str, port: int | None, sort_query: bool) -> URL:
