@@ -15,7 +15,7 @@ What `normalize_url` does, and who does it:
   It keeps "+" and "%20" in a query apart (they differ outside form encoding) and keeps "%2F" in a
   path encoded (it is not a separator).
 * a fast path here skips yarl for the common case, a plain ASCII http(s) URL that yarl would leave
-  as it is but for the case of scheme and host, a default port and an empty path (see
+  as it is but for the case of scheme and host, a default port, an empty path and a fragment (see
   `_normalize_plain`); its result is the slow path's, byte for byte (tests/test_urls.py checks).
 * this module adds: stripping surrounding whitespace; rejecting what cannot be fetched (empty,
   longer than 8 KiB in UTF-8 before *and* after normalization, not http/https, no host, a host that
@@ -88,6 +88,7 @@ _PLAIN_URL = re.compile(
     r"|(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z_-][A-Za-z0-9_-]{0,62}\.?))"
     r"(?::(?P<port>[1-9][0-9]{0,4}))?"
     rf"(?P<path>/[{re.escape(_PATH_KEPT)}%]*)?(?:\?(?P<query>[{re.escape(_QUERY_KEPT)}%]*))?"
+    r"(?:#.*)?"  # a fragment, whatever it holds, is dropped
 )
 _PATH_ESCAPE_CHANGES = re.compile(f"%(?!{_kept_escapes(_PATH_DECODED)})")
 _QUERY_ESCAPE_CHANGES = re.compile(f"%(?!{_kept_escapes(_QUERY_DECODED)})")
@@ -143,7 +144,7 @@ def _normalize_with_yarl(text: str, sort_query: bool) -> str:
 
 def _normalize_plain(text: str, sort_query: bool) -> str | None:
     """normalize_url without yarl for a URL whose every part is already as yarl would spell it,
-    but for the case of scheme and host, a default port and an empty path; None for any other URL
+    but for the case of scheme and host, a default port, an empty path and a fragment; None for any other URL
     (then the slow path decides, and gives every reason for refusing one)."""
     # Shorter than the limit, so that the result, at most one character longer ("/"), is not over it.
     if len(text) >= MAX_URL_LENGTH or (match := _PLAIN_URL.fullmatch(text)) is None:

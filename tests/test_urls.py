@@ -307,7 +307,7 @@ _PROBES = [chr(c) for c in range(128)] + [f"%{b:02X}" for b in range(256)] + [f"
 _PROBE_PLACES = [
     "http://h.com/a{}b", "http://h.com/{}", "http://h.com/?a{}b", "http://h.com/a?{}", "http://h.com/?{}=1&{}",
     "http://h{}.com/", "http://{}h.com/", "http://h.com{}", "http://h.com:8{}/", "http://1.2.3.{}/",
-    "h{}tp://h.com/",
+    "h{}tp://h.com/", "http://h.com/a#{}", "http://h.com#{}", "http://h.com/?a#{}b",
 ]
 
 
@@ -373,7 +373,7 @@ def tricky_urls(draw: st.DrawFn) -> str:
         [".", "..", "%2e", "%2E", "%7e", "%7E", "%2F", "%2f", "%E2%82%AC", "a b", "%", "é", ""]))
     path = "".join("/" + segment for segment in draw(st.lists(segments, max_size=4)))
     query = often("", "?", "?a=1&b", "?b=%7e&a=%2F", "?q=a+b%20c", "?&&x", "?a=/b?c")
-    fragment = often("", "#", "#f")
+    fragment = often("", "#", "#f", "#a b", "#%zz", "#?q=1", "#/../a", "#\tb", "#é", "#[x]")
     return f"{scheme}://{userinfo}{host}{port}{path}{query}{fragment}"
 
 
