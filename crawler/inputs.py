@@ -135,8 +135,9 @@ def parse_request(row: int, cell: str, *, sort_query: bool = False, method: str 
                   headers: str = "", body: str = "") -> Row:
     """Turn one row's cells into a request, or into an invalid row with the reason."""
     try:
-        for text in (cell, method, headers, body):
-            if not text.isascii():  # isascii is O(1); only other text can hold a lone surrogate
+        # isascii is O(1), and only other text can hold a lone surrogate
+        if not (cell.isascii() and method.isascii() and headers.isascii() and body.isascii()):
+            for text in (cell, method, headers, body):
                 text.encode("utf-8")  # fails on the lone surrogates that surrogateescape made of bad bytes
         url = normalize_url(cell, sort_query=sort_query)
         if method != "GET":
@@ -323,8 +324,10 @@ class RowReader:
                 yield parse_request(row, unquote_line(stripped), sort_query=self._sort_query)
 
     def _csv_rows(self) -> Iterator[Row]:
-        layout, lines = self._layout, self._lines
+        layout, lines, sort_query = self._layout, self._lines, self._sort_query
         reader = csv.reader(lines, delimiter=layout.delimiter)
+        url_index = layout.url_index
+        url_only = layout.method_index is None and layout.headers_index is None and layout.body_index is None
         row = 0
         while True:
             try:
@@ -340,14 +343,16 @@ class RowReader:
             if not fields or (len(fields) == 1 and not fields[0].strip()):
                 continue  # a blank line is not a row
             row += 1
-            if fields == [_OVERLONG]:
+            if fields[0] == _OVERLONG and len(fields) == 1:
                 yield InvalidRow(row, _printable(lines.last), _TOO_LONG)
-            elif layout.url_index >= len(fields):
+            elif url_index >= len(fields):
                 raw = _printable(layout.delimiter.join(fields))
                 yield InvalidRow(row, raw, f"row has no {layout.url_column!r} column value")
+            elif url_only:  # most inputs: a call without the request columns' cells
+                yield parse_request(row, fields[url_index], sort_query=sort_query)
             else:
                 yield parse_request(
-                    row, fields[layout.url_index], sort_query=self._sort_query,
+                    row, fields[url_index], sort_query=sort_query,
                     method=_cell(fields, layout.method_index) or "GET",
                     headers=_cell(fields, layout.headers_index), body=_cell(fields, layout.body_index),
                 )

@@ -158,9 +158,10 @@ class Supervisor:
                         raise
                     if batch is None:
                         break
-                    batch = [row for row in batch if row.row > last_row]
-                    if not batch:
-                        continue
+                    if batch[0].row <= last_row:  # resuming: skip the rows already stored
+                        batch = [row for row in batch if row.row > last_row]
+                        if not batch:
+                            continue
                     await db.run(ledger.store_chunk, job.id, chunk_no, batch, dedup=not self.settings.no_cache)
                     chunk_no += 1
                     if chunk_no in ANALYZE_AT:

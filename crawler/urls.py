@@ -15,8 +15,9 @@ What `normalize_url` does, and who does it:
   It keeps "+" and "%20" in a query apart (they differ outside form encoding) and keeps "%2F" in a
   path encoded (it is not a separator).
 * a fast path here skips yarl for the common case, a plain ASCII http(s) URL that yarl would leave
-  as it is but for the case of scheme and host, a default port and an empty path (see
-  `_normalize_plain`); its result is the slow path's, byte for byte (tests/test_urls.py checks).
+  as it is but for the case of scheme and host, a default port, an empty path, a fragment and
+  escapes that yarl decodes or upper-cases (see `_normalize_plain`); its result is the slow path's,
+  byte for byte (tests/test_urls.py checks).
 * this module adds: stripping surrounding whitespace; rejecting what cannot be fetched (empty,
   longer than 8 KiB in UTF-8 before *and* after normalization, not http/https, no host, a host that
   is not a DNS name or IP literal, port outside 1-65535, lone surrogates); dropping the default port
@@ -46,6 +47,9 @@ MAX_URL_LENGTH = 8192  # bytes of UTF-8; longer URLs are refused by most servers
 FINGERPRINT_SIZE = 16
 _FINGERPRINT_PERSON = b"crawler.req.v1"  # blake2b personalization: a new version never collides
 _length = struct.Struct(">Q").pack  # a part's length prefix: 8 bytes, big-endian
+_FINGERPRINT_HASHER = hashlib.blake2b(digest_size=FINGERPRINT_SIZE, person=_FINGERPRINT_PERSON)  # only copied
+_GET_PART = _length(3) + b"GET"
+_NO_BODY_PART = _length(0)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # A registered name as DNS can resolve it: labels of letters, digits, "-" and "_" (underscores
@@ -78,16 +82,35 @@ def _kept_escapes(decoded: str) -> str:
 
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _PLAIN_URL = re.compile(
-    # the host: a dotted quad as ipaddress spells it, or a name as _HOST_NAME has it, in either
-    # case, whose last label is `last`
-    rf"(?P<scheme>[A-Za-z]+)://(?P<host>{_OCTET}(?:\.{_OCTET}){{3}}"
-    r"|(?:[A-Za-z0-9_-]{1,63}\.)*(?P<last>[A-Za-z0-9_-]{1,63})\.?)"
+    # the origin: http or https in any case, and a host, in any case: a dotted quad as ipaddress
+    # spells it, or a name as _HOST_NAME has it whose last label does not start with a digit (such
+    # a name may be an IPv4 address in another spelling, see _check_host)
+    rf"(?P<origin>[Hh][Tt][Tt][Pp](?P<secure>[Ss])?://(?:{_OCTET}(?:\.{_OCTET}){{3}}"
+    r"|(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z_-][A-Za-z0-9_-]{0,62}\.?))"
     r"(?::(?P<port>[1-9][0-9]{0,4}))?"
     rf"(?P<path>/[{re.escape(_PATH_KEPT)}%]*)?(?:\?(?P<query>[{re.escape(_QUERY_KEPT)}%]*))?"
+    r"(?:#.*)?"  # a fragment, whatever it holds, is dropped
 )
 _PATH_ESCAPE_CHANGES = re.compile(f"%(?!{_kept_escapes(_PATH_DECODED)})")
 _QUERY_ESCAPE_CHANGES = re.compile(f"%(?!{_kept_escapes(_QUERY_DECODED)})")
 _DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")  # yarl removes these
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")  # yarl escapes it ("%25"): the slow path's
+
+
+def _requoted_escapes(decoded: str) -> dict[str, str]:
+    """What yarl makes of each escape, in either case: the character, if it is in `decoded`, else
+    the escape in upper case."""
+    spelled = {}
+    for byte in range(256):
+        upper = f"%{byte:02X}"
+        for escape in {upper, upper.lower(), upper[:2] + upper[2].lower(), upper[:2].lower() + upper[2]}:
+            spelled[escape] = chr(byte) if chr(byte) in decoded else upper
+    return spelled
+
+
+_PATH_REQUOTED = _requoted_escapes(_PATH_DECODED)
+_QUERY_REQUOTED = _requoted_escapes(_QUERY_DECODED)
 
 
 class InvalidURL(ValueError):
@@ -139,32 +162,36 @@ def _normalize_with_yarl(text: str, sort_query: bool) -> str:
 
 def _normalize_plain(text: str, sort_query: bool) -> str | None:
     """normalize_url without yarl for a URL whose every part is already as yarl would spell it,
-    but for the case of scheme and host, a default port and an empty path; None for any other URL
-    (then the slow path decides, and gives every reason for refusing one)."""
-    if len(text) > MAX_URL_LENGTH or (match := _PLAIN_URL.fullmatch(text)) is None:
+    but for the case of scheme and host, a default port, an empty path, a fragment and the escapes
+    yarl requotes; None for any other URL (then the slow path decides, and gives every reason for
+    refusing one)."""
+    # Shorter than the limit, so that the result, at most one character longer ("/"), is not over it.
+    if len(text) >= MAX_URL_LENGTH or (match := _PLAIN_URL.fullmatch(text)) is None:
         return None
-    scheme, host, last, port, path, query = match.group("scheme", "host", "last", "port", "path", "query")
-    scheme, host = scheme.lower(), host.lower()
-    default_port = _DEFAULT_PORTS.get(scheme)
-    if default_port is None or (len(host) > 253 and len(host.rstrip(".")) > 253):
-        return None
-    if last is not None and last[0] in "0123456789":
-        return None  # perhaps an IPv4 address in another spelling (see _check_host)
+    origin, secure, port, path, query = match.groups()
+    if len(origin) > 7 + 253 and len(origin.partition("://")[2].rstrip(".")) > 253:  # 7: "http://"
+        return None  # a host name too long for DNS
     if port is not None:
-        if int(port) > 65535:
-            return None
-        if int(port) == default_port:
+        if port == ("443" if secure else "80"):
             port = None
+        elif len(port) == 5 and int(port) > 65535:
+            return None
     if path is None:
         path = "/"
-    elif ("." in path and _DOT_SEGMENT.search(path)) or ("%" in path and _PATH_ESCAPE_CHANGES.search(path)):
-        return None
+    else:
+        if "%" in path and _PATH_ESCAPE_CHANGES.search(path):
+            if _STRAY_PERCENT.search(path):
+                return None
+            path = _ESCAPE.sub(lambda escape: _PATH_REQUOTED[escape[0]], path)
+        if "." in path and _DOT_SEGMENT.search(path):  # also one that was "%2e"
+            return None
     if query and "%" in query and _QUERY_ESCAPE_CHANGES.search(query):
-        return None
+        if _STRAY_PERCENT.search(query):
+            return None
+        query = _ESCAPE.sub(lambda escape: _QUERY_REQUOTED[escape[0]], query)
     if sort_query and query:
         query = _sorted_query(query)
-    result = f"{scheme}://{host}{'' if port is None else ':' + port}{path}{'?' + query if query else ''}"
-    return result if len(result) <= MAX_URL_LENGTH else None
+    return f"{origin.lower()}{'' if port is None else ':' + port}{path}{'?' + query if query else ''}"
 
 
 def _rebuild(url: URL, scheme: str, port: int | None, sort_query: bool) -> URL:
@@ -190,10 +217,17 @@ def fingerprint(method: str, url: str, body: bytes | None = None) -> bytes:
     Each part is length-prefixed, so no choice of parts can shift a boundary and collide with
     another. No body and an empty body are the same request. `url` must already be normalized.
     """
-    method_bytes, url_bytes, body = method.upper().encode("utf-8"), url.encode("utf-8"), body or b""
-    message = b"".join((_length(len(method_bytes)), method_bytes, _length(len(url_bytes)), url_bytes,
-                        _length(len(body)), body))  # one call to hash: cheaper than six updates
-    return hashlib.blake2b(message, digest_size=FINGERPRINT_SIZE, person=_FINGERPRINT_PERSON).digest()
+    method_part = _GET_PART if method == "GET" else _part(method.upper().encode("utf-8"))
+    url_bytes = url.encode("utf-8")
+    # One update of a copy of a hasher made once: cheaper than parsing blake2b's keyword
+    # arguments per request (about half the cost of a fingerprint) or updating part by part.
+    hasher = _FINGERPRINT_HASHER.copy()
+    hasher.update(b"".join((method_part, _length(len(url_bytes)), url_bytes, _part(body) if body else _NO_BODY_PART)))
+    return hasher.digest()
+
+
+def _part(data: bytes) -> bytes:
+    return _length(len(data)) + data
 
 
 def _check_length(text: str) -> None:

@@ -208,9 +208,10 @@ def test_a_csv_syntax_error_makes_one_row_invalid(tmp_path: Path) -> None:
     assert summary(rows)[-1] == (len(rows), "http://ok.com/2")
 
 
-@pytest.mark.parametrize("header", [b"", b"url\n"])
-def test_an_overlong_line_is_one_invalid_row_read_past(tmp_path: Path, header: bytes) -> None:
-    data = header + b"http://a.com/" + b"x" * (2 * MAX_ROW_CHARS) + b"\nhttp://ok.com/\n"
+@pytest.mark.parametrize(("header", "next_line"), [(b"", b"http://ok.com/"), (b"url\n", b"http://ok.com/"),
+                                                  (b"id,url\n", b"2,http://ok.com/")])
+def test_an_overlong_line_is_one_invalid_row_read_past(tmp_path: Path, header: bytes, next_line: bytes) -> None:
+    data = header + b"http://a.com/" + b"x" * (2 * MAX_ROW_CHARS) + b"\n" + next_line + b"\n"
     rows = read_all(write(tmp_path, data))
     assert summary(rows) == [
         (1, f"invalid: row longer than {MAX_ROW_CHARS} characters"),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 import pytest
 import yarl
-from hypothesis import assume, example, given
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from crawler.urls import MAX_URL_LENGTH, InvalidURL, fingerprint, normalize_url
@@ -268,6 +271,16 @@ def test_fingerprints_stay_what_they_were() -> None:
     assert fingerprint("post", "https://example.com/a?b=1", b"x=1").hex() == "01e25dab5d4a619d3b3f2a40ae4fc41f"
 
 
+@given(_METHODS | st.text(st.characters(blacklist_categories=["Cs"]), max_size=8), _URLS, _BODIES)
+@example("GET", "http://example.com/", None)
+@example("get", "http://example.com/", b"")
+def test_fingerprint_is_blake2b_of_the_length_prefixed_parts(method: str, url: str, body: bytes | None) -> None:
+    parts = (method.upper().encode("utf-8"), url.encode("utf-8"), body or b"")
+    message = b"".join(len(part).to_bytes(8, "big") + part for part in parts)
+    expected = hashlib.blake2b(message, digest_size=16, person=b"crawler.req.v1").digest()
+    assert fingerprint(method, url, body) == expected
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
@@ -275,6 +288,7 @@ def test_fingerprints_stay_what_they_were() -> None:
         ("HTTPS://Example.COM:443", "https://example.com/"),
         ("http://example.com?b=2&a=1", "http://example.com/?b=2&a=1"),
         ("https://a.example/%E2%82%AC/%2F?q=%3D&r=a+b", "https://a.example/%E2%82%AC/%2F?q=%3D&r=a+b"),
+        ("http://h.com/%7euser/%2f/%e2%82%ac?q=%7E&r=%2f&s=%3d", "http://h.com/~user/%2F/%E2%82%AC?q=~&r=/&s=%3D"),
     ],
 )
 def test_plain_urls_take_the_fast_path(raw: str, expected: str) -> None:
@@ -294,7 +308,7 @@ _PROBES = [chr(c) for c in range(128)] + [f"%{b:02X}" for b in range(256)] + [f"
 _PROBE_PLACES = [
     "http://h.com/a{}b", "http://h.com/{}", "http://h.com/?a{}b", "http://h.com/a?{}", "http://h.com/?{}=1&{}",
     "http://h{}.com/", "http://{}h.com/", "http://h.com{}", "http://h.com:8{}/", "http://1.2.3.{}/",
-    "h{}tp://h.com/",
+    "h{}tp://h.com/", "http://h.com/a#{}", "http://h.com#{}", "http://h.com/?a#{}b",
 ]
 
 
@@ -308,16 +322,75 @@ def test_fast_path_agrees_for_every_ascii_character_and_escape(place: str) -> No
     assert taken  # each place has characters the fast path accepts
 
 
-_FAST_HEADS = st.sampled_from([
+_FAST_HEAD_TEXTS = [
     "http://", "https://", "HTTP://", "ftp://", "http://example.com", "http://Ex_a-1.COM.", "http://h:80",
     "https://h:443", "http://h:0", "http://h:65536", "http://h:080", "http://127.0.0.1:8080", "http://01.2.3.4",
     "http://256.1.1.1", "http://a.123", "http://a.0x1f", "http://" + "a" * 63 + ".b", "http://" + "a" * 64 + ".b",
     "http://" + ".".join(["a" * 63] * 4), "http://" + ".".join(["a" * 63] * 4) + ".",
-])
+    "http://" + "a" * 62 + ".a" * 96, "https://" + "a" * 62 + ".a" * 96, "http://" + "a" * 61 + ".a" * 96 + ".",
+    "HtTpS://h", "https://h:80", "http://h:443", "http://h:65535", "http://h:99999", "http://h:1", "http://a.1b",
+    "http://a._b", "http://-", "http://a.b.c.d", "http://1.2.3.4.5", "http://1.2.3.4.", "http://1.2.3",
+    "http://u:p@h.com", "http://u@h.com", "http://:@h.com", "http://[::1]", "http://[::1]:80", "http://bücher.de",
+    "http://xn--bcher-kva.de", "HTTP://XN--BCHER-KVA.DE", "http://h.com:",
+]
+_FAST_HEADS = st.sampled_from(_FAST_HEAD_TEXTS)
 _FAST_PIECES = st.sampled_from(
     list("abcXYZ019-._~!$'()*,+&=;@:/?#%[]\\ \"<>^`{|}") + ["%20", "%2F", "%2f", "%41", "%7E", "%3D", "%E2", "%zz"]
     + ["/./", "/../", "/.", "/..", "%2e", "%2E"]
 )
+
+
+def test_fast_path_agrees_for_every_head() -> None:
+    for head in _FAST_HEAD_TEXTS:
+        for tail in ("", "/", "/a/b?c=1&a", "?", "?b=1&a=2#x", "#x"):
+            for sort_query in (False, True):
+                _assert_fast_path_agrees(head + tail, sort_query)
+
+
+_TRICKY_HOSTS = st.one_of(
+    _NAME_HOST,
+    _NAME_HOST,
+    st.sampled_from(["127.0.0.1", "10.0.0.255", "192.168.1.10"]),
+    st.builds(".".join, st.lists(st.integers(0, 300).map(str), min_size=3, max_size=5)),  # IPv4 and near misses
+    st.sampled_from(["[::1]", "[::FFFF:1.2.3.4]", "[2001:DB8::1]", "0x7f.1", "a.0x1f", "a.1b", "h_1.example.", "-a.b"]),
+    st.sampled_from([host for pair in _IDN_HOSTS for host in pair]),
+)
+
+
+@st.composite
+def tricky_urls(draw: st.DrawFn) -> str:
+    """Any spelling of a URL: most of them plain ASCII, so that the fast path takes many, and many
+    of them not normal, so that it declines many."""
+    def often(common: str, *rare: str) -> str:
+        return draw(st.sampled_from([common] * 3 * len(rare) + list(rare)))
+
+    scheme = often("http", "https", "HTTP", "Https", "ftp", "h")
+    userinfo = often("", "u@", "u:p@", ":@", "U:%41@")
+    host = draw(_TRICKY_HOSTS)
+    host = host.upper() if draw(st.integers(0, 3)) == 0 else host
+    port = often("", ":80", ":443", ":8080", ":0", ":65535", ":65536", ":080", ":")
+    plain_segments = st.text(_UNRESERVED + "!$&'()*+,;=:@", max_size=8)
+    segments = st.one_of(plain_segments, plain_segments, plain_segments, st.sampled_from(
+        [".", "..", "%2e", "%2E", "%7e", "%7E", "%2F", "%2f", "%E2%82%AC", "a b", "%", "é", ""]))
+    path = "".join("/" + segment for segment in draw(st.lists(segments, max_size=4)))
+    query = often("", "?", "?a=1&b", "?b=%7e&a=%2F", "?q=a+b%20c", "?&&x", "?a=/b?c")
+    fragment = often("", "#", "#f", "#a b", "#%zz", "#?q=1", "#/../a", "#\tb", "#é", "#[x]")
+    return f"{scheme}://{userinfo}{host}{port}{path}{query}{fragment}"
+
+
+@settings(max_examples=500)
+@given(tricky_urls(), st.booleans())
+@example("HTTP://127.0.0.1:80", False)
+@example("https://Ex.COM:443/a/%7E?b=1&a=2", True)
+def test_fast_path_gives_what_the_slow_path_gives_for_any_url(text: str, sort_query: bool) -> None:
+    _assert_fast_path_agrees(text, sort_query)
+    try:
+        normalized = normalize_url(text, sort_query=sort_query)
+    except InvalidURL as exc:
+        with pytest.raises(InvalidURL, match=re.escape(str(exc))):
+            _normalize_with_yarl(text, sort_query)
+    else:
+        assert normalized == _normalize_with_yarl(text, sort_query)
 
 
 @given(_FAST_HEADS, st.lists(_FAST_PIECES, max_size=14).map("".join), st.booleans())
