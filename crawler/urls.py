@@ -15,9 +15,8 @@ What `normalize_url` does, and who does it:
   It keeps "+" and "%20" in a query apart (they differ outside form encoding) and keeps "%2F" in a
   path encoded (it is not a separator).
 * a fast path here skips yarl for the common case, a plain ASCII http(s) URL that yarl would leave
-  as it is but for the case of scheme and host, a default port, an empty path, a fragment and
-  escapes that yarl decodes or upper-cases (see `_normalize_plain`); its result is the slow path's,
-  byte for byte (tests/test_urls.py checks).
+  as it is but for the case of scheme and host, a default port, an empty path and a fragment (see
+  `_normalize_plain`); its result is the slow path's, byte for byte (tests/test_urls.py checks).
 * this module adds: stripping surrounding whitespace; rejecting what cannot be fetched (empty,
   longer than 8 KiB in UTF-8 before *and* after normalization, not http/https, no host, a host that
   is not a DNS name or IP literal, port outside 1-65535, lone surrogates); dropping the default port
@@ -94,23 +93,6 @@ _PLAIN_URL = re.compile(
 _PATH_ESCAPE_CHANGES = re.compile(f"%(?!{_kept_escapes(_PATH_DECODED)})")
 _QUERY_ESCAPE_CHANGES = re.compile(f"%(?!{_kept_escapes(_QUERY_DECODED)})")
 _DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")  # yarl removes these
-_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
-_STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")  # yarl escapes it ("%25"): the slow path's
-
-
-def _requoted_escapes(decoded: str) -> dict[str, str]:
-    """What yarl makes of each escape, in either case: the character, if it is in `decoded`, else
-    the escape in upper case."""
-    spelled = {}
-    for byte in range(256):
-        upper = f"%{byte:02X}"
-        for escape in {upper, upper.lower(), upper[:2] + upper[2].lower(), upper[:2].lower() + upper[2]}:
-            spelled[escape] = chr(byte) if chr(byte) in decoded else upper
-    return spelled
-
-
-_PATH_REQUOTED = _requoted_escapes(_PATH_DECODED)
-_QUERY_REQUOTED = _requoted_escapes(_QUERY_DECODED)
 
 
 class InvalidURL(ValueError):
@@ -162,14 +144,13 @@ def _normalize_with_yarl(text: str, sort_query: bool) -> str:
 
 def _normalize_plain(text: str, sort_query: bool) -> str | None:
     """normalize_url without yarl for a URL whose every part is already as yarl would spell it,
-    but for the case of scheme and host, a default port, an empty path, a fragment and the escapes
-    yarl requotes; None for any other URL (then the slow path decides, and gives every reason for
-    refusing one)."""
+    but for the case of scheme and host, a default port, an empty path and a fragment; None for any other URL
+    (then the slow path decides, and gives every reason for refusing one)."""
     # Shorter than the limit, so that the result, at most one character longer ("/"), is not over it.
     if len(text) >= MAX_URL_LENGTH or (match := _PLAIN_URL.fullmatch(text)) is None:
         return None
     origin, secure, port, path, query = match.groups()
-    if len(origin) > 7 + 253 and len(origin.partition("://")[2].rstrip(".")) > 253:  # 7: "http://"
+    if len(origin) > len("http://") + 253 and len(origin.partition("://")[2].rstrip(".")) > 253:
         return None  # a host name too long for DNS
     if port is not None:
         if port == ("443" if secure else "80"):
@@ -178,17 +159,10 @@ def _normalize_plain(text: str, sort_query: bool) -> str | None:
             return None
     if path is None:
         path = "/"
-    else:
-        if "%" in path and _PATH_ESCAPE_CHANGES.search(path):
-            if _STRAY_PERCENT.search(path):
-                return None
-            path = _ESCAPE.sub(lambda escape: _PATH_REQUOTED[escape[0]], path)
-        if "." in path and _DOT_SEGMENT.search(path):  # also one that was "%2e"
-            return None
+    elif ("." in path and _DOT_SEGMENT.search(path)) or ("%" in path and _PATH_ESCAPE_CHANGES.search(path)):
+        return None
     if query and "%" in query and _QUERY_ESCAPE_CHANGES.search(query):
-        if _STRAY_PERCENT.search(query):
-            return None
-        query = _ESCAPE.sub(lambda escape: _QUERY_REQUOTED[escape[0]], query)
+        return None
     if sort_query and query:
         query = _sorted_query(query)
     return f"{origin.lower()}{'' if port is None else ':' + port}{path}{'?' + query if query else ''}"
