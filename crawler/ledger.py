@@ -132,11 +132,6 @@ _STORE_FINGERPRINTS = (
     " SELECT u.f, (SELECT row_no FROM fingerprints WHERE job_id = $1 AND fingerprint = u.f)"
     " FROM unnest($2::bytea[]) AS u(f) WHERE u.f NOT IN (SELECT fingerprint FROM new)"
 )
-# The same when none of them is in the job yet: the server's CPU for it is half of the above's.
-_STORE_NEW_FINGERPRINTS = (
-    "INSERT INTO fingerprints (job_id, fingerprint, row_no)"
-    " SELECT $1, f, r FROM unnest($2::bytea[], $3::bigint[]) AS u(f, r)"
-)
 
 
 async def store_chunk(
@@ -177,8 +172,13 @@ async def _store_chunk(
         if stored is not None:  # a retry after a commit whose acknowledgement was lost
             return stored
         if first and all_new:
+            # A COPY: half the server's CPU of the statement above, and no array parameters
+            # (asyncpg checks every element of an array against the abstract collection types).
             try:
-                await conn.execute(_STORE_NEW_FINGERPRINTS, job_id, list(first), list(first.values()))
+                await conn.copy_records_to_table(
+                    "fingerprints", records=[(job_id, f, r) for f, r in first.items()],
+                    columns=("job_id", "fingerprint", "row_no"),
+                )
             except asyncpg.UniqueViolationError:
                 raise _SeenBefore from None  # leaving the block rolls the transaction back
         elif first:
