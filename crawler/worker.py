@@ -257,7 +257,8 @@ class Worker:
             self.metrics.fetch_started()
             try:
                 attempt = await fetcher.attempt(item.method, item.url, headers=item.headers, body=item.body,
-                                                validators=item.cached.validators() if item.cached else None)
+                                                validators=item.cached.validators() if item.cached else None,
+                                                encoded=True)  # normalized at ingest
             finally:
                 self._in_flight -= 1
                 self.metrics.fetch_ended()
