@@ -152,7 +152,7 @@ class HostScheduler:
              pause: float = 0.0) -> None:
         """An attempt at `item` ended; `pause` (seconds, e.g. a Retry-After) holds the host back."""
         host = self.key(item)
-        state = self._state(host)
+        state = self.hosts[host]  # kept while it has an item out (active > 0)
         state.rtt = 0.8 * state.rtt + 0.2 * max(elapsed, 0.001)
         if error_kind in OVERLOAD_KINDS or status in OVERLOAD_STATUSES:
             state.limit.on_overload(self.clock(), state.rtt)
