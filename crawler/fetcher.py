@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
+from aiohttp import hdrs
+from yarl import URL
 
 from crawler.addresses import AddressPolicy
 from crawler.failures import BodyTooLarge, classify
@@ -37,7 +39,7 @@ class Attempt:
 
 
 class _Flight:
-    """One attempt under way, as the timeout watchdog sees it (times from loop.time())."""
+    """One attempt under way, as the timeout watchdog sees it (times from time.perf_counter())."""
 
     __slots__ = ("task", "started", "progress", "expired")
 
@@ -111,11 +113,10 @@ class Fetcher:
         """End attempts that overran the total timeout, or read nothing for the read timeout
         (counted from the attempt's start until the first body bytes, then between reads), by
         cancelling their task: what aiohttp's own timers do, with one sweep for all of them."""
-        loop = asyncio.get_running_loop()
         total, read = self.settings.total_timeout, self.settings.read_timeout
         while True:
             await asyncio.sleep(self.sweep)
-            now = loop.time()
+            now = time.perf_counter()
             for flight in self._flights:
                 if flight.expired is not None:
                     continue
@@ -128,38 +129,45 @@ class Fetcher:
                 flight.task.cancel()
 
     async def attempt(self, method: str, url: str, *, headers: str | None = None,
-                      body: bytes | None = None, validators: dict[str, str] | None = None) -> Attempt:
+                      body: bytes | None = None, validators: dict[str, str] | None = None,
+                      encoded: bool = False) -> Attempt:
         """One try at the request; every failure is classified into the Attempt, never raised.
-        `headers` is a JSON object as text (as stored with the request)."""
+        `headers` is a JSON object as text (as stored with the request). `encoded`: the URL is
+        normalized (crawler.urls.normalize_url, as the ledger stores it), so it is sent as
+        written, not parsed and requoted again by yarl."""
         assert self._session is not None, "use Fetcher as an async context manager"
         limit = self.settings.max_body_bytes
         started = time.perf_counter()
         result = Attempt()
-        loop = asyncio.get_running_loop()
-        flight = _Flight(asyncio.current_task(), loop.time())
+        flight = _Flight(asyncio.current_task(), started)
         self._flights.add(flight)
         try:
             async with self._session.request(
-                method, url, allow_redirects=True, max_redirects=self.settings.max_redirects,
-                headers=_headers(headers, validators), data=body,
+                method, URL(url, encoded=True) if encoded else url,
+                allow_redirects=True, max_redirects=self.settings.max_redirects,
+                headers=_headers(headers, validators) if headers or validators else None, data=body,
                 ssl=False if self.settings.insecure else True,
             ) as resp:
+                answer = resp.headers
                 result.status = resp.status
                 # Without a redirect the final URL is the one asked for (already in yarl's form).
                 result.final_url = str(resp.url) if resp.history else url
-                result.retry_after = resp.headers.get("Retry-After")
-                result.etag = resp.headers.get("ETag")
-                result.last_modified = resp.headers.get("Last-Modified")
+                result.retry_after = answer.get(hdrs.RETRY_AFTER)
+                result.etag = answer.get(hdrs.ETAG)
+                result.last_modified = answer.get(hdrs.LAST_MODIFIED)
                 if limit > 0:
                     declared = resp.content_length
-                    if declared is not None and declared > limit and not resp.headers.get("Content-Encoding"):
+                    if declared is not None and answer.get(hdrs.CONTENT_ENCODING):
+                        declared = None  # the size on the wire, not the body's
+                    if declared is not None and declared > limit:
                         raise BodyTooLarge(limit)  # refused before a byte is read
                     digest = hashlib.sha256()
                     kept = bytearray() if self.settings.store_bodies else None
                     size = 0
                     read = resp.content.read
-                    while block := await read(READ_SIZE):
-                        flight.progress = loop.time()
+                    # The declared length read, the body is complete: no read only to meet its end.
+                    while size != declared and (block := await read(READ_SIZE)):
+                        flight.progress = time.perf_counter()
                         size += len(block)
                         if size > limit:  # counted after decompression: a gzip bomb stops here
                             raise BodyTooLarge(limit)
@@ -169,7 +177,7 @@ class Fetcher:
                     result.body_bytes = size
                     result.body_sha256 = digest.digest()
                     if kept is not None:
-                        result.body = (resp.headers.get("Content-Type"), bytes(kept))
+                        result.body = (answer.get(hdrs.CONTENT_TYPE), bytes(kept))
             if result.status >= 400:
                 result.error_kind = "http_status"
                 result.error = f"HTTP {result.status} {resp.reason or ''}".strip()

@@ -74,7 +74,8 @@ class ResultWriter:
         with --cache-ttl what the cross-job cache learns from it (a row to store, or a fingerprint
         a 304 confirmed)."""
         self._buffer.setdefault(lease, []).append(record)
-        self._handed.setdefault(lease, []).append(time.monotonic())
+        if self.metrics.counting:  # when it came, for the write-lag histogram
+            self._handed.setdefault(lease, []).append(time.monotonic())
         if body is not None:
             content_type, data = body
             self._bodies.setdefault(lease, []).append((record[0], record[1], content_type, zlib.compress(data, 6)))
