@@ -8,7 +8,6 @@ a slow or failing host never holds more fetch slots than its limit. Pure schedul
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -60,55 +59,6 @@ class HostState:
     rtt: float = 0.1
 
 
-class ReadyQueue:
-    """The fetch pool's queue: unbounded, first in first out, many getters. asyncio.Queue's
-    get() and put_nowait() without its bound and its join() bookkeeping, which cost every
-    request a handful of Python calls."""
-
-    def __init__(self) -> None:
-        self._items: deque = deque()
-        self._getters: deque[asyncio.Future] = deque()
-
-    def qsize(self) -> int:
-        return len(self._items)
-
-    def empty(self) -> bool:
-        return not self._items
-
-    def put_nowait(self, item: Any) -> None:
-        self._items.append(item)
-        self._wake_getter()
-
-    def get_nowait(self) -> Any:
-        if not self._items:
-            raise asyncio.QueueEmpty
-        return self._items.popleft()
-
-    async def get(self) -> Any:
-        items = self._items
-        while not items:
-            getter = asyncio.get_running_loop().create_future()
-            self._getters.append(getter)
-            try:
-                await getter
-            except BaseException:
-                getter.cancel()
-                with contextlib.suppress(ValueError):  # put_nowait() may have taken it off already
-                    self._getters.remove(getter)
-                if items and not getter.cancelled():
-                    self._wake_getter()  # woken for an item it will not take: the next one takes it
-                raise
-        return items.popleft()
-
-    def _wake_getter(self) -> None:
-        getters = self._getters
-        while getters:
-            getter = getters.popleft()
-            if not getter.done():
-                getter.set_result(None)
-                return
-
-
 class HostScheduler:
     """put() items; fetch tasks take them from `ready`; done() reports each answer."""
 
@@ -129,7 +79,7 @@ class HostScheduler:
         self.adaptive = adaptive
         self.key = key
         self.clock = clock
-        self.ready = ReadyQueue()
+        self.ready: asyncio.Queue = asyncio.Queue()
         self.hosts: OrderedDict[str, HostState] = OrderedDict()
         self.max_idle_hosts = max_idle_hosts
         self._idle_hosts = 0  # an upper estimate: hosts that went idle since they were counted

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from crawler.hosts import HostLimit, HostScheduler, ReadyQueue, host_of
+from crawler.hosts import HostLimit, HostScheduler, host_of
 
 
 @dataclass
@@ -158,27 +158,3 @@ async def test_a_cancelled_item_frees_its_hosts_slot():
     s.cancel(first)  # its chunk was lost: not fetched, and no answer to learn from
     assert [i.url for i in drain(s)] == ["http://h/1"]
     assert s.limit_of("http://h") == 1
-
-
-async def test_the_ready_queue_hands_items_in_order_to_waiting_getters():
-    queue = ReadyQueue()
-    getters = [asyncio.create_task(queue.get()) for _ in range(2)]
-    await asyncio.sleep(0)
-    queue.put_nowait("a")
-    queue.put_nowait("b")
-    queue.put_nowait("c")
-    assert await asyncio.gather(*getters) == ["a", "b"]
-    assert queue.qsize() == 1 and await queue.get() == "c"
-    assert queue.empty()
-    with pytest.raises(asyncio.QueueEmpty):
-        queue.get_nowait()
-
-
-async def test_a_getter_cancelled_after_its_wake_up_passes_the_item_on():
-    queue = ReadyQueue()
-    first, second = asyncio.create_task(queue.get()), asyncio.create_task(queue.get())
-    await asyncio.sleep(0)
-    queue.put_nowait("a")  # wakes the first getter ...
-    first.cancel()  # ... which is cancelled before it runs
-    assert await second == "a"
-    assert first.cancelled() and queue.empty()
