@@ -144,8 +144,8 @@ def _normalize_with_yarl(text: str, sort_query: bool) -> str:
 
 def _normalize_plain(text: str, sort_query: bool) -> str | None:
     """normalize_url without yarl for a URL whose every part is already as yarl would spell it,
-    but for the case of scheme and host, a default port, an empty path and a fragment; None for any other URL
-    (then the slow path decides, and gives every reason for refusing one)."""
+    but for the case of scheme and host, a default port, an empty path and a fragment; None for
+    any other URL (then the slow path decides, and gives every reason for refusing one)."""
     # Shorter than the limit, so that the result, at most one character longer ("/"), is not over it.
     if len(text) >= MAX_URL_LENGTH or (match := _PLAIN_URL.fullmatch(text)) is None:
         return None
@@ -153,7 +153,7 @@ def _normalize_plain(text: str, sort_query: bool) -> str | None:
     if len(origin) > len("http://") + 253 and len(origin.partition("://")[2].rstrip(".")) > 253:
         return None  # a host name too long for DNS
     if port is not None:
-        if port == ("443" if secure else "80"):
+        if port == str(_DEFAULT_PORTS["https" if secure else "http"]):  # read only when a port is given
             port = None
         elif len(port) == 5 and int(port) > 65535:
             return None
