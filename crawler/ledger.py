@@ -428,15 +428,23 @@ async def finish_job(conn: asyncpg.Connection, job_id: int) -> bool:
         ingested = await conn.fetchval("SELECT ingest_done FROM jobs WHERE id = $1", job_id)
         if not ingested or await open_chunks(conn, job_id):
             return False
-        await conn.execute(
-            "INSERT INTO results (job_id, row_no, status, final_url, error_kind, error, attempts,"
-            "                     from_cache, elapsed_ms, body_bytes, body_sha256, cache_kind)"
-            " SELECT q.job_id, q.row_no, p.status, p.final_url, p.error_kind, p.error, 0,"
-            "        true, 0, p.body_bytes, p.body_sha256, 'duplicate'"
-            " FROM requests q JOIN results p ON p.job_id = q.job_id AND p.row_no = q.dup_of"
-            " WHERE q.job_id = $1 AND q.dup_of IS NOT NULL ON CONFLICT DO NOTHING",
+        # The chunks count their duplicates (input - invalid - to fetch): without any, the scan of
+        # every request below finds nothing. Chunks stored before the counts existed have 0 input rows.
+        repeats = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM chunks WHERE job_id = $1"
+            " AND (input_rows = 0 OR input_rows - invalid_rows > fetch_rows))",
             job_id,
         )
+        if repeats:
+            await conn.execute(
+                "INSERT INTO results (job_id, row_no, status, final_url, error_kind, error, attempts,"
+                "                     from_cache, elapsed_ms, body_bytes, body_sha256, cache_kind)"
+                " SELECT q.job_id, q.row_no, p.status, p.final_url, p.error_kind, p.error, 0,"
+                "        true, 0, p.body_bytes, p.body_sha256, 'duplicate'"
+                " FROM requests q JOIN results p ON p.job_id = q.job_id AND p.row_no = q.dup_of"
+                " WHERE q.job_id = $1 AND q.dup_of IS NOT NULL ON CONFLICT DO NOTHING",
+                job_id,
+            )
         await set_job_state(conn, job_id, "done")
     return True
 

@@ -109,6 +109,39 @@ async def test_results_are_idempotent_and_a_released_chunk_resumes_where_it_stop
     assert not await ledger.finish_job(db, job.id)
 
 
+async def finish_every_chunk(db, job_id: int) -> None:
+    """Lease every chunk and write a 200 for each row to fetch, as a worker would."""
+    await ledger.prepare_writer(db)
+    while (chunk := await ledger.lease_chunk(db, job_id, "w1", 60)) is not None:
+        todo = [r["row_no"] for r in await ledger.chunk_requests(db, job_id, chunk)]
+        await ledger.write_results(db, job_id, {chunk.lease: [result(job_id, n) for n in todo]}, {chunk.lease}, 60)
+
+
+async def test_the_end_of_a_job_gives_its_duplicates_the_outcome_of_their_first_row(db):
+    """With duplicates, as counted by new chunks or not counted by chunks stored before the
+    counts existed, each gets its first row's outcome; without, the job ends with one result
+    per row all the same."""
+    for name, uncounted in (("dups-counted", False), ("dups-uncounted", True)):
+        job = await new_job(db, name)
+        await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"]))
+        await ledger.store_chunk(db, job.id, 1, rows(3, ["http://c/", "http://a/"]))
+        await ledger.mark_ingested(db, job.id)
+        if uncounted:
+            await db.execute("UPDATE chunks SET input_rows = 0, invalid_rows = 0 WHERE job_id = $1", job.id)
+        await finish_every_chunk(db, job.id)
+        assert await ledger.finish_job(db, job.id)
+        stored = {r["row_no"]: (r["from_cache"], r["cache_kind"])
+                  for r in await db.fetch("SELECT row_no, from_cache, cache_kind FROM results WHERE job_id = $1", job.id)}
+        assert stored == {1: (False, None), 2: (False, None), 3: (False, None), 4: (True, "duplicate")}, name
+    job = await new_job(db, "no-dups")
+    await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"]) + [InvalidRow(3, "x", "bad")])
+    await ledger.mark_ingested(db, job.id)
+    await finish_every_chunk(db, job.id)
+    assert await ledger.finish_job(db, job.id)
+    assert await db.fetchval("SELECT state FROM jobs WHERE id = $1", job.id) == "done"
+    assert await db.fetchval("SELECT count(*) FROM results WHERE job_id = $1", job.id) == 2
+
+
 async def test_lease_skips_chunks_locked_by_another_transaction(session_dsn, db):
     job = await new_job(db, "skip-locked")
     await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/"]))
