@@ -326,6 +326,16 @@ class Nginx:
         self.url = f"http://127.0.0.1:{port}"
         return self
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time of nginx's master and workers so far."""
+        if self.proc is None:
+            return None
+        try:
+            root = psutil.Process(self.proc.pid)
+            return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children()])
+        except psutil.Error:
+            return None
+
     def describe(self) -> str:
         version = subprocess.run([self.binary, "-v"], capture_output=True, text=True).stderr.strip()
         return f"{version.split(':', 1)[-1].strip()} (worker_processes {self.processes}, static file)"
@@ -392,6 +402,31 @@ class Watcher:
 
     def _run(self) -> None:
         raise NotImplementedError
+
+
+class SpeedProbe(Watcher):
+    """How fast this machine runs code right now: every `interval` seconds, the CPU time (not the
+    wall time) of one fixed loop in this thread, about 1 ms. On a shared virtual machine the same
+    instructions take up to 1.4 times as long from one minute to the next; runs compared in
+    different states compare the machine, not the programs. `median_ms` is the run's state."""
+
+    LOOPS = 20_000
+
+    def __init__(self, *, interval: float = 0.25) -> None:
+        super().__init__(interval=interval)
+        self.samples: list[float] = []
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            started = time.thread_time()
+            x = 0
+            for i in range(self.LOOPS):
+                x += i * i % 7
+            self.samples.append((time.thread_time() - started) * 1000)
+
+    @property
+    def median_ms(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
 
 
 class TreeSampler(Watcher):

@@ -14,6 +14,11 @@ median of the rounds; ratios are of medians measured in this same run. Wall time
 the tool's process to its exit, start-up included for every tool. CPU is of the tool's processes
 (from wait4: the process and the children it reaped); PostgreSQL's CPU is shown apart for ours.
 Every request goes to 127.0.0.1.
+
+A shared virtual machine's speed changes from minute to minute (the same loop can take 1.4 times
+as long). Each run therefore also records the server's CPU per request and a speed probe (the CPU
+time of a fixed loop, sampled through the run: harness.SpeedProbe), and ours is also compared with
+each peer round by round, and over the rounds in which both ran at the same speed.
 """
 
 from __future__ import annotations
@@ -71,15 +76,19 @@ def command(tool: str, urls: Path, args, dsn: str, summary: Path) -> list[str]:
     raise SystemExit(f"unknown tool {tool}")
 
 
-def run_tool(tool: str, urls: Path, count: int, args, db: harness.ScratchDatabase, pg: harness.PostgresCPU) -> dict:
+def run_tool(tool: str, urls: Path, count: int, args, db: harness.ScratchDatabase, pg: harness.PostgresCPU,
+             server) -> dict:
     with tempfile.TemporaryDirectory(prefix="crawler-peers-") as tmp:
         summary_path = Path(tmp) / "summary.json"
-        pg_before = pg.seconds()
-        timed = harness.run_timed(command(tool, urls, args, db.dsn, summary_path), timeout=args.timeout)
-        pg_after = pg.seconds()
+        pg_before, server_before = pg.seconds(), server.cpu_seconds()
+        with harness.SpeedProbe() as probe:
+            timed = harness.run_timed(command(tool, urls, args, db.dsn, summary_path), timeout=args.timeout)
+        pg_after, server_after = pg.seconds(), server.cpu_seconds()
         row = {"tool": tool, "returncode": timed.returncode, "wall_s": round(timed.wall_s, 3),
                "cpu_s": round(timed.cpu_s, 3), "maxrss_bytes": timed.maxrss_bytes,
-               "load_1m": timed.load_1m}
+               "load_1m": timed.load_1m, "probe_ms": round(probe.median_ms or 0, 3)}
+        if server_before is not None and server_after is not None:
+            row["server_cpu_s"] = round(server_after - server_before, 3)
         if tool == "ours":
             if summary_path.exists():
                 summary = json.loads(summary_path.read_text())
@@ -103,8 +112,9 @@ def run_tool(tool: str, urls: Path, count: int, args, db: harness.ScratchDatabas
 
 def report(server_name: str, rows: list[dict], tools: list[str], urls: int) -> dict:
     print(f"\n### {server_name}: {urls} URLs, medians of {max(1, len(rows) // max(1, len(tools)))} interleaved runs\n")
-    print("| tool | wall s | requests/s | CPU s per 1 000 requests | each run's requests/s | all ok |")
-    print("|---|---|---|---|---|---|")
+    print("| tool | wall s | requests/s | CPU s per 1 000 requests | server's CPU s per 1 000 | speed probe ms"
+          " | each run's requests/s | all ok |")
+    print("|---|---|---|---|---|---|---|---|")
     medians = {}
     for tool in tools:
         mine = [r for r in rows if r["tool"] == tool]
@@ -112,14 +122,19 @@ def report(server_name: str, rows: list[dict], tools: list[str], urls: int) -> d
         cpu = harness.median([r["cpu_s"] for r in mine])
         pg = harness.median([r.get("postgres_cpu_s") for r in mine])
         rate = harness.median([r["requests_per_s"] for r in mine])
-        medians[tool] = {"wall_s": wall, "requests_per_s": rate, "cpu_s": cpu, "postgres_cpu_s": pg}
+        server_cpu = harness.median([r.get("server_cpu_s") for r in mine])
+        probe = harness.median([r["probe_ms"] for r in mine])
+        medians[tool] = {"wall_s": wall, "requests_per_s": rate, "cpu_s": cpu, "postgres_cpu_s": pg,
+                         "server_cpu_s": server_cpu, "probe_ms": probe}
         count = mine[0]["urls"]
         medians[tool]["urls"] = count
         cpu_k = f"{1000 * cpu / count:.3f}" if cpu is not None else "?"
         if pg is not None:
             cpu_k += f" (+ PostgreSQL {1000 * pg / count:.3f})"
         ok = all(r.get("ok") == count and r["returncode"] == 0 for r in mine)
-        print(f"| {tool}{'' if count == urls else f' ({count:,} URLs)'} | {wall:.2f} | {rate:,.0f} | {cpu_k} | {', '.join(format(r['requests_per_s'], ',.0f') for r in mine)}"
+        server_k = f"{1000 * server_cpu / count:.4f}" if server_cpu is not None else "?"
+        print(f"| {tool}{'' if count == urls else f' ({count:,} URLs)'} | {wall:.2f} | {rate:,.0f} | {cpu_k} | {server_k}"
+              f" | {probe:.2f} | {', '.join(format(r['requests_per_s'], ',.0f') for r in mine)}"
               f" | {'yes' if ok else 'NO: ' + next((r.get('problem', '') for r in mine if 'problem' in r), '')} |")
     ours = medians.get("ours", {}).get("requests_per_s")
     if ours:
@@ -128,8 +143,27 @@ def report(server_name: str, rows: list[dict], tools: list[str], urls: int) -> d
             theirs = medians.get(peer, {}).get("requests_per_s")
             if theirs:
                 goal = f" (target ≥ {target:g}{'x' if target >= 1 else ''})" if target else ""
-                print(f"ours / {peer}: {ours / theirs:.2f}{goal}")
+                print(f"ours / {peer}: {ours / theirs:.2f}{goal}{paired(rows, peer)}")
     return medians
+
+
+def paired(rows: list[dict], peer: str) -> str:
+    """The ratio of ours to `peer` within each round (the two ran minutes apart, not tens of
+    minutes): their median and range, and the rounds in which both ran at the same machine speed
+    (speed probes within 10 %), whose ratios compare the programs rather than the machine."""
+    rounds = {}
+    for r in rows:
+        rounds.setdefault(r["run"], {})[r["tool"]] = r
+    pairs = [(t["ours"], t[peer]) for t in rounds.values() if "ours" in t and peer in t]
+    ratios = sorted(o["requests_per_s"] / p["requests_per_s"] for o, p in pairs)
+    if len(ratios) < 2:
+        return ""
+    alike = [o["requests_per_s"] / p["requests_per_s"] for o, p in pairs
+             if o["probe_ms"] and p["probe_ms"] and abs(o["probe_ms"] / p["probe_ms"] - 1) <= 0.10]
+    text = f"; per round: median {harness.median(ratios):.2f} ({ratios[0]:.2f}–{ratios[-1]:.2f}, {len(ratios)} rounds)"
+    if alike:
+        text += f"; rounds at the same speed: median {harness.median(alike):.2f} ({len(alike)} rounds)"
+    return text
 
 
 def main() -> None:
@@ -194,13 +228,13 @@ def main() -> None:
                 for run in range(args.runs):
                     order = tools[run % len(tools):] + tools[:run % len(tools)]
                     for tool in order:
-                        row = run_tool(tool, *files[tool], args, db, pg)
+                        row = run_tool(tool, *files[tool], args, db, pg, server)
                         row["run"] = run
                         rows.append(row)
                         print(f"  run {run + 1} {tool}: {row['wall_s']:.2f} s, {row['requests_per_s']:,.0f}/s,"
                               f" CPU {row['cpu_s']:.1f} s" + (f", PostgreSQL CPU {row['postgres_cpu_s']:.1f} s"
                                                              if "postgres_cpu_s" in row else "")
-                              + f", load {row['load_1m']:.1f}"
+                              + f", load {row['load_1m']:.1f}, probe {row['probe_ms']:.2f} ms"
                               + (f"  PROBLEM: {row['problem']}" if "problem" in row else ""), flush=True)
                 medians = report(server.describe(), rows, tools, args.urls)
                 results["servers"][server.name] = {"describe": server.describe(), "runs": rows, "medians": medians}
