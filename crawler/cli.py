@@ -322,4 +322,3 @@ def run() -> None:
 
     gc.freeze()
     raise SystemExit(code)
-
