@@ -406,8 +406,8 @@ class Watcher:
 
 class SpeedProbe(Watcher):
     """How fast this machine runs code right now: every `interval` seconds, the CPU time (not the
-    wall time) of one fixed loop in this thread, about 1 ms. On a shared virtual machine the same
-    instructions take up to 1.4 times as long from one minute to the next; runs compared in
+    wall time) of one fixed loop in this thread (1.3-2 ms here). On a shared virtual machine the
+    same instructions take up to 1.5 times as long from one minute to the next; runs compared in
     different states compare the machine, not the programs. `median_ms` is the run's state."""
 
     LOOPS = 20_000

@@ -15,7 +15,7 @@ the tool's process to its exit, start-up included for every tool. CPU is of the 
 (from wait4: the process and the children it reaped); PostgreSQL's CPU is shown apart for ours.
 Every request goes to 127.0.0.1.
 
-A shared virtual machine's speed changes from minute to minute (the same loop can take 1.4 times
+A shared virtual machine's speed changes from minute to minute (the same loop can take 1.5 times
 as long). Each run therefore also records the server's CPU per request and a speed probe (the CPU
 time of a fixed loop, sampled through the run: harness.SpeedProbe), and ours is also compared with
 each peer round by round, and over the rounds in which both ran at the same speed.
