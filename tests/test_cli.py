@@ -114,6 +114,7 @@ def test_first_run_uses_the_embedded_database(mock_process, tmp_path):
     finally:
         stopped = run_cli("db", "stop", env=env)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout.decode()
+    assert stopped.stderr.decode() == ""  # one plain line on stdout, no library's warning
 
 
 def test_migrate_is_idempotent_from_the_command_line(fresh_dsn):
