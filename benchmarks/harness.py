@@ -326,15 +326,7 @@ class Nginx:
         self.url = f"http://127.0.0.1:{port}"
         return self
 
-    def cpu_seconds(self) -> float | None:
-        """CPU time of nginx's master and workers so far."""
-        if self.proc is None:
-            return None
-        try:
-            root = psutil.Process(self.proc.pid)
-            return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children()])
-        except psutil.Error:
-            return None
+    cpu_seconds = MockServerProcess.cpu_seconds  # the CPU of self.proc and its children: nginx's workers
 
     def describe(self) -> str:
         version = subprocess.run([self.binary, "-v"], capture_output=True, text=True).stderr.strip()

