@@ -49,6 +49,7 @@ import asyncio
 import functools
 import hashlib
 import random
+import re
 import socket
 import struct
 import time
@@ -88,8 +89,13 @@ _MIB = 1 << 20
 _BOMB_BATCH_MIB = 64  # MiB of zeros per write: about 64 KiB on the wire
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _TAIL = r"{rest:(/.*)?}"  # "/ok" + _TAIL accepts "/ok" and "/ok/anything", but not "/okay"
+# /ok/.. and /delay/{ms}/.., the load test's paths, as the routes above match them, but on the
+# raw request target: a target that spells them otherwise (a percent-escape in "ok", say) does not
+# match, and is routed. A server may answer a match with answer_after(ms) without routing it.
+PLAIN_LOAD_TARGET = re.compile(r"/(?:ok|delay/(?P<ms>[0-9]{1,5}))(/.*)?")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+METHODS = frozenset({"GET", "HEAD", "POST"})  # every path answers these three
 
 
 def _int_param(request: web.Request, name: str, low: int, high: int) -> int:
@@ -155,8 +161,15 @@ async def _stream(
     return response
 
 
-async def _ok(request: web.Request) -> web.Response:
+async def answer_after(ms: int) -> web.Response:
+    """200 "ok\n" after `ms` milliseconds: /ok/.. (0) and /delay/{ms}/.."""
+    if ms:
+        await asyncio.sleep(ms / 1000)
     return web.Response(text="ok\n")
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return await answer_after(0)
 
 
 async def _status(request: web.Request) -> web.Response:
@@ -167,9 +180,7 @@ async def _status(request: web.Request) -> web.Response:
 
 async def _delay(request: web.Request) -> web.Response:
     # Also /slow-headers: nothing, not even the status line, is sent before the handler returns.
-    ms = _int_param(request, "ms", 0, MAX_DELAY_MS)
-    await asyncio.sleep(ms / 1000)
-    return web.Response(text="ok\n")
+    return await answer_after(_int_param(request, "ms", 0, MAX_DELAY_MS))
 
 
 async def _bytes(request: web.Request) -> web.StreamResponse:
@@ -404,6 +415,6 @@ ROUTES: tuple[tuple[str, Handler], ...] = (
 
 def add_routes(app: web.Application) -> None:
     """Route every path of the table above, for GET, HEAD and POST."""
-    for method in ("GET", "HEAD", "POST"):
+    for method in METHODS:
         for pattern, handler in ROUTES:
             app.router.add_route(method, pattern, handler)

@@ -14,7 +14,8 @@ With a capacity N, a request that arrives while N others are in flight in this p
 at once ("over capacity"); it still counts as a hit. The four paths above are never counted,
 limited or seen as in flight. All counts are per process. Counting every path costs memory in
 proportion to the distinct paths (about 110 bytes each, over 300 MiB at 3 M): a load test of
-millions of URLs turns it off (--no-path-hits) and keeps the total.
+millions of URLs turns it off (--no-path-hits) and keeps the total. A served process answers
+the load test's /ok and /delay paths without routing them, the same answer for less CPU.
 """
 
 import argparse
@@ -33,10 +34,11 @@ from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_ready
 
 import uvloop
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from crawler import mock_behaviours
-from crawler.mock_behaviours import COUNTED_PREFIXES, HITS, SEED, add_routes
+from crawler.mock_behaviours import COUNTED_PREFIXES, HITS, MAX_DELAY_MS, METHODS, SEED, Handler
+from crawler.mock_behaviours import PLAIN_LOAD_TARGET, add_routes, answer_after
 
 _STATS_PATHS = frozenset({"/__hits", "/__hits/reset", "/__stats", "/__stats/reset"})
 _STARTUP_TIMEOUT_S = 30.0
@@ -59,16 +61,14 @@ class ServerLoad:
 LOAD = web.AppKey("load", ServerLoad)
 
 
-@web.middleware
-async def _account(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+async def _accounted(
+    app: web.Application, path: str, answer: Callable[[], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    if request.path in _STATS_PATHS:
-        return await handler(request)
-    # Counted on arrival, before the handler, so a request the client gives up on still counts.
-    load = request.app[LOAD]
-    if load.count_paths or request.path.startswith(COUNTED_PREFIXES):
-        request.app[HITS][request.path] += 1
+    """`answer()`, counted and limited: every request but the stats endpoint's goes through here."""
+    # Counted on arrival, before the answer, so a request the client gives up on still counts.
+    load = app[LOAD]
+    if load.count_paths or path.startswith(COUNTED_PREFIXES):
+        app[HITS][path] += 1
     else:
         load.unlisted_hits += 1
     if load.capacity is not None and load.in_flight >= load.capacity:
@@ -77,9 +77,18 @@ async def _account(
     load.in_flight += 1
     load.max_in_flight = max(load.max_in_flight, load.in_flight)
     try:
-        return await handler(request)
+        return await answer()
     finally:
         load.in_flight -= 1
+
+
+@web.middleware
+async def _account(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if request.path in _STATS_PATHS:
+        return await handler(request)
+    return await _accounted(request.app, request.path, partial(handler, request))
 
 
 def _hits_json(app: web.Application) -> dict[str, object]:
@@ -142,6 +151,34 @@ def create_app(seed: int = 0, capacity: int | None = None, count_paths: bool = T
     return app
 
 
+def _answering_plain_load_paths(app: web.Application, routed: Handler) -> Handler:
+    """The serving process's request handler: a plain /ok/.. or /delay/{ms}/.. target (see
+    PLAIN_LOAD_TARGET) is answered without aiohttp's router and middleware, which are a quarter
+    of the server's instructions per request, and counted and limited the same; every other
+    request is routed. A load test then measures the crawler more than its mock server."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        plain = PLAIN_LOAD_TARGET.fullmatch(request.raw_path)
+        if plain is None or request.method not in METHODS or hdrs.EXPECT in request.headers:
+            return await routed(request)
+        ms = int(plain["ms"] or 0)
+        if ms > MAX_DELAY_MS:
+            return await routed(request)  # for its 400
+        return await _accounted(app, request.path, partial(answer_after, ms))
+
+    return handle
+
+
+async def serving_runner(app: web.Application) -> web.AppRunner:
+    """The app's runner, set up as the mock server serves it; add a site, then runner.cleanup()."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    server = runner.server
+    assert server is not None
+    server.request_handler = _answering_plain_load_paths(app, server.request_handler)
+    return runner
+
+
 def _base_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -151,8 +188,7 @@ async def start_mock_server(
     count_paths: bool = True,
 ) -> tuple[web.AppRunner, str]:
     """Start the app on the running loop; returns (runner, base URL). Call runner.cleanup()."""
-    runner = web.AppRunner(create_app(seed, capacity, count_paths), access_log=None)
-    await runner.setup()
+    runner = await serving_runner(create_app(seed, capacity, count_paths))
     try:
         await web.TCPSite(runner, host, port).start()
     except BaseException:
@@ -183,8 +219,7 @@ async def _serve_until_signalled(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(make_app(), access_log=None)
-    await runner.setup()
+    runner = await serving_runner(make_app())
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
         on_listening(runner.addresses[0][1])

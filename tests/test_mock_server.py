@@ -13,6 +13,10 @@ import time
 import aiohttp
 import psutil
 import pytest
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from yarl import URL
 
 from crawler.mock_behaviours import random_outcome
 from crawler.mock_server import (
@@ -22,6 +26,7 @@ from crawler.mock_server import (
     create_app,
     running_mock_server,
     serve,
+    serving_runner,
     start_mock_server,
 )
 
@@ -184,6 +189,98 @@ async def test_running_mock_server_yields_the_base_url():
                 assert (await resp.json())["capacity"] == 7
             async with session.get(f"{url}/random/a") as resp:
                 assert resp.status == random_outcome(3, "/random/a")[0]
+
+
+async def listening(runner: web.AppRunner) -> int:
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner.addresses[0][1]
+
+
+async def exchange(port: int, head: str) -> bytes:
+    """The server's whole answer to one request written as is, its Date header left out."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.encode())
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    return b"".join(line for line in answer.splitlines(keepends=True) if not line.startswith(b"Date: "))
+
+
+# Request targets that a plain match and aiohttp's router could read differently: a load path or
+# a near miss of one, then a tail of pieces.
+TARGET_HEADS = ["ok", "okay", "o%6B", "delay/0", "delay/1", "delay/00002", "delay/60001", "delay/99999",
+                "delay/-1", "delay/1.5", "delay/x", "delay", "status/204", "", "."]  # fmt: skip
+TARGET_PIECES = ["", ".", "..", ".x", "x.", "a-b_c~", "ok", "%2F", "%2e%2e", "%41", "x?y=1", "?", "#"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    head=st.sampled_from(TARGET_HEADS),
+    tail=st.lists(st.sampled_from(TARGET_PIECES), max_size=3),
+    method=st.sampled_from(["GET", "HEAD", "POST", "PUT"]),
+    expect_continue=st.booleans(),
+)
+async def test_the_served_app_answers_and_counts_every_target_as_the_router_does(
+    head, tail, method, expect_continue
+):
+    target = "/" + head + "".join("/" + piece for piece in tail)
+    request = (f"{method} {target} HTTP/1.1\r\nHost: mock\r\nConnection: close\r\n"
+            + ("Expect: 100-continue\r\n" if expect_continue else "") + "Content-Length: 0\r\n\r\n")
+    served, routed = await serving_runner(create_app()), web.AppRunner(create_app())
+    await routed.setup()
+    try:
+        served_port, routed_port = await listening(served), await listening(routed)
+        assert await exchange(served_port, request) == await exchange(routed_port, request)
+        hits = "GET /__hits HTTP/1.1\r\nHost: mock\r\nConnection: close\r\n\r\n"
+        assert await exchange(served_port, hits) == await exchange(routed_port, hits)
+    finally:
+        await served.cleanup()
+        await routed.cleanup()
+
+
+async def test_the_served_app_answers_plain_load_targets_without_routing_them():
+    app, routed = create_app(), []
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        routed.append(request.raw_path)  # only a routed request has an app to signal
+
+    app.on_response_prepare.append(on_prepare)
+    runner = await serving_runner(app)
+    try:
+        base = f"http://127.0.0.1:{await listening(runner)}"
+        plain = ["/ok", "/ok/1", "/ok/a/../b.c", "/ok/%41", "/delay/0/x", "/delay/00002"]
+        routed_anyway = ["/o%6B", "/ok?x=1", "/delay/60001", "/status/200", "/okay"]
+        async with aiohttp.ClientSession(base, timeout=TIMEOUT) as client:
+            for target in plain + routed_anyway:
+                async with client.get(URL(target, encoded=True)) as resp:
+                    await resp.read()
+            async with client.head("/ok/h") as resp:
+                assert resp.status == 200
+            current = await stats(client)
+        assert routed == routed_anyway + ["/__stats"]
+        assert current["hits"]["total"] == len(plain) + len(routed_anyway) + 1
+        assert (current["max_in_flight"], current["in_flight"]) == (1, 0)
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_served_app_limits_plain_load_targets_by_capacity():
+    runner = await serving_runner(create_app(capacity=1))
+    try:
+        base = f"http://127.0.0.1:{await listening(runner)}"
+        async with aiohttp.ClientSession(base, timeout=TIMEOUT) as client:
+            slow = asyncio.create_task(client.get("/delay/300/a"))
+            await wait_for_stats(client, lambda current: current["in_flight"] == 1)
+            async with client.get("/ok/b") as resp:
+                assert (resp.status, await resp.text()) == (503, "over capacity\n")
+            async with await slow as resp:
+                assert (resp.status, await resp.text()) == (200, "ok\n")
+            current = await stats(client)
+        assert (current["rejected"], current["in_flight"], current["hits"]["total"]) == (1, 0, 2)
+    finally:
+        await runner.cleanup()
 
 
 def kill_tree(proc: psutil.Process) -> None:
