@@ -95,7 +95,7 @@ _TAIL = r"{rest:(/.*)?}"  # "/ok" + _TAIL accepts "/ok" and "/ok/anything", but 
 PLAIN_LOAD_TARGET = re.compile(r"/(?:ok|delay/(?P<ms>[0-9]{1,5}))(/.*)?")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-METHODS = frozenset({"GET", "HEAD", "POST"})  # every path answers these three
+METHODS = ("GET", "HEAD", "POST")  # every path answers these three
 
 
 def _int_param(request: web.Request, name: str, low: int, high: int) -> int:

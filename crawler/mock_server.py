@@ -153,7 +153,7 @@ def create_app(seed: int = 0, capacity: int | None = None, count_paths: bool = T
 
 def _answering_plain_load_paths(app: web.Application, routed: Handler) -> Handler:
     """The serving process's request handler: a plain /ok/.. or /delay/{ms}/.. target (see
-    PLAIN_LOAD_TARGET) is answered without aiohttp's router and middleware, which are a quarter
+    PLAIN_LOAD_TARGET) is answered without aiohttp's router and middleware, which are a fifth
     of the server's instructions per request, and counted and limited the same; every other
     request is routed. A load test then measures the crawler more than its mock server."""
 
