@@ -3,10 +3,14 @@ the job, run the supervisor, and report. The CLI calls these; they return an exi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import orjson
 from rich.console import Console
@@ -23,6 +27,8 @@ from crawler.standby import Standby
 from crawler.summary import job_summary
 from crawler.supervisor import Supervisor
 
+T = TypeVar("T")
+
 
 async def prepare_database(dsn: str) -> None:
     conn = await connect(dsn)
@@ -32,14 +38,17 @@ async def prepare_database(dsn: str) -> None:
         await conn.close()
 
 
-def _report(outcome, summary: dict, *, summary_json: str | None, quiet: bool, console: Console) -> int:
-    if summary_json:
-        Path(summary_json).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    if not quiet:
-        render_summary(summary, console)
-        ref = outcome.job.name or outcome.job.id
-        if outcome.exit_code == EXIT_OK:
-            console.print(f"export with: crawler export {ref} --format jsonl -o results.jsonl")
+def _report(outcome, summary: dict | None, *, summary_json: str | None, quiet: bool, console: Console) -> int:
+    ref = outcome.job.name or outcome.job.id
+    if summary is None:
+        print(f"crawler: the summary was skipped; `crawler status {ref}` shows the job.", file=sys.stderr)
+    else:
+        if summary_json:
+            Path(summary_json).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        if not quiet:
+            render_summary(summary, console)
+            if outcome.exit_code == EXIT_OK:
+                console.print(f"export with: crawler export {ref} --format jsonl -o results.jsonl")
     if outcome.message:
         print(f"crawler: {outcome.message}", file=sys.stderr)
     return outcome.exit_code
@@ -127,11 +136,34 @@ async def _supervise(dsn, settings, job, reader, *, summary_json, quiet, started
         supervisor.install_signals()
         try:
             outcome = await supervisor.run(job, reader)
+            summary = await unless_signalled(_read_summary(dsn, job.id, started))
         finally:
             supervisor.remove_signals()
+    return _report(outcome, summary, summary_json=summary_json, quiet=quiet, console=console)
+
+
+async def _read_summary(dsn: str, job_id: int, started: float) -> dict:
     conn = await connect(dsn)
     try:
-        summary = await job_summary(conn, job.id, elapsed_s=time.monotonic() - started)
+        return await job_summary(conn, job_id, elapsed_s=time.monotonic() - started)
     finally:
         await conn.close()
-    return _report(outcome, summary, summary_json=summary_json, quiet=quiet, console=console)
+
+
+async def unless_signalled(work: Coroutine[Any, Any, T]) -> T | None:
+    """`work`'s result, or None once SIGINT or SIGTERM comes first. For what follows a crawl:
+    the summary scans the whole job, and Ctrl-C then skips it, where the interpreter's own
+    handler would end the process without saying how the job stands."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)  # replaces the supervisor's, with no gap between
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():
+            raise  # this coroutine was cancelled, not just the work
+        return None
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from crawler.crawl import crawl
+from crawler.crawl import crawl, unless_signalled
 from crawler.errors import EXIT_OK
 
 from conftest import test_settings
@@ -189,3 +192,39 @@ def test_a_worker_collects_garbage_rarely_and_never_scans_its_start_up_objects()
     threshold, frozen = json.loads(done.stdout)
     assert threshold[0] >= 10_000  # CPython's default is 700: a collection every few requests
     assert frozen > 10_000  # the modules' objects, out of every later scan
+
+
+@pytest.fixture
+def sigint_caught():
+    """A SIGINT that no handler of the code under test takes is caught here, not by pytest."""
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+async def test_a_signal_after_the_crawl_gives_up_what_is_left_and_restores_the_default(sigint_caught):
+    started = asyncio.Event()
+
+    async def summary() -> str:
+        started.set()
+        await asyncio.sleep(30)
+        return "read"
+
+    waiting = asyncio.create_task(unless_signalled(summary()))
+    await started.wait()
+    os.kill(os.getpid(), signal.SIGINT)
+    assert await asyncio.wait_for(waiting, 5) is None
+    assert sigint_caught == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+async def test_without_a_signal_the_work_after_the_crawl_is_done_and_a_cancel_still_cancels(sigint_caught):
+    assert await unless_signalled(asyncio.sleep(0, "read")) == "read"
+    waiting = asyncio.create_task(unless_signalled(asyncio.sleep(30)))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
