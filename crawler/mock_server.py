@@ -83,9 +83,7 @@ async def _accounted(
 
 
 @web.middleware
-async def _account(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def _account(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path in _STATS_PATHS:
         return await handler(request)
     return await _accounted(request.app, request.path, partial(handler, request))
