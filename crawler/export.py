@@ -16,7 +16,8 @@ import aiofiles
 import asyncpg
 import orjson
 
-from crawler.errors import UsageError
+from crawler.errors import OutputError, UsageError
+from crawler.export_file import ExportFile
 
 FIELDS = (
     "row", "url", "status", "final_url", "error_kind", "error", "attempts", "from_cache",
@@ -143,69 +144,122 @@ def parquet_schema(pa: Any) -> Any:
     ])
 
 
-async def _export_parquet(conn: asyncpg.Connection, job_id: int, path: str, only: str | None) -> int:
+async def _export_parquet(conn: asyncpg.Connection, job_id: int, out: ExportFile, only: str | None) -> int:
     pa = _pyarrow()
     schema = parquet_schema(pa)
-    writer = pa.parquet.ParquetWriter(path, schema, compression="zstd")
+    with out.errors():
+        writer = pa.parquet.ParquetWriter(out.name, schema, compression="zstd")
 
     def write(columns: list[list]) -> None:
-        writer.write_batch(pa.record_batch(columns, schema=schema))
+        with out.errors():
+            writer.write_batch(pa.record_batch(columns, schema=schema))
 
     count = 0
     columns: list[list] = [[] for _ in FIELDS]
     try:
-        async for record in export_records(conn, job_id, only=only):
-            for values, name in zip(columns, FIELDS):
-                values.append(record[name])
-            count += 1
-            if len(columns[0]) >= PARQUET_BATCH_ROWS:
-                # Encoding and compression run in a thread while the cursor keeps the loop.
-                await asyncio.to_thread(write, columns)
-                columns = [[] for _ in FIELDS]
+        async with contextlib.aclosing(export_records(conn, job_id, only=only)) as records:
+            async for record in records:
+                for values, name in zip(columns, FIELDS):
+                    values.append(record[name])
+                count += 1
+                if len(columns[0]) >= PARQUET_BATCH_ROWS:
+                    # Encoding and compression run in a thread while the cursor keeps the loop.
+                    await asyncio.to_thread(write, columns)
+                    columns = [[] for _ in FIELDS]
         if columns[0]:
             await asyncio.to_thread(write, columns)
-        await asyncio.to_thread(writer.close)
+        with out.errors():
+            await asyncio.to_thread(writer.close)
     except BaseException:
-        writer.close()
         with contextlib.suppress(OSError):
-            os.unlink(path)  # a Parquet file without its footer cannot be read: leave none
+            writer.close()  # a Parquet file without its footer cannot be read: ExportFile removes it
         raise
     return count
 
 
+def export_file(path: str | None, fmt: str) -> ExportFile | None:
+    """The file `-o PATH` names, checked before any work; None for standard output."""
+    if fmt == "parquet" and (path is None or path == "-"):
+        raise UsageError("parquet cannot be written to standard output; name a file with -o PATH.")
+    return None if path is None or path == "-" else ExportFile(path)
+
+
 async def export_job(conn: asyncpg.Connection, job_id: int, *, fmt: str, path: str | None,
-                     only: str | None = None) -> int:
-    """Write the export to `path` (or stdout, for jsonl and csv); return the number of records."""
-    to_stdout = path is None or path == "-"
+                     only: str | None = None, out: ExportFile | None = None) -> int:
+    """Write the export to `path` (or stdout, for jsonl and csv); return the number of records.
+    A failed export leaves no file behind (`out`: the file as export_file() checked it)."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}.")
     if only is not None and only not in ONLY:
         raise UsageError(f"--only must be one of {', '.join(ONLY)}, not '{only}'.")
-    if fmt == "parquet":
-        if to_stdout:
-            raise UsageError("parquet cannot be written to standard output; name a file with -o PATH.")
-        return await _export_parquet(conn, job_id, path, only)
+    if out is None:
+        out = export_file(path, fmt)
+    if out is None:
+        return await _export_stdout(conn, job_id, fmt=fmt, only=only)
+    with out:
+        if fmt == "parquet":
+            return await _export_parquet(conn, job_id, out, only)
+        return await _export_text(conn, job_id, out, fmt=fmt, only=only)
+
+
+async def _export_stdout(conn: asyncpg.Connection, job_id: int, *, fmt: str, only: str | None) -> int:
     line = _jsonl if fmt == "jsonl" else _csv_line
     count = 0
-    if to_stdout:
-        out = sys.stdout
+    out = sys.stdout
+    # Each write is guarded on its own: the stream between them may raise the database's own
+    # OSErrors (a connection reset), which are not standard output's.
+    try:
         if fmt == "csv":
             out.write(_csv_header())
-        async for record in export_records(conn, job_id, only=only):
-            out.write(line(record))
+    except OSError as exc:
+        raise _stdout_error(exc) from None
+    async with contextlib.aclosing(export_records(conn, job_id, only=only)) as records:
+        async for record in records:
+            text = line(record)
+            try:
+                out.write(text)
+            except OSError as exc:
+                raise _stdout_error(exc) from None
             count += 1
+    try:
         out.flush()
-        return count
-    async with aiofiles.open(path, "w", encoding="utf-8", newline="") as out:
+    except OSError as exc:
+        raise _stdout_error(exc) from None
+    return count
+
+
+def _stdout_error(exc: OSError) -> Exception:
+    if isinstance(exc, BrokenPipeError):
+        return exc  # `crawler export | head`: the reader is done, and that is fine (cli.py)
+    return OutputError(f"cannot write the export to standard output: {exc.strerror or type(exc).__name__}.")
+
+
+async def _export_text(conn: asyncpg.Connection, job_id: int, file: ExportFile, *, fmt: str,
+                       only: str | None) -> int:
+    line = _jsonl if fmt == "jsonl" else _csv_line
+    count = 0
+    with file.errors():
+        out = await aiofiles.open(file.name, "w", encoding="utf-8", newline="")
+    try:
         if fmt == "csv":
-            await out.write(_csv_header())
+            with file.errors():
+                await out.write(_csv_header())
         pending: list[str] = []
-        async for record in export_records(conn, job_id, only=only):
-            pending.append(line(record))
-            count += 1
-            if len(pending) >= 1000:  # one write per thousand rows: aiofiles pays a thread hop per call
+        # Closed on the way out whatever happens: a cursor abandoned mid-stream would still be
+        # reading when the connection closes.
+        async with contextlib.aclosing(export_records(conn, job_id, only=only)) as records:
+            async for record in records:
+                pending.append(line(record))
+                count += 1
+                if len(pending) >= 1000:  # one write per thousand rows: aiofiles pays a thread hop per call
+                    with file.errors():
+                        await out.write("".join(pending))
+                    pending.clear()
+        with file.errors():
+            if pending:
                 await out.write("".join(pending))
-                pending.clear()
-        if pending:
-            await out.write("".join(pending))
+            await out.flush()  # a full disk shows here, or at close: both before the rename
+    finally:
+        with file.errors():
+            await out.close()
     return count

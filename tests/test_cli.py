@@ -45,11 +45,19 @@ def test_unreachable_database_is_exit_2_with_the_password_masked(tmp_path):
     (["frobnicate"], "frobnicate"),
     (["bench", "--workers", "0"], "--workers must be auto or at least 1"),
     (["worker", "--workers", "some"], "--workers"),
+    # A job name that is all digits would hide the job with that id; blank or with control
+    # characters, it would not print as itself in `status`, `jobs` or the summary.
+    (["crawl", "x.csv", "--job-name", "42"], "all digits"),
+    (["crawl", "x.csv", "--job-name", ""], "cannot be empty"),
+    (["crawl", "x.csv", "--job-name", "  "], "cannot be empty"),
+    (["crawl", "x.csv", "--job-name", "weekly\x1b[2J"], "control characters"),
+    (["crawl", "x.csv", "--job-name", "weekly\u202e"], "control characters"),
+    (["crawl", "x.csv", "--job-name", "w" * 201], "at most 200 characters"),
 ])
 def test_bad_flags_are_exit_1_with_one_sentence(args, fragment):
     proc = run_cli(*args)
     err = proc.stderr.decode()
-    assert proc.returncode == 1
+    assert proc.returncode == 1, err
     assert fragment in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
