@@ -241,7 +241,13 @@ async def lease_chunk(conn: asyncpg.Connection, job_id: int, owner: str, lease_s
         "   lease_expires = now() + make_interval(secs => $3)"
         " WHERE c.job_id = $1 AND c.chunk_no = (SELECT chunk_no FROM chunks WHERE job_id = $1"
         "       AND (state = 'pending' OR (state = 'leased' AND lease_expires < now()))"
+        # A chunk whose holders died (quarantine below) goes to a worker holding nothing, and
+        # its holder leases nothing more: a next death then names that one chunk alone.
+        "       AND (deaths = 0 OR NOT EXISTS (SELECT 1 FROM chunks h WHERE h.job_id = $1"
+        "            AND h.state = 'leased' AND h.lease_owner = $2))"
         "       ORDER BY chunk_no LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        "   AND NOT EXISTS (SELECT 1 FROM chunks s WHERE s.job_id = $1 AND s.state = 'leased'"
+        "       AND s.lease_owner = $2 AND s.deaths > 0)"
         " RETURNING c.chunk_no, c.fence, c.first_row, c.last_row",
         job_id, owner, lease_seconds,
     )
@@ -445,6 +451,7 @@ async def finish_job(conn: asyncpg.Connection, job_id: int) -> bool:
                 " WHERE q.job_id = $1 AND q.dup_of IS NOT NULL ON CONFLICT DO NOTHING",
                 job_id,
             )
+        await fold_retried_attempts(conn, job_id)
         await set_job_state(conn, job_id, "done")
     return True
 
@@ -464,3 +471,170 @@ async def job_counts(conn: asyncpg.Connection, job_id: int) -> dict[str, int]:
         job_id,
     )
     return dict(row)
+
+
+# --- quarantine: a chunk that keeps killing its workers -----------------------------------------
+
+# Holders of one chunk that die in a row before its rows are given up. A worker that dies once
+# may have been killed for any reason; three, each holding that chunk alone after the first
+# death (lease_chunk), point at something in the chunk itself.
+QUARANTINE_AFTER = 3
+
+
+class Quarantine(NamedTuple):
+    chunk_no: int
+    first_row: int
+    last_row: int
+    deaths: int
+    given_up: int  # rows stored as `internal`, never fetched
+
+
+@dataclass(slots=True, frozen=True)
+class Released:
+    """Dead workers' leases given back: the chunks each of them held, and those quarantined."""
+
+    held: dict[str, list[int]]
+    quarantined: list[Quarantine]
+
+
+async def release_dead_workers(
+    conn: asyncpg.Connection, job_id: int, owners: Sequence[str], *, quarantine_after: int = QUARANTINE_AFTER,
+) -> Released:
+    """Give back every chunk leased by these owners, known to be dead, counting a death on each.
+    A chunk at `quarantine_after` deaths is done instead: its rows still without a result are
+    stored as `internal`, in the same transaction, so the job can finish."""
+    async with conn.transaction():
+        rows = await conn.fetch(
+            "WITH held AS (SELECT chunk_no, lease_owner FROM chunks WHERE job_id = $1 AND state = 'leased'"
+            "              AND lease_owner = ANY($2::text[]) FOR UPDATE)"
+            " UPDATE chunks c SET deaths = c.deaths + 1, lease_owner = NULL, lease_expires = NULL,"
+            "   state = CASE WHEN c.deaths + 1 >= $3 THEN 'done' ELSE 'pending' END,"
+            "   quarantined = c.deaths + 1 >= $3"
+            " FROM held WHERE c.job_id = $1 AND c.chunk_no = held.chunk_no"
+            " RETURNING c.chunk_no, held.lease_owner, c.deaths, c.quarantined, c.first_row, c.last_row",
+            job_id, list(owners), quarantine_after,
+        )
+        held: dict[str, list[int]] = {}
+        quarantined = []
+        for r in sorted(rows, key=lambda r: r["chunk_no"]):
+            held.setdefault(r["lease_owner"], []).append(r["chunk_no"])
+            if r["quarantined"]:
+                given_up = await _give_up_rows(conn, job_id, r["chunk_no"], r["first_row"], r["last_row"],
+                                               f"workers died {r['deaths']} times on this chunk"
+                                               f" ({r['chunk_no']}, rows {r['first_row']}-{r['last_row']});"
+                                               f" not fetched")
+                quarantined.append(Quarantine(r["chunk_no"], r["first_row"], r["last_row"], r["deaths"], given_up))
+    return Released(held, quarantined)
+
+
+async def _give_up_rows(conn: asyncpg.Connection, job_id: int, chunk_no: int, first_row: int, last_row: int,
+                        reason: str) -> int:
+    """The chunk's rows still without a result become `internal` results; its counts say so."""
+    given_up = await conn.fetch(
+        "INSERT INTO results (job_id, row_no, error_kind, error, attempts, from_cache)"
+        " SELECT q.job_id, q.row_no, 'internal', $4, 0, false FROM requests q"
+        " WHERE q.job_id = $1 AND q.row_no BETWEEN $2 AND $3 AND q.dup_of IS NULL"
+        " AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = $1 AND r.row_no = q.row_no)"
+        " ON CONFLICT DO NOTHING RETURNING row_no",
+        job_id, first_row, last_row, reason,
+    )
+    await conn.execute(
+        "UPDATE chunks SET done_rows = fetch_rows, failed_rows = failed_rows + $3 WHERE job_id = $1 AND chunk_no = $2",
+        job_id, chunk_no, len(given_up),
+    )
+    return len(given_up)
+
+
+async def quarantined_chunks(conn: asyncpg.Connection, job_id: int) -> list[Quarantine]:
+    rows = await conn.fetch(
+        "SELECT c.chunk_no, c.first_row, c.last_row, c.deaths,"
+        " (SELECT count(*) FROM results r WHERE r.job_id = $1 AND r.row_no BETWEEN c.first_row AND c.last_row"
+        "  AND r.error_kind = 'internal' AND r.attempts = 0 AND NOT r.from_cache) AS given_up"
+        " FROM chunks c WHERE c.job_id = $1 AND c.quarantined ORDER BY c.chunk_no",
+        job_id,
+    )
+    return [Quarantine(r["chunk_no"], r["first_row"], r["last_row"], r["deaths"], r["given_up"]) for r in rows]
+
+
+# --- retry: fetch a finished job's failed rows again ----------------------------------------------
+
+# Rows per statement of the walks below: each is a primary-key range scan, whatever the
+# statistics say of a job that may be newer than them.
+RANGE_ROWS = 10_000
+
+
+class Reopened(NamedTuple):
+    rows: int  # results deleted, duplicates included
+    fetches: int  # of them, the rows to fetch again (the duplicates share their outcome)
+    chunks: int  # chunks made pending again
+
+
+async def reopen_for_retry(conn: asyncpg.Connection, job_id: int, *, kinds: Sequence[str],
+                           statuses: Sequence[tuple[int, int]]) -> Reopened | None:
+    """Make a finished job fetch again the rows whose result has one of these error kinds, or is
+    an `http_status` within one of these (low, high) status ranges. One transaction: their
+    results (and stored bodies) are deleted, their attempts kept in `retried` to be added to the
+    new ones, their chunks' counts taken back and the chunks made pending, the job running.
+    Duplicate rows sharing such an outcome are deleted too; finish_job gives them the new one.
+    Returns None when the job is not done (nothing is changed)."""
+    kinds = [k for k in kinds if k != "http_status"]
+    lows, highs = [lo for lo, _ in statuses], [hi for _, hi in statuses]
+    async with conn.transaction():
+        job = await conn.fetchrow("SELECT state, rows_read FROM jobs WHERE id = $1 FOR UPDATE", job_id)
+        if job is None or job["state"] != "done":
+            return None
+        rows = fetches = 0
+        chunks: dict[int, int] = {}  # chunk -> fetched rows of it reopened
+        for first in range(1, job["rows_read"] + 1, RANGE_ROWS):
+            last = first + RANGE_ROWS - 1
+            picked = await conn.fetch(
+                "WITH picked AS (DELETE FROM results r WHERE r.job_id = $1 AND r.row_no BETWEEN $2 AND $3"
+                "   AND (r.error_kind = ANY($4::text[]) OR (r.error_kind = 'http_status' AND EXISTS ("
+                "        SELECT 1 FROM unnest($5::int[], $6::int[]) AS s(lo, hi) WHERE r.status BETWEEN s.lo AND s.hi)))"
+                "   RETURNING r.row_no, r.attempts)"
+                " SELECT p.row_no, p.attempts, q.chunk_no, q.dup_of IS NOT NULL AS duplicate"
+                " FROM picked p JOIN requests q ON q.job_id = $1 AND q.row_no = p.row_no"
+                " WHERE q.row_no BETWEEN $2 AND $3",
+                job_id, first, last, kinds, lows, highs,
+            )
+            if not picked:
+                continue
+            rows += len(picked)
+            fetched = [r for r in picked if not r["duplicate"]]
+            fetches += len(fetched)
+            for r in fetched:
+                chunks[r["chunk_no"]] = chunks.get(r["chunk_no"], 0) + 1
+            await conn.copy_records_to_table(
+                "retried", records=[(job_id, r["row_no"], r["attempts"]) for r in fetched],
+                columns=("job_id", "row_no", "attempts"),
+            )
+            await conn.execute("DELETE FROM bodies WHERE job_id = $1 AND row_no = ANY($2::bigint[])",
+                               job_id, [r["row_no"] for r in picked])
+        if chunks:
+            # Every reopened row was a failure: it leaves done_rows and failed_rows alike.
+            await conn.execute(
+                "UPDATE chunks c SET state = 'pending', done_rows = c.done_rows - w.n, failed_rows = c.failed_rows - w.n,"
+                "   lease_owner = NULL, lease_expires = NULL, deaths = 0, quarantined = false"
+                " FROM unnest($2::int[], $3::int[]) AS w(chunk_no, n)"
+                " WHERE c.job_id = $1 AND c.chunk_no = ANY($2::int[]) AND c.chunk_no = w.chunk_no",
+                job_id, list(chunks), list(chunks.values()),
+            )
+        if rows:
+            await conn.execute("UPDATE jobs SET state = 'running', finished_at = NULL WHERE id = $1", job_id)
+    return Reopened(rows, fetches, len(chunks))
+
+
+async def fold_retried_attempts(conn: asyncpg.Connection, job_id: int) -> None:
+    """Add the attempts of the results a retry replaced to their new results (in finish_job's
+    transaction), walking the retried rows by primary-key ranges."""
+    first = await conn.fetchval("SELECT min(row_no) FROM retried WHERE job_id = $1", job_id)
+    while first is not None:
+        last = first + RANGE_ROWS - 1
+        await conn.execute(
+            "UPDATE results r SET attempts = least(r.attempts + p.attempts, 32767) FROM retried p"
+            " WHERE p.job_id = $1 AND p.row_no BETWEEN $2 AND $3"
+            " AND r.job_id = $1 AND r.row_no BETWEEN $2 AND $3 AND r.row_no = p.row_no",
+            job_id, first, last,
+        )
+        await conn.execute("DELETE FROM retried WHERE job_id = $1 AND row_no BETWEEN $2 AND $3", job_id, first, last)
+        first = await conn.fetchval("SELECT min(row_no) FROM retried WHERE job_id = $1 AND row_no > $2", job_id, last)

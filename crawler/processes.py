@@ -1,6 +1,6 @@
 """Worker processes on this machine: start them (standby.py), restart one that dies within a
-budget, tell which died so their leases can go back at once, and turn Ctrl-C or SIGTERM into a
-drain.
+budget, tell which died so their leases can go back at once (and a chunk that keeps killing them
+is quarantined, ledger.release_dead_workers), and turn Ctrl-C or SIGTERM into a drain.
 
 Used by the supervisor of `crawler crawl` and by `crawler worker --workers N`, which joins a job
 from another machine and leaves when the job has nothing left for it.
@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from crawler import ledger
 from crawler.database import LedgerConnection
@@ -38,6 +38,15 @@ class WorkerSlot:
     restart_at: float = 0.0
     finished: bool = False
     reaped: bool = False
+    worker_id: str = ""  # host:pid of its current process, the owner of its leases
+    # The chunks held at each death not yet explained; a death whose chunk was quarantined is
+    # explained and leaves the restart budget, so poisoned chunks cannot exhaust it.
+    deaths_on: list[frozenset[int]] = field(default_factory=list)
+    explained: int = 0
+
+    @property
+    def unexplained(self) -> int:
+        return self.restarts - self.explained
 
 
 class WorkerProcesses:
@@ -50,6 +59,9 @@ class WorkerProcesses:
         self._signals = 0
         self.slots: list[WorkerSlot] = []
         self._unreleased: list[str] = []  # dead workers whose leases are not yet given back
+        self.quarantined: list[ledger.Quarantine] = []
+        self._slot_of: dict[str, WorkerSlot] = {}  # every worker id started here -> its slot
+        self._blameless: set[str] = set()  # dead workers whose death counts on no chunk
 
     # --- signals ---------------------------------------------------------------------------
 
@@ -92,6 +104,8 @@ class WorkerProcesses:
     def _start(self, slot: WorkerSlot, job: Job, started: tuple | None = None) -> None:
         process, sender = started or spawn_worker(slot.index)
         slot.process = process
+        slot.worker_id = f"{socket.gethostname()}:{process.pid}"
+        self._slot_of[slot.worker_id] = slot
         send_order(sender, self.dsn, job.id, self.settings.as_dict())
 
     def watch(self, job: Job) -> str | None:
@@ -115,7 +129,7 @@ class WorkerProcesses:
                 continue
             slot.restarts += 1
             log.warning("worker %d (pid %s) died with exit code %s", slot.index, proc.pid, proc.exitcode)
-            if slot.restarts > self.settings.worker_restarts:
+            if slot.unexplained > self.settings.worker_restarts:
                 slot.finished = True
                 broken = f"worker {slot.index} died {slot.restarts} times (last exit code {proc.exitcode})"
                 continue
@@ -123,7 +137,8 @@ class WorkerProcesses:
                 self.exporter.worker_restarted()
             slot.process = None
             slot.reaped = False
-            slot.restart_at = now + min(30.0, self.settings.restart_backoff * 2 ** (slot.restarts - 1))
+            backoff = self.settings.restart_backoff * 2 ** max(0, slot.unexplained - 1)
+            slot.restart_at = now + min(30.0, backoff)
         return broken
 
     def reap(self) -> list[str]:
@@ -137,22 +152,53 @@ class WorkerProcesses:
                 if self.exporter is not None:
                     self.exporter.worker_exited(proc.pid)
                 if proc.exitcode != 0:
-                    dead.append(f"{socket.gethostname()}:{proc.pid}")
+                    dead.append(slot.worker_id)
+                if proc.exitcode == EXIT_INFRA:
+                    # It stopped because the database was away, not because of what it held.
+                    self._blameless.add(slot.worker_id)
         return dead
 
     async def tend(self, db: LedgerConnection, job: Job) -> str | None:
-        """One turn of looking after the workers: give dead ones' leases back at once, restart
-        within budget; return why the job cannot go on (a drain has then begun)."""
+        """One turn of looking after the workers: give dead ones' leases back at once (counting a
+        death on each chunk they held; quarantining one at the limit), restart within budget;
+        return why the job cannot go on (a drain has then begun)."""
         self._unreleased += self.reap()
         # Retried on every turn until the database takes it: an outage must not leave a dead
         # worker's chunks waiting for their leases to expire.
-        if self._unreleased and await db.try_run(ledger.release_leases_of, job.id, self._unreleased) is not None:
-            self._unreleased = []
+        if self._unreleased:
+            released = await db.try_run(self._release, job.id, self._unreleased)
+            if released is not None:
+                self._unreleased = []
+                self._count_deaths(released)
         broken = self.watch(job)
         if broken and not self.stopping.is_set():
             self.stopping.set()
             self.signal(signal.SIGTERM)
         return broken
+
+    async def _release(self, conn, job_id: int, dead: list[str]) -> ledger.Released:
+        blameless = [owner for owner in dead if owner in self._blameless]
+        if blameless:
+            await ledger.release_leases_of(conn, job_id, blameless)
+        return await ledger.release_dead_workers(conn, job_id, [o for o in dead if o not in self._blameless])
+
+    def _count_deaths(self, released: ledger.Released) -> None:
+        """Note which chunks each dead worker held; a death on a chunk now quarantined is explained
+        (the chunk killed it) and leaves its slot's restart budget."""
+        for owner, chunks in released.held.items():
+            if owner in self._slot_of:
+                self._slot_of[owner].deaths_on.append(frozenset(chunks))
+        for q in released.quarantined:
+            log.warning("chunk %d (rows %d-%d) quarantined: workers died %d times holding it; its %d rows"
+                        " without a result are stored as `internal`", q.chunk_no, q.first_row, q.last_row,
+                        q.deaths, q.given_up)
+        self.quarantined += released.quarantined
+        gone = {q.chunk_no for q in released.quarantined}
+        if gone:
+            for slot in self.slots:
+                kept = [chunks for chunks in slot.deaths_on if not chunks & gone]
+                slot.explained += len(slot.deaths_on) - len(kept)
+                slot.deaths_on = kept
 
     async def pause(self, seconds: float) -> None:
         """Sleep up to `seconds`, woken early when a worker process ends (its sentinel becomes

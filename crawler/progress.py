@@ -272,4 +272,7 @@ def render_summary(summary: dict, console: Console) -> None:
         for kind, info in summary["errors"].items():
             errors.add_row(kind, f"{info['count']:,}", info["example"] or "", style="red" if kind != "blocked" else None)
         parts += [Text(""), errors]
+    for q in summary.get("quarantined", ()):
+        parts.append(Text(f"quarantined: chunk {q['chunk_no']} (rows {q['first_row']}-{q['last_row']}), workers died"
+                          f" {q['deaths']} times holding it; {q['given_up']} rows stored as `internal`", style="red"))
     console.print(Group(*parts))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from crawler import ledger
+
 
 async def job_summary(conn: asyncpg.Connection, job_id: int, *, elapsed_s: float | None = None) -> dict:
     totals = await conn.fetchrow(
@@ -46,6 +48,7 @@ async def job_summary(conn: asyncpg.Connection, job_id: int, *, elapsed_s: float
         " ORDER BY k.n DESC",
         job_id,
     )
+    quarantined = await ledger.quarantined_chunks(conn, job_id)
     elapsed = float(job["age"]) if elapsed_s is None else elapsed_s
     latency = totals["latency"] or [None, None, None]
     return {
@@ -69,4 +72,6 @@ async def job_summary(conn: asyncpg.Connection, job_id: int, *, elapsed_s: float
         "cache": {kind: cache_kinds.get(kind, 0) for kind in ("duplicate", "fresh", "revalidated")},
         "statuses": {str(r["status"]): r["n"] for r in statuses},
         "errors": {r["error_kind"]: {"count": r["n"], "example": r["example"]} for r in kinds},
+        # Chunks that kept killing their workers: their rows without a result are `internal`.
+        "quarantined": [q._asdict() for q in quarantined],
     }

@@ -105,6 +105,11 @@ class Worker:
         # busy — up to a hard bound, so memory stays O(chunk size + concurrency).
         self.max_in_system = self.high_water + 4 * settings.chunk_size
         self.metrics = metrics.for_worker()
+        # A test hook (unset: off): the worker dies when it leases a chunk holding one of these
+        # rows (comma-separated) while the row still needs a fetch, as a chunk that kills its
+        # workers would make it. Read once; checked once per chunk, never per request.
+        hook = os.environ.get("CRAWLER_TEST_EXIT_ON_ROW") or ""
+        self.exit_on_rows = frozenset(int(row) for row in hook.split(",") if row.strip())
 
     def _host_budget(self, share: int) -> dict:
         s = self.settings
@@ -175,6 +180,8 @@ class Worker:
                 first = False
             lease = chunk.lease
             rows = await db.run(ledger.chunk_requests, self.job_id, chunk)
+            if self.exit_on_rows:
+                _die_on_rows(self.exit_on_rows, chunk, rows)
             self.stats.chunks += 1
             if not rows:
                 self.writer.complete(lease)
@@ -359,6 +366,14 @@ class Worker:
         for held in list(self._held.values()):
             await db.run(ledger.release_chunk, self.job_id, held.lease)
         self._held.clear()
+
+
+def _die_on_rows(exit_on_rows: frozenset[int], chunk: ledger.LeasedChunk, rows: list) -> None:
+    if any(chunk.first_row <= row <= chunk.last_row for row in exit_on_rows):
+        hit = sorted(exit_on_rows & {row["row_no"] for row in rows})
+        if hit:
+            log.error("test hook CRAWLER_TEST_EXIT_ON_ROW: exiting on row %d", hit[0])
+            os._exit(3)
 
 
 def _from_cache(entry: CachedResponse) -> Attempt:
