@@ -22,6 +22,7 @@ EXAMPLES = {  # each `crawler ...` line must parse: tests/test_cli.py checks eve
         "  crawler crawl urls.csv --job-name weekly          # every outcome into PostgreSQL (embedded without --dsn)\n"
         "  crawler export weekly --format csv -o results.csv\n"
         "  crawler resume weekly                             # after Ctrl-C, a crash or kill -9\n"
+        "  crawler retry weekly                              # later: fetch its timeouts and 503s again\n"
         "\n"
         "exit codes:\n"
         "  0    done (failed fetches are results, not a failed job)\n"
@@ -41,7 +42,22 @@ EXAMPLES = {  # each `crawler ...` line must parse: tests/test_cli.py checks eve
     "resume": (
         "examples:\n"
         "  crawler resume weekly                             # by name, after Ctrl-C, a crash or kill -9\n"
-        "  crawler resume 42 --workers 8                     # by id, with this run's own tuning flags"
+        "  crawler resume 42 --workers 8 --concurrency 400   # by id, with this machine's own capacity\n"
+        "\n"
+        "The job runs with the policy it was started with (retries, timeouts, politeness, cache,\n"
+        "allowed networks); --allow-net adds to its list, and a policy flag that would change it is refused."
+    ),
+    "retry": (
+        "examples:\n"
+        "  crawler retry weekly                              # timeout, connect, reset, dns, and 429/502/503/504\n"
+        "  crawler retry weekly --status 5xx                 # the same kinds, and every 5xx answer\n"
+        "  crawler retry weekly --kinds timeout --workers 8  # timeouts only, with more capacity here\n"
+        "  crawler retry 42 --kinds blocked --allow-net 10.0.0.0/8   # rows refused before 10/8 was allowed\n"
+        "  crawler retry weekly --kinds internal             # rows of a quarantined chunk\n"
+        "\n"
+        "Default: the transient failures, the kinds timeout, connect, reset and dns, and http_status answers\n"
+        "whose status the job retries (its retry_statuses: 429, 502, 503, 504 unless set otherwise). Only a\n"
+        "finished job; its policy applies; interrupted, `crawler resume JOB` finishes it."
     ),
     "worker": (
         "examples:\n"
@@ -181,6 +197,15 @@ def build_parser() -> Parser:
                        epilog=EXAMPLES["resume"], formatter_class=fmt)
     p.add_argument("job", help="the job's id or name")
 
+    p = sub.add_parser("retry", parents=[common, tuning], help="fetch again the failed rows of a finished job",
+                       epilog=EXAMPLES["retry"], formatter_class=fmt)
+    p.add_argument("job", help="the job's id or name")
+    p.add_argument("--kinds", metavar="K,...",
+                   help="error kinds to fetch again (default: timeout,connect,reset,dns,http_status)")
+    p.add_argument("--status", metavar="S,...",
+                   help="http_status answers to fetch again, by code or class: 503,5xx (default: the job's"
+                        " retry_statuses, when http_status is among the kinds by default)")
+
     p = sub.add_parser("worker", parents=[common], help="fetch a job's chunks from this machine (or wait for the next job)",
                        epilog=EXAMPLES["worker"], formatter_class=fmt)
     p.add_argument("--job", help="the job's id or name (default: the oldest unfinished job, waiting for one)")
@@ -268,7 +293,7 @@ def dispatch(args: argparse.Namespace) -> int:
         raise UsageError("bench measures this machine's workers: --workers must be auto or at least 1.")
     # The commands that run a job start their workers first of all: they import while this
     # process imports its own modules and prepares the database and the job (standby.py).
-    starts_job = args.command in ("crawl", "resume", "bench")
+    starts_job = args.command in ("crawl", "resume", "retry", "bench")
     with Standby(settings.effective_workers() if starts_job else 0) as standby:
         return _dispatch(args, settings, sources, standby)
 
@@ -288,7 +313,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings, sources: dict[str, s
 
         return _run(crawl(dsn, settings, input_path=args.input, url_column=args.url_column, job_name=args.job_name,
                           summary_json=args.summary_json, quiet=args.quiet, resume_existing=args.resume,
-                          standby=standby))
+                          standby=standby, sources=sources))
     if args.command == "bench":
         from crawler.bench import bench
 
@@ -299,7 +324,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings, sources: dict[str, s
         from crawler.crawl import resume
 
         return _run(resume(dsn, settings, job_ref=args.job, summary_json=args.summary_json, quiet=args.quiet,
-                           standby=standby))
+                           standby=standby, sources=sources))
+    if args.command == "retry":
+        from crawler.crawl import retry
+
+        return _run(retry(dsn, settings, job_ref=args.job, kinds=args.kinds, statuses=args.status,
+                          summary_json=args.summary_json, quiet=args.quiet, standby=standby, sources=sources))
     if args.command == "worker":
         return commands.worker(dsn, settings, args.job)
     if args.command == "export":

@@ -10,19 +10,19 @@ import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import orjson
 from rich.console import Console
 
-from crawler import ledger
+from crawler import ledger, refetch
 from crawler.database import connect
-from crawler.errors import EXIT_OK, InputError
+from crawler.errors import EXIT_OK, InputError, UsageError
 from crawler.inputs import open_input
 from crawler.metrics import Exporter
 from crawler.migrate import apply_migrations
 from crawler.progress import ProgressView, render_summary
-from crawler.settings import Settings
+from crawler.settings import Settings, flag_name, for_job, policy_flags_changing
 from crawler.standby import Standby
 from crawler.summary import job_summary
 from crawler.supervisor import Supervisor
@@ -65,6 +65,7 @@ async def crawl(
     quiet: bool,
     resume_existing: bool = False,
     standby: Standby | None = None,
+    sources: Mapping[str, str] | None = None,
 ) -> int:
     started = time.monotonic()
     source = "-" if input_path == "-" else str(Path(input_path).resolve())
@@ -77,7 +78,7 @@ async def crawl(
             await conn.close()
         if unfinished is not None:
             return await resume(dsn, settings, job_ref=str(unfinished.id), summary_json=summary_json, quiet=quiet,
-                                standby=standby)
+                                standby=standby, sources=sources)
     reader = open_input(input_path, url_column=url_column, sort_query=settings.sort_query)
     try:
         conn = await connect(dsn)
@@ -99,8 +100,23 @@ async def crawl(
                             standby=standby)
 
 
+def job_policy(job: ledger.Job, settings: Settings, sources: Mapping[str, str] | None) -> Settings:
+    """The settings a resumed or retried job runs with: its own policy as its crawl stored it, and
+    this run's machine settings (capacity, metrics, database); --allow-net adds to the job's list.
+    A policy flag that would change the job's policy is refused: the job's rows so far were
+    fetched under that policy, and the rest must be too (a new job can have another one)."""
+    changing = policy_flags_changing(job.settings, settings, sources or {})
+    if changing:
+        ref = job.name or job.id
+        shown = ", ".join(f"{flag_name(key)} (the job has {key} = {job.settings[key]!r})" for key in changing)
+        raise UsageError(f"{shown} would change the policy job {ref} was started with; a resumed or retried job"
+                         f" keeps its policy, so leave {'it' if len(changing) == 1 else 'them'} out"
+                         f" or start a new job.")
+    return for_job(job.settings, settings)
+
+
 async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: str | None, quiet: bool,
-                 standby: Standby | None = None) -> int:
+                 standby: Standby | None = None, sources: Mapping[str, str] | None = None) -> int:
     started = time.monotonic()
     await prepare_database(dsn)
     conn = await connect(dsn)
@@ -108,6 +124,7 @@ async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: st
         job = await ledger.find_job(conn, job_ref)
     finally:
         await conn.close()
+    settings = job_policy(job, settings, sources)
     if job.state == "done":
         print(f"crawler: job {job.name or job.id} is already complete.", file=sys.stderr)
         return EXIT_OK
@@ -123,6 +140,39 @@ async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: st
         reader = open_input(job.input, url_column=job.settings.get("url_column"),
                             sort_query=job.settings.get("sort_query", False))
     return await _supervise(dsn, settings, job, reader, summary_json=summary_json, quiet=quiet, started=started,
+                            standby=standby)
+
+
+async def retry(dsn: str, settings: Settings, *, job_ref: str, kinds: str | None, statuses: str | None,
+                summary_json: str | None, quiet: bool, standby: Standby | None = None,
+                sources: Mapping[str, str] | None = None) -> int:
+    """`crawler retry`: fetch again the rows of a finished job whose outcome matches, with the
+    job's policy; resumable like any job, since it is the job itself that runs again."""
+    started = time.monotonic()
+    await prepare_database(dsn)
+    conn = await connect(dsn)
+    try:
+        job = await ledger.find_job(conn, job_ref)
+        settings = job_policy(job, settings, sources)
+        chosen = refetch.selection(kinds, statuses, settings.retry_statuses)
+        reopened = await ledger.reopen_for_retry(conn, job.id, kinds=sorted(chosen.kinds), statuses=chosen.statuses)
+        if reopened is not None and reopened.rows:
+            job = await ledger.find_job(conn, job.id)
+    finally:
+        await conn.close()
+    ref = job.name or job.id
+    if reopened is None:
+        raise UsageError(f"job {ref} is not finished; `crawler resume {ref}` finishes it, and then"
+                         f" `crawler retry {ref}` fetches its failures again.")
+    if not reopened.rows:
+        print(f"crawler: no result of job {ref} is one of: {chosen.describe()}; nothing to fetch again.",
+              file=sys.stderr)
+        return EXIT_OK
+    if not quiet:
+        shared = reopened.rows - reopened.fetches
+        print(f"crawler: fetching {reopened.fetches} requests of job {ref} again ({chosen.describe()})"
+              + (f"; {shared} duplicate rows share their outcome." if shared else "."), file=sys.stderr)
+    return await _supervise(dsn, settings, job, None, summary_json=summary_json, quiet=quiet, started=started,
                             standby=standby)
 
 

@@ -105,6 +105,26 @@ def for_job(job_settings: Mapping[str, Any], local: Settings) -> Settings:
     return merged
 
 
+# The flags whose name is not the setting's own, spelt with dashes.
+FLAG_NAMES = {"adaptive_concurrency": "--no-adaptive"}
+
+
+def flag_name(key: str) -> str:
+    return FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+
+
+def policy_flags_changing(job_settings: Mapping[str, Any], settings: Settings, sources: Mapping[str, str]) -> list[str]:
+    """The policy settings given as flags that differ from the job's stored policy: what a
+    resumed or retried job refuses, since it runs with the policy it was started with. Machine
+    settings and --allow-net (which adds to the job's list) are this run's own; a setting the
+    job did not store (a job older than the setting) has no policy to change."""
+    return [
+        key for key, source in sources.items()
+        if source == "flag" and key in KEYS and key not in MACHINE_KEYS and key != "allow_net"
+        and key in job_settings and job_settings[key] != getattr(settings, key)
+    ]
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Turn a value from TOML, the environment or a flag into the field's type."""
     default = getattr(Settings(), name)

@@ -1,0 +1,151 @@
+"""`crawler retry`: which rows it chooses (pure), and a finished job with timeouts and 503s fetched
+again once the servers answer, with the job's policy: one result per row, attempts added to,
+counts and the export consistent; interrupted, `resume` finishes it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from aiohttp import web
+from hypothesis import given, strategies as st
+
+from conftest import run_cli, test_settings
+from crawler import ledger
+from crawler.crawl import crawl, resume, retry
+from crawler.errors import EXIT_OK, UsageError
+from crawler.refetch import ALL_STATUSES, TRANSIENT_KINDS, parse_statuses, selection
+from crawler.settings import Settings
+from crawler.summary import job_summary
+
+
+# --- the selection ------------------------------------------------------------------------------
+
+def test_by_default_the_transient_kinds_and_the_statuses_the_job_retries() -> None:
+    chosen = selection(None, None, [429, 503])
+    assert chosen.kinds == frozenset(TRANSIENT_KINDS)
+    assert chosen.statuses == ((429, 429), (503, 503))
+
+
+def test_kinds_replace_the_default_and_status_picks_http_answers() -> None:
+    assert selection("timeout", None, [503]) == (frozenset({"timeout"}), ())
+    assert selection("timeout,http_status", None, [503]) == (frozenset({"timeout"}), (ALL_STATUSES,))
+    assert selection("internal", "5xx,404", [503]) == (frozenset({"internal"}), ((404, 404), (500, 599)))
+    assert selection(None, "500", [503]).statuses == ((500, 500),)
+
+
+@pytest.mark.parametrize("kinds, statuses, fragment", [
+    ("timeout,slow", None, "'slow' in --kinds is not an error kind"),
+    (",", None, "in --kinds is not an error kind"),
+    (None, "5x", "'5x' in --status"),
+    (None, "600", "'600' in --status"),
+    (None, "503,", "'' in --status"),
+])
+def test_a_bad_selection_is_one_sentence(kinds, statuses, fragment) -> None:
+    with pytest.raises(UsageError) as caught:
+        selection(kinds, statuses, [503])
+    assert fragment in str(caught.value) and str(caught.value).endswith(".")
+
+
+@given(st.lists(st.integers(100, 599) | st.sampled_from(["1xx", "2xx", "3xx", "4xx", "5xx"]), min_size=1))
+def test_a_status_is_chosen_exactly_when_one_of_the_items_names_it(items) -> None:
+    ranges = parse_statuses(",".join(map(str, items)))
+    for code in range(100, 600):
+        named = any(item == code or (isinstance(item, str) and str(code)[0] == item[0]) for item in items)
+        assert named == any(lo <= code <= hi for lo, hi in ranges)
+
+
+# --- a job fetched again ------------------------------------------------------------------------
+
+@pytest.fixture
+async def slow_then_answering(aiohttp_server):
+    """/slow/.. takes longer than the job's timeout until `answering` is set, then answers 200."""
+    answering = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        if not answering.is_set():
+            try:
+                await asyncio.wait_for(answering.wait(), 3)
+            except TimeoutError:
+                pass
+        return web.Response(text="late but here")
+
+    app = web.Application()
+    app.router.add_get("/slow/{i}", slow)
+    server = await aiohttp_server(app)
+    return f"http://127.0.0.1:{server.port}", answering
+
+
+async def results(db, job_id: int) -> dict[int, dict]:
+    return {r["row_no"]: dict(r) for r in await db.fetch(
+        "SELECT row_no, status, error_kind, attempts, cache_kind FROM results WHERE job_id = $1", job_id)}
+
+
+async def test_retry_fetches_the_timeouts_and_503s_again_with_the_jobs_policy(
+        session_dsn, db, mock_url, slow_then_answering, tmp_path):
+    slow_base, answering = slow_then_answering
+    urls = ([f"{mock_url}/ok/{i}" for i in range(50)]             # rows 1-50: 200
+            + [f"{mock_url}/flaky/2/a{i}" for i in range(20)]     # 51-70: 503 twice, then 200
+            + [f"{mock_url}/flaky/10/b{i}" for i in range(10)]    # 71-80: 503 all along
+            + [f"{slow_base}/slow/{i}" for i in range(10)]        # 81-90: timeouts, then 200
+            + [f"{mock_url}/status/404" for _ in range(5)]        # 91-95: 404 (92-95 duplicates of 91)
+            + [f"{mock_url}/flaky/2/a0"])                         # 96: a duplicate of row 51
+    path = tmp_path / "urls.txt"
+    path.write_text("\n".join(urls) + "\n")
+    rows = len(urls)
+    policy = test_settings(max_attempts=2, total_timeout=0.4, chunk_size=30)
+    code = await crawl(session_dsn, policy, input_path=str(path), url_column=None, job_name="retry-me",
+                       summary_json=None, quiet=True)
+    assert code == EXIT_OK
+    job = await ledger.find_job(db, "retry-me")
+    first = await results(db, job.id)
+    assert [first[r]["status"] for r in (51, 71, 96)] == [503, 503, 503]
+    assert {first[r]["error_kind"] for r in range(81, 91)} == {"timeout"}
+    assert {first[r]["attempts"] for r in range(51, 91)} == {2}
+
+    answering.set()
+    # This machine's own settings: default policy (3 attempts, no networks allowed); the job's
+    # own (2 attempts, loopback allowed) must apply.
+    here = Settings(workers=2, concurrency=20, home="/nonexistent", progress_interval=3600.0)
+    code = await retry(session_dsn, here, job_ref="retry-me", kinds=None, statuses=None, summary_json=None,
+                       quiet=True)
+    assert code == EXIT_OK
+    job = await ledger.find_job(db, "retry-me")
+    assert job.state == "done"
+    again = await results(db, job.id)
+    assert sorted(again) == list(range(1, rows + 1))  # exactly one result per row
+    assert {(again[r]["status"], again[r]["attempts"]) for r in range(51, 71)} == {(200, 3)}  # 2 + 1
+    assert {(again[r]["status"], again[r]["attempts"]) for r in range(71, 81)} == {(503, 4)}  # 2 + 2, not 2 + 3
+    assert {(again[r]["status"], again[r]["attempts"]) for r in range(81, 91)} == {(200, 3)}
+    assert all(again[r] == first[r] for r in [*range(1, 51), *range(91, 96)])  # not chosen: untouched
+    assert (again[96]["status"], again[96]["cache_kind"]) == (200, "duplicate")  # shares row 51's new outcome
+
+    counts = await ledger.job_counts(db, job.id)
+    summary = await job_summary(db, job.id)
+    assert counts["fetched"] == counts["to_fetch"] == rows - 5  # five duplicates
+    assert (counts["ok"], counts["failed"]) == (80, 11)  # of the fetched rows, 10 x 503 and one 404 failed
+    assert (summary["ok"], summary["failed"], summary["rows"]) == (81, 15, rows)
+    assert await db.fetchval("SELECT count(*) FROM retried WHERE job_id = $1", job.id) == 0
+
+    exported = run_cli("export", "retry-me", "--dsn", session_dsn, "--format", "jsonl")
+    assert exported.returncode == 0, exported.stderr.decode()
+    records = {r["row"]: r for r in map(json.loads, exported.stdout.decode().splitlines())}
+    assert sorted(records) == list(range(1, rows + 1))
+    assert (records[60]["status"], records[60]["attempts"], records[60]["error_kind"]) == (200, 3, None)
+    assert (records[75]["status"], records[75]["attempts"], records[75]["error_kind"]) == (503, 4, "http_status")
+
+    # Nothing left of a kind: nothing to do. A retry cut short is finished by resume, which adds
+    # the attempts the same way (reopened here as a retry interrupted before it fetched would be).
+    assert await retry(session_dsn, here, job_ref="retry-me", kinds="timeout", statuses=None,
+                       summary_json=None, quiet=True) == EXIT_OK
+    reopened = await ledger.reopen_for_retry(db, job.id, kinds=[], statuses=[(503, 503)])
+    assert reopened == ledger.Reopened(rows=10, fetches=10, chunks=1)
+    assert (await ledger.job_counts(db, job.id))["fetched"] == rows - 5 - 10
+    await ledger.set_job_state(db, job.id, "interrupted")
+    refused = run_cli("retry", "retry-me", "--dsn", session_dsn)
+    assert refused.returncode == 1 and "`crawler resume retry-me` finishes it" in refused.stderr.decode()
+    assert await resume(session_dsn, here, job_ref="retry-me", summary_json=None, quiet=True) == EXIT_OK
+    last = await results(db, job.id)
+    assert {(last[r]["status"], last[r]["attempts"]) for r in range(71, 81)} == {(503, 6)}
+    assert (await ledger.job_counts(db, job.id))["fetched"] == rows - 5
