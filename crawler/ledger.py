@@ -505,8 +505,10 @@ async def release_dead_workers(
     stored as `internal`, in the same transaction, so the job can finish."""
     async with conn.transaction():
         rows = await conn.fetch(
+            # Locked in chunk order, as result writes lock them: two transactions never wait on
+            # each other in a cycle.
             "WITH held AS (SELECT chunk_no, lease_owner FROM chunks WHERE job_id = $1 AND state = 'leased'"
-            "              AND lease_owner = ANY($2::text[]) FOR UPDATE)"
+            "              AND lease_owner = ANY($2::text[]) ORDER BY chunk_no FOR UPDATE)"
             " UPDATE chunks c SET deaths = c.deaths + 1, lease_owner = NULL, lease_expires = NULL,"
             "   state = CASE WHEN c.deaths + 1 >= $3 THEN 'done' ELSE 'pending' END,"
             "   quarantined = c.deaths + 1 >= $3"
@@ -573,8 +575,8 @@ async def reopen_for_retry(conn: asyncpg.Connection, job_id: int, *, kinds: Sequ
                            statuses: Sequence[tuple[int, int]]) -> Reopened | None:
     """Make a finished job fetch again the rows whose result has one of these error kinds, or is
     an `http_status` within one of these (low, high) status ranges. One transaction: their
-    results (and stored bodies) are deleted, their attempts kept in `retried` to be added to the
-    new ones, their chunks' counts taken back and the chunks made pending, the job running.
+    results are deleted (with their stored bodies, and the answers this job left in the
+    cross-job cache), their attempts kept in `retried` to be added to the new ones, their chunks' counts taken back and the chunks made pending, the job running.
     Duplicate rows sharing such an outcome are deleted too; finish_job gives them the new one.
     Returns None when the job is not done (nothing is changed)."""
     kinds = [k for k in kinds if k != "http_status"]
@@ -610,6 +612,13 @@ async def reopen_for_retry(conn: asyncpg.Connection, job_id: int, *, kinds: Sequ
             )
             await conn.execute("DELETE FROM bodies WHERE job_id = $1 AND row_no = ANY($2::bigint[])",
                                job_id, [r["row_no"] for r in picked])
+            # The answers this job stored in the cross-job cache (--cache-ttl) for these requests
+            # are the ones being asked again: served from there, nothing would be fetched.
+            await conn.execute(
+                "DELETE FROM response_cache WHERE job_id = $1 AND fingerprint = ANY(ARRAY("
+                "  SELECT fingerprint FROM requests WHERE job_id = $1 AND row_no = ANY($2::bigint[])))",
+                job_id, [r["row_no"] for r in fetched],
+            )
         if chunks:
             # Every reopened row was a failure: it leaves done_rows and failed_rows alike.
             await conn.execute(

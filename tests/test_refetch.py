@@ -149,3 +149,28 @@ async def test_retry_fetches_the_timeouts_and_503s_again_with_the_jobs_policy(
     last = await results(db, job.id)
     assert {(last[r]["status"], last[r]["attempts"]) for r in range(71, 81)} == {(503, 6)}
     assert (await ledger.job_counts(db, job.id))["fetched"] == rows - 5
+
+
+async def test_a_retried_answer_this_job_cached_is_asked_again_not_served_from_the_cache(db):
+    from crawler.inputs import RequestRow
+    from crawler.urls import fingerprint
+
+    job = await ledger.create_job(db, name="retry-cached", input="test", settings={})
+    urls = ["http://example.test/gone", "http://example.test/here"]
+    rows = [RequestRow(i + 1, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls)]
+    await ledger.store_chunk(db, job.id, 0, rows)
+    await ledger.mark_ingested(db, job.id)
+    chunk = await ledger.lease_chunk(db, job.id, "w", 60)
+    answers = [(job.id, 1, 404, urls[0], "http_status", "HTTP 404", 1, False, 1.0, 0, None, None),
+               (job.id, 2, 200, urls[1], None, None, 1, False, 1.0, 0, None, None)]
+    await ledger.write_results(db, job.id, {chunk.lease: answers}, {chunk.lease}, 60,
+                               cache_rows=[(r.fingerprint, s, r.url, 0, None, None, None, job.id)
+                                           for r, s in zip(rows, (404, 200))])
+    await db.execute("UPDATE response_cache SET job_id = 0 WHERE fingerprint = $1", rows[1].fingerprint)
+    assert await ledger.finish_job(db, job.id)
+    assert await ledger.reopen_for_retry(db, job.id, kinds=[], statuses=[(404, 404)]) == (1, 1, 1)
+    cached = {r["fingerprint"] for r in await db.fetch(
+        "SELECT fingerprint FROM response_cache WHERE fingerprint = ANY($1::bytea[])", [r.fingerprint for r in rows])}
+    assert cached == {rows[1].fingerprint}
+    assert await ledger.chunk_requests(db, job.id, await ledger.lease_chunk(db, job.id, "w", 60)) \
+        and await ledger.open_chunks(db, job.id) == 1
