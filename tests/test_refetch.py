@@ -137,8 +137,10 @@ async def test_retry_fetches_the_timeouts_and_503s_again_with_the_jobs_policy(
 
     # Nothing left of a kind: nothing to do. A retry cut short is finished by resume, which adds
     # the attempts the same way (reopened here as a retry interrupted before it fetched would be).
-    assert await retry(session_dsn, here, job_ref="retry-me", kinds="timeout", statuses=None,
-                       summary_json=None, quiet=True) == EXIT_OK
+    nothing = run_cli("retry", "retry-me", "--dsn", session_dsn, "--kinds", "timeout", "--workers", "1")
+    assert nothing.returncode == 0 and "nothing to fetch again" in nothing.stderr.decode()
+    changed = run_cli("retry", "retry-me", "--dsn", session_dsn, "--max-attempts", "9", "--workers", "1")
+    assert changed.returncode == 1 and changed.stderr.decode().startswith("crawler: --max-attempts (the job has")
     reopened = await ledger.reopen_for_retry(db, job.id, kinds=[], statuses=[(503, 503)])
     assert reopened == ledger.Reopened(rows=10, fetches=10, chunks=1)
     assert (await ledger.job_counts(db, job.id))["fetched"] == rows - 5 - 10
