@@ -59,7 +59,6 @@ class WorkerProcesses:
         self._signals = 0
         self.slots: list[WorkerSlot] = []
         self._unreleased: list[str] = []  # dead workers whose leases are not yet given back
-        self.quarantined: list[ledger.Quarantine] = []
         self._slot_of: dict[str, WorkerSlot] = {}  # every worker id started here -> its slot
         self._blameless: set[str] = set()  # dead workers whose death counts on no chunk
 
@@ -180,7 +179,8 @@ class WorkerProcesses:
         blameless = [owner for owner in dead if owner in self._blameless]
         if blameless:
             await ledger.release_leases_of(conn, job_id, blameless)
-        return await ledger.release_dead_workers(conn, job_id, [o for o in dead if o not in self._blameless])
+        blamed = [owner for owner in dead if owner not in self._blameless]
+        return await ledger.release_dead_workers(conn, job_id, blamed) if blamed else ledger.Released({}, [])
 
     def _count_deaths(self, released: ledger.Released) -> None:
         """Note which chunks each dead worker held; a death on a chunk now quarantined is explained
@@ -192,7 +192,6 @@ class WorkerProcesses:
             log.warning("chunk %d (rows %d-%d) quarantined: workers died %d times holding it; its %d rows"
                         " without a result are stored as `internal`", q.chunk_no, q.first_row, q.last_row,
                         q.deaths, q.given_up)
-        self.quarantined += released.quarantined
         gone = {q.chunk_no for q in released.quarantined}
         if gone:
             for slot in self.slots:

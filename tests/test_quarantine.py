@@ -11,6 +11,7 @@ from crawler import ledger
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
 from crawler.inputs import RequestRow
+from crawler.processes import WorkerProcesses
 from crawler.summary import job_summary
 from crawler.urls import fingerprint
 
@@ -96,11 +97,16 @@ async def test_a_chunk_whose_holders_died_goes_to_a_worker_holding_nothing_and_a
 
 
 async def test_a_worker_that_stopped_for_the_database_counts_no_death(db):
-    # processes.WorkerProcesses gives these back with release_leases_of: no death is counted
-    job = await job_with_chunks(db, "blameless", 1)
-    await lease(db, job, "x")
-    assert await ledger.release_leases_of(db, job.id, ["x"]) == 1
-    assert await db.fetchval("SELECT deaths FROM chunks WHERE job_id = $1", job.id) == 0
+    job = await job_with_chunks(db, "blameless", 2)
+    await lease(db, job, "gave-up")
+    await lease(db, job, "crashed")
+    pool = WorkerProcesses("postgresql://unused", test_settings())
+    pool._blameless.add("gave-up")  # as reap() notes a worker that exited with EXIT_INFRA
+    released = await pool._release(db, job.id, ["gave-up", "crashed"])
+    assert released.held == {"crashed": [1]}
+    deaths = dict(await db.fetch("SELECT chunk_no, deaths FROM chunks WHERE job_id = $1 AND state = 'pending'",
+                                 job.id))
+    assert deaths == {0: 0, 1: 1}  # both given back, one death counted
 
 
 async def test_a_chunk_that_kills_its_workers_is_quarantined_and_the_job_ends_done(
