@@ -173,10 +173,13 @@ async def retry(dsn: str, settings: Settings, *, job_ref: str, kinds: str | None
         print(f"crawler: fetching {reopened.fetches} requests of job {ref} again ({chosen.describe()})"
               + (f"; {shared} duplicate rows share their outcome." if shared else "."), file=sys.stderr)
     return await _supervise(dsn, settings, job, None, summary_json=summary_json, quiet=quiet, started=started,
-                            standby=standby)
+                            standby=standby, fetching=reopened.fetches)
 
 
-async def _supervise(dsn, settings, job, reader, *, summary_json, quiet, started, standby) -> int:
+async def _supervise(dsn, settings, job, reader, *, summary_json, quiet, started, standby,
+                     fetching: int | None = None) -> int:
+    """Run the job to its end and report. `fetching`: how many requests this run fetches, when it
+    is not the job's whole (a retry), so that the rate is this run's."""
     console = Console()
     with (
         Exporter.start(settings) or contextlib.nullcontext() as exporter,
@@ -189,6 +192,8 @@ async def _supervise(dsn, settings, job, reader, *, summary_json, quiet, started
             summary = await unless_signalled(_read_summary(dsn, job.id, started))
         finally:
             supervisor.remove_signals()
+    if summary is not None and fetching is not None and outcome.exit_code == EXIT_OK:
+        summary["requests_per_s"] = round(fetching / summary["elapsed_s"], 1) if summary["elapsed_s"] > 0 else 0.0
     return _report(outcome, summary, summary_json=summary_json, quiet=quiet, console=console)
 
 

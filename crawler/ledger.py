@@ -523,7 +523,7 @@ async def release_dead_workers(
             if r["quarantined"]:
                 given_up = await _give_up_rows(conn, job_id, r["chunk_no"], r["first_row"], r["last_row"],
                                                f"workers died {r['deaths']} times on this chunk"
-                                               f" ({r['chunk_no']}, rows {r['first_row']}-{r['last_row']});"
+                                               f" (chunk {r['chunk_no']}, rows {r['first_row']}-{r['last_row']});"
                                                f" not fetched")
                 quarantined.append(Quarantine(r["chunk_no"], r["first_row"], r["last_row"], r["deaths"], given_up))
     return Released(held, quarantined)

@@ -108,9 +108,11 @@ async def test_retry_fetches_the_timeouts_and_503s_again_with_the_jobs_policy(
     # This machine's own settings: default policy (3 attempts, no networks allowed); the job's
     # own (2 attempts, loopback allowed) must apply.
     here = Settings(workers=2, concurrency=20, home="/nonexistent", progress_interval=3600.0)
-    code = await retry(session_dsn, here, job_ref="retry-me", kinds=None, statuses=None, summary_json=None,
-                       quiet=True)
+    code = await retry(session_dsn, here, job_ref="retry-me", kinds=None, statuses=None,
+                       summary_json=str(tmp_path / "summary.json"), quiet=True)
     assert code == EXIT_OK
+    run = json.loads((tmp_path / "summary.json").read_text())
+    assert round(run["requests_per_s"] * run["elapsed_s"]) == 40  # this run's rate: its 40 requests
     job = await ledger.find_job(db, "retry-me")
     assert job.state == "done"
     again = await results(db, job.id)
