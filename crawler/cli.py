@@ -191,7 +191,8 @@ def build_parser() -> Parser:
     p.add_argument("--job-name", type=_job_name, metavar="NAME",
                    help="a unique name to refer to the job by (not all digits: those are job ids)")
     p.add_argument("--resume", action="store_true",
-                   help="if this input (or --job-name) has an unfinished job, finish it instead of starting anew")
+                   help="if this input (or --job-name) has an unfinished job, finish it instead of starting anew,"
+                        " with its own policy (as `crawler resume`: a flag that would change it is refused)")
 
     p = sub.add_parser("resume", parents=[common, tuning], help="finish an interrupted job",
                        epilog=EXAMPLES["resume"], formatter_class=fmt)
