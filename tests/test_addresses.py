@@ -4,21 +4,21 @@ nothing but 127.0.0.1 / ::1 is ever contacted."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import ipaddress
 import socket
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crawler.addresses import REFUSED_RANGES, AddressPolicy, BlockedAddress, parse_networks
+from crawler.addresses import AddressPolicy, BlockedAddress, embedded_ipv4, parse_networks
 from crawler.errors import UsageError
 from crawler.failures import classify
-
-REFUSED_NETWORKS = [(ipaddress.ip_network(net), label) for net, label in REFUSED_RANGES]
 
 # --- refusal, case by case --------------------------------------------------------------------
 
@@ -78,6 +78,60 @@ def test_refusal_accepts_ip_address_objects() -> None:
     assert policy.refusal(ipaddress.ip_address("8.8.8.8")) is None
 
 
+# --- IPv6 forms that carry an IPv4 address ------------------------------------------------------
+
+# 2001:0:4136:e378:8000:63bf:f5ff:fffe is Teredo with the client 10.0.0.1 (the last 32 bits
+# inverted: ~0xf5fffffe == 0x0a000001); ...:3fff:fffe is the client 192.0.0.1.
+_TEREDO_10_0_0_1 = "2001:0:4136:e378:8000:63bf:f5ff:fffe"
+
+
+@pytest.mark.parametrize(
+    ("address", "label"),
+    [
+        ("64:ff9b::a00:1", "private (NAT64 of 10.0.0.1)"),
+        ("64:ff9b::7f00:1", "loopback (NAT64 of 127.0.0.1)"),
+        ("64:ff9b::a9fe:a9fe", "link-local (cloud metadata) (NAT64 of 169.254.169.254)"),
+        ("64:ff9b:1::a00:1", "private (NAT64 local-use of 10.0.0.1)"),
+        ("64:ff9b:1:2::808:808", "NAT64 local-use"),  # not globally reachable, whatever it carries
+        ("2002:a00:1::1", "private (6to4 of 10.0.0.1)"),
+        ("2002:7f00:1::", "loopback (6to4 of 127.0.0.1)"),
+        ("2002:808:808::1", "6to4"),  # relayed: refused whatever it carries
+        (_TEREDO_10_0_0_1, "private (Teredo of 10.0.0.1)"),
+        ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", "Teredo"),  # client 8.8.8.8
+        ("::a00:1", "private (IPv4-compatible of 10.0.0.1)"),
+        ("::127.0.0.1", "loopback (IPv4-compatible of 127.0.0.1)"),
+        ("::ffff:a00:1", "private"),  # IPv4-mapped: it is the IPv4 address
+        ("fec0::1", "site-local (deprecated)"),
+        ("2001:db8::1", "documentation"),
+        ("192.0.2.1", "documentation"),
+        ("192.0.0.8", "IETF protocol assignments"),
+    ],
+)
+def test_an_address_that_carries_a_refused_ipv4_address_is_refused(address: str, label: str) -> None:
+    assert AddressPolicy().refusal(address) == label
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "::808:808", "::ffff:8.8.8.8", "192.0.0.9", "2001:3::1"])
+def test_an_address_that_carries_a_public_ipv4_address_or_is_an_exception_is_allowed(address: str) -> None:
+    assert AddressPolicy().refusal(address) is None
+
+
+@pytest.mark.parametrize(
+    "address", ["64:ff9b::a00:1", "64:ff9b:1::a00:1", "2002:a00:1::1", _TEREDO_10_0_0_1, "::a00:1", "::ffff:10.0.0.1"]
+)
+def test_allow_net_of_an_ipv4_network_allows_the_forms_carrying_it(address: str) -> None:
+    assert AddressPolicy(["10.0.0.0/8"]).refusal(address) is None
+    assert AddressPolicy(["10.0.0.2/32"]).refusal(address) is not None
+
+
+def test_embedded_ipv4_names_the_form_and_the_address() -> None:
+    ip = ipaddress.IPv6Address
+    assert embedded_ipv4(ip(_TEREDO_10_0_0_1)) == ("Teredo", ipaddress.IPv4Address("10.0.0.1"))
+    assert embedded_ipv4(ip("2002:c000:201::")) == ("6to4", ipaddress.IPv4Address("192.0.2.1"))
+    assert embedded_ipv4(ip("::1")) is None and embedded_ipv4(ip("::")) is None
+    assert embedded_ipv4(ip("2606:4700::1111")) is None
+
+
 # --- --allow-net ------------------------------------------------------------------------------
 
 
@@ -118,56 +172,146 @@ def test_a_bad_allow_net_is_a_usage_error_naming_it(cidr: str) -> None:
     assert message.endswith(".")
 
 
-# --- properties -------------------------------------------------------------------------------
+# --- the independent oracle: IANA's registries as data, and Python's ipaddress ---------------
+
+_IANA = Path(__file__).parent / "data" / "iana_special_purpose_addresses.csv"
+
+
+def _iana_entries() -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]]:
+    lines = [line for line in _IANA.read_text().splitlines() if not line.startswith("#")]
+    return [(ipaddress.ip_network(row["block"]), row["globally_reachable"]) for row in csv.DictReader(lines)]
+
+
+IANA = _iana_entries()
+
+
+def iana_reachable(ip) -> str | None:
+    """The "Globally Reachable" of the most specific registry entry holding ip, or None."""
+    holding = [(net.prefixlen, reachable) for net, reachable in IANA if net.version == ip.version and ip in net]
+    return max(holding)[1] if holding else None
+
+
+def carried_ipv4(ip):
+    """The IPv4 address an IPv6 address carries, worked out with ipaddress's own properties."""
+    if ip.version != 6:
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]  # (server, client): the client is the destination
+    low = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in ipaddress.ip_network("64:ff9b::/96") or ip in ipaddress.ip_network("64:ff9b:1::/48"):
+        return low
+    if ip in ipaddress.ip_network("::/96") and int(ip) > 1:
+        return low  # IPv4-compatible (deprecated)
+    return None
+
+
+def oracle_refuses(ip, allowed=()) -> bool:
+    """Whether an address must be refused: it, or the IPv4 address it carries, is not globally
+    reachable, unless it or that IPv4 address is in an allowed network."""
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return oracle_refuses(ip.ipv4_mapped, allowed)
+    carried = carried_ipv4(ip)
+    if any(ip in net for net in allowed if net.version == ip.version):
+        return False
+    if carried is not None and any(carried in net for net in allowed if net.version == 4):
+        return False
+    if carried is not None and oracle_refuses(carried):
+        return True
+    reachable = iana_reachable(ip)
+    if reachable is not None:
+        return reachable != "True"
+    if ip.is_multicast:
+        return True  # no unicast destination, though ipaddress calls 224.0.0.1 global
+    if ip.version == 6 and ip.is_site_local:
+        return True  # fec0::/10, deprecated (RFC 3879), not in the registry
+    return not ip.is_global
+
+
+def test_the_oracle_data_has_the_registries_entries() -> None:
+    blocks = {str(net) for net, _ in IANA}
+    assert {"192.0.0.9/32", "2002::/16", "2001::/32", "64:ff9b:1::/48", "::ffff:0:0/96"} <= blocks
+    assert all(reachable in ("True", "False", "N/A") for _, reachable in IANA)
+
+
+def _in(net: ipaddress.IPv4Network | ipaddress.IPv6Network, offset: int):
+    return net.network_address + offset % net.num_addresses
+
+
+_IANA_BLOCKS = [net for net, _ in IANA] + [ipaddress.ip_network(n) for n in ("224.0.0.0/4", "ff00::/8", "fec0::/10")]
+_SPECIAL = st.builds(_in, st.sampled_from(_IANA_BLOCKS), st.integers(0, 2**128))
+_V4 = st.one_of(st.ip_addresses(v=4), st.builds(_in, st.sampled_from([n for n in _IANA_BLOCKS if n.version == 4]),
+                                                    st.integers(0, 2**32)))
+
+
+def _embed(form: str, v4: ipaddress.IPv4Address, noise: int) -> ipaddress.IPv6Address:
+    n = int(v4)
+    if form == "mapped":
+        return ipaddress.IPv6Address((0xFFFF << 32) | n)
+    if form == "compatible":
+        return ipaddress.IPv6Address(n)
+    if form == "nat64":
+        return ipaddress.IPv6Address(int(ipaddress.IPv6Address("64:ff9b::")) | n)
+    if form == "nat64-local":
+        return ipaddress.IPv6Address(int(ipaddress.IPv6Address("64:ff9b:1::")) | (noise & (0xFFFF << 64)) | n)
+    if form == "6to4":
+        return ipaddress.IPv6Address((0x2002 << 112) | (n << 80) | (noise & ((1 << 80) - 1)))
+    # Teredo: 2001:0:<server>:<flags>:<port>:<client inverted>
+    return ipaddress.IPv6Address((0x20010000 << 96) | (noise & ((1 << 96) - (1 << 32))) | (~n & 0xFFFFFFFF))
+
+
+_EMBEDDING = st.builds(_embed, st.sampled_from(["mapped", "compatible", "nat64", "nat64-local", "6to4", "teredo"]),
+                       _V4, st.integers(0, 2**128))
+ANY_ADDRESS = st.one_of(st.ip_addresses(), _SPECIAL, _EMBEDDING)
+
+
+@settings(max_examples=3000)
+@given(ANY_ADDRESS)
+def test_refusal_agrees_with_the_oracle(ip) -> None:
+    assert (AddressPolicy().refusal(ip) is not None) == oracle_refuses(ip), ip
+    assert (AddressPolicy().refusal(str(ip)) is not None) == oracle_refuses(ip), ip
 
 
 @st.composite
-def refused_addresses(draw):
-    """An address inside one of the refused ranges."""
-    network, _ = draw(st.sampled_from(REFUSED_NETWORKS))
-    offset = draw(st.integers(0, network.num_addresses - 1))
-    return network.network_address + offset
+def allow_lists(draw, ip):
+    """Networks to allow: around the address, around the IPv4 address it carries, or elsewhere."""
+    carried = carried_ipv4(ip)
+    candidates = [ip] + ([carried] if carried is not None else []) + [draw(st.ip_addresses())]
+    networks = []
+    for address in draw(st.lists(st.sampled_from(candidates), min_size=1, max_size=3)):
+        prefix = draw(st.integers(0, address.max_prefixlen))
+        networks.append(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+    return networks
 
 
-@given(refused_addresses())
-def test_every_address_in_a_refused_range_is_refused_by_default(ip) -> None:
-    assert AddressPolicy().refusal(ip) is not None
-    assert AddressPolicy().refusal(str(ip)) is not None
+@settings(max_examples=1000)
+@given(ANY_ADDRESS, st.data())
+def test_allow_net_agrees_with_the_oracle(ip, data) -> None:
+    allowed = data.draw(allow_lists(ip))
+    policy = AddressPolicy([str(net) for net in allowed])
+    assert (policy.refusal(ip) is not None) == oracle_refuses(ip, allowed), (ip, allowed)
 
 
-@given(refused_addresses(), st.data())
-def test_an_address_in_a_refused_range_is_allowed_by_any_allowed_network_containing_it(ip, data) -> None:
-    prefix = data.draw(st.integers(0, ip.max_prefixlen))
-    allowed = ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
-    assert AddressPolicy([str(allowed)]).refusal(ip) is None
+def test_the_strategies_draw_refused_and_allowed_addresses_alike() -> None:
+    verdicts = []
 
+    @settings(max_examples=400, database=None)
+    @given(ANY_ADDRESS)
+    def draw(ip) -> None:
+        verdicts.append(oracle_refuses(ip))
 
-@given(refused_addresses(), st.data())
-def test_an_address_in_a_refused_range_stays_refused_when_other_networks_are_allowed(ip, data) -> None:
-    prefix = data.draw(st.integers(1, ip.max_prefixlen))
-    containing = ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
-    # The sibling of the containing network: the same size, disjoint from it.
-    sibling_start = type(ip)(int(containing.network_address) ^ (1 << (ip.max_prefixlen - prefix)))
-    sibling = ipaddress.ip_network(f"{sibling_start}/{prefix}")
-    assert ip not in sibling
-    assert AddressPolicy([str(sibling)]).refusal(ip) is not None
+    draw()
+    # A strategy that drew only public (or only refused) addresses would let a wrong policy pass.
+    assert 0.2 < sum(verdicts) / len(verdicts) < 0.8
 
 
 @given(st.ip_addresses(v=4))
 def test_an_ipv4_mapped_address_is_judged_as_its_ipv4_address(ip) -> None:
     mapped = ipaddress.IPv6Address(f"::ffff:{ip}")
     assert AddressPolicy().refusal(mapped) == AddressPolicy().refusal(ip)
-
-
-@given(st.ip_addresses())
-def test_refusal_is_the_label_of_a_range_containing_the_address_or_none(ip) -> None:
-    label = AddressPolicy().refusal(ip)
-    judged = ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped is not None else ip
-    containing = {lab for net, lab in REFUSED_NETWORKS if net.version == judged.version and judged in net}
-    if containing:
-        assert label in containing
-    else:
-        assert label is None
 
 
 # --- the socket factory -----------------------------------------------------------------------
@@ -189,9 +333,15 @@ def test_socket_factory_returns_a_socket_for_an_allowed_address(host: str) -> No
         sock.close()
 
 
-def test_socket_factory_returns_a_socket_for_a_public_address_without_connecting() -> None:
+def test_socket_factory_returns_an_unconnected_socket_for_a_public_address() -> None:
     sock = AddressPolicy().socket_factory(_addr_info("8.8.8.8"))
-    sock.close()
+    try:
+        assert isinstance(sock, socket.socket) and sock.family == socket.AF_INET
+        with pytest.raises(OSError) as caught:
+            sock.getpeername()  # made, never connected: the connector connects it
+        assert caught.value.errno == errno.ENOTCONN
+    finally:
+        sock.close()
 
 
 @pytest.mark.parametrize(
@@ -210,6 +360,40 @@ def test_socket_factory_refuses_a_blocked_address_with_eacces(host: str) -> None
 def test_socket_factory_refuses_what_is_not_allowed_even_with_an_allow_list() -> None:
     with pytest.raises(BlockedAddress):
         AddressPolicy(["127.0.0.1/32"]).socket_factory(_addr_info("127.0.0.2"))
+
+
+# --- a refused address is never connected to ----------------------------------------------------
+
+
+class _SocketSpy:
+    """Stands in for the socket module inside crawler.addresses: records every socket made."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple] = []
+
+    def socket(self, **kwargs):  # noqa: ANN003 - socket.socket's keywords
+        self.made.append(tuple(kwargs.items()))
+        return socket.socket(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "host", ["64:ff9b::7f00:1", "64:ff9b:1::7f00:1", "2002:7f00:1::1", _TEREDO_10_0_0_1, "::7f00:1", "fec0::1"]
+)
+async def test_a_refused_transition_address_gets_no_socket(hello_server, monkeypatch, host: str) -> None:
+    from crawler.fetcher import Fetcher
+    from crawler.settings import Settings
+
+    spy = _SocketSpy()
+    monkeypatch.setattr("crawler.addresses.socket", spy)
+    # No --allow-net here: with 127.0.0.1/32 allowed, 64:ff9b::7f00:1 would be allowed too (it is
+    # judged by the IPv4 address it carries) and a connection to it attempted.
+    async with Fetcher(Settings(max_attempts=1)) as fetcher:
+        refused = await fetcher.attempt("GET", f"http://[{host}]:{hello_server.port}/")
+    assert spy.made == []  # refused before a socket existed: nothing was sent anywhere
+    assert refused.error_kind == "blocked", refused.error
+    async with Fetcher(Settings(allow_net=["127.0.0.1/32"], max_attempts=1)) as fetcher:
+        allowed = await fetcher.attempt("GET", f"http://127.0.0.1:{hello_server.port}/")
+    assert allowed.status == 200 and len(spy.made) == 1  # the spy sees the sockets that are made
 
 
 # --- through aiohttp's connector, against a real server on loopback ----------------------------
