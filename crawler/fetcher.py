@@ -65,12 +65,32 @@ def _headers(stored: str | None, validators: dict[str, str] | None) -> dict[str,
     return headers or None
 
 
+def _to_origin_only(url: URL, headers: dict[str, str], defaults: dict[str, str]) -> tuple:
+    """A request middleware that sends a row's own headers (an API key, a cache validator) only to
+    the row's origin (scheme, host, port): on a redirect to another origin they are dropped, as
+    aiohttp drops Authorization and Cookie; a header the session sets for every request (the
+    User-Agent) gets the session's value back. Applied to every hop, so a redirect back to the
+    row's origin carries them again."""
+    origin = url.origin()
+
+    async def middleware(request: aiohttp.ClientRequest, handler):  # noqa: ANN001 - aiohttp's type
+        if request.url.origin() != origin:
+            for name in headers:
+                request.headers.popall(name, None)
+                if name.lower() in defaults:
+                    request.headers[name] = defaults[name.lower()]
+        return await handler(request)
+
+    return (middleware,)
+
+
 class Fetcher:
     """`async with Fetcher(settings) as f: attempt = await f.attempt("GET", url)`."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.policy = AddressPolicy(settings.allow_net)
+        self._default_headers = {"user-agent": settings.user_agent}  # sent with every request
         self._session: aiohttp.ClientSession | None = None
         self._flights: set[_Flight] = set()
         self._watchdog: asyncio.Task | None = None
@@ -94,7 +114,7 @@ class Fetcher:
             # and total timeouts are the watchdog's: aiohttp's cost a timer per request and
             # another re-armed on every read, 7 % of a request's instructions (callgrind).
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout, sock_read=None),
-            headers={"User-Agent": s.user_agent},
+            headers=self._default_headers,
             cookie_jar=aiohttp.DummyCookieJar(),  # rows are independent: no state between them
             max_field_size=16384,
             raise_for_status=False,
@@ -132,9 +152,10 @@ class Fetcher:
                       body: bytes | None = None, validators: dict[str, str] | None = None,
                       encoded: bool = False) -> Attempt:
         """One try at the request; every failure is classified into the Attempt, never raised.
-        `headers` is a JSON object as text (as stored with the request). `encoded`: the URL is
-        normalized (crawler.urls.normalize_url, as the ledger stores it), so it is sent as
-        written, not parsed and requoted again by yarl."""
+        `headers` is a JSON object as text (as stored with the request); they go to the URL's
+        origin only. `encoded`: the URL is as crawler.urls.parse_url makes it to be sent (as the
+        ledger stores it), so it goes on the request line as written, not requoted by yarl
+        (which would decode reserved escapes such as %2F)."""
         assert self._session is not None, "use Fetcher as an async context manager"
         limit = self.settings.max_body_bytes
         started = time.perf_counter()
@@ -142,11 +163,17 @@ class Fetcher:
         flight = _Flight(asyncio.current_task(), started)
         self._flights.add(flight)
         try:
+            target = URL(url, encoded=True) if encoded else URL(url)
+            sent_headers = middlewares = None
+            if headers or validators:  # a row without headers of its own pays nothing for this
+                sent_headers = _headers(headers, validators)
+                if sent_headers:
+                    middlewares = _to_origin_only(target, sent_headers, self._default_headers)
             async with self._session.request(
-                method, URL(url, encoded=True) if encoded else url,
+                method, target,
                 allow_redirects=True, max_redirects=self.settings.max_redirects,
-                headers=_headers(headers, validators) if headers or validators else None, data=body,
-                ssl=False if self.settings.insecure else True,
+                headers=sent_headers, data=body,
+                ssl=False if self.settings.insecure else True, middlewares=middlewares,
             ) as resp:
                 answer = resp.headers
                 result.status = resp.status

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, TypeVar
 
 from crawler.errors import InputError
-from crawler.urls import InvalidURL, fingerprint, normalize_url
+from crawler.urls import InvalidURL, fingerprint, parse_url
 
 DEFAULT_URL_COLUMN = "url"
 MAX_ROW_CHARS = 1 << 20  # a longer line is an invalid row, read past without holding it whole
@@ -40,10 +40,13 @@ _HAS_SCHEME = re.compile(r'\s*"?\s*[a-z][a-z0-9+.-]*://', re.IGNORECASE)
 class RequestRow:
     row: int  # 1-based data row; a CSV header is not a row, blank lines are not rows
     method: str
-    url: str  # normalized
-    fingerprint: bytes
+    url: str  # what is sent (crawler.urls.parse_url)
+    fingerprint: bytes  # of the method, the normalized URL and the body
     headers: str | None = None  # a JSON object of header names to values, as text
     body: bytes | None = None
+    # None when the same as `url`, as for most rows: nothing more to store
+    normalized: str | None = None  # the normalized URL, which duplicates share
+    given: str | None = None  # the row's URL as written (surrounding whitespace stripped)
 
 
 @dataclass(slots=True)
@@ -139,7 +142,7 @@ def parse_request(row: int, cell: str, *, sort_query: bool = False, method: str 
         if not (cell.isascii() and method.isascii() and headers.isascii() and body.isascii()):
             for text in (cell, method, headers, body):
                 text.encode("utf-8")  # fails on the lone surrogates that surrogateescape made of bad bytes
-        url = normalize_url(cell, sort_query=sort_query)
+        url, normalized = parse_url(cell, sort_query=sort_query)
         if method != "GET":
             method = method.strip().upper() or "GET"
             if not _TOKEN.match(method):
@@ -152,7 +155,9 @@ def parse_request(row: int, cell: str, *, sort_query: bool = False, method: str 
     except ValueError as exc:
         return InvalidRow(row, _printable(cell), str(exc))
     payload = body.encode("utf-8") if body else None
-    return RequestRow(row, method, url, fingerprint(method, url, payload), canonical_headers, payload)
+    given = cell.strip()
+    return RequestRow(row, method, url, fingerprint(method, normalized, payload), canonical_headers, payload,
+                      None if normalized == url else normalized, None if given == url else given)
 
 
 def _cell(fields: list[str], index: int | None) -> str:
@@ -180,7 +185,10 @@ def _column_name(name: str) -> str:
 
 
 def _printable(text: str, limit: int = MAX_RAW_CHARS) -> str:
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:  # undecodable input bytes, kept by surrogateescape, shown as \xNN
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # any other lone surrogate (text given to parse_request), as \udNNN
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= limit else text[:limit] + "…"
 
 

@@ -192,12 +192,13 @@ async def _store_chunk(
         for r in requests:
             dup_of = first.get(r.fingerprint)
             records.append((job_id, r.row, chunk_no, r.method, r.url, r.fingerprint, r.headers, r.body,
-                            None if dup_of == r.row else dup_of))
+                            r.normalized, r.given, None if dup_of == r.row else dup_of))
         fetch_rows = sum(1 for record in records if record[-1] is None)
         if records:
             await conn.copy_records_to_table(
                 "requests", records=records,
-                columns=("job_id", "row_no", "chunk_no", "method", "url", "fingerprint", "headers", "body", "dup_of"),
+                columns=("job_id", "row_no", "chunk_no", "method", "url", "fingerprint", "headers", "body",
+                         "normalized_url", "given_url", "dup_of"),
             )
         await conn.execute(
             "INSERT INTO chunks (job_id, chunk_no, first_row, last_row, fetch_rows, input_rows, invalid_rows, state)"

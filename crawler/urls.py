@@ -1,45 +1,49 @@
-"""URL validation, normalization and request fingerprints: pure functions, no I/O.
+"""The URL a row asks for, the form that identifies it, and request fingerprints: pure functions,
+no I/O. It must never touch the network, and never decode an escape in what is sent.
 
-A URL is parsed and re-serialized by yarl (never by hand), except for a URL that yarl would leave
-as written, which a fast path only checks; this module decides what is accepted and which
-spellings of one request share a fingerprint. It must never touch the network.
+Two forms of every accepted URL (`parse_url` returns both, as a RequestURL):
 
-What `normalize_url` does, and who does it:
+* `url`, what is sent: the row's URL with only the changes a browser makes before sending, as the
+  WHATWG URL standard's parser (ada, through `ada_url`) makes them: surrounding C0 controls and
+  spaces and any tab or newline dropped, scheme and host in lower case, an IDN host in punycode,
+  an IPv4 host in any spelling as a dotted quad ("0x7f.1" -> "127.0.0.1"), an IPv6 host
+  compressed, the default port dropped, an empty path as "/", dot segments resolved ("/a/../b" ->
+  "/b", also "%2e%2e"), an empty password dropped, and what cannot be sent as written
+  percent-encoded (a space as "%20", never "+"; non-ASCII as UTF-8). Beyond a browser, the
+  characters RFC 3986 does not allow in a request target (`"<>[\\]^`{|}`) are percent-encoded too,
+  and the fragment is dropped (a browser never sends it). An escape already present is kept as
+  written, in its case, even a stray "%".
+* `normalized`, which spellings are one request (the fingerprint's input): the sent form with
+  the normalizations RFC 3986 section 6.2.2 allows and no others: percent-encoding hex in upper
+  case, escapes of unreserved characters (ALPHA, DIGIT, "-", ".", "_", "~") decoded; and, with
+  sort_query, the query's parameters ordered by key. So "/%7Euser" and "/~user" are one request;
+  "/a%2Fb" and "/a/b", "?x=a+b" and "?x=a%20b", "/?" and "/" are two.
 
-* yarl (`URL(raw)`, i.e. requoting): lower-cases the scheme and a registered host, encodes an IDN
-  host to punycode (IDNA 2008 / UTS 46, so "faß.de" -> "xn--fa-hia.de"), compresses IPv6 literals,
-  normalizes percent-encoding in userinfo, path and query (unreserved characters decoded, e.g.
-  "%7e" -> "~" and "%41" -> "A"; other escapes upper-cased, "%2f" -> "%2F"; characters that must be
-  escaped are escaped, "a b" -> "a%20b"; a stray "%" becomes "%25"), removes dot segments
-  ("/a/../b" -> "/b", also "%2e%2e"), drops tab/CR/LF inside the URL and drops an empty query ("?").
-  It keeps "+" and "%20" in a query apart (they differ outside form encoding) and keeps "%2F" in a
-  path encoded (it is not a separator).
-* a fast path here skips yarl for the common case, a plain ASCII http(s) URL that yarl would leave
-  as it is but for the case of scheme and host, a default port, an empty path and a fragment (see
-  `_normalize_plain`); its result is the slow path's, byte for byte (tests/test_urls.py checks).
-* this module adds: stripping surrounding whitespace; rejecting what cannot be fetched (empty,
-  longer than 8 KiB in UTF-8 before *and* after normalization, not http/https, no host, a host that
-  is not a DNS name or IP literal, port outside 1-65535, lone surrogates); dropping the default port
-  and the fragment; "/" for an empty path; dropping an empty userinfo or password
-  ("http://u:@h/" is "http://u@h/"); and, on request, sorting the query by key.
+A fast path skips the parser for a plain ASCII URL that it would leave as written but for the
+case of scheme and host, a default port, an empty path and the fragment (`_parse_plain`); its
+result is the parser's, byte for byte (tests/test_urls.py checks, and that it decides most plain
+URLs).
 
-Userinfo ("user:password@") is kept, because it changes the request (it becomes an Authorization
-header); it is therefore part of the fingerprint, and a normalized URL may contain a secret, so
-callers must mask it before logging. A trailing dot in a host ("example.com.") is kept too: it is a
-different name for TLS and for the Host header.
+Refused (InvalidURL, with the reason): what the WHATWG parser refuses (malformed hosts such as
+"[v1.x]" or "[1:2]", ports with signs, spaces or non-ASCII digits), and beyond it: an empty URL,
+one longer than 8 KiB of UTF-8 before or after encoding, a scheme other than http/https, a host
+that is not a DNS name (labels of letters, digits, "-" and "_", at most 63 and 253 characters) or
+an IP address, port 0, lone surrogates. Userinfo is kept (aiohttp sends it as an Authorization
+header): a URL may therefore hold a password, which `mask_password` hides wherever a URL is shown.
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
-import string
 import struct
+from typing import NamedTuple
 
-from yarl import URL
+import ada_url
 
-__all__ = ["MAX_URL_LENGTH", "InvalidURL", "fingerprint", "normalize_url"]
+__all__ = [
+    "MAX_URL_LENGTH", "InvalidURL", "RequestURL", "fingerprint", "mask_password", "normalize_url", "parse_url",
+]
 
 MAX_URL_LENGTH = 8192  # bytes of UTF-8; longer URLs are refused by most servers anyway
 
@@ -50,102 +54,145 @@ _FINGERPRINT_HASHER = hashlib.blake2b(digest_size=FINGERPRINT_SIZE, person=_FING
 _GET_PART = _length(3) + b"GET"
 _NO_BODY_PART = _length(0)
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+_C0_AND_SPACE = "".join(map(chr, range(0x21)))  # what the WHATWG parser strips from either end
 # A registered name as DNS can resolve it: labels of letters, digits, "-" and "_" (underscores
-# occur in real hostnames), an optional trailing dot. yarl has already lower-cased and punycoded it.
+# occur in real hostnames), an optional trailing dot. The parser has lower-cased and punycoded it.
 _HOST_NAME = re.compile(r"[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*\.?")
-# A last label that is a number makes the host an IPv4 address to many resolvers ("0x7f.1" is
-# 127.0.0.1 to inet_aton); such a host must be a plain dotted quad or it is refused.
-_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
+_DOTTED_QUAD = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")  # the parser's only spelling of IPv4
+_SCHEME = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*):")
+# The authority of a URL the parser refused, to say which part was wrong.
+_AUTHORITY = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:[/\\]*(?:[^/\\?#]*@)?([^/\\?#]*)")
+# What RFC 3986 does not allow in a path or query and the WHATWG parser leaves as written.
+_NOT_IN_TARGET = re.compile(r'["<>\[\\\]^`{|}]')
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
-# The fast path's grammar: what yarl's requoting leaves as written (yarl's _quoting: "ALLOWED" is
-# unreserved and the sub-delimiters other than + & = ;). Anything else takes the slow path.
-_YARL_ALLOWED = string.ascii_letters + string.digits + "-._~!$'()*,"
-_PATH_KEPT = _YARL_ALLOWED + "+&=;@:/"  # path characters left as they are
-_QUERY_KEPT = _YARL_ALLOWED + "?/:@=+&;"
-_PATH_DECODED = _YARL_ALLOWED + "&=;@:"  # "%XX" of these becomes the character; other escapes stay
-_QUERY_DECODED = _YARL_ALLOWED + "?/:@"
-
-
-def _kept_escapes(decoded: str) -> str:
-    """A pattern for the escapes yarl keeps as written: "%" and two upper-case hex digits of a byte
-    it does not decode (a lower-case digit is upper-cased, so it is not kept)."""
-    hexdigits = "0123456789ABCDEF"
-    groups = []
-    for high in hexdigits:
-        lows = "".join(low for low in hexdigits if chr(int(high + low, 16)) not in decoded)
-        if lows:
-            groups.append(f"{high}[{lows}]")
-    return "(?:" + "|".join(groups) + ")"
-
-
+# The fast path's grammar: what the parser leaves as written, and RFC 3986 allows (unreserved,
+# sub-delimiters, ":", "@", "/", and "?" in a query; "'" is escaped in a query by the parser).
+_PATH_CHARS = r"A-Za-z0-9\-._~!$&'()*+,;=:@/"
+_QUERY_CHARS = r"A-Za-z0-9\-._~!$&()*+,;=:@/?"
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _PLAIN_URL = re.compile(
-    # the origin: http or https in any case, and a host, in any case: a dotted quad as ipaddress
-    # spells it, or a name as _HOST_NAME has it whose last label does not start with a digit (such
-    # a name may be an IPv4 address in another spelling, see _check_host)
+    # the origin: http or https in any case, and a host, in any case: a dotted quad as the parser
+    # spells it, or a DNS name whose last label does not start with a digit (the parser reads
+    # "a.1" or "a.0x1" as an IPv4 address)
     rf"(?P<origin>[Hh][Tt][Tt][Pp](?P<secure>[Ss])?://(?:{_OCTET}(?:\.{_OCTET}){{3}}"
     r"|(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z_-][A-Za-z0-9_-]{0,62}\.?))"
     r"(?::(?P<port>[1-9][0-9]{0,4}))?"
-    rf"(?P<path>/[{re.escape(_PATH_KEPT)}%]*)?(?:\?(?P<query>[{re.escape(_QUERY_KEPT)}%]*))?"
+    rf"(?P<path>/(?:[{_PATH_CHARS}]|%[0-9A-Fa-f]{{2}})*)?"
+    rf"(?P<query>\?(?:[{_QUERY_CHARS}]|%[0-9A-Fa-f]{{2}})*)?"
     r"(?:#.*)?"  # a fragment, whatever it holds, is dropped
 )
-_PATH_ESCAPE_CHANGES = re.compile(f"%(?!{_kept_escapes(_PATH_DECODED)})")
-_QUERY_ESCAPE_CHANGES = re.compile(f"%(?!{_kept_escapes(_QUERY_DECODED)})")
-_DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")  # yarl removes these
+_DOT_SEGMENT = re.compile(r"/(?:\.|%2[eE]){1,2}(?:/|$)")  # the parser resolves these
 
 
 class InvalidURL(ValueError):
     """A URL that cannot be a request; str(error) is the reason, e.g. "unsupported scheme 'ftp'"."""
 
 
-def normalize_url(raw: str, *, sort_query: bool = False) -> str:
-    """Return the canonical spelling of an http(s) URL, or raise InvalidURL with the reason.
+class RequestURL(NamedTuple):
+    """An accepted URL: what is sent, and the form that says which spellings are one request."""
 
-    Idempotent: normalize_url(normalize_url(x)) == normalize_url(x). With sort_query, query
-    parameters are ordered by their (normalized, encoded) key, stably, and empty ones ("a=1&&b")
-    are dropped; without it the query is kept as written.
+    url: str
+    normalized: str
+
+
+def parse_url(raw: str, *, sort_query: bool = False) -> RequestURL:
+    """The URL to send for a row's URL and its normalized form, or InvalidURL with the reason.
+
+    Both are idempotent: parsing `url` again gives `url`, and normalizing `normalized` again gives
+    `normalized`. With sort_query, query parameters of the normalized form are ordered by their
+    (normalized) key, stably, and empty ones ("a=1&&b") are dropped; the sent form keeps them.
     """
-    text = raw.strip()
-    if text.isascii() and (plain := _normalize_plain(text, sort_query)) is not None:
-        return plain
-    return _normalize_with_yarl(text, sort_query)
+    text = raw.strip(_C0_AND_SPACE)
+    if text.isascii() and (sent := _parse_plain(text)) is not None:
+        if "%" not in sent and not (sort_query and "?" in sent):
+            return RequestURL(sent, sent)
+        return RequestURL(sent, _normalized(sent, sort_query))
+    sent = _parse_with_ada(text)
+    return RequestURL(sent, _normalized(sent, sort_query))
 
 
-def _normalize_with_yarl(text: str, sort_query: bool) -> str:
-    """The slow path, for every URL the fast path declines: yarl parses and re-serializes, this
-    module validates."""
+def request_url(raw: str) -> str:
+    """The URL sent for a row's URL (see parse_url)."""
+    return parse_url(raw).url
+
+
+def normalize_url(raw: str, *, sort_query: bool = False) -> str:
+    """The normalized form of a row's URL (see parse_url)."""
+    return parse_url(raw, sort_query=sort_query).normalized
+
+
+def _parse_with_ada(text: str) -> str:
+    """The slow path, for every URL the fast path declines: the WHATWG parser parses and
+    re-serializes, this module validates."""
     if not text:
         raise InvalidURL("empty URL")
     _check_length(text)
     try:
-        url = URL(text)
-        scheme, host, port = url.scheme, url.raw_host, url.explicit_port
-    except Exception as exc:  # noqa: BLE001 - hostile input must not crash the job on a yarl bug
-        if str(exc).startswith(("Port out of range", "Invalid URL: port")):  # yarl's wording
-            raise InvalidURL("invalid port") from None
-        raise InvalidURL(f"unparsable URL: {exc}") from None
-    if not scheme:
-        raise InvalidURL("URL has no scheme; expected http:// or https://")
+        href = ada_url.normalize_url(text)
+    except ValueError:
+        raise InvalidURL(_why_refused(text)) from None
+    href = href.partition("#")[0]  # the fragment is never sent; a "#" elsewhere is escaped by the parser
+    scheme, _, rest = href.partition("://")
     if scheme not in _DEFAULT_PORTS:
-        raise InvalidURL(f"unsupported scheme {scheme!r}")
+        raise InvalidURL(_why_refused(text))
+    slash = rest.find("/")  # the path always starts with "/" for http(s); nothing before it holds one
+    authority, target = rest[:slash], rest[slash:]
+    userinfo, _, host_port = authority.rpartition("@")
+    if host_port.startswith("["):
+        host, port = host_port[: host_port.index("]") + 1], host_port[host_port.index("]") + 2 :]
+    else:
+        host, _, port = host_port.partition(":")
     if not host:
         raise InvalidURL("URL has no host")
-    _check_host(host)
-    if port is not None and not 1 <= port <= 65535:
+    if not host.startswith("["):
+        _check_host(host)
+    if port == "0":
         raise InvalidURL("invalid port")
-    try:
-        result = str(_rebuild(url, scheme, port, sort_query))
-    except Exception as exc:  # noqa: BLE001 - as above
-        raise InvalidURL(f"unparsable URL: {exc}") from None
-    _check_length(result)  # escaping can grow a URL past the limit; refusing keeps idempotence
-    return result
+    if _NOT_IN_TARGET.search(target):
+        target = _NOT_IN_TARGET.sub(lambda m: f"%{ord(m.group()):02X}", target)
+        href = f"{scheme}://{authority}{target}"
+    _check_length(href)  # escaping can grow a URL past the limit; refusing keeps idempotence
+    return href
 
 
-def _normalize_plain(text: str, sort_query: bool) -> str | None:
-    """normalize_url without yarl for a URL whose every part is already as yarl would spell it,
-    but for the case of scheme and host, a default port, an empty path and a fragment; None for
-    any other URL (then the slow path decides, and gives every reason for refusing one)."""
+def _why_refused(text: str) -> str:
+    """The reason for a URL the parser refused (it says only that it did), or that is not http(s)."""
+    scheme = _SCHEME.match(text)
+    if scheme is None or "/" in scheme.group(1):
+        return "URL has no scheme; expected http:// or https://"
+    name = scheme.group(1).lower()
+    if name not in _DEFAULT_PORTS:
+        return f"unsupported scheme {name!r}"
+    authority = _AUTHORITY.match(text)
+    host_port = authority.group(1) if authority else ""
+    if not host_port:
+        return "URL has no host"
+    if host_port.startswith("["):
+        end = host_port.find("]")
+        if end < 0 or (host_port[end + 1 :] and not host_port[end + 1 :].startswith(":")):
+            return f"invalid IPv6 address {host_port!r}"
+        port = host_port[end + 2 :]
+        if port and not _is_port(port):
+            return "invalid port"
+        return f"invalid IPv6 address {host_port[: end + 1]!r}"
+    host, colon, port = host_port.partition(":")
+    if colon and port and not _is_port(port):
+        return "invalid port"
+    return f"invalid host {host!r}"
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and int(text) <= 65535
+
+
+def _parse_plain(text: str) -> str | None:
+    """What _parse_with_ada gives, without the parser, for a URL whose every part is already as
+    the parser spells it but for the case of scheme and host, a default port, an empty path and a
+    fragment; None for any other URL (then the slow path decides, and gives every reason for
+    refusing one)."""
     # Shorter than the limit, so that the result, at most one character longer ("/"), is not over it.
     if len(text) >= MAX_URL_LENGTH or (match := _PLAIN_URL.fullmatch(text)) is None:
         return None
@@ -153,36 +200,34 @@ def _normalize_plain(text: str, sort_query: bool) -> str | None:
     if len(origin) > len("http://") + 253 and len(origin.partition("://")[2].rstrip(".")) > 253:
         return None  # a host name too long for DNS
     if port is not None:
-        if port == str(_DEFAULT_PORTS["https" if secure else "http"]):  # read only when a port is given
+        if port == _DEFAULT_PORTS["https" if secure else "http"]:  # read only when a port is given
             port = None
         elif len(port) == 5 and int(port) > 65535:
             return None
     if path is None:
         path = "/"
-    elif ("." in path and _DOT_SEGMENT.search(path)) or ("%" in path and _PATH_ESCAPE_CHANGES.search(path)):
-        return None
-    if query and "%" in query and _QUERY_ESCAPE_CHANGES.search(query):
-        return None
-    if sort_query and query:
-        query = _sorted_query(query)
-    return f"{origin.lower()}{'' if port is None else ':' + port}{path}{'?' + query if query else ''}"
+    elif "." in path or "%" in path:
+        if _DOT_SEGMENT.search(path):
+            return None
+    return f"{origin.lower()}{'' if port is None else ':' + port}{path}{query or ''}"
 
 
-def _rebuild(url: URL, scheme: str, port: int | None, sort_query: bool) -> URL:
-    query = url.raw_query_string
-    if sort_query and query:
-        query = _sorted_query(query)
-    user, password = url.raw_user or None, url.raw_password or None
-    return URL.build(
-        scheme=scheme,
-        user=user if user or password else None,
-        password=password,
-        host=url.host_subcomponent or "",  # host_subcomponent brackets an IPv6 literal
-        port=None if port == _DEFAULT_PORTS[scheme] else port,
-        path=url.raw_path or "/",
-        query_string=query,
-        encoded=True,
-    )
+def _normalized(sent: str, sort_query: bool) -> str:
+    """The normalized form of a sent URL: escapes' hex in upper case, unreserved ones decoded
+    (RFC 3986 6.2.2.1-2; only userinfo, path and query can hold an escape), the query sorted on
+    request. The parser has done the rest of 6.2.2 and 6.2.3 (case, dot segments, default port)."""
+    if "%" in sent:
+        sent = _ESCAPE.sub(_normal_escape, sent)
+    if sort_query:
+        base, mark, query = sent.partition("?")
+        if query:
+            sent = f"{base}?{_sorted_query(query)}"
+    return sent
+
+
+def _normal_escape(match: re.Match) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else match.group().upper()
 
 
 def fingerprint(method: str, url: str, body: bytes | None = None) -> bytes:
@@ -214,16 +259,9 @@ def _check_length(text: str) -> None:
 
 
 def _check_host(host: str) -> None:
-    if ":" in host:  # an IPv6 literal; yarl has validated and compressed it
-        return
-    name = host.rstrip(".")
-    valid = len(name) <= 253 and _HOST_NAME.fullmatch(host) is not None
-    if valid and _NUMERIC_LABEL.fullmatch(name.rsplit(".", 1)[-1]):
-        try:
-            ipaddress.IPv4Address(name)
-        except ValueError:
-            valid = False
-    if not valid:
+    if _DOTTED_QUAD.fullmatch(host):
+        return  # the parser has read it as an IPv4 address and checked it
+    if len(host.rstrip(".")) > 253 or _HOST_NAME.fullmatch(host) is None:
         raise InvalidURL(f"invalid host {host!r}")
 
 
@@ -231,3 +269,15 @@ def _sorted_query(query: str) -> str:
     pairs = [pair for pair in query.split("&") if pair]
     pairs.sort(key=lambda pair: pair.partition("=")[0])  # list.sort is stable
     return "&".join(pairs)
+
+
+# user:password@ at the start of a URL's authority; the password runs to the last "@" before the
+# path, as the WHATWG parser and urllib read it, so a password with a raw "@" is masked whole.
+_PASSWORD = re.compile(r"(?i)([a-z][a-z0-9+.\-]*:[/\\]*[^:/\\?#@\s]*:)([^/\\?#\s]+)@")
+
+
+def mask_password(text: str | None) -> str | None:
+    """`text` (a URL, or a row's text) with a URL's password replaced by ***; None stays None."""
+    if text is None or "@" not in text:
+        return text
+    return _PASSWORD.sub(r"\1***@", text)
