@@ -18,9 +18,11 @@ OVERLOAD_STATUSES = frozenset({429, 503})
 
 
 def host_of(url: str) -> str:
-    """The scheme and authority of a normalized URL: 'https://example.com:8443'."""
+    """The scheme, host and port of a URL as crawler.urls.parse_url makes it:
+    'https://example.com:8443'. Userinfo is left out: one host's budget, whoever logs in."""
     scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.split('/', 1)[0]}"
+    authority = rest.split("/", 1)[0]
+    return f"{scheme}://{authority.rpartition('@')[2] if '@' in authority else authority}"
 
 
 @dataclass(slots=True)

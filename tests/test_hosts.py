@@ -32,6 +32,11 @@ def test_host_of_keeps_scheme_host_and_port():
     assert host_of("http://b.example/") == "http://b.example"
 
 
+def test_host_of_leaves_userinfo_out():
+    # one budget per host whoever logs in, and no password in a key that may be shown
+    assert host_of("http://alice:pw@b.example:81/x@y") == "http://b.example:81"
+
+
 async def test_a_host_gets_no_more_than_its_limit_and_others_are_not_held_up():
     s = HostScheduler(initial=2, maximum=2, adaptive=False)
     for i in range(5):
