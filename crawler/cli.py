@@ -223,6 +223,9 @@ def build_parser() -> Parser:
                    help="jsonl (default), csv, or parquet (needs pyarrow and -o PATH)")
     p.add_argument("-o", "--output", metavar="PATH", help="file to write (default: stdout; parquet needs a file)")
     p.add_argument("--only", choices=["ok", "failed", "invalid"], help="export only these rows")
+    p.add_argument("--csv-raw", action="store_true",
+                   help="csv: write every cell as stored, for programs; by default a cell starting with"
+                        " = + - @ tab or CR is prefixed with ' so that a spreadsheet shows it, not runs it")
 
     p = sub.add_parser("status", parents=[common], help="a job's state and counts",
                        epilog=EXAMPLES["status"], formatter_class=fmt)
@@ -334,7 +337,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings, sources: dict[str, s
     if args.command == "worker":
         return commands.worker(dsn, settings, args.job)
     if args.command == "export":
-        return _run(commands.export(dsn, args.job, fmt=args.format, path=args.output, only=args.only))
+        return _run(commands.export(dsn, args.job, fmt=args.format, path=args.output, only=args.only,
+                                    csv_raw=args.csv_raw))
     if args.command == "status":
         return _run(commands.status(dsn, args.job, as_json=args.json, heartbeat_seconds=settings.heartbeat_seconds))
     if args.command == "jobs":

@@ -57,14 +57,15 @@ async def migrate(dsn: str) -> int:
     return EXIT_OK
 
 
-async def export(dsn: str, job_ref: str, *, fmt: str, path: str | None, only: str | None) -> int:
+async def export(dsn: str, job_ref: str, *, fmt: str, path: str | None, only: str | None,
+                 csv_raw: bool = False) -> int:
     out = export_file(path, fmt)  # a bad -o fails before the database is touched
     try:
         await prepare_database(dsn)
         conn = await database.connect(dsn)
         try:
             job = await ledger.find_job(conn, job_ref)
-            count = await export_job(conn, job.id, fmt=fmt, path=path, only=only, out=out)
+            count = await export_job(conn, job.id, fmt=fmt, path=path, only=only, out=out, csv_raw=csv_raw)
         finally:
             await conn.close()
     except BaseException:

@@ -10,7 +10,7 @@ import csv
 import io
 import os
 import sys
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import aiofiles
 import asyncpg
@@ -18,11 +18,17 @@ import orjson
 
 from crawler.errors import OutputError, UsageError
 from crawler.export_file import ExportFile
+from crawler.urls import mask_password
 
+# url: the row's URL as written (an invalid row's text); normalized_url: the form duplicates
+# share (none for an invalid row). A URL's password is shown as *** in every field.
 FIELDS = (
-    "row", "url", "status", "final_url", "error_kind", "error", "attempts", "from_cache",
+    "row", "url", "normalized_url", "status", "final_url", "error_kind", "error", "attempts", "from_cache",
     "elapsed_ms", "body_bytes", "body_sha256",
 )
+_MASKED = tuple(i for i, name in enumerate(FIELDS) if name in ("url", "normalized_url", "final_url", "error"))
+# OWASP's CSV injection rule: a spreadsheet runs a cell that starts with one of these as a formula.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 FORMATS = ("jsonl", "csv", "parquet")
 PARQUET_BATCH_ROWS = 10_000  # rows per record batch (and row group): a few MB, whatever the job's size
 
@@ -31,14 +37,15 @@ PARQUET_BATCH_ROWS = 10_000  # rows per record batch (and row group): a few MB, 
 # whole before its first row, and a job exported right after its crawl is newer than the table
 # statistics: the planner then expects one row and nests loops, quadratic in the job's size.
 _VALID = """
-SELECT q.row_no AS row, q.url, r.status, r.final_url, r.error_kind, r.error, r.attempts, r.from_cache,
+SELECT q.row_no AS row, coalesce(q.given_url, q.url) AS url, coalesce(q.normalized_url, q.url) AS normalized_url,
+       r.status, r.final_url, r.error_kind, r.error, r.attempts, r.from_cache,
        r.elapsed_ms, r.body_bytes, encode(r.body_sha256, 'hex') AS body_sha256
 FROM requests q LEFT JOIN results r ON r.job_id = q.job_id AND r.row_no = q.row_no
 WHERE q.job_id = $1 {only}
 ORDER BY q.row_no
 """
 _INVALID = """
-SELECT i.row_no AS row, i.raw AS url, NULL::smallint AS status, NULL::text AS final_url,
+SELECT i.row_no AS row, i.raw AS url, NULL::text AS normalized_url, NULL::smallint AS status, NULL::text AS final_url,
        'invalid_url' AS error_kind, i.reason AS error, 0::smallint AS attempts, false AS from_cache,
        NULL::real AS elapsed_ms, NULL::bigint AS body_bytes, NULL::text AS body_sha256
 FROM invalid_rows i WHERE i.job_id = $1
@@ -101,13 +108,34 @@ async def export_records(conn: asyncpg.Connection, job_id: int, *, only: str | N
             yield record
 
 
+def shown(record: asyncpg.Record) -> list:
+    """A record's values in FIELDS order, each URL's password (and one in an error) as ***."""
+    values = list(record.values())
+    for i in _MASKED:
+        if values[i] is not None and "@" in values[i]:
+            values[i] = mask_password(values[i])
+    return values
+
+
 def _jsonl(record: asyncpg.Record) -> str:
-    return orjson.dumps({name: record[name] for name in FIELDS}).decode() + "\n"
+    return orjson.dumps(dict(zip(FIELDS, shown(record)))).decode() + "\n"
+
+
+def neutralized(value: object) -> object:
+    """A cell a spreadsheet would run as a formula, prefixed with "'" so it shows as text (OWASP)."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 def _csv_line(record: asyncpg.Record) -> str:
     buf = io.StringIO()
-    csv.writer(buf).writerow(["" if record[name] is None else record[name] for name in FIELDS])
+    csv.writer(buf).writerow(["" if value is None else neutralized(value) for value in shown(record)])
+    return buf.getvalue()
+
+
+def _csv_raw_line(record: asyncpg.Record) -> str:
+    """A CSV line with every cell as stored (--csv-raw): for programs, not spreadsheets."""
+    buf = io.StringIO()
+    csv.writer(buf).writerow(["" if value is None else value for value in shown(record)])
     return buf.getvalue()
 
 
@@ -132,6 +160,7 @@ def parquet_schema(pa: Any) -> Any:
     return pa.schema([
         pa.field("row", pa.int64(), nullable=False),
         pa.field("url", pa.string(), nullable=False),
+        pa.field("normalized_url", pa.string()),  # none for an invalid row
         pa.field("status", pa.int16()),
         pa.field("final_url", pa.string()),
         pa.field("error_kind", pa.string()),
@@ -159,8 +188,8 @@ async def _export_parquet(conn: asyncpg.Connection, job_id: int, out: ExportFile
     try:
         async with contextlib.aclosing(export_records(conn, job_id, only=only)) as records:
             async for record in records:
-                for values, name in zip(columns, FIELDS):
-                    values.append(record[name])
+                for values, value in zip(columns, shown(record)):
+                    values.append(value)
                 count += 1
                 if len(columns[0]) >= PARQUET_BATCH_ROWS:
                     # Encoding and compression run in a thread while the cursor keeps the loop.
@@ -185,25 +214,27 @@ def export_file(path: str | None, fmt: str) -> ExportFile | None:
 
 
 async def export_job(conn: asyncpg.Connection, job_id: int, *, fmt: str, path: str | None,
-                     only: str | None = None, out: ExportFile | None = None) -> int:
+                     only: str | None = None, out: ExportFile | None = None, csv_raw: bool = False) -> int:
     """Write the export to `path` (or stdout, for jsonl and csv); return the number of records.
-    A failed export leaves no file behind (`out`: the file as export_file() checked it)."""
+    A failed export leaves no file behind (`out`: the file as export_file() checked it). A CSV
+    cell that a spreadsheet would run as a formula is prefixed with "'", unless csv_raw."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}.")
     if only is not None and only not in ONLY:
         raise UsageError(f"--only must be one of {', '.join(ONLY)}, not '{only}'.")
     if out is None:
         out = export_file(path, fmt)
+    line = _jsonl if fmt == "jsonl" else _csv_raw_line if csv_raw else _csv_line
     if out is None:
-        return await _export_stdout(conn, job_id, fmt=fmt, only=only)
+        return await _export_stdout(conn, job_id, line=line, fmt=fmt, only=only)
     with out:
         if fmt == "parquet":
             return await _export_parquet(conn, job_id, out, only)
-        return await _export_text(conn, job_id, out, fmt=fmt, only=only)
+        return await _export_text(conn, job_id, out, line=line, fmt=fmt, only=only)
 
 
-async def _export_stdout(conn: asyncpg.Connection, job_id: int, *, fmt: str, only: str | None) -> int:
-    line = _jsonl if fmt == "jsonl" else _csv_line
+async def _export_stdout(conn: asyncpg.Connection, job_id: int, *, line: Callable[[asyncpg.Record], str],
+                         fmt: str, only: str | None) -> int:
     count = 0
     out = sys.stdout
     # Each write is guarded on its own: the stream between them may raise the database's own
@@ -234,9 +265,8 @@ def _stdout_error(exc: OSError) -> Exception:
     return OutputError(f"cannot write the export to standard output: {exc.strerror or type(exc).__name__}.")
 
 
-async def _export_text(conn: asyncpg.Connection, job_id: int, file: ExportFile, *, fmt: str,
-                       only: str | None) -> int:
-    line = _jsonl if fmt == "jsonl" else _csv_line
+async def _export_text(conn: asyncpg.Connection, job_id: int, file: ExportFile, *,
+                       line: Callable[[asyncpg.Record], str], fmt: str, only: str | None) -> int:
     count = 0
     with file.errors():
         out = await aiofiles.open(file.name, "w", encoding="utf-8", newline="")

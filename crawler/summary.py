@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncpg
 
 from crawler import ledger
+from crawler.urls import mask_password
 
 
 async def job_summary(conn: asyncpg.Connection, job_id: int, *, elapsed_s: float | None = None) -> dict:
@@ -71,7 +72,8 @@ async def job_summary(conn: asyncpg.Connection, job_id: int, *, elapsed_s: float
         # job's stored response; revalidated: a stored response the server confirmed with 304.
         "cache": {kind: cache_kinds.get(kind, 0) for kind in ("duplicate", "fresh", "revalidated")},
         "statuses": {str(r["status"]): r["n"] for r in statuses},
-        "errors": {r["error_kind"]: {"count": r["n"], "example": r["example"]} for r in kinds},
+        # the example is a row's URL as sent: a password in it is shown as ***
+        "errors": {r["error_kind"]: {"count": r["n"], "example": mask_password(r["example"])} for r in kinds},
         # Chunks that kept killing their workers: their rows without a result are `internal`.
         "quarantined": [q._asdict() for q in quarantined],
     }

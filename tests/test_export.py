@@ -230,3 +230,135 @@ async def test_a_job_newer_than_the_table_statistics_streams_in_row_order(sessio
     assert count == 20_000 and [r["row"] for r in records] == list(range(1, 20_001))
     assert all((r["error_kind"] == "invalid_url") == (r["row"] % 50 == 0) for r in records)
     assert failed == sum(1 for n in range(1, 20_001) if n % 7 == 0 and n % 50 != 0)
+
+
+# --- hostile cells: commas, quotes, newlines, formulas, passwords --------------------------------
+
+HOSTILE = "hostile-export"
+
+
+def _hostile_rows(base: str) -> list[str]:
+    return [
+        f'{base}/ok/1?a=1,2&q="x"',  # 1: a comma and quotes
+        f"{base}/ok/2?x=a b\nc",  # 2: a newline (a browser drops it from what is sent)
+        '=HYPERLINK("http://evil.example/","x")',  # 3..6: formulas, invalid rows
+        "+cmd|' /C calc'!A0",
+        "-2+3",
+        "@SUM(1+1)",
+        f"http://alice:s3cret@{base.removeprefix('http://')}/ok/7",  # 7: a password
+        'http://exa,mple".com/',  # 8: an invalid host with a comma and a quote in the reason
+        f"http://bob:s3cret@{base.removeprefix('http://')}/status/404",  # 9: a failure with a password
+        "\t=1+1",  # 10: a tab first
+    ]
+
+
+@pytest.fixture(scope="module")
+def hostile_job(session_dsn, tmp_path_factory) -> tuple[int, list[str]]:
+    path = tmp_path_factory.mktemp("hostile") / "urls.csv"
+
+    async def make() -> tuple[int, list[str]]:
+        runner, base = await start_mock_server()
+        try:
+            rows = _hostile_rows(base)
+            with path.open("w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(["url"])
+                writer.writerows([row] for row in rows)
+            code = await crawl(session_dsn, test_settings(workers=1, max_attempts=1), input_path=str(path),
+                               url_column="url", job_name=HOSTILE, summary_json=None, quiet=True)
+            assert code == EXIT_OK
+        finally:
+            await runner.cleanup()
+        conn = await asyncpg.connect(session_dsn)
+        try:
+            return await conn.fetchval("SELECT id FROM jobs WHERE name = $1", HOSTILE), rows
+        finally:
+            await conn.close()
+
+    return asyncio.run(make())
+
+
+async def test_the_export_shows_the_rows_url_as_written_and_its_normalized_form(session_dsn, hostile_job, tmp_path):
+    job, rows = hostile_job
+    out = tmp_path / "hostile.jsonl"
+    await _export(session_dsn, job, fmt="jsonl", path=str(out))
+    records = {r["row"]: r for r in _jsonl(out)}
+    assert records[1]["url"] == rows[0]
+    assert records[1]["normalized_url"] == rows[0].replace('"', "%22")  # what is sent, and what identifies it
+    assert records[2]["url"] == rows[1] and records[2]["normalized_url"].endswith("/ok/2?x=a%20bc")
+    assert records[3]["url"] == rows[2] and records[3]["normalized_url"] is None
+    assert records[8]["error"] == "invalid host 'exa,mple\".com'"
+    assert records[7]["url"] == rows[6].replace("s3cret", "***")
+    assert records[7]["normalized_url"] == records[7]["url"] and records[7]["final_url"] == records[7]["url"]
+    assert records[9]["status"] == 404 and records[9]["url"] == rows[8].replace("s3cret", "***")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+async def test_no_export_holds_a_urls_password(session_dsn, hostile_job, tmp_path, fmt):
+    job, _ = hostile_job
+    out = tmp_path / f"hostile.{fmt}"
+    await _export(session_dsn, job, fmt=fmt, path=str(out))
+    data = out.read_bytes() if fmt != "parquet" else str(pq.read_table(out).to_pylist()).encode()
+    assert b"s3cret" not in data and b"alice:***@" in data and b"bob:***@" in data
+
+
+async def test_csv_neutralizes_formula_cells_and_round_trips_everything_else(session_dsn, hostile_job, tmp_path):
+    job, rows = hostile_job
+    await _export(session_dsn, job, fmt="jsonl", path=str(tmp_path / "h.jsonl"))
+    await _export(session_dsn, job, fmt="csv", path=str(tmp_path / "h.csv"))
+    with (tmp_path / "h.csv").open(newline="", encoding="utf-8") as f:
+        got = list(csv.DictReader(f))
+    expected = []
+    for record in _jsonl(tmp_path / "h.jsonl"):
+        cells = {}
+        for key, value in record.items():
+            text = "" if value is None else str(value)
+            cells[key] = "'" + text if isinstance(value, str) and text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+        expected.append(cells)
+    assert got == expected
+    by_row = {int(r["row"]): r for r in got}
+    assert [by_row[n]["url"] for n in (3, 4, 5, 6, 10)] == ["'" + rows[n - 1] for n in (3, 4, 5, 6, 10)]
+    assert by_row[1]["url"] == rows[0] and by_row[2]["url"] == rows[1]  # quotes, comma, newline intact
+
+
+async def test_csv_raw_writes_every_cell_as_stored(session_dsn, hostile_job, tmp_path):
+    job, rows = hostile_job
+    await _export(session_dsn, job, fmt="jsonl", path=str(tmp_path / "h.jsonl"))
+    await _export(session_dsn, job, fmt="csv", path=str(tmp_path / "raw.csv"), csv_raw=True)
+    with (tmp_path / "raw.csv").open(newline="", encoding="utf-8") as f:
+        got = list(csv.DictReader(f))
+    assert got == [{k: "" if v is None else str(v) for k, v in r.items()} for r in _jsonl(tmp_path / "h.jsonl")]
+    assert [r["url"] for r in got[2:6]] == rows[2:6]
+
+
+async def test_parquet_round_trips_hostile_cells(session_dsn, hostile_job, tmp_path):
+    job, _ = hostile_job
+    await _export(session_dsn, job, fmt="jsonl", path=str(tmp_path / "h.jsonl"))
+    await _export(session_dsn, job, fmt="parquet", path=str(tmp_path / "h.parquet"))
+    assert pq.read_table(tmp_path / "h.parquet").to_pylist() == _jsonl(tmp_path / "h.jsonl")
+
+
+def test_cli_csv_raw_turns_the_guard_off(session_dsn, hostile_job):
+    guarded = run_cli("export", HOSTILE, "--dsn", session_dsn, "--format", "csv", "--only", "invalid")
+    raw = run_cli("export", HOSTILE, "--dsn", session_dsn, "--format", "csv", "--only", "invalid", "--csv-raw")
+    assert guarded.returncode == raw.returncode == 0, guarded.stderr + raw.stderr
+    assert b'\n3,"\'=HYPERLINK(' in guarded.stdout.replace(b"\r\n", b"\n")
+    assert b'\n3,"=HYPERLINK(' in raw.stdout.replace(b"\r\n", b"\n")
+
+
+async def test_status_and_the_summary_mask_a_urls_password(session_dsn, hostile_job):
+    from crawler.summary import job_summary
+
+    job, _ = hostile_job
+    conn = await asyncpg.connect(session_dsn)
+    try:
+        summary = await job_summary(conn, job)
+    finally:
+        await conn.close()
+    example = summary["errors"]["http_status"]["example"]
+    assert "bob:***@" in example and "s3cret" not in example
+    proc = run_cli("status", HOSTILE, "--dsn", session_dsn, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert b"bob:***@" in proc.stdout and b"s3cret" not in proc.stdout
+    proc = run_cli("status", HOSTILE, "--dsn", session_dsn)
+    assert proc.returncode == 0 and b"s3cret" not in proc.stdout + proc.stderr
