@@ -99,7 +99,7 @@ def test_stdin_crawl_summary_json_and_both_export_formats(session_dsn, mock_proc
     assert proc.returncode == 0
     table = list(csv.DictReader(io.StringIO(proc.stdout.decode())))
     assert len(table) == 42
-    assert list(table[0]) == ["row", "url", "status", "final_url", "error_kind", "error", "attempts",
+    assert list(table[0]) == ["row", "url", "normalized_url", "status", "final_url", "error_kind", "error", "attempts",
                               "from_cache", "elapsed_ms", "body_bytes", "body_sha256"]
     assert table[0]["status"] == "200" and table[41]["error_kind"] == "invalid_url"
 
