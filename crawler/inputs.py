@@ -155,7 +155,7 @@ def parse_request(row: int, cell: str, *, sort_query: bool = False, method: str 
     except ValueError as exc:
         return InvalidRow(row, _printable(cell), str(exc))
     payload = body.encode("utf-8") if body else None
-    given = cell.strip()
+    given = None if cell == url else cell.strip()  # most rows are written as they are sent
     return RequestRow(row, method, url, fingerprint(method, normalized, payload), canonical_headers, payload,
                       None if normalized == url else normalized, None if given == url else given)
 
