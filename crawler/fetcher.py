@@ -163,12 +163,12 @@ class Fetcher:
         flight = _Flight(asyncio.current_task(), started)
         self._flights.add(flight)
         try:
-            target = URL(url, encoded=True) if encoded else URL(url)
+            target = URL(url, encoded=True) if encoded else url
             sent_headers = middlewares = None
             if headers or validators:  # a row without headers of its own pays nothing for this
                 sent_headers = _headers(headers, validators)
                 if sent_headers:
-                    middlewares = _to_origin_only(target, sent_headers, self._default_headers)
+                    middlewares = _to_origin_only(URL(target), sent_headers, self._default_headers)
             async with self._session.request(
                 method, target,
                 allow_redirects=True, max_redirects=self.settings.max_redirects,

@@ -266,7 +266,7 @@ class Worker:
             try:
                 attempt = await fetcher.attempt(item.method, item.url, headers=item.headers, body=item.body,
                                                 validators=item.cached.validators() if item.cached else None,
-                                                encoded=True)  # normalized at ingest
+                                                encoded=True)  # the URL to send, made at ingest: sent as written
             finally:
                 self._in_flight -= 1
                 self.metrics.fetch_ended()
