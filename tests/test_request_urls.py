@@ -41,3 +41,13 @@ async def test_a_leased_chunk_gives_the_worker_the_url_to_send(db):
     requests = await ledger.chunk_requests(db, job.id, chunk)
     # one fetch (the two differ only in the case of escapes' hex digits), sent as row 1 wrote it
     assert [(r["row_no"], r["url"]) for r in requests] == [(1, "http://a.example/x?sig=a%2fb%3D%3d")]
+
+
+def test_a_lone_surrogate_makes_an_invalid_row_not_an_exception():
+    from crawler.inputs import InvalidRow
+
+    for cells in ({"cell": "http://a.example/\ud800"}, {"cell": "http://a.example/", "headers": '{"X":"\ud800"}'},
+                  {"cell": "http://a.example/\udcff"}):
+        row = parse_request(1, **cells)
+        assert isinstance(row, InvalidRow) and row.reason == "row is not valid UTF-8"
+        row.raw.encode("utf-8")  # printable: it can be stored

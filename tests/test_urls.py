@@ -187,6 +187,8 @@ def test_whatwg_url_test_data(case: dict) -> None:
     else:
         assert sent == case["href"].partition("#")[0]  # the fragment is never sent
         assert request_url(sent) == sent
+        # the input and the reference's spelling are one request: one fingerprint
+        assert fingerprint("GET", normalize_url(case["input"])) == fingerprint("GET", normalize_url(case["href"]))
 
 
 def test_whatwg_choices_are_cases_of_the_data() -> None:
