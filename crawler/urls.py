@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+
 import ada_url
 
 __all__ = [
@@ -89,8 +90,6 @@ class InvalidURL(ValueError):
     """A URL that cannot be a request; str(error) is the reason, e.g. "unsupported scheme 'ftp'"."""
 
 
-
-
 def parse_url(raw: str, *, sort_query: bool = False) -> tuple[str, str]:
     """(url, normalized): the URL to send for a row's URL and its normalized form, or InvalidURL
     with the reason. A pair, not a NamedTuple: made once per input row, where building a
@@ -136,7 +135,7 @@ def _parse_with_ada(text: str) -> str:
         raise InvalidURL(_why_refused(text))
     slash = rest.find("/")  # the path always starts with "/" for http(s); nothing before it holds one
     authority, target = rest[:slash], rest[slash:]
-    userinfo, _, host_port = authority.rpartition("@")
+    host_port = authority.rpartition("@")[2]
     if host_port.startswith("["):
         host, port = host_port[: host_port.index("]") + 1], host_port[host_port.index("]") + 2 :]
     else:
