@@ -11,13 +11,14 @@ Two forms of every accepted URL (`parse_url` returns both):
   "/b", also "%2e%2e"), an empty password dropped, and what cannot be sent as written
   percent-encoded (a space as "%20", never "+"; non-ASCII as UTF-8). Beyond a browser, the
   characters RFC 3986 does not allow in a request target (`"<>[\\]^`{|}`) are percent-encoded too,
-  and the fragment is dropped (a browser never sends it). An escape already present is kept as
-  written, in its case, even a stray "%".
+  the fragment is dropped (a browser never sends it), and so is an empty query ("/?" is "/"):
+  aiohttp's URLs (yarl) cannot send one. An escape already present is kept as written, in its
+  case, even a stray "%".
 * `normalized`, which spellings are one request (the fingerprint's input): the sent form with
   the normalizations RFC 3986 section 6.2.2 allows and no others: percent-encoding hex in upper
   case, escapes of unreserved characters (ALPHA, DIGIT, "-", ".", "_", "~") decoded; and, with
   sort_query, the query's parameters ordered by key. So "/%7Euser" and "/~user" are one request;
-  "/a%2Fb" and "/a/b", "?x=a+b" and "?x=a%20b", "/?" and "/" are two.
+  "/a%2Fb" and "/a/b", "?x=a+b" and "?x=a%20b" are two.
 
 A fast path skips the parser for a plain ASCII URL that it would leave as written but for the
 case of scheme and host, a default port, an empty path and the fragment (`_parse_plain`); its
@@ -130,6 +131,8 @@ def _parse_with_ada(text: str) -> str:
     except ValueError:
         raise InvalidURL(_why_refused(text)) from None
     href = href.partition("#")[0]  # the fragment is never sent; a "#" elsewhere is escaped by the parser
+    if href[-1] == "?" and href.index("?") == len(href) - 1:
+        href = href[:-1]  # an empty query: yarl drops it, so it cannot be sent
     scheme, _, rest = href.partition("://")
     if scheme not in _DEFAULT_PORTS:
         raise InvalidURL(_why_refused(text))
@@ -205,6 +208,8 @@ def _parse_plain(text: str) -> str | None:
         return None
     if "%" in text and _STRAY_PERCENT.search(text, len(origin)):
         return None
+    if query == "?":
+        query = None  # an empty query: yarl drops it, so it cannot be sent
     return f"{origin.lower()}{'' if port is None else ':' + port}{path}{query or ''}"
 
 

@@ -298,7 +298,7 @@ def test_allow_net_agrees_with_the_oracle(ip, data) -> None:
 def test_the_strategies_draw_refused_and_allowed_addresses_alike() -> None:
     verdicts = []
 
-    @settings(max_examples=400, database=None)
+    @settings(max_examples=400, database=None, derandomize=True)  # the same draws every run
     @given(ANY_ADDRESS)
     def draw(ip) -> None:
         verdicts.append(oracle_refuses(ip))
