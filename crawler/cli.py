@@ -35,6 +35,7 @@ EXAMPLES = {  # each `crawler ...` line must parse: tests/test_cli.py checks eve
     "crawl": (
         "examples:\n"
         "  crawler crawl urls.csv --job-name weekly          # a CSV with a url column, one URL a line, or .gz\n"
+        "  crawler crawl others.txt --robots obey            # read and obey each host's robots.txt\n"
         "  cat urls.txt | crawler crawl - --concurrency 500 --metrics-port 9100\n"
         "  crawler crawl big.csv.gz --dsn postgresql://crawler@db.internal/crawler --workers 0 --job-name big\n"
         "      # --workers 0: ingest and supervise only; `crawler worker` on other machines fetches"
@@ -193,6 +194,9 @@ def build_parser() -> Parser:
     p.add_argument("--resume", action="store_true",
                    help="if this input (or --job-name) has an unfinished job, finish it instead of starting anew,"
                         " with its own policy (as `crawler resume`: a flag that would change it is refused)")
+    p.add_argument("--robots", choices=["obey", "ignore"],
+                   help="obey each host's robots.txt (read once per host per job), or ignore it (default:"
+                        " for URLs you own or may fetch); kept by resume and by `crawler worker`")
 
     p = sub.add_parser("resume", parents=[common, tuning], help="finish an interrupted job",
                        epilog=EXAMPLES["resume"], formatter_class=fmt)
@@ -251,6 +255,9 @@ def build_parser() -> Parser:
     p.add_argument("--duplicates", type=float, default=0.0, help="fraction of repeated URLs (default 0)")
     p.add_argument("--latency-ms", type=_positive, default=0, help="mock server latency per request (default 0)")
     p.add_argument("--server-processes", type=_positive, default=1, help="mock server processes (default 1)")
+    p.add_argument("--robots", choices=["obey", "ignore"], help="as for crawl: obey or ignore robots.txt")
+    p.add_argument("--hosts", type=_positive, default=1,
+                   help="spread the URLs over this many hosts (h<i>.localhost names of the one server; default 1)")
     p.add_argument("--chunk-size", type=_positive)
 
     p = sub.add_parser("mock-server", help="a local HTTP server for tests and load tests",
@@ -262,6 +269,9 @@ def build_parser() -> Parser:
     p.add_argument("--capacity", type=_positive, help="answer 503 above this many requests in flight per process")
     p.add_argument("--no-path-hits", dest="count_paths", action="store_false",
                    help="count only the total of hits, not each path's: for load tests of millions of paths")
+    p.add_argument("--robots", default="none", metavar="KNOB",
+                   help="what /robots.txt answers: none (404), allow, disallow, wildcard, agent, huge, delay:S,"
+                        " status:N, redirect, redirects:N, slow:MS, flaky:N, reset")
 
     p = sub.add_parser("config", parents=[common], help="the effective configuration",
                        epilog=EXAMPLES["config"], formatter_class=fmt)
@@ -272,7 +282,7 @@ def build_parser() -> Parser:
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     names = ("dsn", "workers", "concurrency", "chunk_size", "allow_net", "max_attempts", "per_host_concurrency",
              "per_host_rate", "max_body_bytes", "store_bodies", "insecure", "cache_ttl", "no_cache",
-             "adaptive_concurrency", "metrics_port")
+             "adaptive_concurrency", "metrics_port", "robots")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -287,10 +297,16 @@ def dispatch(args: argparse.Namespace) -> int:
     from crawler.standby import Standby
 
     if args.command == "mock-server":
+        from crawler.mock_behaviours import robots_knob
         from crawler.mock_server import serve
 
+        try:
+            robots_knob(args.robots)
+        except ValueError as exc:
+            raise UsageError(f"{exc}.") from None
+
         serve(host=args.host, port=args.port, processes=max(1, args.processes), seed=args.seed,
-              capacity=args.capacity, count_paths=args.count_paths)
+              capacity=args.capacity, count_paths=args.count_paths, robots=args.robots)
         return 0
     settings, sources = load_settings(config_file=args.config, flags=_flags(args))
     if args.command == "bench" and settings.effective_workers() == 0:

@@ -17,6 +17,7 @@ from crawler.addresses import BlockedAddress
 ERROR_KINDS = (
     "timeout", "connect", "dns", "tls", "reset", "protocol", "too_many_redirects",
     "body_too_large", "blocked", "invalid_url", "http_status", "internal",
+    "robots",  # refused by the host's robots.txt (--robots obey), or robots.txt unreachable; never retried
 )
 
 

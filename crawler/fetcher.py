@@ -150,12 +150,14 @@ class Fetcher:
 
     async def attempt(self, method: str, url: str, *, headers: str | None = None,
                       body: bytes | None = None, validators: dict[str, str] | None = None,
-                      encoded: bool = False) -> Attempt:
+                      encoded: bool = False, keep_first: int = 0, max_redirects: int | None = None) -> Attempt:
         """One try at the request; every failure is classified into the Attempt, never raised.
         `headers` is a JSON object as text (as stored with the request); they go to the URL's
         origin only. `encoded`: the URL is as crawler.urls.parse_url makes it to be sent (as the
         ledger stores it), so it goes on the request line as written, not requoted by yarl
-        (which would decode reserved escapes such as %2F)."""
+        (which would decode reserved escapes such as %2F). `keep_first` (robots.txt): read and
+        keep the body's first bytes, up to that many, and ignore the rest rather than fail on it;
+        `max_redirects` overrides the setting."""
         assert self._session is not None, "use Fetcher as an async context manager"
         limit = self.settings.max_body_bytes
         started = time.perf_counter()
@@ -171,7 +173,8 @@ class Fetcher:
                     middlewares = _to_origin_only(URL(target), sent_headers, self._default_headers)
             async with self._session.request(
                 method, target,
-                allow_redirects=True, max_redirects=self.settings.max_redirects,
+                allow_redirects=True,
+                max_redirects=self.settings.max_redirects if max_redirects is None else max_redirects,
                 headers=sent_headers, data=body,
                 ssl=False if self.settings.insecure else True, middlewares=middlewares,
             ) as resp:
@@ -182,7 +185,14 @@ class Fetcher:
                 result.retry_after = answer.get(hdrs.RETRY_AFTER)
                 result.etag = answer.get(hdrs.ETAG)
                 result.last_modified = answer.get(hdrs.LAST_MODIFIED)
-                if limit > 0:
+                if keep_first:
+                    kept = bytearray()
+                    while len(kept) < keep_first and (block := await resp.content.read(READ_SIZE)):
+                        flight.progress = time.perf_counter()
+                        kept += block
+                    result.body_bytes = len(kept)
+                    result.body = (answer.get(hdrs.CONTENT_TYPE), bytes(kept[:keep_first]))
+                elif limit > 0:
                     declared = resp.content_length
                     if declared is not None and answer.get(hdrs.CONTENT_ENCODING):
                         declared = None  # the size on the wire, not the body's

@@ -59,6 +59,7 @@ class HostState:
     next_start: float = 0.0  # rate limit and Retry-After pauses
     timer: asyncio.TimerHandle | None = None
     rtt: float = 0.1
+    delay: float = 0.0  # seconds between starts that the host itself asked for (robots.txt Crawl-delay)
 
 
 class HostScheduler:
@@ -164,6 +165,20 @@ class HostScheduler:
             limit.limit = min(limit.limit, limit.maximum) if self.adaptive else float(self.initial)
             self._pump(host, state)
 
+    def pace(self, host: str, delay: float, *, hold: bool = False) -> None:
+        """Start this host's requests at least `delay` seconds apart (a robots.txt Crawl-delay):
+        the longer of it and the rate's interval. With `hold`, the next start waits a whole
+        delay (a request to the host was just made: its robots.txt)."""
+        state = self._state(host)
+        state.delay = delay
+        now = self.clock()
+        # next_start set, even to now, sends every start of this host past the clock in _pump,
+        # where the delay is read: hosts without one never read it.
+        state.next_start = max(state.next_start, now + delay if hold else now)
+        self._pump(host, state)
+        if not state.pending and state.active == 0 and state.timer is None:
+            self._idle(host)
+
     def limit_of(self, host: str) -> float | None:
         state = self.hosts.get(host)
         return state.limit.limit if state else None
@@ -178,8 +193,8 @@ class HostScheduler:
                         loop = asyncio.get_running_loop()
                         state.timer = loop.call_later(state.next_start - now, self._wake, host)
                     return
-                if self.interval:
-                    state.next_start = max(state.next_start, now) + self.interval
+                if self.interval or state.delay:
+                    state.next_start = max(state.next_start, now) + max(self.interval, state.delay)
             state.active += 1
             self.ready.put_nowait(state.pending.popleft())
 

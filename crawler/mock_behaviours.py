@@ -40,6 +40,17 @@ Path                              Answer
                                   max-age=60; 304 when If-None-Match has that tag or *
 /last-modified/..                 200 with Last-Modified: LAST_MODIFIED and Cache-Control:
                                   max-age=60; 304 when If-Modified-Since is that date or later
+/robots.txt                       the server's robots.txt, as its robots knob (--robots) says:
+                                  none (default: 404), allow, disallow, wildcard, agent, huge:
+                                  the files below; delay:S (disallow's rules with Crawl-delay: S);
+                                  status:N (N, no file); redirect (302 to /robots/disallow.txt);
+                                  redirects:N (302 through /redirect/N-1 .. /redirect/0, "ok");
+                                  slow:MS (allow after MS ms); flaky:N (500 for the first N hits,
+                                  then disallow); reset (a TCP reset)
+/robots/{name}.txt                the file of that name: allow (everything), disallow (/private/
+                                  but /private/open/), wildcard (/*.pdf$ and /*/draft/), agent
+                                  (a group for `crawler`: /ok/crawler-only/; * disallows all),
+                                  huge (600 KiB: /early/ first, /late/ past 500 KiB)
 
 Flaky paths read app[HITS], which the server's middleware counts on arrival, per process:
 POST /__hits/reset (or /__stats/reset) makes every flaky path fail again.
@@ -65,8 +76,9 @@ from aiohttp import web
 HITS = web.AppKey("hits", Counter)  # request path -> how many requests arrived for it
 # Paths whose answer depends on their own hit count: counted by path even when the server counts
 # only the total of the others (mock_server's count_paths=False, for big load tests).
-COUNTED_PREFIXES = ("/flaky/", "/flaky-reset/", "/flaky-retry-after/")
+COUNTED_PREFIXES = ("/flaky/", "/flaky-reset/", "/flaky-retry-after/", "/robots.txt")
 SEED = web.AppKey("seed", int)  # with the path, decides every seeded answer
+ROBOTS = web.AppKey("robots", str)  # what /robots.txt answers: a ROBOTS_KNOBS name, maybe with ":arg"
 
 MAX_DELAY_MS = 60_000
 MAX_BYTES = 1 << 30
@@ -381,6 +393,58 @@ async def _last_modified(request: web.Request) -> web.Response:
     return response
 
 
+_HUGE_PADDING = "# " + "x" * 1021 + "\n"  # 1 KiB comment lines
+ROBOTS_FILES = {
+    "allow": "User-agent: *\nDisallow:\n",
+    "disallow": "User-agent: *\nDisallow: /private/\nAllow: /private/open/\n",
+    "wildcard": "User-agent: *\nDisallow: /*.pdf$\nDisallow: /*/draft/\n",
+    "agent": "User-agent: crawler\nDisallow: /ok/crawler-only/\n\nUser-agent: *\nDisallow: /\n",
+    "huge": "User-agent: *\nDisallow: /early/\n" + _HUGE_PADDING * 600 + "Disallow: /late/\n",
+}
+ROBOTS_KNOBS = frozenset({"none", "delay", "status", "redirect", "redirects", "slow", "flaky", "reset", *ROBOTS_FILES})
+_ROBOTS_ARGS = {"delay": float, "status": int, "redirects": int, "slow": int, "flaky": int}
+
+
+def robots_knob(knob: str) -> tuple[str, float | int | None]:
+    """('delay', 2.0) from 'delay:2'; ValueError for a knob the server does not know."""
+    name, _, arg = knob.partition(":")
+    if name not in ROBOTS_KNOBS or bool(arg) != (name in _ROBOTS_ARGS):
+        raise ValueError(f"unknown robots knob {knob!r}: one of {sorted(ROBOTS_KNOBS)} (delay:S, status:N,"
+                         " redirects:N, slow:MS, flaky:N take a number)")
+    return name, _ROBOTS_ARGS[name](arg) if arg else None
+
+
+async def _robots(request: web.Request) -> web.StreamResponse:
+    name, arg = robots_knob(request.app[ROBOTS])
+    if name == "none":
+        return web.Response(status=404, text="404\n")
+    if name in ROBOTS_FILES:
+        return web.Response(text=ROBOTS_FILES[name])
+    if name == "delay":
+        return web.Response(text=f"User-agent: *\nCrawl-delay: {arg:g}\n" + ROBOTS_FILES["disallow"].split("\n", 1)[1])
+    if name == "status":
+        return web.Response(status=int(arg), text=f"{arg}\n")
+    if name == "redirect":
+        return web.Response(status=302, headers={"Location": "/robots/disallow.txt"})
+    if name == "redirects":
+        return web.Response(status=302, headers={"Location": f"/redirect/{int(arg) - 1}"})
+    if name == "slow":
+        await asyncio.sleep(int(arg) / 1000)
+        return web.Response(text=ROBOTS_FILES["allow"])
+    if name == "flaky":
+        if _is_early(request, int(arg)):
+            return web.Response(status=500, text="500\n")
+        return web.Response(text=ROBOTS_FILES["disallow"])
+    return _hang_up(request, reset=True)  # "reset"
+
+
+async def _robots_file(request: web.Request) -> web.Response:
+    text = ROBOTS_FILES.get(request.match_info["name"])
+    if text is None:
+        raise web.HTTPNotFound(text="no such robots file\n")
+    return web.Response(text=text)
+
+
 ROUTES: tuple[tuple[str, Handler], ...] = (
     ("/ok" + _TAIL, _ok),
     ("/status/{code}", _status),
@@ -410,6 +474,8 @@ ROUTES: tuple[tuple[str, Handler], ...] = (
     ("/random" + _TAIL, _random),
     ("/etag" + _TAIL, _etag),
     ("/last-modified" + _TAIL, _last_modified),
+    ("/robots.txt", _robots),
+    ("/robots/{name}.txt", _robots_file),
 )
 
 

@@ -9,6 +9,9 @@ GET /__hits          {"total": n, "paths": {path: hits}}: requests per path, cou
 POST /__hits/reset   clears the hits (flaky paths then fail again)
 GET /__stats         {"in_flight", "max_in_flight", "rejected", "capacity", "hits": <as /__hits>}
 POST /__stats/reset  clears the hits and `rejected`; `max_in_flight` restarts from `in_flight`
+GET /__arrivals      {"arrivals": [[unix time, path], ...]}: when each routed request arrived (the
+                     last ARRIVALS_KEPT; the plain /ok and /delay targets are not routed), for
+                     tests that check a pace on the server's side; cleared with the hits
 
 With a capacity N, a request that arrives while N others are in flight in this process gets 503
 at once ("over capacity"); it still counts as a hit. The four paths above are never counted,
@@ -33,14 +36,20 @@ from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_ready
 
+import time
+from collections import deque
+
 import uvloop
 from aiohttp import hdrs, web
 
 from crawler import mock_behaviours
-from crawler.mock_behaviours import COUNTED_PREFIXES, HITS, MAX_DELAY_MS, METHODS, SEED, Handler
+from crawler.mock_behaviours import COUNTED_PREFIXES, HITS, MAX_DELAY_MS, METHODS, ROBOTS, SEED, Handler
+from crawler.mock_behaviours import robots_knob
 from crawler.mock_behaviours import PLAIN_LOAD_TARGET, add_routes, answer_after
 
-_STATS_PATHS = frozenset({"/__hits", "/__hits/reset", "/__stats", "/__stats/reset"})
+_STATS_PATHS = frozenset({"/__hits", "/__hits/reset", "/__stats", "/__stats/reset", "/__arrivals"})
+ARRIVALS_KEPT = 10_000
+ARRIVALS = web.AppKey("arrivals", deque)  # (time.time(), path) of each routed request, the latest kept
 _STARTUP_TIMEOUT_S = 30.0
 _CHILD_EXIT_TIMEOUT_S = 5.0
 
@@ -86,6 +95,7 @@ async def _accounted(
 async def _account(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path in _STATS_PATHS:
         return await handler(request)
+    request.app[ARRIVALS].append((time.time(), request.path))
     return await _accounted(request.app, request.path, partial(handler, request))
 
 
@@ -96,6 +106,7 @@ def _hits_json(app: web.Application) -> dict[str, object]:
 
 def _clear_hits(app: web.Application) -> None:
     app[HITS].clear()
+    app[ARRIVALS].clear()
     app[LOAD].unlisted_hits = 0
 
 
@@ -119,6 +130,10 @@ async def _stats(request: web.Request) -> web.Response:
     })  # fmt: skip
 
 
+async def _arrivals(request: web.Request) -> web.Response:
+    return web.json_response({"arrivals": list(request.app[ARRIVALS])})
+
+
 async def _reset_stats(request: web.Request) -> web.Response:
     load = request.app[LOAD]
     load.max_in_flight = load.in_flight
@@ -127,24 +142,29 @@ async def _reset_stats(request: web.Request) -> web.Response:
     return await _stats(request)
 
 
-def create_app(seed: int = 0, capacity: int | None = None, count_paths: bool = True) -> web.Application:
+def create_app(seed: int = 0, capacity: int | None = None, count_paths: bool = True,
+               robots: str = "none") -> web.Application:
     """The mock application; counts live in app[HITS] and app[LOAD], per process.
 
     `seed` decides the seeded answers (/random, /garbage-bytes); `capacity` (None: no limit) is
     how many requests may be in flight at once before the next one gets 503. Without
     `count_paths`, hits are counted by path only for the flaky paths, which need it; the total
-    still counts every hit.
+    still counts every hit. `robots` says what /robots.txt answers (mock_behaviours' table).
     """
+    robots_knob(robots)  # a bad knob fails here, not at the first request
     if capacity is not None and capacity < 0:
         raise ValueError(f"capacity must be at least 0, got {capacity}")
     app = web.Application(middlewares=[_account])
     app[HITS] = Counter()
     app[SEED] = seed
+    app[ROBOTS] = robots
+    app[ARRIVALS] = deque(maxlen=ARRIVALS_KEPT)
     app[LOAD] = ServerLoad(capacity=capacity, count_paths=count_paths)
     app.router.add_route("GET", "/__hits", _hits)
     app.router.add_route("POST", "/__hits/reset", _reset_hits)
     app.router.add_route("GET", "/__stats", _stats)
     app.router.add_route("POST", "/__stats/reset", _reset_stats)
+    app.router.add_route("GET", "/__arrivals", _arrivals)
     add_routes(app)
     return app
 
@@ -183,10 +203,10 @@ def _base_url(host: str, port: int) -> str:
 
 async def start_mock_server(
     host: str = "127.0.0.1", port: int = 0, seed: int = 0, capacity: int | None = None,
-    count_paths: bool = True,
+    count_paths: bool = True, robots: str = "none",
 ) -> tuple[web.AppRunner, str]:
     """Start the app on the running loop; returns (runner, base URL). Call runner.cleanup()."""
-    runner = await serving_runner(create_app(seed, capacity, count_paths))
+    runner = await serving_runner(create_app(seed, capacity, count_paths, robots))
     try:
         await web.TCPSite(runner, host, port).start()
     except BaseException:
@@ -197,10 +217,10 @@ async def start_mock_server(
 
 @asynccontextmanager
 async def running_mock_server(
-    host: str = "127.0.0.1", port: int = 0, seed: int = 0, capacity: int | None = None
+    host: str = "127.0.0.1", port: int = 0, seed: int = 0, capacity: int | None = None, robots: str = "none",
 ) -> AsyncIterator[str]:
     """start_mock_server as a context manager: yields the base URL, stops the server on exit."""
-    runner, url = await start_mock_server(host, port, seed, capacity)
+    runner, url = await start_mock_server(host, port, seed, capacity, robots=robots)
     try:
         yield url
     finally:
@@ -328,6 +348,7 @@ def serve(
     ready: Callable[[str], None] | None = None,
     capacity: int | None = None,
     count_paths: bool = True,
+    robots: str = "none",
 ) -> None:
     """Serve until SIGINT or SIGTERM; `ready(base_url)` is called once every process listens.
 
@@ -337,7 +358,7 @@ def serve(
     """
     if processes < 1:
         raise ValueError(f"processes must be at least 1, got {processes}")
-    make_app = partial(create_app, seed, capacity, count_paths)
+    make_app = partial(create_app, seed, capacity, count_paths, robots)
     make_app()  # a bad capacity fails here, in the caller, rather than in every child
     if processes == 1:
         _run_in_process(host, port, make_app, False, lambda bound: _announce(host, bound, 1, ready))
@@ -364,8 +385,15 @@ def main(argv: list[str] | None = None) -> int:
         help="count only the total of hits, not each path's (the flaky paths excepted): for load"
         " tests of millions of distinct paths, whose counts would grow the server's memory",
     )  # fmt: skip
+    parser.add_argument("--robots", default="none", metavar="KNOB",
+                        help="what /robots.txt answers: none (404), allow, disallow, delay:S, ... (see the table)")
     args = parser.parse_args(argv)
-    serve(args.host, args.port, args.processes, args.seed, capacity=args.capacity, count_paths=args.count_paths)
+    try:
+        robots_knob(args.robots)
+    except ValueError as exc:
+        parser.error(str(exc))
+    serve(args.host, args.port, args.processes, args.seed, capacity=args.capacity, count_paths=args.count_paths,
+          robots=args.robots)
     return 0
 
 

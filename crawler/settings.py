@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import platformdirs
 
+from crawler import __version__
 from crawler.errors import UsageError
 
 def project_dir(name: str) -> Path:
@@ -60,7 +61,10 @@ class Settings:
     per_host_max: int = 0
     per_host_rate: float = 0.0
     adaptive_concurrency: bool = True
-    user_agent: str = "crawler/0.1 (+https://example.invalid/crawler)"
+    # Names the crawler, its version and where its operator is reached: set your own contact.
+    user_agent: str = f"crawler/{__version__} (+https://example.invalid/contact)"
+    robots: str = "ignore"  # "obey": each host's robots.txt is read once per job and obeyed
+    robots_max_delay: float = 30.0  # seconds: the most a robots.txt Crawl-delay may pace a host
     dns_ttl: float = 300.0
     # Persistence and leases.
     write_batch: int = 1000
@@ -206,6 +210,10 @@ def _validate(settings: Settings) -> None:
                  "cache_ttl"):
         if not getattr(settings, name) >= 0:
             raise UsageError(f"setting '{name}' cannot be negative.")
+    if settings.robots not in ("obey", "ignore"):
+        raise UsageError(f"setting 'robots' must be 'obey' or 'ignore', not {settings.robots!r}.")
+    if not settings.robots_max_delay >= 0:
+        raise UsageError("setting 'robots_max_delay' cannot be negative.")
     if settings.max_body_bytes < 0 or settings.max_redirects < 0:
         raise UsageError("settings 'max_body_bytes' and 'max_redirects' cannot be negative.")
 

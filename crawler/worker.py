@@ -110,6 +110,12 @@ class Worker:
         # workers would make it. Read once; checked once per chunk, never per request.
         hook = os.environ.get("CRAWLER_TEST_EXIT_ON_ROW") or ""
         self.exit_on_rows = frozenset(int(row) for row in hook.split(",") if row.strip())
+        self.robots = None  # --robots obey: rows wait at the gate for their host's robots.txt
+        if settings.robots == "obey":
+            from crawler.robots_gate import RobotsGate
+
+            self.robots = RobotsGate(dsn, job_id, self.id, settings, self.policy, release=self.hosts.put,
+                                     refuse=self._refuse, pace=self._pace)
 
     def _host_budget(self, share: int) -> dict:
         s = self.settings
@@ -145,8 +151,13 @@ class Worker:
                     writer_task = tg.create_task(self.writer.run())
                     beat = tg.create_task(self._heartbeat(beat_db))
                     fetchers = [tg.create_task(self._fetch_loop(fetcher)) for _ in range(s.concurrency)]
+                    gate = tg.create_task(self.robots.run(fetcher)) if self.robots is not None else None
                     await self._feed(db)
                     await self._finish(fetchers)
+                    if gate is not None:
+                        self.robots.close()  # robots.txt fetches under way get the drain's grace
+                        if not (await asyncio.wait([gate], timeout=self.grace))[0]:
+                            gate.cancel()
                     beat.cancel()
                     self.writer.close()
                     await writer_task
@@ -154,6 +165,8 @@ class Worker:
                 await db.run(registry.worker_heartbeat, self.job_id, self.id, self.stats.fetched, stopped=True)
             finally:
                 await self.writer.aclose()
+                if self.robots is not None:
+                    await self.robots.aclose()
         self.stats.lost_leases = len(self.writer.lost)
         return self.stats
 
@@ -189,6 +202,7 @@ class Worker:
             self._held[lease.chunk_no] = HeldChunk(lease, len(rows))
             self._in_system += len(rows)
             self._idle.clear()
+            admitted = [] if self.robots is not None else None  # held for robots.txt, chunk by chunk
             stored = {}
             if self.caching:
                 stored = await db.run(cache.lookup, [row["fingerprint"] for row in rows], self.settings.cache_ttl)
@@ -204,7 +218,12 @@ class Worker:
                     self._done(item, _from_cache(entry), cache_kind="fresh")
                     continue
                 item.cached = entry
-                self.hosts.put(item)
+                if admitted is None:
+                    self.hosts.put(item)
+                else:
+                    admitted.append(item)
+            if admitted:
+                await self.robots.admit(admitted)
 
     def _wants_more(self) -> bool:
         if self._in_system >= self.max_in_system:
@@ -240,6 +259,8 @@ class Worker:
             leases = [h.lease for h in self._held.values()]
             kept = await db.run(ledger.renew_leases, self.job_id, leases, self.settings.lease_seconds)
             await db.run(registry.worker_heartbeat, self.job_id, self.id, self.stats.fetched)
+            if self.robots is not None:
+                await self.robots.renew(db)
             await self._count_workers(db)
             for lease in leases:
                 held = self._held.get(lease.chunk_no)
@@ -337,6 +358,20 @@ class Worker:
                 self.writer.complete(item.lease)
         self._left_system()
 
+    async def _refuse(self, item: WorkItem, reason: str) -> None:
+        """A row its host's robots.txt forbids (or that robots.txt stayed unreachable): a result
+        with the error kind `robots`, never retried."""
+        if self._lost and item.lease in self._lost:
+            self._left_system()
+            return
+        if self.writer.full:
+            await self.writer.room()
+        self._done(item, Attempt(error_kind="robots", error=reason))
+
+    def _pace(self, host: str, delay: float, hold: bool) -> None:
+        # A Crawl-delay is the host's, shared by every worker of the job as per_host_rate is.
+        self.hosts.pace(host, delay * self.share, hold=hold)
+
     def _left_system(self) -> None:
         self._in_system -= 1
         if self._wants_more():
@@ -356,6 +391,8 @@ class Worker:
                 handle.cancel()
             self._timers.clear()
             self.hosts.clear()
+            if self.robots is not None:
+                self.robots.clear()
         for _ in fetchers:
             self.hosts.ready.put_nowait(None)
         done, pending = await asyncio.wait(fetchers, timeout=self.grace)
