@@ -45,7 +45,7 @@ Path                              Answer
                                   the files below; delay:S (disallow's rules with Crawl-delay: S);
                                   status:N (N, no file); redirect (302 to /robots/disallow.txt);
                                   redirects:N (302 through /redirect/N-1 .. /redirect/0, "ok");
-                                  slow:MS (allow after MS ms); flaky:N (500 for the first N hits,
+                                  slow:MS (disallow after MS ms); flaky:N (500 for the first N hits,
                                   then disallow); reset (a TCP reset)
 /robots/{name}.txt                the file of that name: allow (everything), disallow (/private/
                                   but /private/open/), wildcard (/*.pdf$ and /*/draft/), agent
@@ -430,7 +430,7 @@ async def _robots(request: web.Request) -> web.StreamResponse:
         return web.Response(status=302, headers={"Location": f"/redirect/{int(arg) - 1}"})
     if name == "slow":
         await asyncio.sleep(int(arg) / 1000)
-        return web.Response(text=ROBOTS_FILES["allow"])
+        return web.Response(text=ROBOTS_FILES["disallow"])
     if name == "flaky":
         if _is_early(request, int(arg)):
             return web.Response(status=500, text="500\n")

@@ -130,7 +130,8 @@ async def test_each_rfc_9309_case_decides_its_hosts_rows(session_dsn, db, tmp_pa
 
 
 async def test_robots_txt_is_fetched_once_per_host_however_many_rows_chunks_and_workers(session_dsn, db, tmp_path):
-    async with hosts("disallow", "disallow", "allow") as bases:
+    # robots.txt answered after 2 s: both workers need the hosts' rules while the first fetches them
+    async with hosts("slow:2000", "slow:2000", "allow") as bases:
         urls = [f"{base}/ok/{i}" for i in range(150) for base in bases]
         urls += [f"{base}/private/{i}" for i in range(50) for base in bases]
         assert await run(session_dsn, tmp_path, urls, "once-per-host", workers=2, concurrency=10) == EXIT_OK
