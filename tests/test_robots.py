@@ -180,3 +180,68 @@ async def test_holding_a_host_waits_a_whole_delay_before_its_first_start() -> No
     scheduler._wake("http://h")
     assert scheduler.ready.get_nowait().url == "http://h/0"
     await asyncio.sleep(0)
+
+
+# --- the worker's gate: memory bounded whatever the hosts ------------------------------------------
+
+def test_the_gate_keeps_parsed_rules_within_its_budget_with_100_000_hosts() -> None:
+    from crawler import robots_gate
+    from crawler.retry import RetryPolicy
+
+    gate = robots_gate.RobotsGate("postgresql://unused", 1, "w", Settings(robots="obey"), RetryPolicy(),
+                                  release=lambda item: None, refuse=None, pace=lambda *a: None)
+    small = RobotsOutcome(RobotsVerdict.RULES, text=ROBOTS_FILES["disallow"])
+    huge = RobotsOutcome(RobotsVerdict.RULES, text="User-agent: *\n" + "Disallow: /x\n" * 40_000)
+    for i in range(100_000):
+        gate._remember(f"http://h{i}", RobotsRules(huge if i % 10_000 == 0 else small, TOKEN, 30.0))
+        assert gate._weight <= robots_gate.RULES_BUDGET
+    assert gate._weight == sum(r.weight for r in gate.rules.values())
+    assert "http://h99999" in gate.rules and "http://h0" not in gate.rules  # the least recently used went
+    assert len(gate.rules) < 20_000
+
+
+# --- the mock server's robots.txt knobs ------------------------------------------------------------
+
+async def test_the_mock_servers_robots_knobs_answer_as_documented() -> None:
+    import aiohttp
+
+    from crawler.mock_server import start_mock_server
+
+    expected = {"none": (404, None), "allow": (200, ROBOTS_FILES["allow"]), "status:503": (503, None),
+                "delay:1.5": (200, "User-agent: *\nCrawl-delay: 1.5\nDisallow: /private/\nAllow: /private/open/\n"),
+                "redirect": (200, ROBOTS_FILES["disallow"]), "redirects:3": (200, "ok\n"),
+                "huge": (200, ROBOTS_FILES["huge"]), "slow:10": (200, ROBOTS_FILES["disallow"])}
+    async with aiohttp.ClientSession() as session:
+        for knob, (status, text) in expected.items():
+            runner, base = await start_mock_server(robots=knob)
+            try:
+                async with session.get(f"{base}/robots.txt") as resp:
+                    assert resp.status == status, knob
+                    if text is not None:
+                        assert await resp.text() == text, knob
+            finally:
+                await runner.cleanup()
+        runner, base = await start_mock_server(robots="flaky:2")
+        try:
+            statuses = []
+            for _ in range(3):
+                async with session.get(f"{base}/robots.txt") as resp:
+                    statuses.append(resp.status)
+            assert statuses == [500, 500, 200]
+            async with session.get(f"{base}/__arrivals") as resp:
+                arrivals = (await resp.json())["arrivals"]
+            assert [path for _, path in arrivals] == ["/robots.txt"] * 3
+            assert arrivals == sorted(arrivals)
+        finally:
+            await runner.cleanup()
+
+
+@pytest.mark.parametrize("knob", ["nope", "delay", "delay:x", "allow:3"])
+def test_an_unknown_robots_knob_is_one_sentence(knob) -> None:
+    from conftest import run_cli
+    from crawler.mock_server import create_app
+
+    with pytest.raises(ValueError, match="unknown robots knob"):
+        create_app(robots=knob)
+    done = run_cli("mock-server", "--port", "0", "--robots", knob, timeout=60)
+    assert done.returncode == 1 and b"unknown robots knob" in done.stderr and b"Traceback" not in done.stderr
