@@ -186,8 +186,7 @@ class RobotsGate:
                     self._later(host, backoff(attempts, self.policy, self._rng))
                     continue
                 outcome = unreachable(failure, attempts)
-            if self._closed:
-                return
+            # Stored even while draining: a fetch made is a fetch the resume need not make again.
             record = await self._ledger(ledger.decide_robots, host,
                                         RobotsRecord(outcome.verdict.value, outcome.text, outcome.reason), attempts)
             self._attempts.pop(host, None)

@@ -261,3 +261,49 @@ async def test_a_resume_after_kill_9_does_not_fetch_decided_robots_txt_again(ses
             server.wait(10)
     assert before == after == [1, 1]  # the resume (which was given no --robots) obeyed the job's decisions
     assert kinds == {None: 600, "robots": 1}
+
+
+async def test_a_drain_while_robots_txt_is_fetched_keeps_its_decision_and_resume_finishes(session_dsn, tmp_path):
+    from test_faults import finish, kill_tree
+
+    server, base = server_process("slow:3000")  # robots.txt answered after 3 s
+    try:
+        path = tmp_path / "urls.txt"
+        path.write_text("".join(f"{base}/ok/{i}\n" for i in range(100)) + f"{base}/private/1\n")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "crawler", "crawl", str(path), "--dsn", session_dsn, "--job-name", "robots-drain",
+             "--robots", "obey", "--workers", "2", "--chunk-size", "10", "--allow-net", "127.0.0.1/32", "--quiet"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        conn = await asyncpg.connect(session_dsn)
+        try:
+            try:
+                deadline = time.monotonic() + 60
+                while not await conn.fetchval(
+                        "SELECT count(*) FROM robots r JOIN jobs j ON j.id = r.job_id"
+                        " WHERE j.name = 'robots-drain' AND r.verdict IS NULL AND r.owner IS NOT NULL"):
+                    assert time.monotonic() < deadline, "no robots.txt claim within 60 s"
+                    assert proc.poll() is None, proc.stderr.read().decode()
+                    await asyncio.sleep(0.05)
+                proc.send_signal(signal.SIGTERM)
+                code, err = finish(proc, timeout=60)
+            finally:
+                if proc.poll() is None:
+                    kill_tree(proc)
+            assert code == 130, err
+            job = await conn.fetchval("SELECT id FROM jobs WHERE name = 'robots-drain'")
+            # the fetch under way finished within the drain's grace and its decision was kept
+            assert await conn.fetchval("SELECT verdict FROM robots WHERE job_id = $1", job) == "rules"
+            assert await conn.fetchval("SELECT count(*) FROM results WHERE job_id = $1", job) == 0
+            resumed = subprocess.run(
+                [sys.executable, "-m", "crawler", "resume", "robots-drain", "--dsn", session_dsn, "--workers", "2",
+                 "--allow-net", "127.0.0.1/32", "--quiet"], capture_output=True, cwd=ROOT, timeout=180)
+            assert resumed.returncode == 0, resumed.stderr.decode()
+            kinds = dict(await conn.fetch("SELECT error_kind, count(*) FROM results WHERE job_id = $1"
+                                          " GROUP BY error_kind", job))
+        finally:
+            await conn.close()
+        assert kinds == {None: 100, "robots": 1}
+        assert await robots_hits(base) == 1
+    finally:
+        server.terminate()
+        server.wait(10)
