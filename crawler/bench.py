@@ -35,14 +35,33 @@ def duplicate_rows(count: int, duplicates: float) -> int:
     return round(count * duplicates)
 
 
-def write_urls(path: Path, base: str, count: int, duplicates: float, latency_ms: int, seed: int = 1) -> None:
-    """A CSV of `count` URLs, `duplicate_rows(count, duplicates)` of them repeating earlier ones.
+def host_base(base: str, host: int, hosts: int) -> str:
+    """The server's base URL as host number `host` of `hosts` names it: with more than one, the
+    name h<host>.localhost, which aiodns (c-ares) resolves to loopback as RFC 6761 says; one
+    server, as many hosts as the crawler's per-host state and robots.txt see."""
+    return base if hosts <= 1 else base.replace("://127.0.0.1:", f"://h{host}.localhost:", 1)
+
+
+def write_urls(path: Path, base: str, count: int, duplicates: float, latency_ms: int, seed: int = 1,
+               hosts: int = 1) -> None:
+    """A CSV of `count` URLs, `duplicate_rows(count, duplicates)` of them repeating earlier ones,
+    taking turns over `hosts` hosts.
 
     The duplicates are spread evenly through the file (as in a real export, not all at its end),
     each repeating a random earlier unique URL; the same arguments always give the same file.
     """
     rng = random.Random(seed)
     dups = duplicate_rows(count, duplicates)
+    if hosts > 1:
+        tail = f"/delay/{latency_ms}" if latency_ms > 0 else "/ok"
+        with path.open("w") as out:
+            out.write("url\n")
+            unique = 0
+            for i in range(count):
+                n = rng.randrange(unique) if (i + 1) * dups // count > i * dups // count else unique
+                unique += n == unique
+                out.write(f"{host_base(base, n % hosts, hosts)}{tail}/{n}\n")
+        return
     prefix = f"{base}/delay/{latency_ms}" if latency_ms > 0 else f"{base}/ok"
     unique = 0
     with path.open("w") as out:
@@ -60,8 +79,9 @@ def write_urls(path: Path, base: str, count: int, duplicates: float, latency_ms:
 class MockServerProcess:
     """The mock server as a child process, for the length of a `with` block."""
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, robots: str = "none") -> None:
         self.processes = processes
+        self.robots = robots
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -70,7 +90,7 @@ class MockServerProcess:
         # memory; the total of hits (what benchmarks read) is still counted.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "crawler.mock_server", "--port", "0", "--processes", str(self.processes),
-             "--no-path-hits"],
+             "--no-path-hits", "--robots", self.robots],
             stdout=subprocess.PIPE, text=True,
         )
         line = self.proc.stdout.readline()
@@ -79,6 +99,14 @@ class MockServerProcess:
             raise CrawlerError("the mock server did not start; run `crawler mock-server` to see why.")
         self.url = line.split("listening on ", 1)[1].split()[0]
         return self
+
+    def hits(self) -> dict:
+        """The server's hit counts (/__hits): the total, and robots.txt's among the counted paths."""
+        import urllib.request
+
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+        with direct.open(f"{self.url}/__hits", timeout=10) as answer:
+            return orjson.loads(answer.read())
 
     def cpu_seconds(self) -> float | None:
         """CPU time of the server and its child processes so far (it shares the machine)."""
@@ -186,15 +214,18 @@ def render_bench(figures: dict, console: Console) -> None:
 
 
 async def bench(dsn: str, settings: Settings, *, urls: int, duplicates: float, latency_ms: int,
-                server_processes: int, summary_json: str | None, quiet: bool, standby: Standby | None = None) -> int:
+                server_processes: int, summary_json: str | None, quiet: bool, standby: Standby | None = None,
+                hosts: int = 1) -> int:
     if not 0 <= duplicates < 1:
         raise CrawlerError("--duplicates must be a fraction from 0 up to (not including) 1.")
     if urls < 1:
         raise CrawlerError("--urls must be at least 1.")
     settings.allow_net = sorted(set(settings.allow_net) | {"127.0.0.1/32"})
-    with tempfile.TemporaryDirectory(prefix="crawler-bench-") as tmp, MockServerProcess(server_processes) as server:
+    # A robots.txt with rules that the generated paths pass: what obeying costs, every row fetched.
+    with (tempfile.TemporaryDirectory(prefix="crawler-bench-") as tmp,
+          MockServerProcess(server_processes, robots="disallow") as server):
         path = Path(tmp) / "urls.csv"
-        write_urls(path, server.url, urls, duplicates, latency_ms)
+        write_urls(path, server.url, urls, duplicates, latency_ms, hosts=hosts)
         if not quiet:
             print(f"bench: {urls} URLs ({duplicates:.0%} duplicates, {latency_ms} ms latency) against {server.url}",
                   file=sys.stderr)
@@ -214,6 +245,9 @@ async def bench(dsn: str, settings: Settings, *, urls: int, duplicates: float, l
                                 supervisor_peak_rss=registry.peak_rss_bytes())
         if server_cpu_before is not None and server_cpu_after is not None:
             figures["mock_server_cpu_s"] = round(server_cpu_after - server_cpu_before, 3)
+        hits = server.hits()
+        figures["server_requests"] = hits["total"]
+        figures["robots_txt_requests"] = hits["paths"].get("/robots.txt", 0)
         summary["bench"] = figures
     if summary_json:
         Path(summary_json).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))

@@ -339,7 +339,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings, sources: dict[str, s
 
         return _run(bench(dsn, settings, urls=args.urls, duplicates=args.duplicates, latency_ms=args.latency_ms,
                           server_processes=max(1, args.server_processes), summary_json=args.summary_json,
-                          quiet=args.quiet, standby=standby))
+                          quiet=args.quiet, standby=standby, hosts=max(1, args.hosts)))
     if args.command == "resume":
         from crawler.crawl import resume
 

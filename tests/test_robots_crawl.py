@@ -307,3 +307,22 @@ async def test_a_drain_while_robots_txt_is_fetched_keeps_its_decision_and_resume
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_bench_spreads_urls_over_hosts_and_counts_robots_txt_requests(session_dsn, tmp_path):
+    import json
+
+    from crawler.bench import write_urls
+
+    path = tmp_path / "spread.csv"
+    write_urls(path, "http://127.0.0.1:8080", 40, 0.25, 0, hosts=4)
+    urls = path.read_text().split()[1:]
+    assert {u.split("/")[2] for u in urls} == {f"h{i}.localhost:8080" for i in range(4)}
+    assert len(set(urls)) == 30  # the duplicates as without hosts
+
+    out = tmp_path / "bench.json"
+    done = run_cli("bench", "--dsn", session_dsn, "--urls", "300", "--hosts", "30", "--robots", "obey", "--workers",
+                   "1", "--quiet", "--summary-json", str(out), timeout=180)
+    assert done.returncode == 0, done.stderr.decode()
+    figures = json.loads(out.read_text())["bench"]
+    assert figures["robots_txt_requests"] == 30 and figures["server_requests"] == 330
