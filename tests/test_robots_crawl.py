@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -124,9 +125,11 @@ async def test_each_rfc_9309_case_decides_its_hosts_rows(session_dsn, db, tmp_pa
     verdicts = dict(await db.fetch("SELECT host, verdict FROM robots WHERE job_id = $1", job))
     assert verdicts[rules] == "rules" and verdicts[missing] == "allow_all" and verdicts[loop] == "allow_all"
     assert verdicts[error] == "unreachable" and verdicts[down] == "unreachable" and len(verdicts) == 11
-    # and the summary counts the kind like any other
-    status = run_cli("status", "rfc-cases", "--dsn", session_dsn, "--json")
-    assert '"robots"' in status.stdout.decode()
+    # and the summary counts the kind like any other, and the hosts by verdict
+    status = json.loads(run_cli("status", "rfc-cases", "--dsn", session_dsn, "--json").stdout)
+    # refused: 7 rows by rules (rules, moved, flaky, huge, agent: 1 each; wild: 2), 6 by unreachable hosts
+    assert status["errors"]["robots"]["count"] == 13
+    assert status["robots"] == {"hosts": {"rules": 6, "allow_all": 3, "unreachable": 2}, "requests": 16}
 
 
 async def test_robots_txt_is_fetched_once_per_host_however_many_rows_chunks_and_workers(session_dsn, db, tmp_path):
