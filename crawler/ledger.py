@@ -710,16 +710,19 @@ async def claim_robots(conn: asyncpg.Connection, job_id: int, hosts: Sequence[st
 async def decide_robots(conn: asyncpg.Connection, job_id: int, host: str, record: RobotsRecord,
                         attempts: int) -> RobotsRecord:
     """Store a host's decision, unless another worker stored one first (ours was presumed dead):
-    return the decision that holds, the same for every worker."""
-    async with conn.transaction():
-        await conn.execute(
-            "UPDATE robots SET verdict = $3, body = $4, reason = $5, attempts = $6, decided_at = now(),"
-            " owner = NULL, claim_expires = NULL WHERE job_id = $1 AND host = $2 AND verdict IS NULL",
-            job_id, host, record.verdict, record.body, record.reason, attempts,
-        )
-        row = await conn.fetchrow("SELECT verdict, body, reason FROM robots WHERE job_id = $1 AND host = $2",
-                                  job_id, host)
-    return RobotsRecord(row["verdict"], row["body"] or "", row["reason"] or "") if row["verdict"] else record
+    return the decision that holds, the same for every worker. One statement: the outer SELECT
+    reads the row as it was before the UPDATE, which is the other worker's decision when ours
+    was not stored."""
+    row = await conn.fetchrow(
+        "WITH stored AS (UPDATE robots SET verdict = $3, body = $4, reason = $5, attempts = $6, decided_at = now(),"
+        "   owner = NULL, claim_expires = NULL WHERE job_id = $1 AND host = $2 AND verdict IS NULL"
+        "   RETURNING verdict, body, reason)"
+        " SELECT verdict, body, reason FROM stored"
+        " UNION ALL SELECT verdict, body, reason FROM robots WHERE job_id = $1 AND host = $2"
+        "   AND verdict IS NOT NULL AND NOT EXISTS (SELECT 1 FROM stored)",
+        job_id, host, record.verdict, record.body, record.reason, attempts,
+    )
+    return RobotsRecord(row["verdict"], row["body"] or "", row["reason"] or "") if row else record
 
 
 async def renew_robots_claims(conn: asyncpg.Connection, job_id: int, owner: str, claim_seconds: float) -> None:
