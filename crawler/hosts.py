@@ -167,14 +167,14 @@ class HostScheduler:
 
     def pace(self, host: str, delay: float, *, hold: bool = False) -> None:
         """Start this host's requests at least `delay` seconds apart (a robots.txt Crawl-delay):
-        the longer of it and the rate's interval. With `hold`, the next start waits a whole
-        delay (a request to the host was just made: its robots.txt)."""
+        the longer of it and the rate's interval. With `hold`, the next start waits that long
+        (a request to the host was just made: its robots.txt)."""
         state = self._state(host)
         state.delay = delay
         now = self.clock()
         # next_start set, even to now, sends every start of this host past the clock in _pump,
         # where the delay is read: hosts without one never read it.
-        state.next_start = max(state.next_start, now + delay if hold else now)
+        state.next_start = max(state.next_start, now + max(delay, self.interval) if hold else now)
         self._pump(host, state)
         if not state.pending and state.active == 0 and state.timer is None:
             self._idle(host)

@@ -137,8 +137,8 @@ class RobotsGate:
             rules = RobotsRules(outcome, self.token, self.settings.robots_max_delay)
         self._remember(host, rules)
         held = self.waiting.pop(host, ())
-        if rules.delay and held:
-            # Right after our own robots.txt request, the host's first row waits a whole delay.
+        if (rules.delay or fetched) and held:
+            # robots.txt was the host's first request: its first row waits the host's pace.
             self.pace(host, rules.delay, fetched)
         for item in held:
             await self._pass(item, rules)

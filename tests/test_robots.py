@@ -245,3 +245,12 @@ def test_an_unknown_robots_knob_is_one_sentence(knob) -> None:
         create_app(robots=knob)
     done = run_cli("mock-server", "--port", "0", "--robots", knob, timeout=60)
     assert done.returncode == 1 and b"unknown robots knob" in done.stderr and b"Traceback" not in done.stderr
+
+
+async def test_after_robots_txt_the_first_row_waits_the_rate_interval_too() -> None:
+    clock = Clock()
+    scheduler = HostScheduler(initial=10, maximum=10, rate=2.0, clock=clock)  # 0.5 s between starts
+    scheduler.pace("http://h", 0.0, hold=True)  # robots.txt just fetched, no Crawl-delay
+    scheduler.put(Item("http://h/0"))
+    assert scheduler.ready.qsize() == 0 and scheduler.hosts["http://h"].next_start == pytest.approx(100.5)
+    scheduler.hosts["http://h"].timer.cancel()
