@@ -329,3 +329,47 @@ def test_bench_spreads_urls_over_hosts_and_counts_robots_txt_requests(session_ds
     assert done.returncode == 0, done.stderr.decode()
     figures = json.loads(out.read_text())["bench"]
     assert figures["robots_txt_requests"] == 30 and figures["server_requests"] == 330
+
+
+async def test_machines_joining_with_crawler_worker_obey_the_jobs_robots_txt_fetched_once(session_dsn, tmp_path):
+    """`crawl --workers 0 --robots obey` and two `crawler worker` "machines" that were given no
+    --robots: they take the job's policy, wait on one fetch of robots.txt (answered after 2 s),
+    and refuse the same rows."""
+    from test_multihost import crawler as machine, finish, stop_all
+
+    server, base = server_process("slow:2000")
+    procs = []
+    try:
+        path = tmp_path / "urls.txt"
+        path.write_text("".join(f"{base}/ok/{i}\n{base}/private/{i}\n" for i in range(100)))
+        procs.append(machine("crawl", str(path), "--dsn", session_dsn, "--job-name", "robots-machines",
+                             "--robots", "obey", "--workers", "0", "--chunk-size", "10", "--allow-net", "127.0.0.1/32",
+                             "--quiet"))
+        conn = await asyncpg.connect(session_dsn)
+        try:
+            deadline = time.monotonic() + 60
+            while not await conn.fetchval("SELECT count(*) FROM jobs WHERE name = 'robots-machines'"):
+                assert time.monotonic() < deadline and procs[0].poll() is None, "the crawl made no job"
+                await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+        procs += [machine("worker", "--dsn", session_dsn, "--job", "robots-machines", "--workers", "1",
+                          "--concurrency", "5", "--allow-net", "127.0.0.1/32") for _ in range(2)]
+        for proc in procs:
+            code, err = finish(proc, timeout=180)
+            assert code == 0, err
+        conn = await asyncpg.connect(session_dsn)
+        try:
+            job = await conn.fetchval("SELECT id FROM jobs WHERE name = 'robots-machines'")
+            kinds = dict(await conn.fetch("SELECT error_kind, count(*) FROM results WHERE job_id = $1"
+                                          " GROUP BY error_kind", job))
+            fetchers = await conn.fetchval("SELECT count(*) FROM workers WHERE job_id = $1 AND fetched > 0", job)
+        finally:
+            await conn.close()
+        assert kinds == {None: 100, "robots": 100}
+        assert fetchers == 2
+        assert await robots_hits(base) == 1
+    finally:
+        stop_all(procs)
+        server.terminate()
+        server.wait(10)
