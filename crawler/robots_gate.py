@@ -45,16 +45,18 @@ PARSE_ASIDE = 64 * 1024
 class RobotsGate:
     """`admit(items)` for each leased chunk; `run(fetcher)` fetches claimed hosts' robots.txt
     until `close()`. `release(item)` lets an item go on to be fetched; `refuse(item, reason)`
-    ends it as a `robots` failure; `pace(host, delay, hold)` sets a host's Crawl-delay."""
+    ends it as a `robots` failure; `pace(host, delay, hold)` sets a host's Crawl-delay;
+    `fetching(+1/-1)` counts robots.txt requests in flight among the worker's."""
 
     def __init__(self, dsn: str, job_id: int, owner: str, settings: Settings, policy: RetryPolicy, *,
                  release: Callable[[Any], None], refuse: Callable[[Any, str], Awaitable[None]],
-                 pace: Callable[[str, float, bool], None]) -> None:
+                 pace: Callable[[str, float, bool], None], fetching: Callable[[int], None] = lambda change: None,
+                 ) -> None:
         self.job_id = job_id
         self.owner = owner
         self.settings = settings
         self.policy = policy
-        self.release, self.refuse, self.pace = release, refuse, pace
+        self.release, self.refuse, self.pace, self.fetching = release, refuse, pace, fetching
         self.token = product_token(settings.user_agent)
         self.db = LedgerConnection(dsn, outage_limit=settings.db_outage_limit, job=job_id)
         self._db_lock = asyncio.Lock()  # one connection, used by the feed, the fetches and the poll
@@ -171,27 +173,36 @@ class RobotsGate:
         while (host := await self._queue.get()) is not None:
             if host not in self.claimed:
                 continue
-            # The same fetch path as any request: address policy, timeouts, the connection pool;
-            # at most 5 redirects and the first 500 KiB, as RFC 9309 allows.
-            attempt = await fetcher.attempt("GET", robots_url(host), encoded=True, keep_first=BODY_LIMIT,
-                                            max_redirects=MAX_REDIRECTS)
-            self.fetches += 1
-            attempts = self._attempts[host] = self._attempts.get(host, 0) + 1
-            body = attempt.body[1] if attempt.body is not None else None
-            outcome = outcome_of(status=attempt.status, error_kind=attempt.error_kind, error=attempt.error, body=body)
-            if outcome is None:
-                failure = describe_failure(attempt.status, attempt.error)
-                if attempts < self.policy.max_attempts:
-                    log.info("robots.txt of %s: %s; trying again", host, failure)
-                    self._later(host, backoff(attempts, self.policy, self._rng))
-                    continue
-                outcome = unreachable(failure, attempts)
-            # Stored even while draining: a fetch made is a fetch the resume need not make again.
-            record = await self._ledger(ledger.decide_robots, host,
-                                        RobotsRecord(outcome.verdict.value, outcome.text, outcome.reason), attempts)
-            self._attempts.pop(host, None)
-            self.claimed.discard(host)
-            await self._decided(host, record, fetched=True)
+            # Counted among the worker's requests in flight until the host's rows are let go: a
+            # worker whose rows all wait here is not starved, and does not lease further ahead.
+            self.fetching(1)
+            try:
+                await self._fetch(fetcher, host)
+            finally:
+                self.fetching(-1)
+
+    async def _fetch(self, fetcher: Fetcher, host: str) -> None:
+        # The same fetch path as any request: address policy, timeouts, the connection pool;
+        # at most 5 redirects and the first 500 KiB, as RFC 9309 allows.
+        attempt = await fetcher.attempt("GET", robots_url(host), encoded=True, keep_first=BODY_LIMIT,
+                                        max_redirects=MAX_REDIRECTS)
+        self.fetches += 1
+        attempts = self._attempts[host] = self._attempts.get(host, 0) + 1
+        body = attempt.body[1] if attempt.body is not None else None
+        outcome = outcome_of(status=attempt.status, error_kind=attempt.error_kind, error=attempt.error, body=body)
+        if outcome is None:
+            failure = describe_failure(attempt.status, attempt.error)
+            if attempts < self.policy.max_attempts:
+                log.info("robots.txt of %s: %s; trying again", host, failure)
+                self._later(host, backoff(attempts, self.policy, self._rng))
+                return
+            outcome = unreachable(failure, attempts)
+        # Stored even while draining: a fetch made is a fetch the resume need not make again.
+        record = await self._ledger(ledger.decide_robots, host,
+                                    RobotsRecord(outcome.verdict.value, outcome.text, outcome.reason), attempts)
+        self._attempts.pop(host, None)
+        self.claimed.discard(host)
+        await self._decided(host, record, fetched=True)
 
     def _later(self, host: str, delay: float) -> None:
         loop = asyncio.get_running_loop()
