@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import signal
 import sys
 import time
@@ -29,7 +28,6 @@ from crawler.summary import job_summary
 from crawler.supervisor import Supervisor
 
 T = TypeVar("T")
-ROBOTS_KEYS = ("robots", "robots_max_delay", "user_agent")
 
 
 async def prepare_database(dsn: str) -> None:
@@ -135,8 +133,6 @@ async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: st
         await ledger.set_job_state(conn, job.id, "running" if job.ingest_done else "ingesting")
     finally:
         await conn.close()
-    # robots.txt is the job's policy: a resume obeys (or ignores) it as the crawl started.
-    settings = dataclasses.replace(settings, **{k: job.settings[k] for k in ROBOTS_KEYS if k in job.settings})
     reader = None
     if not job.ingest_done:
         if job.input == "-":
