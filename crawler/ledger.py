@@ -725,6 +725,17 @@ async def decide_robots(conn: asyncpg.Connection, job_id: int, host: str, record
     return RobotsRecord(row["verdict"], row["body"] or "", row["reason"] or "") if row else record
 
 
+async def robots_counts(conn: asyncpg.Connection, job_id: int) -> dict:
+    """{"hosts": {verdict: hosts}, "requests": robots.txt requests made}; a decision reused from
+    another job made none. One primary-key range of a small table (empty under `ignore`)."""
+    rows = await conn.fetch(
+        "SELECT verdict, count(*) AS hosts, coalesce(sum(attempts), 0) AS fetches FROM robots"
+        " WHERE job_id = $1 AND verdict IS NOT NULL GROUP BY verdict",
+        job_id,
+    )
+    return {"hosts": {r["verdict"]: r["hosts"] for r in rows}, "requests": sum(r["fetches"] for r in rows)}
+
+
 async def renew_robots_claims(conn: asyncpg.Connection, job_id: int, owner: str, claim_seconds: float) -> None:
     await conn.execute(
         "UPDATE robots SET claim_expires = now() + make_interval(secs => $3)"

@@ -50,13 +50,7 @@ async def job_summary(conn: asyncpg.Connection, job_id: int, *, elapsed_s: float
         job_id,
     )
     quarantined = await ledger.quarantined_chunks(conn, job_id)
-    # --robots obey: hosts by what their robots.txt decided, and the requests it took (reused
-    # decisions took none). One primary-key range of a small table; empty under `ignore`.
-    robots = await conn.fetch(
-        "SELECT verdict, count(*) AS hosts, coalesce(sum(attempts), 0) AS fetches FROM robots"
-        " WHERE job_id = $1 AND verdict IS NOT NULL GROUP BY verdict",
-        job_id,
-    )
+    robots = await ledger.robots_counts(conn, job_id)
     elapsed = float(job["age"]) if elapsed_s is None else elapsed_s
     latency = totals["latency"] or [None, None, None]
     return {
@@ -83,8 +77,6 @@ async def job_summary(conn: asyncpg.Connection, job_id: int, *, elapsed_s: float
         "errors": {r["error_kind"]: {"count": r["n"], "example": mask_password(r["example"])} for r in kinds},
         # Chunks that kept killing their workers: their rows without a result are `internal`.
         "quarantined": [q._asdict() for q in quarantined],
-        "robots": {
-            "hosts": {r["verdict"]: r["hosts"] for r in robots},
-            "requests": sum(r["fetches"] for r in robots),
-        },
+        # --robots obey: hosts by what their robots.txt decided, and the requests that took.
+        "robots": robots,
     }
