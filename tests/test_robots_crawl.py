@@ -172,7 +172,9 @@ async def test_crawl_delay_paces_the_host_as_the_server_sees_it(session_dsn, db,
     gaps = [b - a for a, b in zip(slow_arrivals, slow_arrivals[1:])]
     # 0.4 s apart, robots.txt's own request included; a timer may fire a hair early (its clock's resolution)
     assert min(gaps) >= 0.39, gaps
-    assert max(fast_arrivals) - min(fast_arrivals) < 0.4 * 4  # the other host is not held back
+    # The other host is not held back: its rows are all in before the paced host's last one (both
+    # servers run in this process and stamp arrivals on one clock; no bound on the test's own time).
+    assert len(fast_arrivals) == 5 and max(fast_arrivals) < slow_arrivals[-1], (fast_arrivals, slow_arrivals)
 
 
 async def test_a_crawl_delay_longer_than_the_cap_is_capped(session_dsn, db, tmp_path):
