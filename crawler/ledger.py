@@ -305,7 +305,9 @@ async def chunk_requests(conn: asyncpg.Connection, job_id: int, chunk: LeasedChu
     """The requests of a chunk that still need a fetch: not duplicates, no result yet.
 
     Two primary-key range scans rather than one anti-join: their plan cannot go wrong while the
-    tables grow faster than their statistics. A first lease has no results to look for.
+    tables grow faster than their statistics, nor change with the PostgreSQL version (an anti-join
+    of a job newer than the statistics may nest loops over the whole job). A first lease has no
+    results to look for.
     """
     rows = await conn.fetch(
         "SELECT row_no, method, url, fingerprint, headers::text AS headers, body FROM requests"
@@ -422,53 +424,79 @@ async def _write_results(
     return refused
 
 
+# Duplicates get their first row's outcome range by range of the job's rows (the chunks with
+# duplicates, about DUPLICATE_BATCH_ROWS rows at a time), each duplicate's first row looked up by
+# the results' primary key. The plan is spelled out rather than left to the planner: a job newer
+# than the table statistics looks like one row to it, and a join of requests and results then
+# becomes, on PostgreSQL 15, a nested loop whose inner scan reads the whole job for every
+# duplicate (quadratic), whatever the local planner settings; `row_no = ANY(...)` is likewise
+# turned into a filter over the whole job. A LATERAL subquery with a LIMIT is never flattened into
+# a join, so it runs once per duplicate, and its equalities on both key columns make it a
+# primary-key probe on every version; the outer scan is a primary-key range.
+DUPLICATE_BATCH_ROWS = 5000
+_DUPLICATE_CHUNKS = (
+    # Chunks count their duplicates (input - invalid - to fetch); chunks stored before the counts
+    # existed have 0 input rows and are looked through.
+    "SELECT first_row, last_row FROM chunks WHERE job_id = $1"
+    " AND (input_rows = 0 OR input_rows - invalid_rows > fetch_rows) ORDER BY chunk_no"
+)
+_COPY_OUTCOMES = (
+    "INSERT INTO results (job_id, row_no, status, final_url, error_kind, error, attempts,"
+    "                     from_cache, elapsed_ms, body_bytes, body_sha256, cache_kind)"
+    " SELECT $1, q.row_no, p.status, p.final_url, p.error_kind, p.error, 0,"
+    "        true, 0, p.body_bytes, p.body_sha256, 'duplicate'"
+    " FROM requests q CROSS JOIN LATERAL ("
+    "     SELECT status, final_url, error_kind, error, body_bytes, body_sha256 FROM results"
+    "     WHERE job_id = $1 AND row_no = q.dup_of LIMIT 1) AS p"
+    " WHERE q.job_id = $1 AND q.row_no BETWEEN $2 AND $3 AND q.dup_of IS NOT NULL"
+    " ON CONFLICT DO NOTHING"
+)
+
+
+def row_ranges(spans: Iterable[tuple[int, int]], rows: int) -> list[tuple[int, int]]:
+    """Consecutive (first, last) row spans, in row order, joined into ranges of at most `rows`
+    rows each (a single span longer than that is a range of its own)."""
+    ranges: list[tuple[int, int]] = []
+    for first, last in spans:
+        if ranges and last - ranges[-1][0] < rows:
+            ranges[-1] = (ranges[-1][0], last)
+        else:
+            ranges.append((first, last))
+    return ranges
+
+
 async def finish_job(conn: asyncpg.Connection, job_id: int) -> bool:
     """If every chunk is done, give each duplicate row its first row's outcome and mark the job
     done; return whether the job is done. Idempotent."""
     async with conn.transaction():
-        # A job newer than the table statistics looks like one row to the planner, which then
-        # joins duplicates to results with a nested loop over the whole job: quadratic.
-        await conn.execute("SET LOCAL enable_nestloop = off")
         state = await conn.fetchval("SELECT state FROM jobs WHERE id = $1 FOR UPDATE", job_id)
         if state == "done":
             return True
         ingested = await conn.fetchval("SELECT ingest_done FROM jobs WHERE id = $1", job_id)
         if not ingested or await open_chunks(conn, job_id):
             return False
-        # The chunks count their duplicates (input - invalid - to fetch): without any, the scan of
-        # every request below finds nothing. Chunks stored before the counts existed have 0 input rows.
-        repeats = await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM chunks WHERE job_id = $1"
-            " AND (input_rows = 0 OR input_rows - invalid_rows > fetch_rows))",
-            job_id,
-        )
-        if repeats:
-            await conn.execute(
-                "INSERT INTO results (job_id, row_no, status, final_url, error_kind, error, attempts,"
-                "                     from_cache, elapsed_ms, body_bytes, body_sha256, cache_kind)"
-                " SELECT q.job_id, q.row_no, p.status, p.final_url, p.error_kind, p.error, 0,"
-                "        true, 0, p.body_bytes, p.body_sha256, 'duplicate'"
-                " FROM requests q JOIN results p ON p.job_id = q.job_id AND p.row_no = q.dup_of"
-                " WHERE q.job_id = $1 AND q.dup_of IS NOT NULL ON CONFLICT DO NOTHING",
-                job_id,
-            )
+        spans = [(c["first_row"], c["last_row"]) for c in await conn.fetch(_DUPLICATE_CHUNKS, job_id)]
+        for first, last in row_ranges(spans, DUPLICATE_BATCH_ROWS):
+            await conn.execute(_COPY_OUTCOMES, job_id, first, last)
         await fold_retried_attempts(conn, job_id)
         await set_job_state(conn, job_id, "done")
     return True
 
 
 async def job_counts(conn: asyncpg.Connection, job_id: int) -> dict[str, int]:
-    """Live counts for progress, from the small chunks table (cheap to poll)."""
+    """Live counts for progress, from the small chunks table (cheap to poll). The job's own
+    columns come from scalar subqueries, not a join: one statement, one plan on every version."""
     row = await conn.fetchrow(
-        "SELECT j.rows_read, j.state,"
-        " coalesce(sum(c.fetch_rows), 0)::bigint AS to_fetch, coalesce(sum(c.done_rows), 0)::bigint AS fetched,"
-        " coalesce(sum(c.ok_rows), 0)::bigint AS ok, coalesce(sum(c.failed_rows), 0)::bigint AS failed,"
-        " coalesce(sum(c.invalid_rows), 0)::bigint AS invalid,"
-        " coalesce(sum(c.input_rows - c.invalid_rows - c.fetch_rows), 0)::bigint AS duplicates,"
-        " count(c.*) FILTER (WHERE c.state = 'pending') AS pending,"
-        " count(c.*) FILTER (WHERE c.state = 'leased') AS leased,"
-        " count(c.*) FILTER (WHERE c.state = 'done') AS done"
-        " FROM jobs j LEFT JOIN chunks c ON c.job_id = j.id WHERE j.id = $1 GROUP BY j.id",
+        "SELECT (SELECT rows_read FROM jobs WHERE id = $1) AS rows_read,"
+        " (SELECT state FROM jobs WHERE id = $1) AS state,"
+        " coalesce(sum(fetch_rows), 0)::bigint AS to_fetch, coalesce(sum(done_rows), 0)::bigint AS fetched,"
+        " coalesce(sum(ok_rows), 0)::bigint AS ok, coalesce(sum(failed_rows), 0)::bigint AS failed,"
+        " coalesce(sum(invalid_rows), 0)::bigint AS invalid,"
+        " coalesce(sum(input_rows - invalid_rows - fetch_rows), 0)::bigint AS duplicates,"
+        " count(*) FILTER (WHERE state = 'pending') AS pending,"
+        " count(*) FILTER (WHERE state = 'leased') AS leased,"
+        " count(*) FILTER (WHERE state = 'done') AS done"
+        " FROM chunks WHERE job_id = $1",
         job_id,
     )
     return dict(row)

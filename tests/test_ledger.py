@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+from hypothesis import example, given, strategies as st
 
 from crawler import ledger
 from crawler.inputs import InvalidRow, RequestRow
@@ -223,3 +224,21 @@ async def test_duplicates_of_a_big_job_point_at_their_first_row(db):
         first_row.setdefault(url, row_no)
     assert dict(await db.fetch("SELECT row_no, dup_of FROM requests WHERE job_id = $1", job.id)) == expected
     assert await db.fetchval("SELECT sum(fetch_rows) FROM chunks WHERE job_id = $1", job.id) == 1300
+
+
+@given(st.lists(st.integers(1, 3000), max_size=40), st.integers(1, 5000))
+@example([3, 3], 5)  # two spans of exactly one row too many together
+def test_row_ranges_cover_every_span_once_in_order_within_the_size(lengths, rows):
+    spans, first = [], 1
+    for length in lengths:  # consecutive chunks, some rows apart
+        spans.append((first, first + length - 1))
+        first += length + length % 3
+    ranges = ledger.row_ranges(spans, rows)
+    assert all(a <= b < c for (a, b), (c, _) in zip(ranges, ranges[1:]))
+    for first, last in spans:  # each span inside exactly one range
+        assert sum(1 for a, b in ranges if a <= first and last <= b) == 1
+    # A range is one span, or spans that together stay within `rows` rows.
+    assert all(last - first < rows or (first, last) in spans for first, last in ranges)
+    # and a range starts only where its first span would not fit in the one before.
+    span_end = dict(spans)
+    assert all(span_end[c] - a >= rows for (a, _), (c, _) in zip(ranges, ranges[1:]))
