@@ -1,6 +1,6 @@
 """Streams a job's outcomes out of PostgreSQL, one record per input row, as JSON lines, CSV or
-Parquet. A server-side cursor and bounded batches keep memory constant whatever the job's size;
-nothing here holds a whole job."""
+Parquet. Keyset batches keep memory constant whatever the job's size; nothing here holds a whole
+job."""
 
 from __future__ import annotations
 
@@ -32,43 +32,92 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 FORMATS = ("jsonl", "csv", "parquet")
 PARQUET_BATCH_ROWS = 10_000  # rows per record batch (and row group): a few MB, whatever the job's size
 
-# Each query reads one table's rows in primary-key order, so the export streams in row order at
-# constant memory; the two streams are merged here. One join in one UNION would have to be sorted
-# whole before its first row, and a job exported right after its crawl is newer than the table
-# statistics: the planner then expects one row and nests loops, quadratic in the job's size.
-_VALID = """
-SELECT q.row_no AS row, coalesce(q.given_url, q.url) AS url, coalesce(q.normalized_url, q.url) AS normalized_url,
-       r.status, r.final_url, r.error_kind, r.error, r.attempts, r.from_cache,
-       r.elapsed_ms, r.body_bytes, encode(r.body_sha256, 'hex') AS body_sha256
-FROM requests q LEFT JOIN results r ON r.job_id = q.job_id AND r.row_no = q.row_no
-WHERE q.job_id = $1 {only}
-ORDER BY q.row_no
-"""
-_INVALID = """
-SELECT i.row_no AS row, i.raw AS url, NULL::text AS normalized_url, NULL::smallint AS status, NULL::text AS final_url,
-       'invalid_url' AS error_kind, i.reason AS error, 0::smallint AS attempts, false AS from_cache,
-       NULL::real AS elapsed_ms, NULL::bigint AS body_bytes, NULL::text AS body_sha256
-FROM invalid_rows i WHERE i.job_id = $1
-ORDER BY i.row_no
-"""
-# There is one plan that streams: ordered primary-key scans, merge-joined. Stale statistics must
-# not talk the planner out of it, so for the export's own transaction the others are off.
-_STREAMING_PLAN = (
-    "SET LOCAL enable_nestloop = off", "SET LOCAL enable_hashjoin = off", "SET LOCAL enable_sort = off",
-    "SET LOCAL enable_seqscan = off", "SET LOCAL enable_bitmapscan = off",
+BATCH_ROWS = 5000  # rows per query: a few MB, whatever the job's size
+
+# A job is read in keyset batches over the primary keys (job_id, row_no): the next BATCH_ROWS
+# requests after the last row seen, the results of exactly that row range, and likewise the
+# invalid rows; the streams are merged here by row number. Every query reads one table by its
+# primary key, a plan no statistics and no planner version can change, so the export costs the
+# same, linear in the job, on every PostgreSQL. A join of requests and results cannot promise
+# that: a job exported right after its crawl is newer than the table statistics, the planner
+# expects it to have one row, and PostgreSQL 15 nests loops whose inner scan reads the whole job
+# for every row (a 100 000-row export not done after 10 minutes, where PostgreSQL 18 took 1.6 s).
+# Filters (--only) are applied here, not in SQL: a filtered scan under a LIMIT is planned from
+# the statistics of the filtered column, which lag a job exactly as its size does.
+_REQUESTS = (
+    "SELECT row_no, coalesce(given_url, url) AS url, coalesce(normalized_url, url) AS normalized_url"
+    " FROM requests WHERE job_id = $1 AND row_no > $2"
+    f" ORDER BY row_no LIMIT {BATCH_ROWS}"
 )
+_RESULTS = (
+    "SELECT row_no, status, final_url, error_kind, error, attempts, from_cache, elapsed_ms, body_bytes,"
+    " encode(body_sha256, 'hex') AS body_sha256"
+    " FROM results WHERE job_id = $1 AND row_no BETWEEN $2 AND $3"
+)
+_INVALID = (
+    "SELECT row_no, raw, reason FROM invalid_rows WHERE job_id = $1 AND row_no > $2"
+    f" ORDER BY row_no LIMIT {BATCH_ROWS}"
+)
+_RESULT_FIELDS = ("status", "final_url", "error_kind", "error", "attempts", "from_cache", "elapsed_ms",
+                  "body_bytes", "body_sha256")
+_NO_RESULT = dict.fromkeys(_RESULT_FIELDS)  # a row not fetched yet
 
 # A row is ok when it was fetched (or served from the cache) without an error; failed when its
 # result has an error kind; invalid when it could not be a request. A row not fetched yet is none.
-ONLY = {
-    "ok": "AND r.row_no IS NOT NULL AND r.error_kind IS NULL",
-    "failed": "AND r.error_kind IS NOT NULL",
-    "invalid": None,
-}
+ONLY = ("ok", "failed", "invalid")
 
 
-async def _merge_by_row(valid: AsyncIterator[asyncpg.Record] | None,
-                        invalid: AsyncIterator[asyncpg.Record] | None) -> AsyncIterator[asyncpg.Record]:
+def valid_outcomes(requests: list[asyncpg.Record], results: list[asyncpg.Record],
+                   only: str | None = None) -> list[dict]:
+    """One export record per request, in the requests' order, each with its result if it has
+    one, its keys in FIELDS order; with `only`, just the ok or the failed ones."""
+    by_row = {r["row_no"]: r for r in results}
+    records = []
+    for q in requests:
+        r = by_row.get(q["row_no"])
+        if only == "ok" and (r is None or r["error_kind"] is not None):
+            continue
+        if only == "failed" and (r is None or r["error_kind"] is None):
+            continue
+        record = {"row": q["row_no"], "url": q["url"], "normalized_url": q["normalized_url"]}
+        if r is None:
+            record.update(_NO_RESULT)
+        else:
+            for name in _RESULT_FIELDS:
+                record[name] = r[name]
+        records.append(record)
+    return records
+
+
+def invalid_outcome(row: asyncpg.Record) -> dict:
+    return {"row": row["row_no"], "url": row["raw"], "normalized_url": None, "status": None, "final_url": None,
+            "error_kind": "invalid_url", "error": row["reason"], "attempts": 0, "from_cache": False,
+            "elapsed_ms": None, "body_bytes": None, "body_sha256": None}
+
+
+async def _valid_records(conn: asyncpg.Connection, job_id: int, only: str | None) -> AsyncIterator[dict]:
+    after = -1
+    while requests := await conn.fetch(_REQUESTS, job_id, after):
+        after = requests[-1]["row_no"]
+        results = await conn.fetch(_RESULTS, job_id, requests[0]["row_no"], after)
+        for record in valid_outcomes(requests, results, only):
+            yield record
+        if len(requests) < BATCH_ROWS:
+            return
+
+
+async def _invalid_records(conn: asyncpg.Connection, job_id: int) -> AsyncIterator[dict]:
+    after = -1
+    while rows := await conn.fetch(_INVALID, job_id, after):
+        after = rows[-1]["row_no"]
+        for row in rows:
+            yield invalid_outcome(row)
+        if len(rows) < BATCH_ROWS:
+            return
+
+
+async def _merge_by_row(valid: AsyncIterator[dict] | None,
+                        invalid: AsyncIterator[dict] | None) -> AsyncIterator[dict]:
     """Merge two streams, each in row order, into one in row order (row numbers are unique)."""
     if valid is None or invalid is None:
         async for record in valid or invalid:
@@ -89,26 +138,20 @@ async def _merge_by_row(valid: AsyncIterator[asyncpg.Record] | None,
             yield record
 
 
-async def export_records(conn: asyncpg.Connection, job_id: int, *, only: str | None = None,
-                         prefetch: int = 2000) -> AsyncIterator[asyncpg.Record]:
-    """Every input row of the job in row order (or only the ok, failed or invalid ones), with
-    the columns of FIELDS; from server-side cursors, `prefetch` rows at a time."""
+async def export_records(conn: asyncpg.Connection, job_id: int, *, only: str | None = None) -> AsyncIterator[dict]:
+    """Every input row of the job in row order (or only the ok, failed or invalid ones), as dicts
+    with the keys of FIELDS; BATCH_ROWS rows of each table at a time."""
     if only is not None and only not in ONLY:
         raise UsageError(f"--only must be one of {', '.join(ONLY)}, not '{only}'.")
-    async with conn.transaction(readonly=True):
-        for setting in _STREAMING_PLAN:
-            await conn.execute(setting)
-        valid = invalid = None
-        if only != "invalid":
-            query = _VALID.format(only=ONLY[only] if only else "")
-            valid = conn.cursor(query, job_id, prefetch=prefetch).__aiter__()
-        if only in (None, "invalid"):
-            invalid = conn.cursor(_INVALID, job_id, prefetch=prefetch).__aiter__()
+    # One snapshot for all the batches: an export of a running job is the job at one moment.
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        valid = _valid_records(conn, job_id, only) if only != "invalid" else None
+        invalid = _invalid_records(conn, job_id) if only in (None, "invalid") else None
         async for record in _merge_by_row(valid, invalid):
             yield record
 
 
-def shown(record: asyncpg.Record) -> list:
+def shown(record: dict) -> list:
     """A record's values in FIELDS order, each URL's password (and one in an error) as ***."""
     values = list(record.values())
     for i in _MASKED:
@@ -117,7 +160,7 @@ def shown(record: asyncpg.Record) -> list:
     return values
 
 
-def _jsonl(record: asyncpg.Record) -> str:
+def _jsonl(record: dict) -> str:
     return orjson.dumps(dict(zip(FIELDS, shown(record)))).decode() + "\n"
 
 
@@ -126,13 +169,13 @@ def neutralized(value: object) -> object:
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
-def _csv_line(record: asyncpg.Record) -> str:
+def _csv_line(record: dict) -> str:
     buf = io.StringIO()
     csv.writer(buf).writerow(["" if value is None else neutralized(value) for value in shown(record)])
     return buf.getvalue()
 
 
-def _csv_raw_line(record: asyncpg.Record) -> str:
+def _csv_raw_line(record: dict) -> str:
     """A CSV line with every cell as stored (--csv-raw): for programs, not spreadsheets."""
     buf = io.StringIO()
     csv.writer(buf).writerow(["" if value is None else value for value in shown(record)])
@@ -192,7 +235,7 @@ async def _export_parquet(conn: asyncpg.Connection, job_id: int, out: ExportFile
                     values.append(value)
                 count += 1
                 if len(columns[0]) >= PARQUET_BATCH_ROWS:
-                    # Encoding and compression run in a thread while the cursor keeps the loop.
+                    # Encoding and compression run in a thread while the reading keeps the loop.
                     await asyncio.to_thread(write, columns)
                     columns = [[] for _ in FIELDS]
         if columns[0]:
@@ -233,7 +276,7 @@ async def export_job(conn: asyncpg.Connection, job_id: int, *, fmt: str, path: s
         return await _export_text(conn, job_id, out, line=line, fmt=fmt, only=only)
 
 
-async def _export_stdout(conn: asyncpg.Connection, job_id: int, *, line: Callable[[asyncpg.Record], str],
+async def _export_stdout(conn: asyncpg.Connection, job_id: int, *, line: Callable[[dict], str],
                          fmt: str, only: str | None) -> int:
     count = 0
     out = sys.stdout
@@ -266,7 +309,7 @@ def _stdout_error(exc: OSError) -> Exception:
 
 
 async def _export_text(conn: asyncpg.Connection, job_id: int, file: ExportFile, *,
-                       line: Callable[[asyncpg.Record], str], fmt: str, only: str | None) -> int:
+                       line: Callable[[dict], str], fmt: str, only: str | None) -> int:
     count = 0
     with file.errors():
         out = await aiofiles.open(file.name, "w", encoding="utf-8", newline="")
@@ -275,8 +318,8 @@ async def _export_text(conn: asyncpg.Connection, job_id: int, file: ExportFile, 
             with file.errors():
                 await out.write(_csv_header())
         pending: list[str] = []
-        # Closed on the way out whatever happens: a cursor abandoned mid-stream would still be
-        # reading when the connection closes.
+        # Closed on the way out whatever happens: an export abandoned mid-stream would leave its
+        # transaction open when the connection closes.
         async with contextlib.aclosing(export_records(conn, job_id, only=only)) as records:
             async for record in records:
                 pending.append(line(record))
