@@ -623,9 +623,11 @@ async def reopen_for_retry(conn: asyncpg.Connection, job_id: int, *, kinds: Sequ
                 "   AND (r.error_kind = ANY($4::text[]) OR (r.error_kind = 'http_status' AND EXISTS ("
                 "        SELECT 1 FROM unnest($5::int[], $6::int[]) AS s(lo, hi) WHERE r.status BETWEEN s.lo AND s.hi)))"
                 "   RETURNING r.row_no, r.attempts)"
+                # One primary-key probe per picked row: a LATERAL subquery with a LIMIT is never
+                # made a join, which PostgreSQL 15 planned as a rescan of the range per row.
                 " SELECT p.row_no, p.attempts, q.chunk_no, q.dup_of IS NOT NULL AS duplicate"
-                " FROM picked p JOIN requests q ON q.job_id = $1 AND q.row_no = p.row_no"
-                " WHERE q.row_no BETWEEN $2 AND $3",
+                " FROM picked p CROSS JOIN LATERAL (SELECT chunk_no, dup_of FROM requests"
+                "      WHERE job_id = $1 AND row_no = p.row_no LIMIT 1) AS q",
                 job_id, first, last, kinds, lows, highs,
             )
             if not picked:
@@ -639,14 +641,17 @@ async def reopen_for_retry(conn: asyncpg.Connection, job_id: int, *, kinds: Sequ
                 "retried", records=[(job_id, r["row_no"], r["attempts"]) for r in fetched],
                 columns=("job_id", "row_no", "attempts"),
             )
-            await conn.execute("DELETE FROM bodies WHERE job_id = $1 AND row_no = ANY($2::bigint[])",
-                               job_id, [r["row_no"] for r in picked])
+            # The range bounds the scan where PostgreSQL 15 makes `= ANY` a filter on the job's rows.
+            await conn.execute("DELETE FROM bodies WHERE job_id = $1 AND row_no BETWEEN $3 AND $4"
+                               " AND row_no = ANY($2::bigint[])",
+                               job_id, [r["row_no"] for r in picked], first, last)
             # The answers this job stored in the cross-job cache (--cache-ttl) for these requests
             # are the ones being asked again: served from there, nothing would be fetched.
             await conn.execute(
                 "DELETE FROM response_cache WHERE job_id = $1 AND fingerprint = ANY(ARRAY("
-                "  SELECT fingerprint FROM requests WHERE job_id = $1 AND row_no = ANY($2::bigint[])))",
-                job_id, [r["row_no"] for r in fetched],
+                "  SELECT fingerprint FROM requests WHERE job_id = $1 AND row_no BETWEEN $3 AND $4"
+                "  AND row_no = ANY($2::bigint[])))",
+                job_id, [r["row_no"] for r in fetched], first, last,
             )
         if chunks:
             # Every reopened row was a failure: it leaves done_rows and failed_rows alike.
