@@ -19,6 +19,8 @@ from yarl import URL
 from crawler.addresses import AddressPolicy
 from crawler.failures import BodyTooLarge, classify
 from crawler.settings import Settings
+from crawler.storable import (CONTENT_TYPE_CAP, ERROR_CAP, ETAG_CAP, LAST_MODIFIED_CAP, REASON_CAP, URL_CAP,
+                              marked, storable)
 
 READ_SIZE = 64 * 1024
 
@@ -56,6 +58,35 @@ def _resolver() -> aiohttp.abc.AbstractResolver:
         return aiohttp.AsyncResolver()
     except Exception:  # aiodns missing or c-ares unusable here
         return aiohttp.ThreadedResolver()
+
+
+def _made_storable(result: Attempt, made: list[str] | None, redirected: bool) -> None:
+    """Every string of the answer made storable and printable (crawler.storable) before it
+    reaches the writer: one NUL in a reason phrase used to fail its whole batch's COPY, and the
+    worker with it. The error names the fields that were changed."""
+    if result.error is not None:  # classify's details quote the server: a header, a Location
+        result.error, altered = storable(result.error, ERROR_CAP)
+        if altered:
+            made = (made or []) + ["error"]
+    if redirected:  # yarl's form of the last Location; without a redirect it is the row's own URL
+        result.final_url, altered = storable(result.final_url, URL_CAP)
+        if altered:
+            made = (made or []) + ["final_url"]
+    # A validator that had to be changed would not validate anything: it is not kept (nor sent
+    # back in If-None-Match / If-Modified-Since by a later job).
+    if result.etag is not None and storable(result.etag, ETAG_CAP)[1]:
+        result.etag = None
+        made = (made or []) + ["etag"]
+    if result.last_modified is not None and storable(result.last_modified, LAST_MODIFIED_CAP)[1]:
+        result.last_modified = None
+        made = (made or []) + ["last_modified"]
+    if result.body is not None and result.body[0] is not None:
+        content_type, altered = storable(result.body[0], CONTENT_TYPE_CAP)
+        if altered:
+            result.body = (content_type, result.body[1])
+            made = (made or []) + ["content_type"]
+    if made:
+        result.error = marked(result.error, made)
 
 
 def _headers(stored: str | None, validators: dict[str, str] | None) -> dict[str, str] | None:
@@ -162,6 +193,7 @@ class Fetcher:
         limit = self.settings.max_body_bytes
         started = time.perf_counter()
         result = Attempt()
+        made = redirected = None  # the answer's fields made storable; whether it was redirected
         flight = _Flight(asyncio.current_task(), started)
         self._flights.add(flight)
         try:
@@ -181,7 +213,10 @@ class Fetcher:
                 answer = resp.headers
                 result.status = resp.status
                 # Without a redirect the final URL is the one asked for (already in yarl's form).
-                result.final_url = str(resp.url) if resp.history else url
+                if resp.history:
+                    result.final_url, redirected = str(resp.url), True
+                else:
+                    result.final_url = url
                 result.retry_after = answer.get(hdrs.RETRY_AFTER)
                 result.etag = answer.get(hdrs.ETAG)
                 result.last_modified = answer.get(hdrs.LAST_MODIFIED)
@@ -217,7 +252,10 @@ class Fetcher:
                         result.body = (answer.get(hdrs.CONTENT_TYPE), bytes(kept))
             if result.status >= 400:
                 result.error_kind = "http_status"
-                result.error = f"HTTP {result.status} {resp.reason or ''}".strip()
+                reason, altered = storable(resp.reason or "", REASON_CAP)
+                if altered:
+                    made = ["reason"]
+                result.error = f"HTTP {result.status} {reason}".strip()
         except asyncio.CancelledError:
             # Ours (a timeout) is turned into data; any other cancellation goes on up.
             if flight.expired is None or flight.task.uncancel() > 0:
@@ -227,5 +265,6 @@ class Fetcher:
             result.error_kind, result.error = classify(exc)
         finally:
             self._flights.discard(flight)
+        _made_storable(result, made, redirected)
         result.elapsed_ms = (time.perf_counter() - started) * 1000.0
         return result
