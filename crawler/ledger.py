@@ -7,6 +7,7 @@ holder. Results are keyed by (job, row): every write is idempotent.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple, Sequence
 
@@ -15,6 +16,9 @@ import asyncpg
 from crawler import cache
 from crawler.errors import CrawlerError, JobNotFound
 from crawler.inputs import InvalidRow, RequestRow
+from crawler.storable import ERROR_CAP, storable
+
+log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = (
     "job_id", "row_no", "status", "final_url", "error_kind", "error",
@@ -355,12 +359,32 @@ async def write_results(
     is a replay, after a connection lost before we saw our COMMIT's answer; the COPY then fails
     on the primary key and the batch is written again through a staging table, keeping what is
     there and counting only the new rows.
+
+    A batch the database refuses for one of its values (a NUL, bytes that are not UTF-8: see
+    DATA_ERRORS) is written again with each part in a savepoint; a refused row is found by
+    halving, and stored as an `internal` result that says why. A worker never dies of its data.
     """
     args = (conn, job_id, batches, completed, lease_seconds, bodies, cache_rows, cache_touch)
-    try:
-        return await _write_results(*args, replay=False)
-    except asyncpg.UniqueViolationError:
-        return await _write_results(*args, replay=True)
+    replay = isolate = False
+    while True:
+        try:
+            return await _write_results(*args, replay=replay, isolate=isolate)
+        except asyncpg.UniqueViolationError:
+            if replay:
+                raise
+            replay = True
+        except DATA_ERRORS:
+            # A value the database refuses is the value's fault, not the batch's: written again,
+            # the refused rows are found and stored as `internal`, and the rest as usual.
+            if isolate:
+                raise
+            isolate = True
+
+
+# What a write can fail on because of a value rather than the database: PostgreSQL's data
+# exceptions (class 22: a NUL, bytes that are not UTF-8, ...) and what asyncpg cannot encode
+# client side (a lone surrogate). Neither leaves the connection unusable.
+DATA_ERRORS = (asyncpg.DataError, UnicodeError)
 
 
 async def _write_results(
@@ -374,6 +398,7 @@ async def _write_results(
     cache_touch: list[bytes] | None,
     *,
     replay: bool,
+    isolate: bool,
 ) -> set[Lease]:
     leases = sorted(set(batches) | completed, key=lambda l: l.chunk_no)
     async with conn.transaction():
@@ -385,23 +410,29 @@ async def _write_results(
         held = {Lease(r["chunk_no"], r["fence"]) for r in current}
         refused = {l for l in leases if l not in held}
         records = [rec for lease, recs in batches.items() if lease in held for rec in recs]
-        if records and not replay:
-            await conn.copy_records_to_table("results", records=records, columns=RESULT_COLUMNS)
+        kept_bodies = [rec for lease, recs in (bodies or {}).items() if lease in held for rec in recs]
+        table = "result_stage" if replay else "results"
+        if isolate:
+            replaced = await _store_isolating(conn, table, records, kept_bodies)
+            if replaced:
+                batches = {lease: [replaced.get(rec[1], rec) for rec in recs] for lease, recs in batches.items()}
+                records = [replaced.get(rec[1], rec) for rec in records]
+            kept_bodies = []  # stored above
         elif records:
-            await conn.copy_records_to_table("result_stage", records=records, columns=RESULT_COLUMNS)
+            await conn.copy_records_to_table(table, records=records, columns=RESULT_COLUMNS)
+        if records and replay:
             new = {r[0] for r in await conn.fetch(
                 "INSERT INTO results SELECT * FROM result_stage ON CONFLICT DO NOTHING RETURNING row_no")}
             batches = {lease: [rec for rec in recs if rec[1] in new] for lease, recs in batches.items()}
         # The cross-job cache learns from every write, fenced or not: an answer is an answer.
-        await cache.store(conn, cache_rows or [])
+        if isolate:
+            # An entry the database refuses is not remembered: the next job fetches that URL.
+            for row, message in await _refused_rows(conn, cache.store, cache_rows or []):
+                log.warning("a response was not cached: %s", message)
+        else:
+            await cache.store(conn, cache_rows or [])
         await cache.touch(conn, cache_touch or [])
-        kept_bodies = [rec for lease, recs in (bodies or {}).items() if lease in held for rec in recs]
-        if kept_bodies:
-            await conn.executemany(
-                "INSERT INTO bodies (job_id, row_no, content_type, body) VALUES ($1, $2, $3, $4)"
-                " ON CONFLICT DO NOTHING",
-                kept_bodies,
-            )
+        await _store_bodies(conn, kept_bodies)
         kept = [l for l in leases if l in held]
         if kept:
             # Column 4 of a result record is its error kind: None means ok.
@@ -422,6 +453,62 @@ async def _write_results(
                 ok,
             )
     return refused
+
+
+async def _store_bodies(conn: asyncpg.Connection, rows: list[tuple]) -> None:
+    if rows:
+        await conn.executemany(
+            "INSERT INTO bodies (job_id, row_no, content_type, body) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT DO NOTHING",
+            rows,
+        )
+
+
+async def _store_isolating(
+    conn: asyncpg.Connection, table: str, records: list[tuple], bodies: list[tuple],
+) -> dict[int, tuple]:
+    """Store the bodies and result records the database takes; return, by row, the `internal`
+    record stored instead of each result it refused (or whose body it refused)."""
+    why: dict[int, str] = {}  # row -> why its result is stored as internal
+    for body, message in await _refused_rows(conn, _store_bodies, bodies):
+        why[body[1]] = f"its body could not be stored: {message}"
+
+    async def copy(conn: asyncpg.Connection, rows: list[tuple]) -> None:
+        await conn.copy_records_to_table(table, records=rows, columns=RESULT_COLUMNS)
+
+    for record, message in await _refused_rows(conn, copy, [rec for rec in records if rec[1] not in why]):
+        why[record[1]] = f"the result could not be stored: {message}"
+    if not why:
+        return {}
+    internal = {rec[1]: _internal(rec, why[rec[1]]) for rec in records if rec[1] in why}
+    await copy(conn, list(internal.values()))
+    log.warning("%d results stored as internal, the database refused them (the first: %s)",
+                len(internal), next(iter(internal.values()))[5])
+    return internal
+
+
+def _internal(record: tuple, why: str) -> tuple:
+    """The `internal` result that stands for a record the database refused: the row, its
+    attempts and time, and why (made storable itself)."""
+    job_id, row_no, _, _, _, _, attempts, from_cache, elapsed_ms, _, _, cache_kind = record
+    return (job_id, row_no, None, None, "internal", storable(why, ERROR_CAP)[0], attempts, from_cache,
+            elapsed_ms, None, None, cache_kind)
+
+
+async def _refused_rows(conn: asyncpg.Connection, store, rows: list[tuple]) -> list[tuple[tuple, str]]:
+    """Store `rows` by `store(conn, rows)`, each part in a savepoint; find the rows the database
+    refuses for their data by halving the part that fails, and return each with the error."""
+    if not rows:
+        return []
+    try:
+        async with conn.transaction():  # a savepoint: a refused part leaves nothing behind
+            await store(conn, rows)
+        return []
+    except DATA_ERRORS as exc:
+        if len(rows) == 1:
+            return [(rows[0], f"{type(exc).__name__}: {exc}")]
+    half = len(rows) // 2
+    return await _refused_rows(conn, store, rows[:half]) + await _refused_rows(conn, store, rows[half:])
 
 
 # Duplicates get their first row's outcome range by range of the job's rows (the chunks with
