@@ -17,6 +17,7 @@ from crawler.errors import EXIT_OK
 from crawler.export import export_file, export_job
 from crawler.migrate import apply_migrations
 from crawler.settings import Settings, for_job
+from crawler.storable import printable
 from crawler.summary import job_summary
 
 JOB_POLL = 1.0  # seconds between looks for a job to join
@@ -117,10 +118,12 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seco
         eta = f", eta {p['eta_s']}s" if p["eta_s"] is not None else ""
         print(f"progress: {p['fetched']}/{p['to_fetch']} fetched of {p['rows_read']} rows read,"
               f" {p['rate_per_s']}/s{eta}")
-        for h in summary["hosts"]:
-            print(f"host {h['host']}: {h['workers']} workers, {h['fetched']} fetched, {h['rate_per_s']}/s")
+        for h in summary["hosts"]:  # names a machine gave itself: printed, never acted on
+            print(f"host {printable(str(h['host']))}: {h['workers']} workers, {h['fetched']} fetched,"
+                  f" {h['rate_per_s']}/s")
         for w in summary["workers"]:
-            print(f"worker {w['worker']}: {w['fetched']} fetched, {w['rate_per_s']}/s, last seen {w['last_seen']}")
+            print(f"worker {printable(str(w['worker']))}: {w['fetched']} fetched, {w['rate_per_s']}/s,"
+                  f" last seen {w['last_seen']}")
     return EXIT_OK
 
 
@@ -135,9 +138,11 @@ async def jobs(dsn: str) -> int:
         )
     finally:
         await conn.close()
+    from crawler.progress import shown
+
     table = Table("id", "name", "state", "rows read", "results", "created")
     for r in rows:
-        table.add_row(str(r["id"]), r["name"] or "", r["state"], str(r["rows_read"]), str(r["results"]),
+        table.add_row(str(r["id"]), shown(r["name"]), shown(r["state"]), str(r["rows_read"]), str(r["results"]),
                       r["created_at"].strftime("%Y-%m-%d %H:%M:%S"))
     Console().print(table)
     return EXIT_OK

@@ -12,9 +12,12 @@ from datetime import datetime
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
+
+from crawler.storable import printable
 
 RATE_WINDOW_S = 10.0  # requests/s is measured over this much recent time, not since the start
 WORKER_WINDOW_S = 20.0  # workers report every heartbeat (5 s): a wider window for their rates
@@ -221,6 +224,12 @@ class ProgressView:
         print(plain_line(snap), file=self.stream, flush=True)
 
 
+def shown(text: str | None) -> str:
+    """Stored text (a job name, a URL) as a rich table or title shows it: no control character
+    reaches the terminal, and brackets in it are printed, not read as markup."""
+    return escape(printable(text)) if text else ""
+
+
 def _histogram(statuses: dict[str, int]) -> Table:
     table = Table("status", "count", "share", "", title="status codes", title_justify="left", box=None,
                   padding=(0, 2), header_style="bold")
@@ -236,8 +245,8 @@ def _histogram(statuses: dict[str, int]) -> Table:
 def render_summary(summary: dict, console: Console) -> None:
     """The table at the end of a crawl (and in `crawler status`): totals, throughput, latency,
     the status-code histogram and each error kind with an example URL."""
-    title = f"job {summary['job_id']}" + (f" ({summary['job_name']})" if summary.get("job_name") else "")
-    totals = Table(title=f"{title}: {summary['state']}", title_justify="left", show_header=False, box=None,
+    title = f"job {summary['job_id']}" + (f" ({shown(summary['job_name'])})" if summary.get("job_name") else "")
+    totals = Table(title=f"{title}: {shown(summary['state'])}", title_justify="left", show_header=False, box=None,
                    padding=(0, 2))
     totals.add_column(style="bold")
     totals.add_column(justify="right")
@@ -270,7 +279,8 @@ def render_summary(summary: dict, console: Console) -> None:
                        padding=(0, 2), header_style="bold")
         errors.columns[2].overflow = "fold"  # a URL cut short could not be copied
         for kind, info in summary["errors"].items():
-            errors.add_row(kind, f"{info['count']:,}", info["example"] or "", style="red" if kind != "blocked" else None)
+            errors.add_row(shown(kind), f"{info['count']:,}", shown(info["example"]),
+                           style="red" if kind != "blocked" else None)
         parts += [Text(""), errors]
     for q in summary.get("quarantined", ()):
         parts.append(Text(f"quarantined: chunk {q['chunk_no']} (rows {q['first_row']}-{q['last_row']}), workers died"
