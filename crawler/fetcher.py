@@ -125,6 +125,11 @@ class Fetcher:
         self._session: aiohttp.ClientSession | None = None
         self._flights: set[_Flight] = set()
         self._watchdog: asyncio.Task | None = None
+        # The validators are kept only for the cross-job cache: without it they are stored nowhere,
+        # and neither read nor made storable.
+        self._keeps_validators = settings.cache_ttl > 0 and not settings.no_cache
+        # Besides an error or a redirect, the answer's text reaches the ledger only in these.
+        self._keeps_text = self._keeps_validators or settings.store_bodies
         # How often the watchdog looks: a read or total timeout fires up to this much late.
         self.sweep = min(1.0, max(0.05, min(settings.read_timeout, settings.total_timeout) / 20))
 
@@ -218,8 +223,9 @@ class Fetcher:
                 else:
                     result.final_url = url
                 result.retry_after = answer.get(hdrs.RETRY_AFTER)
-                result.etag = answer.get(hdrs.ETAG)
-                result.last_modified = answer.get(hdrs.LAST_MODIFIED)
+                if self._keeps_validators:
+                    result.etag = answer.get(hdrs.ETAG)
+                    result.last_modified = answer.get(hdrs.LAST_MODIFIED)
                 if keep_first:
                     kept = bytearray()
                     while len(kept) < keep_first and (block := await resp.content.read(READ_SIZE)):
@@ -265,6 +271,7 @@ class Fetcher:
             result.error_kind, result.error = classify(exc)
         finally:
             self._flights.discard(flight)
-        _made_storable(result, made, redirected)
+        if result.error is not None or redirected or self._keeps_text:  # else nothing of the server's is kept
+            _made_storable(result, made, redirected)
         result.elapsed_ms = (time.perf_counter() - started) * 1000.0
         return result
