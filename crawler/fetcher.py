@@ -63,11 +63,8 @@ def _resolver() -> aiohttp.abc.AbstractResolver:
 def _made_storable(result: Attempt, made: list[str] | None, redirected: bool) -> None:
     """Every string of the answer made storable and printable (crawler.storable) before it
     reaches the writer: one NUL in a reason phrase used to fail its whole batch's COPY, and the
-    worker with it. The error names the fields that were changed."""
-    if result.error is not None:  # classify's details quote the server: a header, a Location
-        result.error, altered = storable(result.error, ERROR_CAP)
-        if altered:
-            made = (made or []) + ["error"]
+    worker with it. The error (made storable where it was made) names the fields that were
+    changed."""
     if redirected:  # yarl's form of the last Location; without a redirect it is the row's own URL
         result.final_url, altered = storable(result.final_url, URL_CAP)
         if altered:
@@ -268,10 +265,14 @@ class Fetcher:
                 raise
             result.error_kind, result.error = "timeout", flight.expired
         except Exception as exc:  # every failure becomes data; see failures.classify
-            result.error_kind, result.error = classify(exc)
+            result.error_kind, detail = classify(exc)
+            # A detail may quote the server: a header line, a Location, a status line.
+            result.error, altered = storable(detail, ERROR_CAP)
+            if altered:
+                made = ["error"]
         finally:
             self._flights.discard(flight)
-        if result.error is not None or redirected or self._keeps_text:  # else nothing of the server's is kept
+        if made or redirected or self._keeps_text:  # else nothing of the server's is kept
             _made_storable(result, made, redirected)
         result.elapsed_ms = (time.perf_counter() - started) * 1000.0
         return result

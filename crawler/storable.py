@@ -39,18 +39,16 @@ def _escape(match: re.Match) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-def storable(value: str | bytes, cap: int) -> tuple[str, bool]:
+def storable(value: str, cap: int) -> tuple[str, bool]:
     """(the value made storable and printable, whether that changed it).
 
-    Bytes are decoded as UTF-8, invalid sequences replaced by U+FFFD, as are lone surrogates in
-    a str; controls are written as visible escapes (NUL as the four characters \\x00), tab and
-    line breaks as spaces; a value over `cap` characters is cut to it, ending in '…'."""
-    if isinstance(value, bytes):
-        text = value.decode("utf-8", "replace")
-        made, changed = storable(text, cap)
-        return made, changed or text.encode() != value
-    # Printable ASCII within its cap, the common case, costs three calls into C.
-    if value.isascii() and value.isprintable() and len(value) <= cap:
+    Lone surrogates (bytes that were not UTF-8) become U+FFFD; controls are written as visible
+    escapes (NUL as the four characters \\x00), tab and line breaks as spaces; a value over
+    `cap` characters is cut to it, ending in '…'."""
+    # The common case costs one scan in C: str.isprintable() is false for every control, lone
+    # surrogate, line or paragraph separator and bidirectional override (and for some harmless
+    # characters, which the slow way then keeps).
+    if value.isprintable() and len(value) <= cap:
         return value, False
     text = _CONTROLS.sub(_escape, _SURROGATES.sub("\ufffd", value))
     if len(text) > cap:
@@ -58,9 +56,16 @@ def storable(value: str | bytes, cap: int) -> tuple[str, bool]:
     return text, text != value
 
 
+def storable_bytes(value: bytes, cap: int) -> tuple[str, bool]:
+    """As storable(), for bytes: decoded as UTF-8, invalid sequences replaced by U+FFFD."""
+    text = value.decode("utf-8", "replace")
+    made, changed = storable(text, cap)
+    return made, changed or text.encode() != value
+
+
 def printable(value: str) -> str:
     """The value safe to show on a terminal, whatever its length (for display, not storage)."""
-    if value.isascii() and value.isprintable():
+    if value.isprintable():
         return value
     return _CONTROLS.sub(_escape, _SURROGATES.sub("\ufffd", value))
 

@@ -7,7 +7,7 @@ import re
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from crawler.storable import MARKER, marked, printable, storable
+from crawler.storable import MARKER, marked, printable, storable, storable_bytes
 
 UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
@@ -30,7 +30,7 @@ def test_bytes_that_are_not_utf8_arrive_as_surrogates_and_are_replaced():
     on_the_wire = b"Caf\xe9 \xff"
     as_aiohttp_hands_it = on_the_wire.decode("utf-8", "surrogateescape")  # reason and header values
     assert storable(as_aiohttp_hands_it, 256) == ("Caf\ufffd \ufffd", True)
-    assert storable(on_the_wire, 256) == ("Caf\ufffd \ufffd", True)
+    assert storable_bytes(on_the_wire, 256) == ("Caf\ufffd \ufffd", True)
 
 
 def test_line_breaks_and_tabs_become_spaces():
@@ -47,7 +47,8 @@ def test_clean_text_is_returned_as_is():
     text, changed = storable(value, 512)
     assert text is value and not changed
     assert storable("Café ☕", 256) == ("Café ☕", False)  # printable UTF-8 is kept
-    assert storable(b"text/html; charset=utf-8", 256) == ("text/html; charset=utf-8", False)
+    assert storable_bytes(b"text/html; charset=utf-8", 256) == ("text/html; charset=utf-8", False)
+    assert storable("zero\u200bwidth\ue000", 256) == ("zero\u200bwidth\ue000", False)  # not printable, harmless
 
 
 def test_bidirectional_overrides_are_escaped():
@@ -75,7 +76,7 @@ HOSTILE = st.text(alphabet=st.one_of(
 @example("\ud800\udfff\x00", 2)
 @example(b"\xff\xfe\x00\x1b[0m", 3)
 def test_any_input_comes_out_storable_printable_and_within_its_cap(value, cap):
-    text, changed = storable(value, cap)
+    text, changed = storable_bytes(value, cap) if isinstance(value, bytes) else storable(value, cap)
     assert safe(text)
     assert len(text) <= cap
     # once made storable, it stays as it is
