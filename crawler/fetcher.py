@@ -69,12 +69,14 @@ def _made_storable(result: Attempt, made: list[str] | None, redirected: bool) ->
         result.final_url, altered = storable(result.final_url, URL_CAP)
         if altered:
             made = (made or []) + ["final_url"]
-    # A validator that had to be changed would not validate anything: it is not kept (nor sent
-    # back in If-None-Match / If-Modified-Since by a later job).
-    if result.etag is not None and storable(result.etag, ETAG_CAP)[1]:
+    # A validator that is not printable text within its cap is not kept: changed, it would
+    # validate nothing (nor be sent back in If-None-Match / If-Modified-Since by a later job).
+    # Tested here rather than by storable(): this runs for every answer of a caching job.
+    etag, last_modified = result.etag, result.last_modified
+    if etag is not None and not (etag.isprintable() and len(etag) <= ETAG_CAP):
         result.etag = None
         made = (made or []) + ["etag"]
-    if result.last_modified is not None and storable(result.last_modified, LAST_MODIFIED_CAP)[1]:
+    if last_modified is not None and not (last_modified.isprintable() and len(last_modified) <= LAST_MODIFIED_CAP):
         result.last_modified = None
         made = (made or []) + ["last_modified"]
     if result.body is not None and result.body[0] is not None:
