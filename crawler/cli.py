@@ -172,6 +172,9 @@ def build_parser() -> Parser:
     tuning.add_argument("--max-body-bytes", type=_positive, metavar="N", help="body cap after decompression (0 = read none)")
     tuning.add_argument("--store-bodies", action="store_true", default=None, help="keep response bodies, compressed")
     tuning.add_argument("--insecure", action="store_true", default=None, help="do not verify TLS certificates")
+    tuning.add_argument("--ca-file", metavar="PEM", help="also trust the CA certificates in this file")
+    tuning.add_argument("--dns-server", dest="dns_servers", action="append", metavar="HOST[:PORT]",
+                        help="resolve names with this DNS server (repeatable; default: the system's)")
     tuning.add_argument("--cache-ttl", metavar="DURATION", help="reuse earlier jobs' responses this fresh (90s, 2h, 1d)")
     tuning.add_argument("--no-cache", action="store_true", default=None, help="fetch every row, duplicates included")
     tuning.add_argument("--metrics-port", type=_positive, metavar="PORT",
@@ -219,6 +222,9 @@ def build_parser() -> Parser:
     p.add_argument("--allow-net", action="append", metavar="CIDR",
                    help="also allow this network from here (the job's own --allow-net list applies)")
     p.add_argument("--metrics-port", type=_positive, metavar="PORT", help="serve Prometheus metrics on this port")
+    p.add_argument("--ca-file", metavar="PEM", help="also trust the CA certificates in this file (from here)")
+    p.add_argument("--dns-server", dest="dns_servers", action="append", metavar="HOST[:PORT]",
+                   help="resolve names with this DNS server from here (repeatable)")
 
     p = sub.add_parser("export", parents=[common], help="write a job's outcomes, one record per input row",
                        epilog=EXAMPLES["export"], formatter_class=fmt)
@@ -282,7 +288,7 @@ def build_parser() -> Parser:
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     names = ("dsn", "workers", "concurrency", "chunk_size", "allow_net", "max_attempts", "per_host_concurrency",
              "per_host_rate", "max_body_bytes", "store_bodies", "insecure", "cache_ttl", "no_cache",
-             "adaptive_concurrency", "metrics_port", "robots")
+             "adaptive_concurrency", "metrics_port", "robots", "ca_file", "dns_servers")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

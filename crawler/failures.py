@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import socket
 import ssl
 
 import aiohttp
 
 from crawler.addresses import BlockedAddress
+from crawler.resolver import DNSFailure
 
 ERROR_KINDS = (
     "timeout", "connect", "dns", "tls", "reset", "protocol", "too_many_redirects",
@@ -29,6 +31,18 @@ class BodyTooLarge(Exception):
 def _detail(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failure whose kind is not retried as such may still succeed if tried again: a
+    `dns` failure of the resolver (SERVFAIL, no answer in time), unlike a name that does not
+    exist (NXDOMAIN). The kind stays `dns` either way; retry.decide reads this flag."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        os_error = exc.os_error
+        if isinstance(os_error, DNSFailure):
+            return os_error.transient
+        return isinstance(os_error, socket.gaierror) and os_error.errno == socket.EAI_AGAIN
+    return False
 
 
 def classify(exc: BaseException) -> tuple[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -17,7 +18,10 @@ from aiohttp import hdrs
 from yarl import URL
 
 from crawler.addresses import AddressPolicy
-from crawler.failures import BodyTooLarge, classify
+from crawler.errors import UsageError
+from crawler.connections import HostConnector
+from crawler.resolver import CachingResolver
+from crawler.failures import BodyTooLarge, classify, transient
 from crawler.settings import Settings
 from crawler.storable import (CONTENT_TYPE_CAP, ERROR_CAP, ETAG_CAP, LAST_MODIFIED_CAP, REASON_CAP, URL_CAP,
                               marked, storable)
@@ -38,6 +42,7 @@ class Attempt:
     body: tuple[str | None, bytes] | None = None  # (content type, bytes), with --store-bodies
     etag: str | None = None
     last_modified: str | None = None
+    transient: bool = False  # a `dns` failure that may pass if tried again (failures.transient)
 
 
 class _Flight:
@@ -52,12 +57,24 @@ class _Flight:
         self.expired: str | None = None  # why the watchdog ended it
 
 
-def _resolver() -> aiohttp.abc.AbstractResolver:
-    """aiodns where it works (no thread per lookup); the threaded resolver otherwise."""
+def _request_ssl(settings: Settings) -> bool:
+    """The `ssl` argument of every request (part of aiohttp's pool key, see HostConnector)."""
+    return False if settings.insecure else True
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | bool:
+    """What verifies servers' certificates: the system's CAs, plus `ca_file`'s (e.g. a private
+    CA, or the one `crawler mock-server --tls` writes); False with `insecure`."""
+    if settings.insecure:
+        return False
+    if not settings.ca_file:
+        return True  # aiohttp's own verified context
+    context = ssl.create_default_context()
     try:
-        return aiohttp.AsyncResolver()
-    except Exception:  # aiodns missing or c-ares unusable here
-        return aiohttp.ThreadedResolver()
+        context.load_verify_locations(cafile=settings.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"the CA file '{settings.ca_file}' cannot be read as PEM certificates: {exc}.") from None
+    return context
 
 
 def _made_storable(result: Attempt, made: list[str] | None, redirected: bool) -> None:
@@ -129,22 +146,30 @@ class Fetcher:
         self._keeps_validators = settings.cache_ttl > 0 and not settings.no_cache
         # Besides an error or a redirect, the answer's text reaches the ledger only in these.
         self._keeps_text = self._keeps_validators or settings.store_bodies
+        self.connector: HostConnector | None = None
+        self.resolver: CachingResolver | None = None
         # How often the watchdog looks: a read or total timeout fires up to this much late.
         self.sweep = min(1.0, max(0.05, min(settings.read_timeout, settings.total_timeout) / 20))
 
     async def __aenter__(self) -> "Fetcher":
         s = self.settings
-        self._watchdog = asyncio.create_task(self._watch())
-        connector = aiohttp.TCPConnector(
+        verify = tls_context(s)  # a bad CA file fails here, before anything is started
+        self.resolver = CachingResolver.from_settings(s)
+        self.connector = HostConnector(
+            # Idle connections to a host the crawl still has work for are kept; beyond this many
+            # hosts the longest idle are closed (the scheduler closes the rest at once).
+            max_idle_hosts=2 * s.concurrency,
+            request_ssl=_request_ssl(s),
             limit=s.concurrency,
             limit_per_host=0,
-            ttl_dns_cache=int(s.dns_ttl),
-            resolver=_resolver(),
+            use_dns_cache=False,  # the resolver caches, by each answer's TTL and bounded in size
+            resolver=self.resolver,
+            ssl=verify,
             socket_factory=self.policy.socket_factory,
             enable_cleanup_closed=True,
         )
         self._session = aiohttp.ClientSession(
-            connector=connector,
+            connector=self.connector,
             # Only the connect timeout is aiohttp's (armed for new connections alone); the read
             # and total timeouts are the watchdog's: aiohttp's cost a timer per request and
             # another re-armed on every read, 7 % of a request's instructions (callgrind).
@@ -154,6 +179,7 @@ class Fetcher:
             max_field_size=16384,
             raise_for_status=False,
         )
+        self._watchdog = asyncio.create_task(self._watch())
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -163,6 +189,15 @@ class Fetcher:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        self.connector = None
+        if self.resolver is not None:
+            await self.resolver.close()  # not the connector's to close: it was given one
+            self.resolver = None
+
+    def release_host(self, origin: str) -> None:
+        """The crawl has nothing more for `origin` for now: close its idle connections."""
+        if self.connector is not None:
+            self.connector.close_idle(origin)
 
     async def _watch(self) -> None:
         """End attempts that overran the total timeout, or read nothing for the read timeout
@@ -268,6 +303,7 @@ class Fetcher:
             result.error_kind, result.error = "timeout", flight.expired
         except Exception as exc:  # every failure becomes data; see failures.classify
             result.error_kind, detail = classify(exc)
+            result.transient = transient(exc)
             # A detail may quote the server: a header line, a Location, a status line.
             result.error, altered = storable(detail, ERROR_CAP)
             if altered:

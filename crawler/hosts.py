@@ -75,6 +75,7 @@ class HostScheduler:
         key: Callable[[Any], str] = lambda item: host_of(item.url),
         clock: Callable[[], float] = time.monotonic,
         max_idle_hosts: int = 10_000,
+        on_idle: Callable[[str], None] | None = None,
     ) -> None:
         self.initial = max(1, initial)
         self.maximum = max(self.initial, maximum)
@@ -86,6 +87,9 @@ class HostScheduler:
         self.hosts: OrderedDict[str, HostState] = OrderedDict()
         self.max_idle_hosts = max_idle_hosts
         self._idle_hosts = 0  # an upper estimate: hosts that went idle since they were counted
+        # Called with a host the moment it has nothing pending, in flight or paused: the fetcher
+        # closes its idle connections then (crawler/connections.py says why).
+        self.on_idle = on_idle
 
     def _state(self, host: str) -> HostState:
         state = self.hosts.get(host)
@@ -125,6 +129,8 @@ class HostScheduler:
         self._pump(host, state)
         if not state.pending and state.active == 0 and state.timer is None:
             self._idle(host)
+            if self.on_idle is not None:
+                self.on_idle(host)
 
     def _idle(self, host: str) -> None:
         """Keep what was learnt of recently idle hosts (their limit, a pause), but only so many:

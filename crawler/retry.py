@@ -68,9 +68,12 @@ def decide(
     attempts: int,
     policy: RetryPolicy,
     rng: random.Random | None = None,
+    transient: bool = False,
 ) -> Decision:
-    """Whether to try again after `attempts` attempts ended like this, and after how long."""
-    retryable = error_kind in RETRYABLE_KINDS or (
+    """Whether to try again after `attempts` attempts ended like this, and after how long.
+    `transient`: a `dns` failure of the resolver (SERVFAIL, a lookup timeout), retried like a
+    connection error; a name that does not exist is `dns` too and is not."""
+    retryable = error_kind in RETRYABLE_KINDS or (transient and error_kind == "dns") or (
         error_kind in (None, "http_status") and status is not None and status in policy.retry_statuses
     )
     if not retryable or attempts >= policy.max_attempts:

@@ -55,6 +55,7 @@ class Settings:
     max_body_bytes: int = 10 * 1024 * 1024
     allow_net: list[str] = field(default_factory=list)
     insecure: bool = False
+    ca_file: str = ""  # PEM certificates trusted besides the system's; "" = none
     store_bodies: bool = False
     # Politeness, per host (scheme + authority), shared by the job's local workers.
     per_host_concurrency: int = 16
@@ -65,7 +66,12 @@ class Settings:
     user_agent: str = f"crawler/{__version__} (+https://example.invalid/contact)"
     robots: str = "ignore"  # "obey": each host's robots.txt is read once per job and obeyed
     robots_max_delay: float = 30.0  # seconds: the most a robots.txt Crawl-delay may pace a host
-    dns_ttl: float = 300.0
+    # Name lookups, per worker.
+    dns_ttl: float = 300.0  # the longest an answer is reused (its own TTL, if shorter, wins)
+    dns_servers: list[str] = field(default_factory=list)  # HOST[:PORT]; none = the system's resolvers
+    dns_timeout: float = 5.0
+    dns_concurrency: int = 64
+    dns_cache_size: int = 10_000
     # Persistence and leases.
     write_batch: int = 1000
     write_interval: float = 0.5
@@ -96,7 +102,7 @@ KEYS = {f.name for f in fields(Settings)}
 # What a machine decides for itself when it joins another machine's job: how much it runs, where
 # it finds the database, what it serves. Everything else is the job's policy.
 MACHINE_KEYS = frozenset({"dsn", "home", "workers", "concurrency", "metrics_port", "metrics_host",
-                          "progress_interval", "db_outage_limit"})
+                          "progress_interval", "db_outage_limit", "ca_file", "dns_servers"})
 
 
 def for_job(job_settings: Mapping[str, Any], local: Settings) -> Settings:
@@ -187,7 +193,7 @@ def _checked(item: Any, kind: type) -> Any:
 
 
 def _validate(settings: Settings) -> None:
-    positive = ("concurrency", "chunk_size", "max_attempts", "write_batch")
+    positive = ("concurrency", "chunk_size", "max_attempts", "write_batch", "dns_concurrency")
     for name in positive:
         if getattr(settings, name) < 1:
             raise UsageError(f"setting '{name}' must be at least 1, not {getattr(settings, name)}.")
@@ -196,7 +202,7 @@ def _validate(settings: Settings) -> None:
     if not 0 <= settings.metrics_port <= 65535:
         raise UsageError(f"setting 'metrics_port' must be a port number (0 = off), not {settings.metrics_port}.")
     for name in ("connect_timeout", "read_timeout", "total_timeout", "lease_seconds", "write_interval",
-                 "heartbeat_seconds", "db_outage_limit", "progress_interval"):
+                 "heartbeat_seconds", "db_outage_limit", "progress_interval", "dns_timeout"):
         if not getattr(settings, name) > 0:  # also refuses NaN
             raise UsageError(f"setting '{name}' must be greater than 0.")
     for name in ("per_host_concurrency", "per_host_max"):
@@ -214,6 +220,14 @@ def _validate(settings: Settings) -> None:
         raise UsageError(f"setting 'robots' must be 'obey' or 'ignore', not {settings.robots!r}.")
     if not settings.robots_max_delay >= 0:
         raise UsageError("setting 'robots_max_delay' cannot be negative.")
+    if settings.dns_cache_size < 0:
+        raise UsageError("setting 'dns_cache_size' cannot be negative (0 means: no cache).")
+    from crawler.resolver import parse_server
+
+    for server in settings.dns_servers:
+        parse_server(server)  # a clear error now, not in every worker
+    if settings.ca_file and not os.path.isfile(settings.ca_file):
+        raise UsageError(f"the CA file '{settings.ca_file}' does not exist.")
     if settings.max_body_bytes < 0 or settings.max_redirects < 0:
         raise UsageError("settings 'max_body_bytes' and 'max_redirects' cannot be negative.")
 

@@ -148,6 +148,7 @@ class Worker:
             await self._count_workers(db, floor=self.share)  # siblings may not have registered yet
             try:
                 async with Fetcher(s) as fetcher, asyncio.TaskGroup() as tg:
+                    self.hosts.on_idle = fetcher.release_host  # a host with nothing left: its connections go
                     writer_task = tg.create_task(self.writer.run())
                     beat = tg.create_task(self._heartbeat(beat_db))
                     fetchers = [tg.create_task(self._fetch_loop(fetcher)) for _ in range(s.concurrency)]
@@ -296,7 +297,7 @@ class Worker:
             item.elapsed_ms += attempt.elapsed_ms
             decision = decide(
                 error_kind=attempt.error_kind, status=attempt.status, retry_after=attempt.retry_after,
-                attempts=item.attempts, policy=self.policy, rng=self._rng,
+                attempts=item.attempts, policy=self.policy, rng=self._rng, transient=attempt.transient,
             )
             pause = 0.0
             if attempt.status in (429, 503):  # its Retry-After holds the host back

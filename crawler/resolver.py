@@ -1,0 +1,207 @@
+"""Name lookups for one worker: through c-ares (aiodns) to the system's resolvers or to those
+given with --dns-server; answers kept for their own TTL (up to dns_ttl) in a cache of bounded
+size; at most dns_concurrency lookups at once; the same name asked once however many requests
+wait for it. A lookup that fails says whether asking again may help (DNSFailure.transient).
+
+Never asks anything but the configured resolvers, and never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Callable
+
+import aiodns
+import pycares
+from aiohttp.abc import AbstractResolver, ResolveResult
+from pycares import errno as ares
+
+from crawler.errors import UsageError
+
+if TYPE_CHECKING:
+    from crawler.settings import Settings
+
+# A name that does not exist is remembered this long at most (a NXDOMAIN's own TTL, the SOA
+# minimum, is not handed back by c-ares's getaddrinfo): rows naming a dead host ask about it
+# once, not once each.
+NEGATIVE_TTL = 60.0
+# An answer with a TTL of 0 is still reused this long: a burst of connections to one host asks
+# once, not once per connection.
+MIN_TTL = 1.0
+# The name has no address, or cannot be one: asking again will not change that.
+PERMANENT_CODES = frozenset({ares.ARES_ENOTFOUND, ares.ARES_ENODATA, ares.ARES_ENONAME, ares.ARES_EBADNAME})
+# Answered without an address (getaddrinfo's numeric flags), as aiohttp's own resolvers answer.
+NUMERIC_FLAGS = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+
+
+class DNSFailure(OSError):
+    """A lookup that failed. `transient`: the resolver failed (SERVFAIL, no answer in time, a
+    refusal), so the same question may be answered later; otherwise the name has no address."""
+
+    def __init__(self, name: str, reason: str, *, transient: bool) -> None:
+        super().__init__(None, reason)
+        self.name = name
+        self.transient = transient
+
+
+@dataclass(slots=True, frozen=True)
+class Answer:
+    """A name's addresses as (family, address) pairs, or the permanent failure that stands for
+    it (a NXDOMAIN), until `expires` (on the cache's clock)."""
+
+    addresses: tuple[tuple[int, str], ...]
+    expires: float
+    failure: DNSFailure | None = None
+
+
+class NameCache:
+    """name -> Answer, at most `size` of them, the least recently used dropped first; an answer
+    is dropped once it expires. Pure: the clock is given."""
+
+    def __init__(self, size: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.size = max(0, size)
+        self.clock = clock
+        self._answers: OrderedDict[tuple[str, int], Answer] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def get(self, key: tuple[str, int]) -> Answer | None:
+        answer = self._answers.get(key)
+        if answer is None:
+            return None
+        if answer.expires <= self.clock():
+            del self._answers[key]
+            return None
+        self._answers.move_to_end(key)
+        return answer
+
+    def put(self, key: tuple[str, int], addresses: tuple[tuple[int, str], ...], ttl: float,
+            failure: DNSFailure | None = None) -> Answer:
+        answer = Answer(addresses, self.clock() + ttl, failure)
+        if self.size == 0 or ttl <= 0:
+            return answer
+        self._answers[key] = answer
+        self._answers.move_to_end(key)
+        while len(self._answers) > self.size:
+            self._answers.popitem(last=False)
+        return answer
+
+
+def parse_server(text: str) -> str:
+    """A --dns-server value, HOST[:PORT] with HOST an IP address ('[v6]:PORT' for a port with
+    IPv6), in the form c-ares takes; a clear error otherwise."""
+    value = text.strip()
+    host, port = value, None
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            host = None
+        port = rest[1:] if rest else None
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    try:
+        address = ipaddress.ip_address(host or "")
+        number = int(port) if port is not None else 53
+        if not 0 < number < 65536:
+            raise ValueError(port)
+    except ValueError:
+        raise UsageError(f"DNS server '{text}' must be an IP address with an optional port, "
+                         "e.g. 127.0.0.1:5353 or [::1]:53.") from None
+    shown = f"[{address}]" if address.version == 6 else str(address)
+    return f"{shown}:{number}"
+
+
+class CachingResolver(AbstractResolver):
+    """aiohttp's resolver for the worker's connector (which keeps no cache of its own)."""
+
+    def __init__(self, *, servers: list[str] | tuple[str, ...] = (), timeout: float = 5.0, concurrency: int = 64,
+                 cache_size: int = 10_000, max_ttl: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.servers = [parse_server(server) for server in servers]
+        self.timeout = timeout
+        self.max_ttl = max_ttl
+        self.cache = NameCache(cache_size, clock)
+        self._limit = asyncio.Semaphore(max(1, concurrency))
+        self._asking: dict[tuple[str, int], asyncio.Future[Answer]] = {}
+        self.lookups = 0  # questions sent to a resolver (each name once per TTL, cache permitting)
+        # Search domains are not applied: a URL names its host in full, and a name that does
+        # not exist would otherwise be asked again under each of resolv.conf's domains. c-ares
+        # tries twice within the lookup's timeout, so one lost datagram is not a failure.
+        options = dict(flags=pycares.ARES_FLAG_NOSEARCH, timeout=max(0.05, timeout / 2), tries=2)
+        self._dns = aiodns.DNSResolver(nameservers=self.servers or None, **options)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "CachingResolver":
+        return cls(servers=settings.dns_servers, timeout=settings.dns_timeout, concurrency=settings.dns_concurrency,
+                   cache_size=settings.dns_cache_size, max_ttl=settings.dns_ttl)
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+                      ) -> list[ResolveResult]:
+        key = (host, int(family))
+        answer = self.cache.get(key)
+        if answer is None:
+            asking = self._asking.get(key)
+            if asking is None:  # the first to ask: everyone else waits for this answer
+                asking = self._asking[key] = asyncio.ensure_future(self._ask(key))
+                asking.add_done_callback(partial(self._asked, key))
+            # Shielded: one request giving up (its timeout) must not cancel the others' answer.
+            answer = await asyncio.shield(asking)
+        if answer.failure is not None:
+            raise answer.failure
+        return [
+            ResolveResult(hostname=host, host=address, port=port, family=af, proto=0, flags=NUMERIC_FLAGS)
+            for af, address in answer.addresses
+        ]
+
+    def _asked(self, key: tuple[str, int], asking: asyncio.Future[Answer]) -> None:
+        self._asking.pop(key, None)
+        if not asking.cancelled():
+            asking.exception()  # seen here, so a failure nobody waits for any more is not reported
+
+    async def _ask(self, key: tuple[str, int]) -> Answer:
+        host, family = key
+        async with self._limit:
+            self.lookups += 1
+            try:
+                async with asyncio.timeout(self.timeout):
+                    reply = await self._dns.getaddrinfo(host, family=family, type=socket.SOCK_STREAM)
+            except TimeoutError:
+                raise DNSFailure(host, f"no answer within {self.timeout:g}s", transient=True) from None
+            except aiodns.error.DNSError as exc:
+                code = exc.args[0] if exc.args else None
+                reason = exc.args[1] if len(exc.args) > 1 else "lookup failed"
+                failure = DNSFailure(host, _reason(code, reason), transient=code not in PERMANENT_CODES)
+                if failure.transient:
+                    raise failure from None  # not cached: a retry asks again
+                return self.cache.put(key, (), min(NEGATIVE_TTL, self.max_ttl), failure)
+        addresses = []
+        ttl = self.max_ttl
+        for node in reply.nodes:
+            raw = node.addr[0]
+            addresses.append((node.family, raw.decode("ascii") if isinstance(raw, bytes) else raw))
+            ttl = min(ttl, node.ttl)
+        if not addresses:
+            failure = DNSFailure(host, "the name has no address", transient=False)
+            return self.cache.put(key, (), min(NEGATIVE_TTL, self.max_ttl), failure)
+        return self.cache.put(key, tuple(addresses), min(self.max_ttl, max(MIN_TTL, ttl)))
+
+    async def close(self) -> None:
+        for asking in list(self._asking.values()):
+            asking.cancel()
+        self._dns.cancel()
+
+
+def _reason(code: int | None, text: str) -> str:
+    """c-ares's words, with the DNS answer behind them where there is one."""
+    named = {ares.ARES_ENOTFOUND: "no such name (NXDOMAIN)", ares.ARES_ESERVFAIL: "the resolver failed (SERVFAIL)",
+             ares.ARES_EREFUSED: "the resolver refused the query (REFUSED)",
+             ares.ARES_ETIMEOUT: "no answer from the resolver",
+             ares.ARES_ECONNREFUSED: "the resolver could not be reached"}
+    return named.get(code, text)
