@@ -160,3 +160,27 @@ async def test_a_cancelled_item_frees_its_hosts_slot():
     s.cancel(first)  # its chunk was lost: not fetched, and no answer to learn from
     assert [i.url for i in drain(s)] == ["http://h/1"]
     assert s.limit_of("http://h") == 1
+
+
+async def test_a_host_is_reported_idle_once_nothing_is_pending_in_flight_or_paused():
+    idle: list[str] = []
+    clock = Clock()
+    s = HostScheduler(initial=1, maximum=1, adaptive=False, clock=clock, on_idle=idle.append)
+    s.put(Item("http://a/1"))
+    s.put(Item("http://a/2"))
+    first = drain(s)
+    s.done(first[0], error_kind=None, status=200, elapsed=0.1)
+    assert idle == []  # a/2 is next
+    second = drain(s)
+    s.put(Item("http://b/1"))
+    s.done(second[0], error_kind=None, status=503, elapsed=0.1, pause=5.0)
+    assert idle == ["http://a"]  # nothing more for a; its pause is remembered, not waited out
+    s.put(Item("http://b/2"))
+    (b1,) = drain(s)
+    s.done(b1, error_kind=None, status=503, elapsed=0.1, pause=5.0)
+    assert idle == ["http://a"]  # b/2 waits out b's pause: b is not idle
+    clock.now += 5.0
+    s._wake("http://b")
+    (b2,) = drain(s)
+    s.cancel(b2)
+    assert idle == ["http://a", "http://b"]
