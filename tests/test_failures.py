@@ -15,12 +15,14 @@ import aiohttp
 import pytest
 import yarl
 from aiohttp import web
+from aiohttp.client_reqrep import ConnectionKey
 from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from crawler.addresses import AddressPolicy
-from crawler.failures import ERROR_KINDS, BodyTooLarge, classify
+from crawler.failures import ERROR_KINDS, BodyTooLarge, classify, transient
+from crawler.resolver import DNSFailure
 
 WAIT = 5.0  # seconds: the bound on every network wait in this file
 
@@ -348,3 +350,18 @@ MAKERS: list[Callable[[str], BaseException]] = [
 def test_every_classification_is_a_known_kind_with_a_non_empty_detail(make, text: str) -> None:
     kind, detail = classify(make(text))
     assert_readable(kind, detail)
+
+
+@pytest.mark.parametrize(("os_error", "is_transient"), [
+    (DNSFailure("a.test", "no such name (NXDOMAIN)", transient=False), False),
+    (DNSFailure("a.test", "the resolver failed (SERVFAIL)", transient=True), True),
+    (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"), True),
+    (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), False),
+])
+def test_a_dns_failure_is_dns_and_transient_only_when_the_resolver_failed(os_error, is_transient) -> None:
+    key = ConnectionKey("a.test", 80, False, True, None, None, None, None)
+    exc = aiohttp.ClientConnectorDNSError(key, os_error)
+    kind, detail = classify(exc)
+    assert kind == "dns" and "a.test" in detail
+    assert transient(exc) is is_transient
+    assert not transient(aiohttp.ServerDisconnectedError()) and not transient(asyncio.TimeoutError())

@@ -226,3 +226,14 @@ def test_decide_never_retries_past_max_attempts_and_never_waits_negative(kind, s
         assert 0.0 <= decision.delay <= max(policy.backoff_max, policy.retry_after_max)
     else:
         assert decision.delay == 0.0
+
+
+@pytest.mark.parametrize("kind", ["blocked", "invalid_url", "body_too_large", "tls", "protocol", "internal"])
+def test_a_transient_dns_failure_is_retried_and_nothing_else_becomes_retryable(kind: str) -> None:
+    def decided(error_kind, transient, attempts=1):
+        return decide(error_kind=error_kind, status=None, retry_after=None, attempts=attempts, policy=POLICY,
+                      rng=random.Random(1), transient=transient)
+
+    assert decided("dns", True).retry and not decided("dns", True, attempts=POLICY.max_attempts).retry
+    assert not decided("dns", False).retry  # NXDOMAIN: the name does not exist
+    assert not decided(kind, True).retry  # the flag speaks of dns failures alone
