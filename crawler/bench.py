@@ -3,11 +3,19 @@ generates N URLs as a CSV, crawls it into the database and prints the job's figu
 run cost: requests/s, latency, CPU per 1 000 requests, peak RSS per process, rows/s written and
 the time to the first request.
 
+With --hosts N the URLs are spread over N host names (h0.bench.test ...), row i on host i mod N,
+so a host's rows are N rows apart as in a shuffled list; a DNS responder the bench starts on
+loopback answers every name with 127.0.0.1 and the crawl resolves through it (--dns-server).
+With --tls the mock server serves HTTPS and the crawl trusts its CA (--ca-file). The figures then
+add the new connections and TLS handshakes per second (counted by the server), the DNS
+questions per name, and the largest crawler process's peak memory.
+
 It only ever targets the mock server it started, on loopback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import resource
@@ -26,6 +34,7 @@ from crawler import registry
 from crawler.crawl import crawl
 from crawler.database import connect
 from crawler.errors import CrawlerError
+from crawler.mock_tls import BENCH_ZONE
 from crawler.settings import Settings
 from crawler.standby import Standby
 
@@ -35,34 +44,28 @@ def duplicate_rows(count: int, duplicates: float) -> int:
     return round(count * duplicates)
 
 
-def host_base(base: str, host: int, hosts: int) -> str:
-    """The server's base URL as host number `host` of `hosts` names it: with more than one, the
-    name h<host>.localhost, which aiodns (c-ares) resolves to loopback as RFC 6761 says; one
-    server, as many hosts as the crawler's per-host state and robots.txt see."""
-    return base if hosts <= 1 else base.replace("://127.0.0.1:", f"://h{host}.localhost:", 1)
+def host_bases(base: str, hosts: int | None) -> list[str]:
+    """The base URLs to spread rows over: `base` itself, or `hosts` names of the bench's zone on
+    its scheme and port ('https://h7.bench.test:8443')."""
+    if not hosts:
+        return [base]
+    scheme, _, authority = base.partition("://")
+    port = authority.rsplit(":", 1)[1]
+    return [f"{scheme}://h{i}.{BENCH_ZONE}:{port}" for i in range(hosts)]
 
 
 def write_urls(path: Path, base: str, count: int, duplicates: float, latency_ms: int, seed: int = 1,
-               hosts: int = 1) -> None:
-    """A CSV of `count` URLs, `duplicate_rows(count, duplicates)` of them repeating earlier ones,
-    taking turns over `hosts` hosts.
+               hosts: int | None = None) -> None:
+    """A CSV of `count` URLs, `duplicate_rows(count, duplicates)` of them repeating earlier ones.
 
     The duplicates are spread evenly through the file (as in a real export, not all at its end),
     each repeating a random earlier unique URL; the same arguments always give the same file.
+    With `hosts`, unique URL n is on host n mod `hosts` (see host_bases).
     """
     rng = random.Random(seed)
     dups = duplicate_rows(count, duplicates)
-    if hosts > 1:
-        tail = f"/delay/{latency_ms}" if latency_ms > 0 else "/ok"
-        with path.open("w") as out:
-            out.write("url\n")
-            unique = 0
-            for i in range(count):
-                n = rng.randrange(unique) if (i + 1) * dups // count > i * dups // count else unique
-                unique += n == unique
-                out.write(f"{host_base(base, n % hosts, hosts)}{tail}/{n}\n")
-        return
-    prefix = f"{base}/delay/{latency_ms}" if latency_ms > 0 else f"{base}/ok"
+    tail = f"/delay/{latency_ms}" if latency_ms > 0 else "/ok"
+    prefixes = [f"{b}{tail}" for b in host_bases(base, hosts)]
     unique = 0
     with path.open("w") as out:
         out.write("url\n")
@@ -70,43 +73,33 @@ def write_urls(path: Path, base: str, count: int, duplicates: float, latency_ms:
             # Row i repeats an earlier URL when the running share of duplicates steps up here:
             # integer arithmetic, so the total is exactly `dups` and row 0 is never a repeat.
             if (i + 1) * dups // count > i * dups // count:
-                out.write(f"{prefix}/{rng.randrange(unique)}\n")
+                n = rng.randrange(unique)
             else:
-                out.write(f"{prefix}/{unique}\n")
-                unique += 1
+                n, unique = unique, unique + 1
+            out.write(f"{prefixes[n % len(prefixes)]}/{n}\n")
 
 
-class MockServerProcess:
-    """The mock server as a child process, for the length of a `with` block."""
+class LoopbackProcess:
+    """A server of the bench's (the mock server, the DNS responder) as a child process, for the
+    length of a `with` block: it names where it listens on its first line, and prints JSON lines
+    of what it counted when it stops (`reports`)."""
 
-    def __init__(self, processes: int, robots: str = "none") -> None:
-        self.processes = processes
-        self.robots = robots
+    name = "server"
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
         self.proc: subprocess.Popen | None = None
         self.url = ""
+        self.reports: list[dict] = []
 
-    def __enter__(self) -> "MockServerProcess":
-        # --no-path-hits: a load test's millions of distinct paths would each cost the server
-        # memory; the total of hits (what benchmarks read) is still counted.
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "crawler.mock_server", "--port", "0", "--processes", str(self.processes),
-             "--no-path-hits", "--robots", self.robots],
-            stdout=subprocess.PIPE, text=True,
-        )
+    def __enter__(self) -> "LoopbackProcess":
+        self.proc = subprocess.Popen([sys.executable, *self.args], stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if "listening on" not in line:
             self.__exit__()
-            raise CrawlerError("the mock server did not start; run `crawler mock-server` to see why.")
+            raise CrawlerError(f"the {self.name} did not start; run `python {' '.join(self.args)}` to see why.")
         self.url = line.split("listening on ", 1)[1].split()[0]
         return self
-
-    def hits(self) -> dict:
-        """The server's hit counts (/__hits): the total, and robots.txt's among the counted paths."""
-        import urllib.request
-
-        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
-        with direct.open(f"{self.url}/__hits", timeout=10) as answer:
-            return orjson.loads(answer.read())
 
     def cpu_seconds(self) -> float | None:
         """CPU time of the server and its child processes so far (it shares the machine)."""
@@ -123,12 +116,37 @@ class MockServerProcess:
             return None
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        self.reports = [orjson.loads(line) for line in (out or "").splitlines() if line.startswith("{")]
+
+
+class MockServerProcess(LoopbackProcess):
+    name = "mock server"
+
+    def __init__(self, processes: int, ca_file: Path | None = None) -> None:
+        # --no-path-hits: a load test's millions of distinct paths would each cost the server
+        # memory; the total of hits (what benchmarks read) is still counted.
+        tls = ["--tls", "--ca-out", str(ca_file)] if ca_file is not None else []
+        super().__init__(["-m", "crawler.mock_server", "--port", "0", "--processes", str(processes),
+                          "--no-path-hits", "--report", *tls])
+
+    def connections(self) -> int | None:
+        """Connections accepted, by every process of the server (known once it has stopped)."""
+        return sum(r["connections"] for r in self.reports) if self.reports else None
+
+
+class DNSResponderProcess(LoopbackProcess):
+    name = "DNS responder"
+
+    def __init__(self) -> None:
+        super().__init__(["-m", "crawler.dns_responder", "--zone", BENCH_ZONE, "--port", "0"])
 
 
 def _cpu(usage: resource.struct_rusage) -> float:
@@ -208,6 +226,16 @@ def render_bench(figures: dict, console: Console) -> None:
         table.add_row("mock server CPU s", f"{figures['mock_server_cpu_s']:.1f}")
     table.add_row("peak RSS supervisor", mib(rss["supervisor"]))
     table.add_row("peak RSS workers", ", ".join(mib(n) for n in rss["workers"]) or "?")
+    if figures.get("largest_process_rss_bytes") is not None:
+        table.add_row("largest crawler process", mib(figures["largest_process_rss_bytes"]))
+    if figures.get("connections"):
+        conns = figures["connections"]
+        table.add_row("new connections", f"{conns['new']:,} ({num(conns['new_per_s'])}/s,"
+                      f" TLS handshakes {num(conns['tls_handshakes_per_s'])}/s)")
+    if figures.get("dns"):
+        dns = figures["dns"]
+        table.add_row("DNS questions", f"{dns['questions']:,} for {dns['names_asked']:,} names"
+                      f" ({dns['questions_per_name']} per host name)")
     table.add_row("rows/s written", num(figures["rows_written_per_s"]))
     table.add_row("time to first request", f"{num(figures['time_to_first_request_s'], '.3f')} s")
     console.print(table)
@@ -215,22 +243,32 @@ def render_bench(figures: dict, console: Console) -> None:
 
 async def bench(dsn: str, settings: Settings, *, urls: int, duplicates: float, latency_ms: int,
                 server_processes: int, summary_json: str | None, quiet: bool, standby: Standby | None = None,
-                hosts: int = 1) -> int:
+                hosts: int | None = None, tls: bool = False) -> int:
     if not 0 <= duplicates < 1:
         raise CrawlerError("--duplicates must be a fraction from 0 up to (not including) 1.")
     if urls < 1:
         raise CrawlerError("--urls must be at least 1.")
+    if hosts is not None and hosts <= 1:
+        hosts = None  # one host: 127.0.0.1 itself, no name to resolve
     settings.allow_net = sorted(set(settings.allow_net) | {"127.0.0.1/32"})
-    # A robots.txt with rules that the generated paths pass: what obeying costs, every row fetched.
-    with (tempfile.TemporaryDirectory(prefix="crawler-bench-") as tmp,
-          MockServerProcess(server_processes, robots="disallow") as server):
-        path = Path(tmp) / "urls.csv"
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="crawler-bench-")))
+        ca_file = tmp / "mock-ca.pem" if tls else None
+        # A robots.txt with rules that the generated paths pass: what obeying costs, every row fetched.
+        server = stack.enter_context(MockServerProcess(server_processes, ca_file, robots="disallow"))
+        responder = stack.enter_context(DNSResponderProcess()) if hosts else None
+        if ca_file is not None:
+            settings.ca_file = str(ca_file)
+        if responder is not None:
+            settings.dns_servers = [responder.url]
+        path = tmp / "urls.csv"
         write_urls(path, server.url, urls, duplicates, latency_ms, hosts=hosts)
         if not quiet:
-            print(f"bench: {urls} URLs ({duplicates:.0%} duplicates, {latency_ms} ms latency) against {server.url}",
-                  file=sys.stderr)
+            spread = f" over {hosts} host names" if hosts else ""
+            print(f"bench: {urls} URLs{spread} ({duplicates:.0%} duplicates, {latency_ms} ms latency) against "
+                  f"{server.url}", file=sys.stderr)
         # The crawl writes its summary here; the bench figures are added to it below.
-        crawl_summary = Path(tmp) / "summary.json"
+        crawl_summary = tmp / "summary.json"
         server_cpu_before = server.cpu_seconds()
         before = resource.getrusage(resource.RUSAGE_SELF)
         code = await crawl(dsn, settings, input_path=str(path), url_column=None,
@@ -248,9 +286,36 @@ async def bench(dsn: str, settings: Settings, *, urls: int, duplicates: float, l
         hits = server.hits()
         figures["server_requests"] = hits["total"]
         figures["robots_txt_requests"] = hits["paths"].get("/robots.txt", 0)
-        summary["bench"] = figures
+    # Both servers have stopped (the ExitStack) and printed what they counted.
+    figures.update(shape_figures(figures, elapsed_s=summary["elapsed_s"], hosts=hosts, tls=tls,
+                                 connections=server.connections(),
+                                 dns=responder.reports[0] if responder is not None and responder.reports else None))
+    summary["bench"] = figures
     if summary_json:
         Path(summary_json).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     if not quiet:
         render_bench(figures, Console())
     return code
+
+
+def shape_figures(figures: dict, *, elapsed_s: float, hosts: int | None, tls: bool, connections: int | None,
+                  dns: dict | None) -> dict:
+    """What the many-host shape costs: connections and handshakes per second, DNS questions per
+    name, and the largest crawler process (the supervisor or a worker)."""
+    rss = figures["peak_rss_bytes"]
+    per_s = (lambda n: round(n / elapsed_s, 1)) if elapsed_s > 0 else (lambda n: None)
+    shape = {
+        "hosts": hosts or 1,
+        "tls": tls,
+        "largest_process_rss_bytes": max([rss["supervisor"] or 0, *rss["workers"]]),
+        "connections": None if connections is None else {
+            "new": connections, "new_per_s": per_s(connections),
+            "tls_handshakes_per_s": per_s(connections) if tls else 0.0,
+        },
+        "dns": None,
+    }
+    if dns is not None:
+        names = hosts or 1
+        shape["dns"] = {"questions": dns["queries"], "names_asked": dns["names"],
+                        "questions_per_name": round(dns["queries"] / names, 2)}
+    return shape

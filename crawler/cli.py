@@ -96,12 +96,14 @@ EXAMPLES = {  # each `crawler ...` line must parse: tests/test_cli.py checks eve
         "examples:\n"
         "  crawler bench --urls 100000 --workers 2 --concurrency 200\n"
         "  crawler bench --urls 100000 --duplicates 0.3      # 30 % repeats, each fetched once\n"
-        "  crawler bench --urls 50000 --latency-ms 100 --concurrency 400 --server-processes 2"
+        "  crawler bench --urls 50000 --latency-ms 100 --concurrency 400 --server-processes 2\n"
+        "  crawler bench --urls 100000 --hosts 10000 --tls  # 10 000 host names over HTTPS, resolved on loopback"
     ),
     "mock-server": (
         "examples:\n"
         "  crawler mock-server --port 8080 --processes 4     # then: curl http://127.0.0.1:8080/delay/100/x\n"
         "  crawler mock-server --seed 7 --capacity 20        # 503 above 20 requests in flight per process\n"
+        "  crawler mock-server --tls --ca-out ca.pem         # then: crawler crawl urls.txt --ca-file ca.pem\n"
         "  python -m crawler.mock_server --help              # the table of paths and what each answers"
     ),
     "config": (
@@ -262,8 +264,10 @@ def build_parser() -> Parser:
     p.add_argument("--latency-ms", type=_positive, default=0, help="mock server latency per request (default 0)")
     p.add_argument("--server-processes", type=_positive, default=1, help="mock server processes (default 1)")
     p.add_argument("--robots", choices=["obey", "ignore"], help="as for crawl: obey or ignore robots.txt")
-    p.add_argument("--hosts", type=_positive, default=1,
-                   help="spread the URLs over this many hosts (h<i>.localhost names of the one server; default 1)")
+    p.add_argument("--hosts", type=_positive, default=1, metavar="N",
+                   help="spread the URLs over N host names (h<i>.bench.test), resolved by a DNS responder on"
+                        " loopback (default 1: 127.0.0.1 itself)")
+    p.add_argument("--tls", action="store_true", help="HTTPS: the mock server's certificate, trusted with --ca-file")
     p.add_argument("--chunk-size", type=_positive)
 
     p = sub.add_parser("mock-server", help="a local HTTP server for tests and load tests",
@@ -278,6 +282,10 @@ def build_parser() -> Parser:
     p.add_argument("--robots", default="none", metavar="KNOB",
                    help="what /robots.txt answers: none (404), allow, disallow, wildcard, agent, huge, delay:S,"
                         " status:N, redirect, redirects:N, slow:MS, flaky:N, reset")
+    p.add_argument("--tls", action="store_true",
+                   help="serve HTTPS with a certificate made at start (loopback and *.bench.test)")
+    p.add_argument("--ca-out", metavar="PATH",
+                   help="with --tls, write the CA certificate here (default: a temporary file named on start)")
 
     p = sub.add_parser("config", parents=[common], help="the effective configuration",
                        epilog=EXAMPLES["config"], formatter_class=fmt)
@@ -312,7 +320,8 @@ def dispatch(args: argparse.Namespace) -> int:
             raise UsageError(f"{exc}.") from None
 
         serve(host=args.host, port=args.port, processes=max(1, args.processes), seed=args.seed,
-              capacity=args.capacity, count_paths=args.count_paths, robots=args.robots)
+              capacity=args.capacity, count_paths=args.count_paths, robots=args.robots, tls=args.tls,
+              ca_file=args.ca_out)
         return 0
     settings, sources = load_settings(config_file=args.config, flags=_flags(args))
     if args.command == "bench" and settings.effective_workers() == 0:
@@ -345,7 +354,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings, sources: dict[str, s
 
         return _run(bench(dsn, settings, urls=args.urls, duplicates=args.duplicates, latency_ms=args.latency_ms,
                           server_processes=max(1, args.server_processes), summary_json=args.summary_json,
-                          quiet=args.quiet, standby=standby, hosts=max(1, args.hosts)))
+                          quiet=args.quiet, standby=standby, hosts=max(1, args.hosts), tls=args.tls))
     if args.command == "resume":
         from crawler.crawl import resume
 

@@ -19,15 +19,21 @@ limited or seen as in flight. All counts are per process. Counting every path co
 proportion to the distinct paths (about 110 bytes each, over 300 MiB at 3 M): a load test of
 millions of URLs turns it off (--no-path-hits) and keeps the total. A served process answers
 the load test's /ok and /delay paths without routing them, the same answer for less CPU.
+
+With --tls every process serves HTTPS with one certificate made at start (crawler/mock_tls.py),
+its CA written for the crawler's --ca-file. With --report each process prints one JSON line
+when it stops: the connections it accepted (with TLS, the handshakes completed).
 """
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import signal
 import socket
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -35,10 +41,13 @@ from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_ready
+from pathlib import Path
+from typing import Any
 
 import time
 from collections import deque
 
+import orjson
 import uvloop
 from aiohttp import hdrs, web
 
@@ -46,6 +55,7 @@ from crawler import mock_behaviours
 from crawler.mock_behaviours import COUNTED_PREFIXES, HITS, MAX_DELAY_MS, METHODS, ROBOTS, SEED, Handler
 from crawler.mock_behaviours import robots_knob
 from crawler.mock_behaviours import PLAIN_LOAD_TARGET, add_routes, answer_after
+from crawler.mock_tls import ServerCertificate, generate_certificate
 
 _STATS_PATHS = frozenset({"/__hits", "/__hits/reset", "/__stats", "/__stats/reset", "/__arrivals"})
 ARRIVALS_KEPT = 10_000
@@ -65,9 +75,22 @@ class ServerLoad:
     rejected: int = 0
     count_paths: bool = True
     unlisted_hits: int = 0
+    connections: int = 0  # accepted (with TLS: handshakes completed), printed when the process stops
 
 
 LOAD = web.AppKey("load", ServerLoad)
+
+
+@dataclass(frozen=True, slots=True)
+class Listening:
+    """How every process listens: over TLS with this certificate (None: plain HTTP), and whether
+    it prints what it counted when it stops (picklable, for the child processes)."""
+
+    tls: ServerCertificate | None = None
+    report: bool = False
+
+
+PLAIN = Listening()
 
 
 async def _accounted(
@@ -194,25 +217,35 @@ async def serving_runner(app: web.Application) -> web.AppRunner:
     server = runner.server
     assert server is not None
     server.request_handler = _answering_plain_load_paths(app, server.request_handler)
+    load, made = app[LOAD], server.connection_made
+
+    def connection_made(handler: Any, transport: Any) -> None:
+        # Called once the connection is ready for HTTP: with TLS, after the handshake.
+        load.connections += 1
+        made(handler, transport)
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
     return runner
 
 
-def _base_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def _base_url(host: str, port: int, tls: bool = False) -> str:
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 async def start_mock_server(
     host: str = "127.0.0.1", port: int = 0, seed: int = 0, capacity: int | None = None,
-    count_paths: bool = True, robots: str = "none",
+    count_paths: bool = True, robots: str = "none", tls: ServerCertificate | None = None,
 ) -> tuple[web.AppRunner, str]:
-    """Start the app on the running loop; returns (runner, base URL). Call runner.cleanup()."""
+    """Start the app on the running loop; returns (runner, base URL). Call runner.cleanup().
+    With `tls` (mock_tls.generate_certificate()), it serves HTTPS with that certificate."""
     runner = await serving_runner(create_app(seed, capacity, count_paths, robots))
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=tls.server_context() if tls else None).start()
     except BaseException:
         await runner.cleanup()
         raise
-    return runner, _base_url(host, runner.addresses[0][1])
+    return runner, _base_url(host, runner.addresses[0][1], tls is not None)
 
 
 @asynccontextmanager
@@ -231,37 +264,46 @@ AppFactory = Callable[[], web.Application]  # picklable (a partial of create_app
 
 
 async def _serve_until_signalled(
-    host: str, port: int, make_app: AppFactory, reuse_port: bool, on_listening: Callable[[int], None]
+    host: str, port: int, make_app: AppFactory, reuse_port: bool, on_listening: Callable[[int], None],
+    listening: Listening = PLAIN,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    tls = listening.tls
     runner = await serving_runner(make_app())
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        context = tls.server_context() if tls else None
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port, ssl_context=context).start()
         on_listening(runner.addresses[0][1])
         await stop.wait()
     finally:
         await runner.cleanup()
+        if listening.report:  # one line per process, read by `crawler bench` once it stopped the server
+            print(orjson.dumps({"connections": runner.app[LOAD].connections, "tls": tls is not None}).decode(),
+                  flush=True)
 
 
 def _run_in_process(
-    host: str, port: int, make_app: AppFactory, reuse_port: bool, on_listening: Callable[[int], None]
+    host: str, port: int, make_app: AppFactory, reuse_port: bool, on_listening: Callable[[int], None],
+    listening: Listening = PLAIN,
 ) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve_until_signalled(host, port, make_app, reuse_port, on_listening))
+        runner.run(_serve_until_signalled(host, port, make_app, reuse_port, on_listening, listening))
 
 
-def _run_child(host: str, port: int, make_app: AppFactory, ready: Connection) -> None:
+def _run_child(host: str, port: int, make_app: AppFactory, ready: Connection, listening: Listening = PLAIN) -> None:
     # `ready` is the write end of a multiprocessing Pipe: one message tells the parent we listen.
-    _run_in_process(host, port, make_app, True, lambda _port: ready.send(os.getpid()))
+    _run_in_process(host, port, make_app, True, lambda _port: ready.send(os.getpid()), listening)
 
 
-def _announce(host: str, port: int, processes: int, ready: Callable[[str], None] | None) -> None:
-    url = _base_url(host, port)
+def _announce(host: str, port: int, processes: int, ready: Callable[[str], None] | None,
+              ca_file: Path | None = None) -> None:
+    url = _base_url(host, port, ca_file is not None)
     noun = "process" if processes == 1 else "processes"
-    print(f"mock server listening on {url} ({processes} {noun})", flush=True)
+    trust = f"; trust the CA in {ca_file}" if ca_file is not None else ""
+    print(f"mock server listening on {url} ({processes} {noun}{trust})", flush=True)
     if ready is not None:
         ready(url)
 
@@ -278,7 +320,8 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 
 
 def _serve_processes(
-    host: str, port: int, processes: int, make_app: AppFactory, ready: Callable[[str], None] | None
+    host: str, port: int, processes: int, make_app: AppFactory, ready: Callable[[str], None] | None,
+    listening: Listening = PLAIN, ca_file: Path | None = None,
 ) -> None:
     # The parent only supervises: a signal or any child's exit stops all children.
     stopping = False
@@ -300,7 +343,7 @@ def _serve_processes(
         for _ in range(processes):
             receive, send = context.Pipe(duplex=False)
             child = context.Process(
-                target=_run_child, args=(host, port, make_app, send), daemon=True
+                target=_run_child, args=(host, port, make_app, send, listening), daemon=True
             )
             child.start()
             send.close()
@@ -317,7 +360,7 @@ def _serve_processes(
                 pending.discard(end)
         reserved.close()
         if not stopping:
-            _announce(host, port, processes, ready)
+            _announce(host, port, processes, ready, ca_file)
         while not stopping and all(child.is_alive() for child in children):
             if wakeup_read in wait_for_ready(sentinels):
                 os.read(wakeup_read, 4096)  # the signal byte; `stopping` says what happened
@@ -349,8 +392,15 @@ def serve(
     capacity: int | None = None,
     count_paths: bool = True,
     robots: str = "none",
+    tls: bool = False,
+    ca_file: str | Path | None = None,
+    report: bool = False,
 ) -> None:
     """Serve until SIGINT or SIGTERM; `ready(base_url)` is called once every process listens.
+
+    With `tls`, a certificate made now (mock_tls) serves HTTPS in every process; its CA is
+    written to `ca_file` (a temporary file, removed at the end, if none is given) for the
+    crawler's --ca-file.
 
     With processes > 1 each child binds the port with SO_REUSEPORT and the kernel spreads the
     connections; hit counts, flaky paths and the capacity are then per process. Must run in the
@@ -360,10 +410,21 @@ def serve(
         raise ValueError(f"processes must be at least 1, got {processes}")
     make_app = partial(create_app, seed, capacity, count_paths, robots)
     make_app()  # a bad capacity fails here, in the caller, rather than in every child
-    if processes == 1:
-        _run_in_process(host, port, make_app, False, lambda bound: _announce(host, bound, 1, ready))
-    else:
-        _serve_processes(host, port, processes, make_app, ready)
+    with contextlib.ExitStack() as cleanup:
+        certificate = written = None
+        if tls:
+            certificate = generate_certificate()
+            if ca_file is None:
+                fd, ca_file = tempfile.mkstemp(prefix="crawler-mock-ca-", suffix=".pem")
+                os.close(fd)
+                cleanup.callback(os.unlink, ca_file)
+            written = certificate.write_ca(ca_file)
+        listening = Listening(certificate, report)
+        if processes == 1:
+            _run_in_process(host, port, make_app, False,
+                            lambda bound: _announce(host, bound, 1, ready, written), listening)
+        else:
+            _serve_processes(host, port, processes, make_app, ready, listening, written)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,13 +448,20 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--robots", default="none", metavar="KNOB",
                         help="what /robots.txt answers: none (404), allow, disallow, delay:S, ... (see the table)")
+    parser.add_argument("--tls", action="store_true",
+                        help="serve HTTPS with a certificate made at start (for loopback and *.bench.test)")
+    parser.add_argument("--ca-out", metavar="PATH",
+                        help="with --tls, write the CA certificate here (default: a temporary file, named"
+                        " on the first line, removed at exit): give it to the crawler's --ca-file")
+    parser.add_argument("--report", action="store_true",
+                        help="when stopped, print one JSON line per process: the connections it accepted")
     args = parser.parse_args(argv)
     try:
         robots_knob(args.robots)
     except ValueError as exc:
         parser.error(str(exc))
     serve(args.host, args.port, args.processes, args.seed, capacity=args.capacity, count_paths=args.count_paths,
-          robots=args.robots)
+          robots=args.robots, tls=args.tls, ca_file=args.ca_out, report=args.report)
     return 0
 
 

@@ -322,7 +322,7 @@ def test_bench_spreads_urls_over_hosts_and_counts_robots_txt_requests(session_ds
     path = tmp_path / "spread.csv"
     write_urls(path, "http://127.0.0.1:8080", 40, 0.25, 0, hosts=4)
     urls = path.read_text().split()[1:]
-    assert {u.split("/")[2] for u in urls} == {f"h{i}.localhost:8080" for i in range(4)}
+    assert {u.split("/")[2] for u in urls} == {f"h{i}.bench.test:8080" for i in range(4)}
     assert len(set(urls)) == 30  # the duplicates as without hosts
 
     out = tmp_path / "bench.json"
