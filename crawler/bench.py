@@ -133,6 +133,7 @@ class MockServerProcess(LoopbackProcess):
     def __init__(self, processes: int, ca_file: Path | None = None) -> None:
         # --no-path-hits: a load test's millions of distinct paths would each cost the server
         # memory; the total of hits (what benchmarks read) is still counted.
+        self.processes = processes
         tls = ["--tls", "--ca-out", str(ca_file)] if ca_file is not None else []
         super().__init__(["-m", "crawler.mock_server", "--port", "0", "--processes", str(processes),
                           "--no-path-hits", "--report", *tls])
