@@ -3,6 +3,7 @@
 persisting nothing) on the same file:
 
     python benchmarks/real_web.py [--urls 100000] [--hosts 1,10000,100000] [--schemes http,https] [--runs 3]
+    python benchmarks/real_web.py --slow-share 0.05 --slow-ms 2000 --hosts 10000 --schemes https
 
 For each shape (hosts x scheme) a URL file is written as `crawler bench --hosts N` writes it
 (unique URL n on host h<n mod N>.bench.test, so a host's rows are N rows apart, as in a shuffled
@@ -13,6 +14,12 @@ bare, ours ...); figures are medians, the ratio is ours / bare of the medians of
 invocation. Per run: requests/s (URLs / wall time from process start to exit), the largest
 process's peak RSS (sampled every 0.1 s; the servers excluded), the connections the server
 accepted (with TLS: handshakes), and the DNS questions the responder was asked.
+
+With --slow-share F (the slow-host case) only ours runs, on the first shape, twice per round: on
+the file's fast rows alone, then on the same rows with a share F of slow rows mixed in evenly
+(/delay/<slow-ms>/ on F of the hosts, slow-<k>.bench.test): the fast rows' rate with the slow
+rows among them over their rate alone (wall time alone / wall time mixed) says how much the slow
+hosts held the others back (the goal: at least 0.9).
 Every request goes to 127.0.0.1.
 """
 
@@ -43,7 +50,27 @@ def command(tool: str, urls: Path, args, dsn: str, summary: Path, dns: str | Non
             "--concurrency", str(args.concurrency), "--processes", str(args.workers), *extra]
 
 
-def run_once(tool: str, hosts: int, tls: bool, args, db: harness.ScratchDatabase) -> dict:
+def write_rows(path: Path, base: str, args, hosts: int, slow: bool) -> None:
+    """The shape's URL file; with `slow`, a share args.slow_share of slow rows mixed in evenly
+    (on top of the same fast rows), on that share of the hosts."""
+    write_urls(path, base, args.urls, 0.0, 0, hosts=hosts if hosts > 1 else None)
+    if not slow:
+        return
+    scheme, _, authority = base.partition("://")
+    port = authority.rsplit(":", 1)[1]
+    slow_hosts = max(1, round(hosts * args.slow_share))
+    fast = path.read_text().splitlines()[1:]
+    every = max(1, round((1 - args.slow_share) / args.slow_share))  # fast rows between two slow ones
+    mixed = []
+    for i, row in enumerate(fast):
+        mixed.append(row)
+        if i % every == every - 1:
+            k = i // every
+            mixed.append(f"{scheme}://slow-{k % slow_hosts}.bench.test:{port}/delay/{args.slow_ms}/{k}")
+    path.write_text("url\n" + "".join(f"{row}\n" for row in mixed))
+
+
+def run_once(tool: str, hosts: int, tls: bool, args, db: harness.ScratchDatabase, slow: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="crawler-real-web-") as tmp:
         tmp = Path(tmp)
         ca_file = tmp / "ca.pem" if tls else None
@@ -55,14 +82,15 @@ def run_once(tool: str, hosts: int, tls: bool, args, db: harness.ScratchDatabase
                 responder.__enter__()
             try:
                 urls = tmp / "urls.csv"
-                write_urls(urls, server.url, args.urls, 0.0, 0, hosts=hosts if hosts > 1 else None)
+                write_rows(urls, server.url, args, hosts, slow)
                 cmd = command(tool, urls, args, db.dsn, summary, responder.url if responder else None, ca_file)
                 timed = harness.run_timed(cmd, timeout=args.timeout,
                                           sample_exclude=("crawler.mock_server", "crawler.dns_responder"))
             finally:
                 if responder is not None:
                     responder.__exit__()
-        row = {"tool": tool, "hosts": hosts, "tls": tls, "urls": args.urls, "returncode": timed.returncode,
+        rows = sum(1 for _ in urls.open()) - 1 if slow else args.urls
+        row = {"tool": tool, "hosts": hosts, "tls": tls, "urls": rows, "slow": slow, "returncode": timed.returncode,
                "wall_s": round(timed.wall_s, 3), "cpu_s": round(timed.cpu_s, 3), "load_1m": timed.load_1m,
                "largest_rss": max((rss for _, rss in timed.peaks.values()), default=0),
                "connections": server.connections(),
@@ -74,9 +102,9 @@ def run_once(tool: str, hosts: int, tls: bool, args, db: harness.ScratchDatabase
                 row["ok"] = json.loads(timed.stdout.strip().splitlines()[-1])["ok"]
             except (IndexError, ValueError, KeyError):
                 pass
-    if timed.returncode != 0 or row.get("ok") != args.urls:
+    if timed.returncode != 0 or row.get("ok") != row["urls"]:
         row["problem"] = (timed.stderr.strip().splitlines() or ["?"])[-1][:300]
-    row["requests_per_s"] = round(args.urls / timed.wall_s, 1)
+    row["requests_per_s"] = round(row["urls"] / timed.wall_s, 1)
     if tool == "ours":
         db.empty()
     return row
@@ -104,6 +132,23 @@ def report(rows: list[dict], hosts: int, tls: bool, urls: int) -> dict:
     return {"shape": shape, "ratio": ratio, **{f"{t}_{k}": v for t in TOOLS for k, v in medians[t].items()}}
 
 
+def slow_case(hosts: int, tls: bool, args, db: harness.ScratchDatabase) -> dict:
+    rows = []
+    for run in range(args.runs):
+        for slow in ((False, True) if run % 2 == 0 else (True, False)):
+            row = run_once("ours", hosts, tls, args, db, slow=slow)
+            row["run"] = run
+            rows.append(row)
+            print(f"  run {run + 1} {'with' if slow else 'without'} slow rows: {row['urls']} rows in {row['wall_s']:.1f} s,"
+                  f" load {row['load_1m']:.1f}" + (f"  PROBLEM: {row['problem']}" if "problem" in row else ""), flush=True)
+    alone = harness.median([r["wall_s"] for r in rows if not r["slow"]])
+    mixed = harness.median([r["wall_s"] for r in rows if r["slow"]])
+    print(f"\nslow-host case, {hosts:,} hosts {'TLS' if tls else 'HTTP'}: {args.urls:,} fast rows"
+          f" alone in {alone:.1f} s, with {args.slow_share:.0%} slow rows ({args.slow_ms} ms) in {mixed:.1f} s:"
+          f" the fast rows' rate with the slow ones among them is {alone / mixed:.2f} of their rate alone")
+    return {"runs": rows, "fast_rate_ratio": alone / mixed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--urls", type=int, default=100_000)
@@ -117,6 +162,8 @@ def main() -> None:
     parser.add_argument("--dsn", help="a PostgreSQL server to create a scratch database on (default: the crawler's)")
     parser.add_argument("--keep-db", action="store_true")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
+    parser.add_argument("--slow-share", type=float, default=0.0, help="the slow-host case: this share of slow rows")
+    parser.add_argument("--slow-ms", type=int, default=2000, help="how long a slow host takes to answer")
     args = parser.parse_args()
     shapes = [(int(h), scheme == "https") for scheme in args.schemes.split(",") for h in args.hosts.split(",")]
     server_dsn = harness.resolve_dsn(args.dsn)
@@ -125,6 +172,12 @@ def main() -> None:
     print(f"settings: {args.urls} URLs, {args.runs} runs, {args.workers} processes x {args.concurrency}", flush=True)
     results = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "shapes": []}
     table = []
+    if args.slow_share > 0:
+        with harness.ScratchDatabase(server_dsn, keep=args.keep_db) as db:
+            results["slow_case"] = slow_case(*shapes[0], args, db)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
     with harness.ScratchDatabase(server_dsn, keep=args.keep_db) as db:
         for hosts, tls in shapes:
             rows = []
