@@ -27,6 +27,9 @@ from crawler.storable import (CONTENT_TYPE_CAP, ERROR_CAP, ETAG_CAP, LAST_MODIFI
                               marked, storable)
 
 READ_SIZE = 64 * 1024
+# Requests in flight, at most, as a multiple of `concurrency`: the worker adds fetch tasks while
+# some requests are slow (worker._widen), and the connector's limit must let them through.
+MAX_WIDTH = 4
 
 
 @dataclass(slots=True)
@@ -160,7 +163,7 @@ class Fetcher:
             # hosts the longest idle are closed (the scheduler closes the rest at once).
             max_idle_hosts=2 * s.concurrency,
             request_ssl=_request_ssl(s),
-            limit=s.concurrency,
+            limit=MAX_WIDTH * s.concurrency,  # the worker's fetch tasks are the bound; this backs it up
             limit_per_host=0,
             use_dns_cache=False,  # the resolver caches, by each answer's TTL and bounded in size
             resolver=self.resolver,
@@ -193,6 +196,11 @@ class Fetcher:
         if self.resolver is not None:
             await self.resolver.close()  # not the connector's to close: it was given one
             self.resolver = None
+
+    def slow_requests(self, after: float) -> int:
+        """Attempts under way for longer than `after` seconds."""
+        since = time.perf_counter() - after
+        return sum(1 for flight in self._flights if flight.started < since)
 
     def release_host(self, origin: str) -> None:
         """The crawl has nothing more for `origin` for now: close its idle connections."""

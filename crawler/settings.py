@@ -44,6 +44,7 @@ class Settings:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     total_timeout: float = 60.0
+    slow_after: float = 1.0  # a request running longer stops counting against `concurrency`
     # Retries.
     max_attempts: int = 3
     backoff_base: float = 0.5
@@ -202,7 +203,7 @@ def _validate(settings: Settings) -> None:
     if not 0 <= settings.metrics_port <= 65535:
         raise UsageError(f"setting 'metrics_port' must be a port number (0 = off), not {settings.metrics_port}.")
     for name in ("connect_timeout", "read_timeout", "total_timeout", "lease_seconds", "write_interval",
-                 "heartbeat_seconds", "db_outage_limit", "progress_interval", "dns_timeout"):
+                 "heartbeat_seconds", "db_outage_limit", "progress_interval", "dns_timeout", "slow_after"):
         if not getattr(settings, name) > 0:  # also refuses NaN
             raise UsageError(f"setting '{name}' must be greater than 0.")
     for name in ("per_host_concurrency", "per_host_max"):

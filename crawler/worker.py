@@ -24,7 +24,7 @@ from crawler import cache, ledger, metrics, registry
 from crawler.cache import CachedResponse
 from crawler.errors import CrawlerError
 from crawler.database import LedgerConnection
-from crawler.fetcher import Attempt, Fetcher
+from crawler.fetcher import MAX_WIDTH, Attempt, Fetcher
 from crawler.ledger import Lease
 from crawler.hosts import HostScheduler, host_of
 from crawler.retry import RetryPolicy, decide, parse_retry_after
@@ -34,6 +34,10 @@ from crawler.writer import ResultWriter
 log = logging.getLogger(__name__)
 
 IDLE_POLL = 0.1  # seconds between looks for new chunks while the supervisor is still ingesting
+# A request running longer than `slow_after` stops counting against the concurrency: another
+# fetch task takes its place, up to MAX_WIDTH times `concurrency` tasks in all, so hosts that
+# answer in seconds (or time out) hold their own per-host slots and not the whole pool.
+WIDEN_EVERY = 0.25  # seconds between looks at how many requests are slow
 
 
 @dataclass(slots=True)
@@ -91,6 +95,9 @@ class Worker:
         self.hosts = HostScheduler(**self._host_budget(self.share), adaptive=settings.adaptive_concurrency,
                                    key=operator.attrgetter("host"))
         self._in_flight = 0
+        self._slow = 0  # requests in flight longer than slow_after (at the last look)
+        self._surplus = 0  # fetch tasks to end, the slow requests they replaced having ended
+        self._fetchers: set[asyncio.Task] = set()
         self._held: dict[int, HeldChunk] = {}
         self._lost: set[Lease] = set()  # leases taken over by another worker: their items are dropped
         self._in_system = 0  # items queued, in flight or waiting to retry
@@ -151,10 +158,12 @@ class Worker:
                     self.hosts.on_idle = fetcher.release_host  # a host with nothing left: its connections go
                     writer_task = tg.create_task(self.writer.run())
                     beat = tg.create_task(self._heartbeat(beat_db))
-                    fetchers = [tg.create_task(self._fetch_loop(fetcher)) for _ in range(s.concurrency)]
+                    for _ in range(s.concurrency):
+                        self._start_fetcher(tg, fetcher)
+                    widen = tg.create_task(self._widen(tg, fetcher))
                     gate = tg.create_task(self.robots.run(fetcher)) if self.robots is not None else None
                     await self._feed(db)
-                    await self._finish(fetchers)
+                    await self._finish(widen)
                     if gate is not None:
                         self.robots.close()  # robots.txt fetches under way get the drain's grace
                         if not (await asyncio.wait([gate], timeout=self.grace))[0]:
@@ -229,8 +238,9 @@ class Worker:
     def _wants_more(self) -> bool:
         if self._in_system >= self.max_in_system:
             return False
-        starving = self.hosts.ready.qsize() == 0 and self._in_flight < self.settings.concurrency
-        return self._in_system < self.high_water or starving
+        # Slow requests count for nothing here, as for the concurrency (see _widen).
+        starving = self.hosts.ready.qsize() == 0 and self._in_flight - self._slow < self.settings.concurrency
+        return self._in_system - self._slow < self.high_water or starving
 
     async def _nothing_left(self, conn: asyncpg.Connection) -> bool:
         """True when ingest is over and every open chunk is one of ours (being finished), or the
@@ -274,8 +284,31 @@ class Worker:
 
     # --- fetching --------------------------------------------------------------------------
 
+    def _start_fetcher(self, tg: asyncio.TaskGroup, fetcher: Fetcher) -> None:
+        task = tg.create_task(self._fetch_loop(fetcher))
+        self._fetchers.add(task)
+        task.add_done_callback(self._fetchers.discard)
+
+    async def _widen(self, tg: asyncio.TaskGroup, fetcher: Fetcher) -> None:
+        """Keep `concurrency` fetch tasks free of slow requests: one more task per request in
+        flight longer than slow_after, up to MAX_WIDTH x concurrency; the extra tasks end once
+        the slow requests have."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(WIDEN_EVERY)
+            self._slow = fetcher.slow_requests(s.slow_after)
+            want = min(s.concurrency + self._slow, MAX_WIDTH * s.concurrency)
+            while len(self._fetchers) < want:
+                self._start_fetcher(tg, fetcher)
+            self._surplus = len(self._fetchers) - want
+            if self._slow and self._wants_more():
+                self._low_water.set()
+
     async def _fetch_loop(self, fetcher: Fetcher) -> None:
         while True:
+            if self._surplus > 0:  # a slow request this task stood in for has ended
+                self._surplus -= 1
+                return
             item = await self.hosts.ready.get()
             if item is None:
                 return
@@ -389,11 +422,13 @@ class Worker:
 
     # --- ending ----------------------------------------------------------------------------
 
-    async def _finish(self, fetchers: list[asyncio.Task]) -> None:
+    async def _finish(self, widen: asyncio.Task) -> None:
         """Either every item is done (normal end), or we are draining: drop what has not started,
         let in-flight requests finish within the grace period."""
         if not self.stop.is_set():
             await self._wait_stop_or(self._idle.wait())
+        widen.cancel()
+        fetchers = list(self._fetchers)
         if self.stop.is_set():
             for handle in self._timers:
                 handle.cancel()
