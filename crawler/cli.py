@@ -326,6 +326,10 @@ def dispatch(args: argparse.Namespace) -> int:
     settings, sources = load_settings(config_file=args.config, flags=_flags(args))
     if args.command == "bench" and settings.effective_workers() == 0:
         raise UsageError("bench measures this machine's workers: --workers must be auto or at least 1.")
+    if settings.ca_file:
+        from crawler.fetcher import tls_context
+
+        tls_context(settings)  # a file that is not PEM: one sentence here, not a failure in every worker
     # The commands that run a job start their workers first of all: they import while this
     # process imports its own modules and prepares the database and the job (standby.py).
     starts_job = args.command in ("crawl", "resume", "retry", "bench")

@@ -64,6 +64,11 @@ def test_a_missing_or_unreadable_ca_file_is_one_sentence(tmp_path):
     missing = run_cli("crawl", str(urls), "--ca-file", str(tmp_path / "nope.pem"), "--dsn", "postgresql://unused/")
     assert missing.returncode == 1
     assert missing.stderr.decode().strip() == f"crawler: the CA file '{tmp_path / 'nope.pem'}' does not exist."
+    (tmp_path / "bad.pem").write_text("not a certificate\n")
+    bad = run_cli("crawl", str(urls), "--ca-file", str(tmp_path / "bad.pem"), "--dsn", "postgresql://unused/")
+    assert bad.returncode == 1
+    assert bad.stderr.decode().startswith(f"crawler: the CA file '{tmp_path / 'bad.pem'}' cannot be read as PEM")
+    assert "Traceback" not in bad.stderr.decode() and bad.stderr.decode().count("\n") == 1
 
 
 async def test_a_ca_file_that_is_not_pem_stops_the_fetcher_with_one_sentence(tmp_path):
