@@ -10,6 +10,8 @@ import socket
 
 import pytest
 from dnslib import DNSRecord
+from hypothesis import given
+from hypothesis import strategies as st
 
 from crawler.crawl import crawl
 from crawler.dns_responder import (
@@ -18,7 +20,7 @@ from crawler.dns_responder import (
 from crawler.errors import EXIT_OK, UsageError
 from crawler.fetcher import Fetcher
 from crawler import resolver as resolver_module
-from crawler.resolver import CachingResolver, DNSFailure, parse_server
+from crawler.resolver import CachingResolver, DNSFailure, NameCache, parse_server
 from crawler.retry import RetryPolicy, decide
 
 from conftest import run_cli, test_settings
@@ -242,3 +244,24 @@ async def test_a_crawl_by_name_retries_a_failing_resolver_not_a_missing_name(ses
     # Each worker asks about each good name once, however many of its rows name it.
     workers = settings.effective_workers()
     assert all(1 <= asked(responder, f"good-{i}.test") <= workers for i in range(3))
+
+
+@given(st.lists(st.tuples(st.sampled_from(["put", "get", "tick"]), st.integers(0, 9), st.integers(0, 50)),
+                max_size=200), st.integers(0, 5))
+def test_the_name_cache_is_bounded_and_never_answers_past_a_ttl(operations, size):
+    clock = Clock()
+    cache = NameCache(size, clock)
+    expires: dict = {}
+    for op, name, ttl in operations:
+        key = (f"n{name}.test", 0)
+        if op == "put":
+            cache.put(key, ((2, "127.0.0.1"),), float(ttl))
+            if size and ttl > 0:
+                expires[key] = clock.now + ttl
+        elif op == "get":
+            answer = cache.get(key)
+            if answer is not None:
+                assert clock.now < expires[key] == answer.expires
+        else:
+            clock.now += ttl
+        assert len(cache) <= size
