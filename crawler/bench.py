@@ -130,13 +130,26 @@ class LoopbackProcess:
 class MockServerProcess(LoopbackProcess):
     name = "mock server"
 
-    def __init__(self, processes: int, ca_file: Path | None = None) -> None:
+    def __init__(self, processes: int, ca_file: Path | None = None, robots: str = "none") -> None:
         # --no-path-hits: a load test's millions of distinct paths would each cost the server
         # memory; the total of hits (what benchmarks read) is still counted.
         self.processes = processes
+        self.robots = robots
+        self.ca_file = ca_file
         tls = ["--tls", "--ca-out", str(ca_file)] if ca_file is not None else []
         super().__init__(["-m", "crawler.mock_server", "--port", "0", "--processes", str(processes),
-                          "--no-path-hits", "--report", *tls])
+                          "--no-path-hits", "--report", "--robots", robots, *tls])
+
+    def hits(self) -> dict:
+        """The server's hit counts (/__hits): the total, and robots.txt's among the counted paths."""
+        import ssl
+        import urllib.request
+
+        handlers: list = [urllib.request.ProxyHandler({})]  # loopback: never a proxy
+        if self.ca_file is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(self.ca_file))))
+        with urllib.request.build_opener(*handlers).open(f"{self.url}/__hits", timeout=10) as answer:
+            return orjson.loads(answer.read())
 
     def connections(self) -> int | None:
         """Connections accepted, by every process of the server (known once it has stopped)."""
