@@ -159,9 +159,10 @@ class Fetcher:
         verify = tls_context(s)  # a bad CA file fails here, before anything is started
         self.resolver = CachingResolver.from_settings(s)
         self.connector = HostConnector(
-            # Idle connections to a host the crawl still has work for are kept; beyond this many
-            # hosts the longest idle are closed (the scheduler closes the rest at once).
-            max_idle_hosts=2 * s.concurrency,
+            # Idle connections are kept to this many hosts, the longest idle closed first; with
+            # idle_hosts = 0 the scheduler closes a host's as soon as it has nothing pending, and
+            # this only bounds redirect targets, which it never sees.
+            max_idle_hosts=s.idle_hosts or 2 * s.concurrency,
             request_ssl=_request_ssl(s),
             limit=MAX_WIDTH * s.concurrency,  # the worker's fetch tasks are the bound; this backs it up
             limit_per_host=0,

@@ -45,6 +45,7 @@ class Settings:
     read_timeout: float = 30.0
     total_timeout: float = 60.0
     slow_after: float = 1.0  # a request running longer stops counting against `concurrency`
+    idle_hosts: int = 1000  # hosts whose idle keep-alive connections a worker keeps; 0 = none once a host has nothing pending
     # Retries.
     max_attempts: int = 3
     backoff_base: float = 0.5
@@ -102,7 +103,7 @@ class Settings:
 KEYS = {f.name for f in fields(Settings)}
 # What a machine decides for itself when it joins another machine's job: how much it runs, where
 # it finds the database, what it serves. Everything else is the job's policy.
-MACHINE_KEYS = frozenset({"dsn", "home", "workers", "concurrency", "metrics_port", "metrics_host",
+MACHINE_KEYS = frozenset({"dsn", "home", "workers", "concurrency", "idle_hosts", "metrics_port", "metrics_host",
                           "progress_interval", "db_outage_limit", "ca_file", "dns_servers"})
 
 
@@ -221,6 +222,8 @@ def _validate(settings: Settings) -> None:
         raise UsageError(f"setting 'robots' must be 'obey' or 'ignore', not {settings.robots!r}.")
     if not settings.robots_max_delay >= 0:
         raise UsageError("setting 'robots_max_delay' cannot be negative.")
+    if settings.idle_hosts < 0:
+        raise UsageError("setting 'idle_hosts' cannot be negative (0 means: close a host's connections once it has nothing pending).")
     if settings.dns_cache_size < 0:
         raise UsageError("setting 'dns_cache_size' cannot be negative (0 means: no cache).")
     from crawler.resolver import parse_server

@@ -155,7 +155,8 @@ class Worker:
             await self._count_workers(db, floor=self.share)  # siblings may not have registered yet
             try:
                 async with Fetcher(s) as fetcher, asyncio.TaskGroup() as tg:
-                    self.hosts.on_idle = fetcher.release_host  # a host with nothing left: its connections go
+                    if s.idle_hosts == 0:  # a host with nothing left: its connections go at once
+                        self.hosts.on_idle = fetcher.release_host
                     writer_task = tg.create_task(self.writer.run())
                     beat = tg.create_task(self._heartbeat(beat_db))
                     for _ in range(s.concurrency):

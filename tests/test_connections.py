@@ -144,16 +144,16 @@ async def test_a_single_busy_host_reuses_one_connection():
         await wait_for(lambda: host.open == 0, "the connection being closed when the host is done")
 
 
-@pytest.mark.parametrize("concurrency", [1, 2])
-async def test_idle_connections_are_kept_to_only_so_many_hosts(concurrency):
-    """Without the scheduler's word (e.g. a redirect's target), the hosts idle longest lose
-    their connections beyond 2 x concurrency hosts."""
-    keep = 2 * concurrency
+@pytest.mark.parametrize("idle_hosts, concurrency, keep", [(3, 8, 3), (5, 1, 5), (0, 1, 2), (0, 2, 4)])
+async def test_idle_connections_are_kept_to_only_so_many_hosts(idle_hosts, concurrency, keep):
+    """The hosts idle longest lose their connections beyond `idle_hosts` hosts; with 0 (the
+    scheduler closes a host's at once), beyond 2 x concurrency hosts the scheduler never sees
+    (e.g. a redirect's target)."""
     servers = [Server() for _ in range(keep + 3)]
     for server in servers:
         await server.__aenter__()
     try:
-        async with Fetcher(test_settings(concurrency=concurrency)) as fetcher:
+        async with Fetcher(test_settings(concurrency=concurrency, idle_hosts=idle_hosts)) as fetcher:
             for server in servers:
                 attempt = await fetcher.attempt("GET", f"{server.url}/ok/1")
                 assert attempt.status == 200
