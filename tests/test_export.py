@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from crawler import export, ledger
-from crawler.cli import build_parser
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK, UsageError
 from crawler.export import export_job
@@ -170,15 +169,6 @@ async def test_parquet_without_pyarrow_says_how_to_install_it(session_dsn, job_i
     assert not out.exists()
 
 
-def _format_choices_have_parquet() -> bool:
-    try:
-        build_parser().parse_args(["export", "1", "--format", "parquet"])
-    except UsageError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _format_choices_have_parquet(), reason="crawler/cli.py's export --format lacks parquet")
 def test_cli_exports_parquet_to_a_file_and_refuses_stdout(session_dsn, job_id, tmp_path):
     out = tmp_path / "cli.parquet"
     proc = run_cli("export", JOB, "--dsn", session_dsn, "--format", "parquet", "-o", str(out), "--only", "failed")

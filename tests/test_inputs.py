@@ -5,6 +5,10 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import tracemalloc
 from pathlib import Path
 
@@ -260,12 +264,29 @@ def test_an_input_that_cannot_be_opened_is_one_sentence(tmp_path: Path, make, me
     assert str(caught.value) == message.format(path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_an_unreadable_input_is_one_sentence(tmp_path: Path) -> None:
     path = write(tmp_path, b"http://a.com/\n")
     os.chmod(path, 0)
-    with pytest.raises(InputError, match="cannot be read: permission denied"):
-        open_input(path)
+    if os.geteuid() != 0:
+        with pytest.raises(InputError, match="cannot be read: permission denied"):
+            open_input(path)
+        return
+    # Root reads any file: the same check runs as `nobody`, on a file in a directory it may enter
+    # (pytest's own temporary directories are private to their user).
+    shared = Path(tempfile.mkdtemp())
+    try:
+        shared.chmod(0o755)
+        path = write(shared, b"http://a.com/\n")
+        os.chmod(path, 0)
+        code = (
+            "import sys; from crawler.inputs import open_input; from crawler.errors import InputError\n"
+            "try:\n    open_input(sys.argv[1])\nexcept InputError as e:\n    print(e)\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code, path], user=65534, group=65534, capture_output=True,
+                              text=True, timeout=60, cwd=Path(crawler.inputs.__file__).parent.parent)
+    finally:
+        shutil.rmtree(shared)
+    assert done.stdout.strip() == f"input file '{path}' cannot be read: permission denied", done.stderr
 
 
 def test_a_truncated_gzip_fails_after_the_rows_it_held(tmp_path: Path) -> None:

@@ -237,3 +237,39 @@ def test_a_transient_dns_failure_is_retried_and_nothing_else_becomes_retryable(k
     assert decided("dns", True).retry and not decided("dns", True, attempts=POLICY.max_attempts).retry
     assert not decided("dns", False).retry  # NXDOMAIN: the name does not exist
     assert not decided(kind, True).retry  # the flag speaks of dns failures alone
+
+# --- the delay is the policy's own draw ---------------------------------------------------------
+
+
+class Top(random.Random):
+    """Always the top of the range: the backoff's ceiling itself."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_a_backoff_delay_is_drawn_from_the_given_generator() -> None:
+    # The worker passes its own generator (seeded in tests); the decision must use it, not the
+    # module's global one: the ceiling after 3 attempts is 0.5 * 2^2.
+    decision = decide(error_kind="connect", status=None, retry_after=None, attempts=3,
+                      policy=RetryPolicy(max_attempts=5), rng=Top())
+    assert decision == Decision(True, 2.0)
+
+
+@pytest.mark.parametrize("header", ["0", "Wed, 21 Oct 2015 07:28:00 GMT", "soon"])
+def test_a_retry_after_that_asks_no_wait_gets_the_generators_backoff(header: str) -> None:
+    decision = decide(error_kind="http_status", status=503, retry_after=header, attempts=2, policy=POLICY, rng=Top())
+    assert decision == Decision(True, 1.0)
+
+
+def test_a_retry_after_of_one_second_is_one_second_not_a_backoff() -> None:
+    capped_low = RetryPolicy(backoff_base=0.01, backoff_max=0.01)
+    assert decide(error_kind="http_status", status=429, retry_after="1", attempts=2, policy=capped_low,
+                  rng=Top()) == Decision(True, 1.0)
+
+
+def test_the_backoff_exponent_stops_at_two_to_the_64th() -> None:
+    # Past 2^64 the float would overflow long after any sane cap; without a cap it stops there.
+    uncapped = RetryPolicy(backoff_base=1.0, backoff_max=float("inf"))
+    assert backoff(10_000, uncapped, Top()) == 2.0**64
+    assert backoff(65, uncapped, Top()) == 2.0**64
