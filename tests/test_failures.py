@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import errno
 import socket
+import ssl
 import struct
+import types
 from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -20,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from crawler.addresses import AddressPolicy
+from crawler.addresses import AddressPolicy, BlockedAddress
 from crawler.failures import ERROR_KINDS, BodyTooLarge, classify, transient
 from crawler.resolver import DNSFailure
 
@@ -363,3 +365,69 @@ def test_a_dns_failure_is_dns_and_transient_only_when_the_resolver_failed(os_err
     assert kind == "dns" and "a.test" in detail
     assert transient(exc) is is_transient
     assert not transient(aiohttp.ServerDisconnectedError()) and not transient(asyncio.TimeoutError())
+
+# --- every branch, word for word ----------------------------------------------------------------
+
+KEY = types.SimpleNamespace(host="a.test", port=8080, ssl=True, is_ssl=True)  # a connection's key
+
+
+BLOCKED = BlockedAddress("10.0.0.1", "private").strerror
+
+
+def connector_error(os_error: Exception) -> aiohttp.ClientConnectorError:
+    return aiohttp.ClientConnectorError(KEY, os_error)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (connector_error(OSError(errno.EHOSTUNREACH, "No route to host")),
+         ("connect", "cannot connect to a.test:8080: No route to host")),
+        (connector_error(OSError(errno.EHOSTUNREACH, "")), ("connect", "cannot connect to a.test:8080: [Errno 113] ")),
+        (connector_error(asyncio.TimeoutError()), ("timeout", "connecting to a.test:8080 timed out")),
+        (connector_error(PermissionError(errno.EACCES, "address 10.0.0.1 not allowed (see --allow-net)")),
+         ("blocked", "a.test: address 10.0.0.1 not allowed (see --allow-net)")),
+        (connector_error(PermissionError(errno.EPERM, "address 10.0.0.1 not allowed (see --allow-net)")),
+         ("connect", "cannot connect to a.test:8080: address 10.0.0.1 not allowed (see --allow-net)")),
+        (connector_error(PermissionError(errno.EACCES, "Permission denied")),
+         ("connect", "cannot connect to a.test:8080: Permission denied")),
+        (connector_error(PermissionError(errno.EACCES, "")), ("connect", "cannot connect to a.test:8080: [Errno 13] ")),
+        (connector_error(BlockedAddress("10.0.0.1", "private")), ("blocked", f"a.test: {BLOCKED}")),
+        (aiohttp.ClientConnectorDNSError(KEY, socket.gaierror(socket.EAI_NONAME, "Name or service not known")),
+         ("dns", "cannot resolve a.test: Name or service not known")),
+        (aiohttp.ClientConnectorDNSError(KEY, socket.gaierror(socket.EAI_NONAME, "")),
+         ("dns", f"cannot resolve a.test: [Errno {socket.EAI_NONAME}] ")),
+        (ssl.SSLError(1, "wrong version"), ("tls", "SSLError: wrong version")),
+        (aiohttp.TooManyRedirects(REQUEST, (1, 2, 3)), ("too_many_redirects", "more than 3 redirects")),
+        (aiohttp.TooManyRedirects(REQUEST, ()), ("too_many_redirects", "TooManyRedirects: 0, message='', url='http://example.invalid/'")),
+        (aiohttp.InvalidURL("http://exa mple.com/"), ("invalid_url", "InvalidURL: http://exa mple.com/")),
+        (aiohttp.NonHttpUrlClientError("ftp://a/"), ("invalid_url", "NonHttpUrlClientError: ftp://a/")),
+        (aiohttp.InvalidUrlRedirectClientError("http://[x/", "bad"),
+         ("invalid_url", "redirect to an unsupported URL: http://[x/ - bad")),
+        (asyncio.TimeoutError("slow"), ("timeout", "TimeoutError: slow")),
+        (aiohttp.ServerDisconnectedError(), ("reset", "server closed the connection before answering")),
+        (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+         ("reset", "ConnectionResetError: [Errno 104] Connection reset by peer")),
+        (aiohttp.ClientOSError(errno.EPIPE, "Broken pipe"), ("reset", "ClientOSError: [Errno 32] Broken pipe")),
+        (aiohttp.ClientOSError(errno.ENETUNREACH, "Network is unreachable"),
+         ("connect", "ClientOSError: [Errno 101] Network is unreachable")),
+        (aiohttp.ClientPayloadError("cut short"), ("protocol", "ClientPayloadError: cut short")),
+        (aiohttp.ClientError("weird"), ("protocol", "ClientError: weird")),
+        (ValueError("v"), ("protocol", "ValueError: v")),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else "",
+)
+def test_each_failure_has_its_kind_and_its_exact_detail(exc: BaseException, expected: tuple[str, str]) -> None:
+    assert classify(exc) == expected
+
+
+def test_a_certificate_error_is_tls_and_names_the_host() -> None:
+    exc = aiohttp.ClientConnectorCertificateError(KEY, ssl.SSLCertVerificationError("certificate verify failed"))
+    kind, detail = classify(exc)
+    assert kind == "tls"
+    assert detail.startswith("ClientConnectorCertificateError: ") and "a.test:8080" in detail
+
+
+def test_an_ssl_error_at_connect_is_tls() -> None:
+    kind, detail = classify(aiohttp.ClientSSLError(KEY, ssl.SSLError("bad")))
+    assert kind == "tls" and detail.startswith("ClientSSLError: ")
