@@ -40,7 +40,7 @@ SURVIVED = {"survived"}
 
 
 def mutmut_config(module: str, tests: list[str]) -> str:
-    selection = json.dumps([*tests, "-p", "no:cacheprovider", "-q", "-x"])
+    selection = json.dumps([*tests, "-p", "no:cacheprovider", "-q", "-x", "--hypothesis-profile=mutation"])
     return (
         "\n[tool.mutmut]\n"
         'source_paths = ["crawler"]\n'

@@ -28,6 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # runs keep exploring new ones.
 hypothesis.settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 hypothesis.settings.register_profile("dev", deadline=None)
+# Mutation testing and deliberate breakage only need to know that a test fails, not its smallest
+# example: no shrinking (`--hypothesis-profile=mutation`).
+hypothesis.settings.register_profile("mutation", derandomize=True, deadline=None,
+                                     phases=[hypothesis.Phase.explicit, hypothesis.Phase.reuse, hypothesis.Phase.generate])
 hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 

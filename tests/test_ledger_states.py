@@ -12,7 +12,8 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule,
+from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant, multiple, precondition,
+                                 rule,
                                  run_state_machine_as_test)
 
 from crawler import ledger
@@ -27,6 +28,7 @@ CHUNKS = [[f"http://a.test/{n}" for n in range(first, first + 4)] for first in (
 CHUNKS[2][3] = CHUNKS[0][0]
 ROWS = sum(len(c) for c in CHUNKS)
 LEASE_SECONDS = 60.0
+DRAIN_AFTER = 15  # steps of any kind before the job may be driven to its end
 
 
 class Holding:
@@ -74,6 +76,7 @@ class LedgerStates(RuleBasedStateMachine):
         self.expired = {n: False for n in range(len(CHUNKS))}
         self.results: dict[int, str] = {}
         self.finished = False  # finish_job said so
+        self.steps = 0
 
     def run(self, coro):
         return self.loop.run_until_complete(coro)
@@ -182,6 +185,7 @@ class LedgerStates(RuleBasedStateMachine):
 
     @invariant()
     def the_ledger_holds_what_the_model_says(self):
+        self.steps += 1
         chunks = self.run(self.admin.fetch(
             "SELECT chunk_no, state, fence, fetch_rows, done_rows, ok_rows, failed_rows, first_row, last_row"
             " FROM chunks WHERE job_id = $1 ORDER BY chunk_no", self.job.id))
@@ -197,6 +201,7 @@ class LedgerStates(RuleBasedStateMachine):
             assert c["done_rows"] == len(mine), (c, mine)
             assert c["ok_rows"] == sum(1 for r in mine if r % 2) and c["failed_rows"] == sum(1 for r in mine if not r % 2)
 
+    @precondition(lambda self: self.steps >= DRAIN_AFTER and not self.finished)
     @rule()
     def drain_to_the_end(self) -> None:
         """Whatever state the steps left: leases run out, one worker finishes every chunk, and
@@ -238,6 +243,6 @@ def test_leases_and_results_in_any_order_keep_the_ledger_consistent(states_dsn):
     LedgerStates.dsn = states_dsn
     # Modest: each example is a new job and a few dozen statements (a few seconds in all).
     run_state_machine_as_test(LedgerStates, settings=settings(
-        max_examples=25, stateful_step_count=30, deadline=None,
+        max_examples=25, stateful_step_count=40, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     ))
