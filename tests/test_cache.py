@@ -100,3 +100,22 @@ async def test_a_changed_resource_answers_200_to_revalidation_and_is_stored_anew
     assert (row["status"], row["from_cache"], row["cache_kind"]) == (200, False, None)
     etag = await db.fetchval("SELECT etag FROM response_cache WHERE final_url LIKE '%/etag/changed'")
     assert etag != '"old-version"'
+
+
+async def test_the_cross_job_cache_keeps_success_permanent_redirects_and_gone_but_not_failures(
+        session_dsn, db, mock_url, tmp_path):
+    """What a later job may take from the cache instead of asking: 2xx, 301/308, 404 and 410
+    (answers that stay true); never a 5xx, a 429, a temporary redirect, a 403 or a failed connection."""
+    kept = [200, 203, 204, 404, 410]
+    refetched = [302, 307, 400, 403, 429, 500, 502, 503]
+    path = tmp_path / "statuses.txt"
+    path.write_text("".join(f"{mock_url}/status/{s}\n" for s in kept + refetched) + "http://127.0.0.1:1/refused\n")
+    await run(session_dsn, path, "cache-statuses-first", cache_ttl=3600.0, max_attempts=1)
+    first = await hits(mock_url)
+    assert first == len(kept) + len(refetched)
+    await run(session_dsn, path, "cache-statuses-second", cache_ttl=3600.0, max_attempts=1)
+    rows = await outcomes(db, "cache-statuses-second")
+    served = {r["status"] for r in rows if r["cache_kind"] == "fresh"}
+    assert served == set(kept)
+    assert {r["status"] for r in rows if r["cache_kind"] is None} == set(refetched) | {None}
+    assert await hits(mock_url) == first + len(refetched)  # each of those asked again, once

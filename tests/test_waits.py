@@ -1,0 +1,104 @@
+"""The waits the crawler promises, measured where they happen: a connect timeout against an
+address that takes no connection (a loopback listener whose backlog is full), and a Retry-After
+that holds the request and its whole host back, seen in the server's own request times."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from aiohttp import web
+
+from crawler.crawl import crawl
+from crawler.errors import EXIT_OK
+from crawler.fetcher import Fetcher
+
+from conftest import test_settings
+
+
+@pytest.fixture
+def silent_address():
+    """host:port on 127.0.0.1 where a SYN is never answered: a listener that never accepts, its
+    one-place backlog filled first (Linux then drops further SYNs instead of refusing them)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    fillers = []
+    try:
+        for _ in range(16):  # until a connect neither succeeds nor is refused
+            probe = socket.socket()
+            probe.settimeout(0.2)
+            try:
+                probe.connect(address)
+            except (TimeoutError, socket.timeout):
+                probe.close()
+                break
+            fillers.append(probe)
+        else:
+            pytest.fail("the loopback listener kept accepting connections into its backlog")
+        yield f"{address[0]}:{address[1]}"
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+async def test_a_connect_that_is_never_answered_ends_at_the_connect_timeout(silent_address):
+    settings = test_settings(connect_timeout=0.5, read_timeout=60.0, total_timeout=60.0)
+    async with Fetcher(settings) as fetcher:
+        attempt = await fetcher.attempt("GET", f"http://{silent_address}/never")
+    assert attempt.error_kind == "timeout"
+    assert "Connection timeout" in attempt.error, attempt.error  # the connect timeout, not the total
+    assert attempt.elapsed_ms >= 500
+    assert attempt.status is None
+
+
+async def test_a_silent_address_is_a_timeout_result_retried_to_the_last_attempt(session_dsn, db, silent_address,
+                                                                              tmp_path):
+    path = tmp_path / "silent.txt"
+    path.write_text(f"http://{silent_address}/never\n")
+    settings = test_settings(connect_timeout=0.3, max_attempts=2, workers=1)
+    assert await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name="silent-address",
+                       summary_json=None, quiet=True) == EXIT_OK
+    row = await db.fetchrow("SELECT r.error_kind, r.error, r.attempts, r.elapsed_ms FROM results r"
+                            " JOIN jobs j ON j.id = r.job_id WHERE j.name = 'silent-address'")
+    assert (row["error_kind"], row["attempts"]) == ("timeout", 2)
+    assert "Connection timeout" in row["error"] and row["elapsed_ms"] >= 2 * 300
+
+
+@pytest.fixture
+async def paused_host(aiohttp_server):
+    """A server whose /busy answers 503 with Retry-After: 1 the first time and 200 after; every
+    other path answers 200. It records when each request arrived and when the 503 left."""
+    log: list[tuple[str, float]] = []
+    sent: dict[str, float] = {}
+
+    async def handle(request: web.Request) -> web.Response:
+        log.append((request.path, time.monotonic()))
+        if request.path == "/busy" and "503" not in sent:
+            sent["503"] = time.monotonic()
+            return web.Response(status=503, headers={"Retry-After": "1"})
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    server = await aiohttp_server(app)
+    return f"http://127.0.0.1:{server.port}", log, sent
+
+
+async def test_a_retry_after_holds_the_request_and_its_host_for_the_time_asked(session_dsn, paused_host, tmp_path):
+    base, log, sent = paused_host
+    path = tmp_path / "paused.txt"
+    path.write_text(f"{base}/busy\n" + "".join(f"{base}/other/{i}\n" for i in range(10)))
+    # One request at a time to the host: whatever reaches it after the 503 was sent after it.
+    settings = test_settings(workers=1, per_host_concurrency=1, adaptive_concurrency=False, max_attempts=3)
+    assert await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name="retry-after-waits",
+                       summary_json=None, quiet=True) == EXIT_OK
+    answered = sent["503"]
+    retried = [t for p, t in log if p == "/busy"][1]
+    assert retried - answered >= 1.0  # the retry waited the second the server asked for
+    during = [p for p, t in log if answered < t < answered + 1.0]
+    assert during == []  # and nothing else went to the paused host meanwhile
+    assert sorted(p for p, _ in log) == sorted(["/busy", "/busy"] + [f"/other/{i}" for i in range(10)])
