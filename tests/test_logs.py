@@ -8,10 +8,13 @@ import json
 import logging
 import os
 import sys
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from crawler import logs
+from crawler.database import LedgerConnection
+from crawler.errors import DatabaseError
 from crawler.logs import bind, log_context, mask_secrets, setup_logging
 
 from conftest import run_cli
@@ -166,14 +169,39 @@ def test_workers_inherit_level_and_format(stderr):
     assert json.loads(lines(stderr)[-1])["msg"] == "from a worker"
 
 
-def test_cli_json_logs_never_show_the_password(tmp_path):
-    """A real process with --log-format json: an unreachable database, a DSN with a password."""
+def test_cli_json_logs_never_show_the_password(session_dsn, tmp_path):
+    """A real crawl with --log-format json and a DSN that carries a password (the test server
+    trusts local connections, so any password connects): nothing it prints shows the password;
+    then a DSN that cannot connect, which ends in the one-line error with the password masked.
+    The JSON records of an outage are checked in-process below."""
     path = tmp_path / "urls.txt"
-    path.write_text("http://127.0.0.1/\n")
-    proc = run_cli("crawl", str(path), "--dsn", "postgresql://me:hunter2@127.0.0.1:1/db", "--log-level", "DEBUG",
-                   "--log-format", "json", env={"CRAWLER_DB_OUTAGE_LIMIT": "1"})
+    path.write_text("http://127.0.0.1:1/refused\n")
+    parts = urlsplit(session_dsn)
+    user = parts.username or "postgres"
+    netloc = f"{user}:hunter2@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    dsn = urlunsplit(parts._replace(netloc=netloc))
+    proc = run_cli("crawl", str(path), "--dsn", dsn, "--log-level", "DEBUG", "--log-format", "json",
+                   "--allow-net", "127.0.0.0/8", "--max-attempts", "1")
     err = proc.stderr.decode()
-    assert proc.returncode == 2 and "hunter2" not in err
-    for line in err.splitlines():
-        if line.startswith("{"):
-            assert {"ts", "level", "logger", "msg"} <= json.loads(line).keys()
+    assert proc.returncode == 0, err
+    assert "hunter2" not in err
+    # What a crawl prints besides its records (progress, the summary) is no JSON and no secret either.
+    assert all(json.loads(line).keys() >= {"ts", "level", "logger", "msg"}
+               for line in err.splitlines() if line.startswith("{"))
+
+    gone = run_cli("crawl", str(path), "--dsn", "postgresql://me:hunter2@127.0.0.1:1/db", "--log-level", "DEBUG",
+                   "--log-format", "json", env={"CRAWLER_DB_OUTAGE_LIMIT": "1"})
+    err = gone.stderr.decode()
+    assert gone.returncode == 2 and "hunter2" not in err
+    assert err.strip().splitlines()[-1].startswith("crawler: cannot connect to PostgreSQL at postgresql://me:***@")
+
+
+async def test_the_outage_warning_names_the_database_without_its_password(stderr, tmp_path):
+    setup_logging("INFO", "json")
+    gone = f"postgresql://me:hunter2@/postgres?host={tmp_path}/no-server-here"
+    async with LedgerConnection(gone, outage_limit=0.3, job="weekly") as db:
+        with pytest.raises(DatabaseError):
+            await db.run(lambda conn: conn.fetchval("SELECT 1"))
+    records = [json.loads(line) for line in lines(stderr)]
+    warnings = [r["msg"] for r in records if r["msg"].startswith("database unavailable")]
+    assert warnings and all("me:***@" in m and "hunter2" not in m for m in warnings), records
