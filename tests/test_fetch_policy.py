@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 import tracemalloc
 
 import aiohttp
@@ -110,8 +111,8 @@ async def test_details_of_the_hostile_results(hostile_results):
     assert "169.254.169.254" in r["redirect-to-metadata"]["error"]
     # three attempts, each cut by the 0.5 s read timeout
     assert r["slow-headers"]["elapsed_ms"] >= 3 * 500
-    # a 10 GiB Content-Length is refused before reading: no timeout-long wait
-    assert r["huge-length"]["elapsed_ms"] < 2000
+    # a 10 GiB Content-Length is body_too_large at once (EXPECTED), not a timeout; that it is
+    # refused before a byte is read is test_a_small_declared_length_over_a_small_cap_is_refused's
     assert "1048576" in r["gzip-bomb"]["error"]
 
 
@@ -136,7 +137,7 @@ async def test_the_total_timeout_cuts_a_body_that_never_pauses_long(mock_url):
         attempt = await fetcher.attempt("GET", f"{mock_url}/slow-body/100/100/x")
     assert (attempt.status, attempt.error_kind) == (200, "timeout")
     assert "total timeout (0.6s)" in attempt.error
-    assert 600 <= attempt.elapsed_ms < 600 + 1000 * fetcher.sweep + 1000
+    assert attempt.elapsed_ms >= 600  # the error names which timeout fired; no upper bound on a busy machine
 
 
 async def test_the_read_timeout_counts_from_the_last_read(mock_url):
@@ -152,7 +153,14 @@ async def test_the_read_timeout_counts_from_the_last_read(mock_url):
     assert (stalled.status, stalled.error_kind) == (200, "timeout")
     assert (no_headers.status, no_headers.error_kind) == (None, "timeout")
     assert "read timeout (0.4s)" in stalled.error and "read timeout (0.4s)" in no_headers.error
-    assert no_headers.elapsed_ms < 1500
+    assert stalled.elapsed_ms >= 400 and no_headers.elapsed_ms >= 400
+
+
+async def in_flight_at(base: str, count: int, timeout: float = 10) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with asyncio.timeout(timeout):
+            while (await (await session.get(f"{base}/__stats")).json())["in_flight"] < count:
+                await asyncio.sleep(0.01)
 
 
 async def test_a_timeout_leaves_the_task_fetching_and_other_cancellations_go_through(mock_url):
@@ -162,7 +170,7 @@ async def test_a_timeout_leaves_the_task_fetching_and_other_cancellations_go_thr
         after = await fetcher.attempt("GET", f"{mock_url}/ok/x")  # the same task, not left cancelled
         assert asyncio.current_task().cancelling() == 0
         stopped = asyncio.create_task(fetcher.attempt("GET", f"{mock_url}/slow-headers/2000/y"))
-        await asyncio.sleep(0.05)
+        await in_flight_at(mock_url, 1)  # the request has reached the server
         stopped.cancel()  # e.g. a drain past its grace period: not a timeout, not swallowed
         with pytest.raises(asyncio.CancelledError):
             await stopped
@@ -279,14 +287,25 @@ async def test_a_slow_host_does_not_take_the_whole_pool(session_dsn, db, tmp_pat
     assert sum(1 for t in slow_done if t <= fast_done) <= 6
 
 
-async def test_a_per_host_rate_limit_spaces_requests(session_dsn, mock_url, tmp_path):
+async def test_a_per_host_rate_limit_spaces_requests(session_dsn, aiohttp_server, tmp_path):
+    arrivals: list[float] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        arrivals.append(time.monotonic())  # seen by the server, not by the crawl's clock
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    server = await aiohttp_server(app)
     path = tmp_path / "rate.txt"
-    path.write_text("".join(f"{mock_url}/ok/{i}\n" for i in range(30)))
+    path.write_text("".join(f"http://127.0.0.1:{server.port}/ok/{i}\n" for i in range(30)))
     settings = test_settings(workers=1, per_host_rate=20.0)
-    started = asyncio.get_running_loop().time()
     assert await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name="rate",
                        summary_json=None, quiet=True) == EXIT_OK
-    assert asyncio.get_running_loop().time() - started >= 29 / 20  # a lower bound only
+    assert len(arrivals) == 30
+    # 29 gaps of 1/20 s between starts. Single gaps vary with delivery (a new connection, a busy
+    # loop), so the span is what is checked: a delivery's jitter may shift the first or last a little.
+    assert arrivals[-1] - arrivals[0] >= 29 / 20 - 0.05
 
 
 @pytest.mark.parametrize("size", [0, 3000, 64 * 1024, 64 * 1024 + 1, 300_000])

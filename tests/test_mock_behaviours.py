@@ -213,10 +213,8 @@ async def test_redirect_rejects_bad_counts_with_400(client, path):
 
 
 async def test_slow_headers_trip_a_read_timeout_before_the_status_line(client):
-    started = time.monotonic()
-    with pytest.raises(aiohttp.ServerTimeoutError):
+    with pytest.raises(aiohttp.ServerTimeoutError):  # 0.1 s of silence, long before the 1 s status line
         await client.get("/slow-headers/1000/a", timeout=aiohttp.ClientTimeout(sock_read=0.1))
-    assert time.monotonic() - started < 0.9
 
 
 async def test_slow_headers_answer_200_after_the_wait(client):
@@ -227,9 +225,9 @@ async def test_slow_headers_answer_200_after_the_wait(client):
 
 
 async def test_slow_body_sends_headers_at_once_then_stalls_between_bytes(client):
-    started = time.monotonic()
+    # The headers did not wait: with 0.1 s allowed between reads, a status line held back for the
+    # first 0.5 s gap would have been a timeout here.
     resp = await client.get("/slow-body/500/3/a", timeout=aiohttp.ClientTimeout(sock_read=0.1))
-    assert time.monotonic() - started < 0.4  # the headers did not wait
     assert resp.status == 200
     assert resp.headers["Content-Length"] == "3"
     with pytest.raises(aiohttp.ServerTimeoutError):
