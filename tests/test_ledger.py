@@ -75,8 +75,9 @@ async def test_a_stale_lease_cannot_commit_over_the_new_holder(db):
     job = await new_job(db, "fencing")
     await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"]))
     await ledger.mark_ingested(db, job.id)
-    old = (await ledger.lease_chunk(db, job.id, "old-worker", lease_seconds=0.01)).lease
-    await asyncio.sleep(0.05)  # the old holder's lease expires
+    old = (await ledger.lease_chunk(db, job.id, "old-worker", lease_seconds=60)).lease
+    # The old holder went silent past its lease: its expiry moved into the past, not waited for.
+    await db.execute("UPDATE chunks SET lease_expires = now() - interval '1 second' WHERE job_id = $1", job.id)
     new = (await ledger.lease_chunk(db, job.id, "new-worker", lease_seconds=60)).lease
     assert new is not None and new.chunk_no == old.chunk_no and new.fence > old.fence
     await ledger.prepare_writer(db)
