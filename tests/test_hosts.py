@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+
+import pytest
 
 from crawler.hosts import HostLimit, HostScheduler, host_of
 
@@ -184,3 +187,149 @@ async def test_a_host_is_reported_idle_once_nothing_is_pending_in_flight_or_paus
     (b2,) = drain(s)
     s.cancel(b2)
     assert idle == ["http://a", "http://b"]
+
+# --- exact behaviour: each rule of the scheduler, one at a time -----------------------------------
+
+
+def test_host_of_stops_at_the_first_slash_after_the_authority():
+    assert host_of("http://a.test/x/y/z") == "http://a.test"
+    assert host_of("http://a.test/login?next=https://b.test/x") == "http://a.test"  # a URL in the query
+
+
+def test_the_overload_window_is_the_round_trip_and_its_end_counts_again():
+    limit = HostLimit(16.0, maximum=100.0)
+    limit.on_overload(now=8.0, rtt=0.5)
+    assert limit.limit == 8.0
+    limit.on_overload(now=8.25, rtt=0.5)  # inside the round trip: the same signal
+    assert limit.limit == 8.0
+    limit.on_overload(now=8.5, rtt=0.5)  # a full round trip later: a new one
+    assert limit.limit == 4.0
+    limit.on_overload(now=8.53, rtt=0.01)  # a tiny round trip is read as 50 ms
+    assert limit.limit == 4.0
+
+
+def test_congestion_avoidance_at_a_limit_of_one_grows_by_one():
+    limit = HostLimit(1.0, maximum=10.0, slow_start=False)
+    limit.on_success()
+    assert limit.limit == 2.0  # one window of one answer
+    limit.on_success()
+    assert limit.limit == 2.5
+
+
+async def test_a_rate_below_one_per_second_spaces_starts_by_its_inverse():
+    clock = Clock()
+    s = HostScheduler(initial=5, maximum=5, rate=0.5, adaptive=False, clock=clock)
+    assert s.interval == 2.0
+    for i in range(2):
+        s.put(Item(f"http://h/{i}"))
+    assert len(drain(s)) == 1
+    clock.now += 1.9
+    s._wake("http://h")
+    assert drain(s) == []
+    clock.now += 0.1
+    s._wake("http://h")
+    assert len(drain(s)) == 1
+    for state in s.hosts.values():
+        if state.timer is not None:
+            state.timer.cancel()
+
+
+async def test_by_default_ten_thousand_idle_hosts_are_remembered():
+    s = HostScheduler(initial=1, maximum=1, adaptive=False)
+    for i in range(10_001):
+        s.put(Item(f"http://h{i}/"))
+        s.done(drain(s)[0], error_kind=None, status=200, elapsed=0.01)
+    assert len(s.hosts) == 10_000 and "http://h0" not in s.hosts and "http://h1" in s.hosts
+
+
+async def test_the_idle_bound_keeps_exactly_the_latest_and_every_busy_host():
+    s = HostScheduler(initial=1, maximum=1, adaptive=False, max_idle_hosts=2)
+    s.put(Item("http://busy/"))
+    (busy,) = drain(s)  # in flight the whole time: never forgotten
+    for name in ("b", "c"):
+        s.put(Item(f"http://{name}/"))
+        s.done(drain(s)[0], error_kind=None, status=200, elapsed=0.01)
+    assert list(s.hosts) == ["http://busy", "http://b", "http://c"]  # two idle: both kept
+    for name in ("d", "e"):
+        s.put(Item(f"http://{name}/"))
+        s.done(drain(s)[0], error_kind=None, status=200, elapsed=0.01)
+    # The count of idle hosts is an upper estimate (a busy host met first counts once): at most one
+    # idle host over the bound per busy host, never the busy host itself.
+    assert "http://busy" in s.hosts and "http://e" in s.hosts and len(s.hosts) <= 2 + 1 + 1
+    s.done(busy, error_kind=None, status=200, elapsed=0.01)  # its state was kept: the answer lands
+    for name in ("f", "g", "h"):
+        s.put(Item(f"http://{name}/"))
+        s.done(drain(s)[0], error_kind=None, status=200, elapsed=0.01)
+    assert list(s.hosts)[-2:] == ["http://g", "http://h"] and len(s.hosts) <= 3  # the latest, bounded
+
+
+async def test_a_cancel_that_leaves_a_host_idle_forgets_it_like_an_answer():
+    s = HostScheduler(initial=1, maximum=1, adaptive=False, max_idle_hosts=1)
+    s.put(Item("http://a/"))
+    s.cancel(drain(s)[0])
+    s.put(Item("http://b/"))
+    s.cancel(drain(s)[0])
+    assert list(s.hosts) == ["http://b"]
+    s.put(Item("http://b/again"))
+    assert len(drain(s)) == 1  # its slot was given back
+
+
+async def test_adaptive_growth_stops_at_the_schedulers_maximum_and_a_fixed_limit_never_grows():
+    for adaptive, expected in ((True, 3.0), (False, 2.0)):
+        s = HostScheduler(initial=2, maximum=3, adaptive=adaptive)
+        for i in range(10):
+            s.put(Item(f"http://h/{i}"))
+            for item in drain(s):
+                s.done(item, error_kind=None, status=200, elapsed=0.01)
+        assert s.limit_of("http://h") == expected
+
+
+async def test_what_counts_as_an_answer_and_what_as_overload():
+    clock = Clock()
+    s = HostScheduler(initial=4, maximum=100, clock=clock)
+    for i in range(3):
+        s.put(Item(f"http://h/{i}"))
+    a, b, c = drain(s)
+    s.done(a, error_kind="http_status", status=404, elapsed=0.01)  # an answer: slow start grows
+    assert s.limit_of("http://h") == 5.0
+    s.done(b, error_kind="dns", status=None, elapsed=0.01)  # no answer, no overload: no change
+    assert s.limit_of("http://h") == 5.0
+    clock.now += 1
+    s.done(c, error_kind="timeout", status=None, elapsed=0.01)  # overload: halved
+    assert s.limit_of("http://h") == 2.5
+
+
+async def test_the_round_trip_estimate_is_a_moving_average_of_answer_times():
+    s = HostScheduler(initial=4, maximum=4)
+    for i in range(2):
+        s.put(Item(f"http://h/{i}"))
+    a, b = drain(s)
+    s.done(a, error_kind=None, status=200, elapsed=0.5)
+    assert s.hosts["http://h"].rtt == pytest.approx(0.8 * 0.1 + 0.2 * 0.5)
+    s.done(b, error_kind=None, status=200, elapsed=0.0)  # counted as 1 ms, never zero
+    assert s.hosts["http://h"].rtt == pytest.approx(0.8 * (0.8 * 0.1 + 0.2 * 0.5) + 0.2 * 0.001)
+
+
+async def test_a_pause_of_half_a_second_holds_the_host():
+    clock = Clock()
+    s = HostScheduler(initial=4, maximum=4, adaptive=False, clock=clock)
+    s.put(Item("http://h/0"))
+    s.done(drain(s)[0], error_kind="http_status", status=429, elapsed=0.01, pause=0.5)
+    s.put(Item("http://h/1"))
+    assert drain(s) == []
+    clock.now += 0.5
+    s._wake("http://h")
+    assert len(drain(s)) == 1
+
+
+async def test_timers_wake_a_rate_limited_or_paused_host_in_real_time():
+    s = HostScheduler(initial=4, maximum=4, rate=50.0, adaptive=False)  # real clock: 20 ms apart
+    for i in range(4):
+        s.put(Item(f"http://h/{i}"))
+    got = [await asyncio.wait_for(s.ready.get(), 5) for _ in range(4)]
+    assert [i.url for i in got] == [f"http://h/{i}" for i in range(4)]
+    paused = HostScheduler(initial=4, maximum=4, adaptive=False)
+    paused.put(Item("http://p/0"))
+    paused.done(await paused.ready.get(), error_kind="http_status", status=503, elapsed=0.01, pause=0.05)
+    paused.put(Item("http://p/1"))
+    assert (await asyncio.wait_for(paused.ready.get(), 5)).url == "http://p/1"
