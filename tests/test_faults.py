@@ -276,13 +276,14 @@ async def test_a_killed_supervisor_is_finished_by_resume(session_dsn, mock_proce
     assert rows <= await server_hits(mock_process) <= rows + at_risk
 
 
-async def test_sigterm_drains_releases_leases_and_resume_finishes(session_dsn, mock_process, tmp_path):
-    rows = write_input(tmp_path / "urls.csv", mock_process)
-    name = "drain"
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "one-ctrl-c"])
+async def test_sigterm_or_one_ctrl_c_drains_releases_leases_and_resume_finishes(session_dsn, mock_process, tmp_path, sig):
+    rows = write_input(tmp_path / "urls.csv", mock_process, count=URLS // 2)
+    name = f"drain-{sig.name}"
     proc = crawl_process(session_dsn, tmp_path / "urls.csv", name)
     try:
         await wait_for_results(session_dsn, name, 2000, proc)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         code, err = finish(proc, timeout=60)
     finally:
         if proc.poll() is None:
