@@ -5,6 +5,7 @@ kill point is drawn from a seeded random generator, so a failure reproduces with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import re
@@ -472,3 +473,55 @@ async def test_a_database_gone_for_good_names_the_job_to_resume(tmp_path):
             await db.run(lambda conn: conn.fetchval("SELECT 1"))
     message = str(caught.value)
     assert message.startswith("PostgreSQL at") and "`crawler resume weekly`" in message
+
+
+async def test_a_database_outage_while_the_input_is_read_pauses_ingest_and_loses_no_row(
+        own_postgres, mock_process, tmp_path):
+    """The input arrives through a FIFO, half of it before PostgreSQL goes away and half while it
+    is away: the supervisor holds the rows it cannot store, stores them when the database is back,
+    and the job ends with every row's one result."""
+    dsn, name, half = own_postgres.dsn, "outage-while-reading", 3000
+    fifo = tmp_path / "urls.fifo"
+    os.mkfifo(fifo)
+    lines = [f"{mock_process}/delay/2/{i}\n" for i in range(2 * half)]
+    lines.insert(half + 10, "not a url\n")  # an invalid row in the part read during the outage
+    proc = crawl_process(dsn, fifo, name)
+    pipe = await asyncio.to_thread(open, fifo, "w")
+    try:
+        await asyncio.to_thread(pipe.write, "url\n" + "".join(lines[:half]))
+        await asyncio.to_thread(pipe.flush)
+        await wait_for_results(dsn, name, 1000, proc)
+        await asyncio.to_thread(own_postgres.stop)
+        # The rest of the input while the database is away (the write blocks once the pipe is
+        # full and the supervisor, unable to store, stops reading).
+        rest = asyncio.create_task(asyncio.to_thread(lambda: (pipe.write("".join(lines[half:])), pipe.close())))
+        before = await server_hits(mock_process)
+        deadline, last, still_since = time.monotonic() + 60, -1, time.monotonic()
+        while time.monotonic() - still_since < 1.0:  # the workers have done all they could
+            assert time.monotonic() < deadline and proc.poll() is None
+            hits = await server_hits(mock_process)
+            if hits != last:
+                last, still_since = hits, time.monotonic()
+            await asyncio.sleep(0.05)
+        assert last < 2 * half and last >= before
+        await asyncio.to_thread(own_postgres.start)
+        await asyncio.wait_for(rest, 60)
+        code, err = finish(proc)
+    finally:
+        if not pipe.closed:
+            with contextlib.suppress(BrokenPipeError):
+                pipe.close()
+        if proc.poll() is None:
+            kill_tree(proc)
+        await asyncio.to_thread(own_postgres.start)
+    assert code == 0, err
+    await assert_exactly_once(dsn, name, 2 * half)
+    conn = await asyncpg.connect(dsn)
+    try:
+        job = await conn.fetchrow("SELECT id, rows_read FROM jobs WHERE name = $1", name)
+        assert job["rows_read"] == 2 * half + 1
+        invalid = await conn.fetch("SELECT row_no FROM invalid_rows WHERE job_id = $1", job["id"])
+        assert [r["row_no"] for r in invalid] == [half + 11]
+    finally:
+        await conn.close()
+    assert await server_hits(mock_process) == 2 * half  # nothing fetched twice across the outage
