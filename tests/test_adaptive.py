@@ -1,0 +1,46 @@
+"""Adaptive per-host concurrency end to end: a host that turns away what exceeds its capacity
+(503 at once) teaches a crawl to send about as much as it can take. The same crawl with a fixed
+per-host limit, in the same test, is the yardstick."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from crawler.crawl import crawl
+from crawler.errors import EXIT_OK
+from crawler.mock_server import start_mock_server
+
+from conftest import test_settings
+
+ROWS, CAPACITY = 300, 4
+
+
+async def crawl_against_a_small_host(session_dsn, db, tmp_path, name: str, *, adaptive: bool) -> tuple[dict, list]:
+    runner, base = await start_mock_server(capacity=CAPACITY)
+    try:
+        path = tmp_path / f"{name}.txt"
+        path.write_text("".join(f"{base}/delay/20/{i}\n" for i in range(ROWS)))
+        settings = test_settings(workers=1, concurrency=32, per_host_concurrency=16, per_host_max=32,
+                                 adaptive_concurrency=adaptive, max_attempts=6)
+        assert await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name=name,
+                           summary_json=None, quiet=True) == EXIT_OK
+        async with aiohttp.ClientSession() as session:
+            stats = await (await session.get(f"{base}/__stats")).json()
+    finally:
+        await runner.cleanup()
+    rows = await db.fetch("SELECT r.status, r.attempts FROM results r JOIN jobs j ON j.id = r.job_id"
+                          " WHERE j.name = $1", name)
+    return stats, rows
+
+
+async def test_adaptive_concurrency_learns_a_hosts_capacity(session_dsn, db, tmp_path):
+    adaptive, adaptive_rows = await crawl_against_a_small_host(session_dsn, db, tmp_path, "adaptive-on", adaptive=True)
+    fixed, fixed_rows = await crawl_against_a_small_host(session_dsn, db, tmp_path, "adaptive-off", adaptive=False)
+    # Learning the host's size, every row got its answer...
+    assert [r["status"] for r in adaptive_rows] == [200] * ROWS
+    # ...and the host turned away a fraction of what a fixed limit of 16 against a capacity of 4
+    # makes it turn away (on a loaded two-core machine: 261 against 1 290, 1 of 2.1 sent against
+    # 1 of 1.1), as the server counted them in the same test.
+    assert 2.5 * adaptive["rejected"] < fixed["rejected"], (adaptive, fixed)
+    assert adaptive["hits"]["total"] < fixed["hits"]["total"]
+    assert sum(r["attempts"] for r in adaptive_rows) < sum(r["attempts"] for r in fixed_rows)
