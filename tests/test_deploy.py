@@ -357,6 +357,7 @@ def test_hadolint_finds_nothing():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # pip installs from the registry: each RUN step may take its own 900 s
 def test_dockerfile_install_steps_work_in_a_fresh_virtual_environment(fresh_dsn, tmp_path):
     """The build stage's COPY and RUN steps, with /opt/crawler a temporary directory: a
     non-editable install from the registry whose `crawler` runs and applies the migrations."""

@@ -420,6 +420,20 @@ async def test_a_database_away_past_the_limit_stops_the_job_resumably(own_postgr
     await assert_exactly_once(dsn, name, rows)
 
 
+async def delivered(pid: int, sig: int, timeout: float = 10) -> None:
+    """Until `sig` is no longer pending for the process (its handler has taken it)."""
+    bit = 1 << (sig - 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/status") as status:
+            pending = {k: int(v, 16) for k, _, v in (line.partition(":\t") for line in status)
+                       if k in ("SigPnd", "ShdPnd")}
+        if not any(mask & bit for mask in pending.values()):
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"signal {sig} still pending after {timeout}s")
+
+
 async def test_a_second_interrupt_stops_at_once_and_keeps_every_committed_result(session_dsn, mock_process, tmp_path):
     rows = write_input(tmp_path / "urls.csv", mock_process)
     name = "double-interrupt"
@@ -427,7 +441,7 @@ async def test_a_second_interrupt_stops_at_once_and_keeps_every_committed_result
     try:
         await wait_for_results(session_dsn, name, 2000, proc)
         proc.send_signal(signal.SIGINT)
-        await asyncio.sleep(0.05)
+        await delivered(proc.pid, signal.SIGINT)  # else the second may merge into the first, still pending
         proc.send_signal(signal.SIGINT)
         code, err = finish(proc, timeout=30)
     finally:
