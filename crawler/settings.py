@@ -171,9 +171,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ValueError(value)
         return value
     except ValueError:
-        what = {int: "whole number", float: "number", bool: "true or false", str: "string",
-                list: "list of whole numbers" if name == "retry_statuses" else "list of strings"}[kind]
-        raise UsageError(f"setting '{name}' from {source} must be a {what}, not {original!r}.") from None
+        what = {int: "a whole number", float: "a number", bool: "true or false", str: "a string",
+                list: "a list of whole numbers" if name == "retry_statuses" else "a list of strings"}[kind]
+        raise UsageError(f"setting '{name}' from {source} must be {what}, not {original!r}.") from None
 
 
 def _worker_count(value: Any, source: str) -> int | str:

@@ -310,3 +310,66 @@ def test_a_joining_worker_takes_the_jobs_policy_and_keeps_its_own_capacity() -> 
 
 def test_as_dict_has_every_key() -> None:
     assert set(Settings().as_dict()) == KEYS
+
+
+# --- each kind's coercion and its message, word for word ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"CRAWLER_CONCURRENCY": "many"},
+         "setting 'concurrency' from CRAWLER_CONCURRENCY must be a whole number, not 'many'."),
+        ({"CRAWLER_CONNECT_TIMEOUT": "soon"},
+         "setting 'connect_timeout' from CRAWLER_CONNECT_TIMEOUT must be a number, not 'soon'."),
+        ({"CRAWLER_STORE_BODIES": "maybe"},
+         "setting 'store_bodies' from CRAWLER_STORE_BODIES must be true or false, not 'maybe'."),
+        ({"CRAWLER_RETRY_STATUSES": "429,x"},
+         "setting 'retry_statuses' from CRAWLER_RETRY_STATUSES must be a list of whole numbers, not '429,x'."),
+        ({"CRAWLER_WORKERS": "some"},
+         "setting 'workers' from CRAWLER_WORKERS must be 'auto' or a whole number, not 'some'."),
+    ],
+)
+def test_a_bad_environment_value_names_the_variable_the_kind_and_the_value(environ, message) -> None:
+    assert usage_error(environ=environ, config_file=None) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("allow_net = [1]\n", "must be a list of strings, not [1]."),
+        ("retry_statuses = [true]\n", "must be a list of whole numbers, not [True]."),
+        ("user_agent = 5\n", "must be a string, not 5."),
+    ],
+)
+def test_a_bad_toml_list_or_string_says_what_it_must_be(tmp_path: Path, text: str, message: str) -> None:
+    assert usage_error(config_file=write(tmp_path, text), environ={}).endswith(message)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1", True), ("0", False), ("true", True), ("FALSE", False), (" yes ", True), ("no", False),
+     ("on", True), ("off", False)],
+)
+def test_every_spelling_of_a_boolean_in_the_environment(text: str, expected: bool) -> None:
+    settings, sources = load_settings(environ={"CRAWLER_STORE_BODIES": text})
+    assert settings.store_bodies is expected and sources["store_bodies"] == "environment"
+
+
+def test_the_cache_ttl_reads_a_duration_and_the_worker_count_auto_from_anywhere(tmp_path: Path) -> None:
+    settings, _ = load_settings(environ={"CRAWLER_CACHE_TTL": "2h", "CRAWLER_WORKERS": "AUTO"})
+    assert (settings.cache_ttl, settings.workers) == (7200.0, "auto")
+    settings, _ = load_settings(config_file=write(tmp_path, 'cache_ttl = "90s"\nworkers = 3\n'), environ={})
+    assert (settings.cache_ttl, settings.workers) == (90.0, 3)
+    message = usage_error(config_file=write(tmp_path, "workers = true\n"), environ={})
+    assert message == f"setting 'workers' from {tmp_path / 'crawler.toml'} must be 'auto' or a whole number, not True."
+
+
+def test_a_list_setting_given_as_text_is_a_comma_list(tmp_path: Path) -> None:
+    settings, _ = load_settings(config_file=write(tmp_path, 'allow_net = "10.0.0.0/8, 127.0.0.1/32"\n'), environ={})
+    assert settings.allow_net == ["10.0.0.0/8", "127.0.0.1/32"]
+
+
+def test_a_setting_that_may_be_absent_takes_none_from_a_flag() -> None:
+    settings, sources = load_settings(environ={}, flags={"dsn": None, "concurrency": 7})
+    assert settings.dsn is None and settings.concurrency == 7 and sources["concurrency"] == "flag"
