@@ -333,3 +333,29 @@ async def test_timers_wake_a_rate_limited_or_paused_host_in_real_time():
     paused.done(await paused.ready.get(), error_kind="http_status", status=503, elapsed=0.01, pause=0.05)
     paused.put(Item("http://p/1"))
     assert (await asyncio.wait_for(paused.ready.get(), 5)).url == "http://p/1"
+
+
+async def test_rescale_sets_the_rate_and_a_limit_of_at_least_one():
+    s = HostScheduler(initial=4, maximum=4, adaptive=False)
+    s.rescale(initial=4, maximum=4, rate=0.5)
+    assert s.interval == 2.0
+    s.rescale(initial=4, maximum=4, rate=4.0)
+    assert s.interval == 0.25
+    s.rescale(initial=0, maximum=0, rate=0.0)
+    assert (s.initial, s.maximum, s.interval) == (1, 1, 0.0)
+
+
+async def test_a_slot_freed_by_an_answer_or_a_rescale_wakes_a_rate_limited_host_in_real_time():
+    s = HostScheduler(initial=1, maximum=1, rate=50.0, adaptive=False)
+    for i in range(2):
+        s.put(Item(f"http://h/{i}"))
+    first = await asyncio.wait_for(s.ready.get(), 5)
+    s.done(first, error_kind=None, status=200, elapsed=0.01)  # the next start is 20 ms away: a timer
+    assert (await asyncio.wait_for(s.ready.get(), 5)).url == "http://h/1"
+    r = HostScheduler(initial=1, maximum=1, rate=50.0, adaptive=False)
+    for i in range(3):
+        r.put(Item(f"http://r/{i}"))
+    await asyncio.wait_for(r.ready.get(), 5)
+    r.rescale(initial=3, maximum=3, rate=50.0)  # room for the other two, each after its interval
+    got = [await asyncio.wait_for(r.ready.get(), 5) for _ in range(2)]
+    assert [i.url for i in got] == ["http://r/1", "http://r/2"]
