@@ -73,7 +73,7 @@ async def export_all(dsn: str, job: int, directory: str) -> dict[str, str]:
         await conn.close()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ROWS)
 @example([("valid", '=HYPERLINK("x")', "a,b\r\n\"c\"", "line\nbreak"), ("invalid", "\u2028\ufeff\x85", "tab\there", None)])
 def test_any_text_comes_back_exactly_in_every_format(session_dsn, rows: list[tuple]) -> None:
