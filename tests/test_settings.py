@@ -373,3 +373,34 @@ def test_a_list_setting_given_as_text_is_a_comma_list(tmp_path: Path) -> None:
 def test_a_setting_that_may_be_absent_takes_none_from_a_flag() -> None:
     settings, sources = load_settings(environ={}, flags={"dsn": None, "concurrency": 7})
     assert settings.dsn is None and settings.concurrency == 7 and sources["concurrency"] == "flag"
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"CRAWLER_METRICS_PORT": "65536"}, "setting 'metrics_port' must be a port number (0 = off), not 65536."),
+        ({"CRAWLER_PER_HOST_MAX": "-1"}, "setting 'per_host_max' cannot be negative (0 means: no limit of its own)."),
+        ({"CRAWLER_PER_HOST_RATE": "-0.5"}, "setting 'per_host_rate' cannot be negative (0 means: no rate limit)."),
+        ({"CRAWLER_WORKER_RESTARTS": "-1"}, "setting 'worker_restarts' cannot be negative."),
+        ({"CRAWLER_DRAIN_GRACE": "-1"}, "setting 'drain_grace' cannot be negative."),
+        ({"CRAWLER_MAX_REDIRECTS": "-1"}, "settings 'max_body_bytes' and 'max_redirects' cannot be negative."),
+        ({"CRAWLER_MAX_BODY_BYTES": "-1"}, "settings 'max_body_bytes' and 'max_redirects' cannot be negative."),
+    ],
+)
+def test_each_bound_says_which_setting_and_why(environ, message) -> None:
+    assert usage_error(environ=environ) == message
+
+
+def test_the_edges_of_each_bound_are_allowed() -> None:
+    edges = {"CRAWLER_METRICS_PORT": "65535", "CRAWLER_WORKER_RESTARTS": "0", "CRAWLER_MAX_BODY_BYTES": "0",
+             "CRAWLER_MAX_REDIRECTS": "0", "CRAWLER_PER_HOST_RATE": "0", "CRAWLER_PER_HOST_MAX": "0"}
+    settings, _ = load_settings(environ=edges)
+    assert (settings.metrics_port, settings.worker_restarts, settings.max_body_bytes, settings.max_redirects) == (
+        65535, 0, 0, 0)
+
+
+def test_a_joining_worker_keeps_its_own_networks_when_the_job_stored_none() -> None:
+    from crawler.settings import Settings, for_job
+
+    merged = for_job({"max_attempts": 5}, Settings(allow_net=["10.0.0.0/8"]))
+    assert merged.allow_net == ["10.0.0.0/8"] and merged.max_attempts == 5
