@@ -5,7 +5,6 @@ drain and give their leases back; another worker finishes the job)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
