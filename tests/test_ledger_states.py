@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant, multiple, precondition,
-                                 rule,
-                                 run_state_machine_as_test)
+from hypothesis.stateful import (
+    Bundle, RuleBasedStateMachine, consumes, invariant, multiple, precondition, rule, run_state_machine_as_test,
+)
 
 from crawler import ledger
 from crawler.inputs import RequestRow
