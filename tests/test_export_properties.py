@@ -1,6 +1,8 @@
 """Export round-trips: whatever text a row holds (its URL as read, a final URL, an error's
 detail, an invalid row's raw text and reason), JSON lines, CSV and Parquet give it back exactly,
-one record per row, in row order."""
+one record per row, in row order, but for what the export hides or defuses on purpose: a URL's
+password (as ***, in every format) and, in CSV for spreadsheets, a cell that would run as a
+formula (prefixed with "'"; --csv-raw gives it as stored)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from crawler.export import FIELDS, export_job
+from crawler.export import FIELDS, export_job, neutralized
+from crawler.urls import mask_password
 
 # What PostgreSQL's text can hold: any character but NUL (the crawler makes bytes storable first).
 TEXT = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=40)
@@ -45,29 +48,33 @@ def expected(rows: list[tuple]) -> list[dict]:
     out = []
     for n, (kind, text, final_url, error) in enumerate(rows, start=1):
         if kind == "invalid":
-            out.append({"row": n, "url": text, "status": None, "final_url": None, "error_kind": "invalid_url",
-                        "error": final_url, "attempts": 0, "from_cache": False, "elapsed_ms": None,
-                        "body_bytes": None, "body_sha256": None})
+            out.append({"row": n, "url": mask_password(text), "normalized_url": None, "status": None,
+                        "final_url": None, "error_kind": "invalid_url", "error": mask_password(final_url),
+                        "attempts": 0, "from_cache": False, "elapsed_ms": None, "body_bytes": None,
+                        "body_sha256": None})
         else:
-            out.append({"row": n, "url": text, "status": None if error is not None else 200, "final_url": final_url,
-                        "error_kind": None if error is None else "protocol", "error": error, "attempts": 1,
-                        "from_cache": False, "elapsed_ms": 2.5, "body_bytes": 7, "body_sha256": "0aff"})
+            out.append({"row": n, "url": mask_password(text), "normalized_url": mask_password(text),
+                        "status": None if error is not None else 200, "final_url": mask_password(final_url),
+                        "error_kind": None if error is None else "protocol", "error": mask_password(error),
+                        "attempts": 1, "from_cache": False, "elapsed_ms": 2.5, "body_bytes": 7, "body_sha256": "0aff"})
     return out
 
 
-def as_csv(record: dict) -> list[str]:
-    """How CSV spells a record: no types, no NULL (an empty cell), booleans and numbers as Python prints them."""
-    return ["" if record[name] is None else str(record[name]) for name in FIELDS]
+def as_csv(record: dict, *, raw: bool) -> list[str]:
+    """How CSV spells a record: no types, no NULL (an empty cell), booleans and numbers as Python
+    prints them; for spreadsheets, a formula-like text defused."""
+    return ["" if record[name] is None else str(record[name] if raw else neutralized(record[name])) for name in FIELDS]
 
 
 async def export_all(dsn: str, job: int, directory: str) -> dict[str, str]:
     conn = await asyncpg.connect(dsn)
     try:
-        paths = {fmt: os.path.join(directory, f"out.{fmt}") for fmt in ("jsonl", "csv", "parquet")}
+        paths = {fmt: os.path.join(directory, f"out.{fmt}") for fmt in ("jsonl", "csv", "parquet", "raw.csv")}
+        rows = len(await conn.fetch("SELECT row_no FROM requests WHERE job_id = $1 UNION ALL"
+                                    " SELECT row_no FROM invalid_rows WHERE job_id = $1", job))
         for fmt, path in paths.items():
-            assert await export_job(conn, job, fmt=fmt, path=path) == len(await conn.fetch(
-                "SELECT row_no FROM requests WHERE job_id = $1 UNION ALL SELECT row_no FROM invalid_rows"
-                " WHERE job_id = $1", job))
+            raw = fmt == "raw.csv"
+            assert await export_job(conn, job, fmt="csv" if raw else fmt, path=path, csv_raw=raw) == rows
         return paths
     finally:
         await conn.close()
@@ -76,6 +83,7 @@ async def export_all(dsn: str, job: int, directory: str) -> dict[str, str]:
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ROWS)
 @example([("valid", '=HYPERLINK("x")', "a,b\r\n\"c\"", "line\nbreak"), ("invalid", "\u2028\ufeff\x85", "tab\there", None)])
+@example([("valid", "http://me:secret@a.test/", "https://u:p@b.test/x", None), ("invalid", "-1+1", "@x", None)])
 def test_any_text_comes_back_exactly_in_every_format(session_dsn, rows: list[tuple]) -> None:
     async def crawl_free_job() -> int:
         conn = await asyncpg.connect(session_dsn)
@@ -90,8 +98,9 @@ def test_any_text_comes_back_exactly_in_every_format(session_dsn, rows: list[tup
         paths = asyncio.run(export_all(session_dsn, job, directory))
         with open(paths["jsonl"], encoding="utf-8", newline="") as f:
             assert [json.loads(line) for line in f.read().split("\n") if line] == want
-        with open(paths["csv"], encoding="utf-8", newline="") as f:
-            header, *records = list(csv.reader(f))
-        assert header == list(FIELDS)
-        assert records == [as_csv(r) for r in want]
+        for fmt, raw in (("csv", False), ("raw.csv", True)):
+            with open(paths[fmt], encoding="utf-8", newline="") as f:
+                header, *records = list(csv.reader(f))
+            assert header == list(FIELDS)
+            assert records == [as_csv(r, raw=raw) for r in want]
         assert pq.read_table(paths["parquet"]).to_pylist() == want
