@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
 
-import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
 
 from crawler.crawl import crawl
+from crawler.dns_responder import start_responder, zone_answer
 from crawler.errors import EXIT_OK
 from crawler.fetcher import Fetcher
 from crawler.urls import request_url
@@ -95,30 +94,20 @@ async def test_a_password_is_sent_as_basic_authorization_never_on_the_request_li
     assert b"p@ss" not in server.heads[0] and b"p%40ss" not in server.heads[0]
 
 
-class LoopbackResolver(aiohttp.abc.AbstractResolver):
-    """Every name is 127.0.0.1: the one part of the path that cannot run here is DNS."""
-
-    def __init__(self) -> None:
-        self.asked: list[str] = []
-
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
-        self.asked.append(host)
-        return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET,
-                 "proto": 0, "flags": socket.AI_NUMERICHOST}]
-
-    async def close(self) -> None:
-        pass
-
-
-async def test_an_idn_host_is_looked_up_and_sent_as_punycode(monkeypatch) -> None:
-    resolver = LoopbackResolver()
-    monkeypatch.setattr("crawler.fetcher._resolver", lambda: resolver)
-    async with RecordingServer() as server:
-        url = request_url(f"http://B\u00fccher.example:{server.port}/b\u00fccher")
-        async with Fetcher(test_settings(allow_net=["127.0.0.1/32"])) as fetcher:
-            attempt = await fetcher.attempt("GET", url, encoded=True)
+async def test_an_idn_host_is_looked_up_and_sent_as_punycode() -> None:
+    # A DNS responder on loopback answers the example zone with 127.0.0.1: the name the crawler
+    # asks it about is the punycode one, and so is the Host header.
+    transport, responder, where = await start_responder(zone_answer("example", "127.0.0.1"))
+    try:
+        async with RecordingServer() as server:
+            url = request_url(f"http://B\u00fccher.example:{server.port}/b\u00fccher")
+            settings = test_settings(allow_net=["127.0.0.1/32"], dns_servers=[where])
+            async with Fetcher(settings) as fetcher:
+                attempt = await fetcher.attempt("GET", url, encoded=True)
+    finally:
+        transport.close()
     assert attempt.status == 200, attempt.error
-    assert resolver.asked == ["xn--bcher-kva.example"]
+    assert {name for name, _ in responder.asked} == {"xn--bcher-kva.example"}
     assert server.request_lines() == [b"GET /b%C3%BCcher HTTP/1.1"]
     assert server.header(0, b"Host") == f"xn--bcher-kva.example:{server.port}".encode()
 
