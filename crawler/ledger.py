@@ -607,10 +607,12 @@ class Quarantine(NamedTuple):
 
 @dataclass(slots=True, frozen=True)
 class Released:
-    """Dead workers' leases given back: the chunks each of them held, and those quarantined."""
+    """Dead workers' leases given back: the chunks each of them held, those quarantined, and the
+    workers that died on chunks that had killed a worker before (a repeat: the chunk's doing)."""
 
     held: dict[str, list[int]]
     quarantined: list[Quarantine]
+    repeats: frozenset[str] = frozenset()
 
 
 async def release_dead_workers(
@@ -633,16 +635,19 @@ async def release_dead_workers(
             job_id, list(owners), quarantine_after,
         )
         held: dict[str, list[int]] = {}
+        first_deaths: set[str] = set()  # owners that held a chunk no worker had died on before
         quarantined = []
         for r in sorted(rows, key=lambda r: r["chunk_no"]):
             held.setdefault(r["lease_owner"], []).append(r["chunk_no"])
+            if r["deaths"] == 1:
+                first_deaths.add(r["lease_owner"])
             if r["quarantined"]:
                 given_up = await _give_up_rows(conn, job_id, r["chunk_no"], r["first_row"], r["last_row"],
                                                f"workers died {r['deaths']} times on this chunk"
                                                f" (chunk {r['chunk_no']}, rows {r['first_row']}-{r['last_row']});"
                                                f" not fetched")
                 quarantined.append(Quarantine(r["chunk_no"], r["first_row"], r["last_row"], r["deaths"], given_up))
-    return Released(held, quarantined)
+    return Released(held, quarantined, frozenset(held) - first_deaths)
 
 
 async def _give_up_rows(conn: asyncpg.Connection, job_id: int, chunk_no: int, first_row: int, last_row: int,

@@ -126,6 +126,8 @@ class WorkerProcesses:
             if proc.exitcode == 0 or self.stopping.is_set():
                 slot.finished = True
                 continue
+            if slot.worker_id in self._unreleased:
+                continue  # judged once its leases are given back and its death counted on them
             slot.restarts += 1
             log.warning("worker %d (pid %s) died with exit code %s", slot.index, proc.pid, proc.exitcode)
             if slot.unexplained > self.settings.worker_restarts:
@@ -183,10 +185,17 @@ class WorkerProcesses:
         return await ledger.release_dead_workers(conn, job_id, blamed) if blamed else ledger.Released({}, [])
 
     def _count_deaths(self, released: ledger.Released) -> None:
-        """Note which chunks each dead worker held; a death on a chunk now quarantined is explained
-        (the chunk killed it) and leaves its slot's restart budget."""
+        """Note which chunks each dead worker held. A death is explained (the chunk killed it, not
+        the worker) and leaves its slot's restart budget when every chunk it held had killed a
+        worker before, or once one of them is quarantined: the order in which two workers meet
+        the same poisoned chunks then decides nothing. A worker that dies on fresh chunks each
+        time is not explained: that is the worker's own failure, and the budget stops the job."""
         for owner, chunks in released.held.items():
-            if owner in self._slot_of:
+            if owner not in self._slot_of:
+                continue
+            if owner in released.repeats:  # every chunk it held had killed a worker before
+                self._slot_of[owner].explained += 1
+            else:
                 self._slot_of[owner].deaths_on.append(frozenset(chunks))
         for q in released.quarantined:
             log.warning("chunk %d (rows %d-%d) quarantined: workers died %d times holding it; its %d rows"

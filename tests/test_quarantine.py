@@ -11,7 +11,7 @@ from crawler import ledger
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
 from crawler.inputs import RequestRow
-from crawler.processes import WorkerProcesses
+from crawler.processes import WorkerProcesses, WorkerSlot
 from crawler.summary import job_summary
 from crawler.urls import fingerprint
 
@@ -50,6 +50,8 @@ async def test_three_deaths_in_a_row_quarantine_the_chunk_and_the_job_can_finish
             await ledger.write_results(db, job.id, {chunk.lease: [ok(job.id, 1), ok(job.id, 2)]}, set(), 60)
         released = await ledger.release_dead_workers(db, job.id, [f"w{death}"])
         assert released.held == {f"w{death}": [0]}
+        # the first death is the worker's as much as the chunk's; the next ones, the chunk's
+        assert released.repeats == (frozenset() if death == 1 else {f"w{death}"})
         assert [q.chunk_no for q in released.quarantined] == ([0] if death == ledger.QUARANTINE_AFTER else [])
     q = released.quarantined[0]
     # 10 rows, one a duplicate of row 1: 9 to fetch, 2 fetched, 7 given up
@@ -94,6 +96,23 @@ async def test_a_chunk_whose_holders_died_goes_to_a_worker_holding_nothing_and_a
     assert await lease(db, job, "z") is None  # ...and it gets nothing more while it holds it
     assert await lease(db, job, "x") is None  # x still holds chunks 0 and 3
     assert (await lease(db, job, "w")).lease.chunk_no == 2
+
+
+def test_a_slot_whose_deaths_repeat_on_poisoned_chunks_keeps_its_restart_budget():
+    """Two workers meeting two poisoned chunks in any order: a death on a chunk that had killed
+    before is explained at once, whatever is quarantined later; deaths on fresh chunks count."""
+    pool = WorkerProcesses("postgresql://unused", test_settings(workers=1, worker_restarts=2))
+    slot = WorkerSlot(0)
+    pool.slots = [slot]
+    pool._slot_of["w1"] = pool._slot_of["w2"] = pool._slot_of["w3"] = slot
+    pool._count_deaths(ledger.Released({"w1": [6]}, []))  # chunk 6's first death: counted
+    pool._count_deaths(ledger.Released({"w2": [6]}, [], frozenset({"w2"})))  # its second: explained
+    pool._count_deaths(ledger.Released({"w3": [2]}, []))  # chunk 2's first death: counted
+    slot.restarts = 3
+    assert slot.unexplained == 2  # within a budget of 2: the job goes on
+    q = ledger.Quarantine(6, 61, 70, 3, 10)
+    pool._count_deaths(ledger.Released({}, [q]))  # chunk 6 quarantined later explains w1's too
+    assert slot.unexplained == 1
 
 
 async def test_a_worker_that_stopped_for_the_database_counts_no_death(db):
