@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT
 from test_faults import (assert_exactly_once, cli, crawl_process, finish, kill_tree, owner, server_hits,
-                         wait_for_results, workers_of, write_input)
+                         wait_for_results, workers_of)
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,10 @@ async def gone(processes: list[psutil.Process], timeout: float) -> bool:
 
 
 async def test_a_supervisor_killed_alone_leaves_workers_that_drain_and_stop(session_dsn, mock_process, tmp_path):
-    rows = write_input(tmp_path / "urls.csv", mock_process, count=6000)
+    # 50 ms per answer: at most 2 x 50 in flight, 2 000 answers a second, so the job lasts well past
+    # the second it takes an orphaned worker to notice; the rows it has not reached then show the drain.
+    rows = 6000
+    (tmp_path / "urls.csv").write_text("url\n" + "".join(f"{mock_process}/delay/50/{i}\n" for i in range(rows)))
     name = "supervisor-killed-alone"
     proc = crawl_process(session_dsn, tmp_path / "urls.csv", name)
     workers: list[psutil.Process] = []
