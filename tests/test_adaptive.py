@@ -37,9 +37,10 @@ async def test_adaptive_concurrency_learns_a_hosts_capacity(session_dsn, db, tmp
     adaptive, adaptive_rows = await crawl_against_a_small_host(session_dsn, db, tmp_path, "adaptive-on", adaptive=True)
     fixed, fixed_rows = await crawl_against_a_small_host(session_dsn, db, tmp_path, "adaptive-off", adaptive=False)
     # The host turned away a fraction of what a fixed limit of 16 against a capacity of 4 makes it
-    # turn away (on a loaded two-core machine: 261 against 1 290, 1 of 2.1 sent against 1 of 1.1),
-    # as the server counted them in the same test...
-    assert 2.5 * adaptive["rejected"] < fixed["rejected"], (adaptive, fixed)
+    # turn away, as the server counted them in the same test: under half (261 against 1 290 on a
+    # loaded two-core machine, 510-652 against 1 247-1 598 on a quiet one; with the limit's halving
+    # removed, 1 444 against 1 427)...
+    assert 2 * adaptive["rejected"] < fixed["rejected"], (adaptive, fixed)
     assert adaptive["hits"]["total"] < fixed["hits"]["total"]
     assert sum(r["attempts"] for r in adaptive_rows) < sum(r["attempts"] for r in fixed_rows)
     # ...and at least as many rows got their answer within their attempts, nearly all of them. A
