@@ -20,8 +20,11 @@ async def crawl_against_a_small_host(session_dsn, db, tmp_path, name: str, *, ad
     try:
         path = tmp_path / f"{name}.txt"
         path.write_text("".join(f"{base}/delay/20/{i}\n" for i in range(ROWS)))
+        # Backoff as a crawl has it, not the tests' near-zero one: a row turned away in the first
+        # burst must not spend its six tries before the limit has adapted (a cold CI run answered
+        # only 264 of 300 with a 10 ms backoff).
         settings = test_settings(workers=1, concurrency=32, per_host_concurrency=16, per_host_max=32,
-                                 adaptive_concurrency=adaptive, max_attempts=6)
+                                 adaptive_concurrency=adaptive, max_attempts=6, backoff_base=0.1, backoff_max=0.5)
         assert await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name=name,
                            summary_json=None, quiet=True) == EXIT_OK
         async with aiohttp.ClientSession() as session:
@@ -43,8 +46,6 @@ async def test_adaptive_concurrency_learns_a_hosts_capacity(session_dsn, db, tmp
     assert 2 * adaptive["rejected"] < fixed["rejected"], (adaptive, fixed)
     assert adaptive["hits"]["total"] < fixed["hits"]["total"]
     assert sum(r["attempts"] for r in adaptive_rows) < sum(r["attempts"] for r in fixed_rows)
-    # ...and at least as many rows got their answer within their attempts, nearly all of them. A
-    # slow start's first burst, with the tests' near-zero backoff, can use up a few rows' six tries
-    # before the limit has adapted: 283 of 300 answered in a cold CI run, 0.94.
+    # ...and at least as many rows got their answer within their attempts, nearly all of them.
     answered = sum(r["status"] == 200 for r in adaptive_rows)
-    assert answered >= 0.9 * ROWS and answered >= sum(r["status"] == 200 for r in fixed_rows)
+    assert answered >= 0.95 * ROWS and answered >= sum(r["status"] == 200 for r in fixed_rows)
