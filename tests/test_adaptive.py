@@ -5,12 +5,15 @@ per-host limit, in the same test, is the yardstick."""
 from __future__ import annotations
 
 import aiohttp
+import pytest
 
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
 from crawler.mock_server import start_mock_server
 
 from conftest import test_settings
+
+pytestmark = pytest.mark.one_server
 
 ROWS, CAPACITY = 300, 4
 

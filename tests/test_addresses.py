@@ -20,6 +20,8 @@ from crawler.addresses import AddressPolicy, BlockedAddress, embedded_ipv4, pars
 from crawler.errors import UsageError
 from crawler.failures import classify
 
+pytestmark = pytest.mark.one_server
+
 # --- refusal, case by case --------------------------------------------------------------------
 
 

@@ -4,9 +4,12 @@ No timing is asserted: the figures only have to be there and positive."""
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from crawler.bench import duplicate_rows, write_urls
 from conftest import run_cli
+
+pytestmark = pytest.mark.one_server
 
 
 def _bench(tmp_path, session_dsn, *extra: str) -> dict:

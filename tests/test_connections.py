@@ -14,6 +14,8 @@ from crawler.hosts import HostScheduler, host_of
 
 from conftest import test_settings
 
+pytestmark = pytest.mark.one_server
+
 
 class CountingServer(asyncio.Protocol):
     """Answers HTTP/1.1 keep-alive requests with 'ok'; /hold/.. waits for `released`. The

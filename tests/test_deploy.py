@@ -22,6 +22,8 @@ from crawler.settings import KEYS, load_settings
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.one_server
+
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 ENV_EXAMPLE = ROOT / ".env.example"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
 
 from crawler import ledger
@@ -13,6 +14,8 @@ from crawler.progress import render_summary
 from crawler.urls import fingerprint
 
 from conftest import run_cli
+
+pytestmark = pytest.mark.one_server
 
 HOSTILE = "[bold red]boom[/]\x1b[2J\x1b]0;owned\x07"
 SHOWN = "[bold red]boom[/]\\x1b[2J\\x1b]0;owned\\x07"

@@ -26,6 +26,8 @@ from crawler.addresses import AddressPolicy, BlockedAddress
 from crawler.failures import ERROR_KINDS, BodyTooLarge, classify, transient
 from crawler.resolver import DNSFailure
 
+pytestmark = pytest.mark.one_server
+
 WAIT = 5.0  # seconds: the bound on every network wait in this file
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

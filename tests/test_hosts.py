@@ -9,6 +9,8 @@ import pytest
 
 from crawler.hosts import HostLimit, HostScheduler, host_of
 
+pytestmark = pytest.mark.one_server
+
 
 @dataclass
 class Item:

@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from crawler.hosts import HostScheduler
+
+pytestmark = pytest.mark.one_server
 
 HOSTS = ["http://a.test", "http://b.test", "http://c.test"]
 

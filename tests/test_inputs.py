@@ -19,6 +19,8 @@ from crawler.errors import InputError
 from crawler.inputs import MAX_ROW_CHARS, InvalidRow, RequestRow, open_input
 from crawler.urls import fingerprint
 
+pytestmark = pytest.mark.one_server
+
 
 def write(tmp_path: Path, data: bytes, name: str = "input.csv") -> str:
     path = tmp_path / name

@@ -7,11 +7,14 @@ import gzip
 import os
 import tempfile
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from crawler.errors import InputError
 from crawler.inputs import InvalidRow, RequestRow, open_input
+
+pytestmark = pytest.mark.one_server
 
 # Bytes that look like what inputs hold, mixed with anything at all.
 PIECES = st.sampled_from([

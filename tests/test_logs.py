@@ -19,6 +19,8 @@ from crawler.logs import bind, log_context, mask_secrets, setup_logging
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.one_server
+
 
 class Captured:
     """What the crawler's handler wrote to stderr (it writes to sys.stderr as it is at each call)."""

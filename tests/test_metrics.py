@@ -163,7 +163,10 @@ async def test_crawl_with_metrics_port_serves_the_workers_counts_while_it_runs(s
         worker.kill()
         for _ in range(600):
             s = await scrape(port)
-            if value(s, "crawler_worker_restarts_total") == 1 and value(s, "crawler_in_flight") == 1:
+            # The chunk gauge is the supervisor's poll: the dead worker's chunk is released (pending)
+            # and leased again by the new worker, which the next poll shows.
+            if (value(s, "crawler_worker_restarts_total") == 1 and value(s, "crawler_in_flight") == 1
+                    and value(s, "crawler_chunks", state="leased") == 1):
                 break
             assert proc.returncode is None, (await proc.communicate())[1].decode()
             await asyncio.sleep(0.1)

@@ -27,6 +27,8 @@ from crawler.mock_behaviours import (
 )
 from crawler.mock_server import create_app
 
+pytestmark = pytest.mark.one_server
+
 TIMEOUT = aiohttp.ClientTimeout(total=20)
 MIB = 1 << 20
 

@@ -30,6 +30,8 @@ from crawler.mock_server import (
     start_mock_server,
 )
 
+pytestmark = pytest.mark.one_server
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TIMEOUT = aiohttp.ClientTimeout(total=20)

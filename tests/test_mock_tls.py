@@ -22,6 +22,8 @@ from crawler.mock_tls import BENCH_ZONE, generate_certificate
 
 from conftest import ROOT, run_cli, test_settings
 
+pytestmark = pytest.mark.one_server
+
 
 @pytest.fixture(scope="module")
 def certificate():

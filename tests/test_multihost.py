@@ -26,7 +26,7 @@ from conftest import ROOT, run_cli
 from crawler import ledger
 from test_faults import assert_exactly_once, results_so_far
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.one_server]
 
 # Short leases, so that the chunks of a lost host come back within the test.
 FAST_LEASES = {"CRAWLER_LEASE_SECONDS": "2", "CRAWLER_HEARTBEAT_SECONDS": "0.3"}

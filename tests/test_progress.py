@@ -25,6 +25,8 @@ from crawler.progress import (
 
 from conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.one_server
+
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PLAIN = re.compile(
     r"^progress: rows [\d,]+/(~?[\d,]+ \([\d.]+%\)|\?), [\d,]+ req/s, ok [\d,]+, failed [\d,]+, cached [\d,]+,"

@@ -25,6 +25,8 @@ from crawler.retry import RetryPolicy, decide
 
 from conftest import run_cli, test_settings
 
+pytestmark = pytest.mark.one_server
+
 
 def answer(question: Question) -> Reply:
     """By the name's first label: good-*, ttl30-*, nx-*, servfail-*, silent-*, slow-*."""

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from crawler.retry import RETRYABLE_KINDS, Decision, RetryPolicy, backoff, decide, parse_retry_after
 
+pytestmark = pytest.mark.one_server
+
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 POLICY = RetryPolicy()  # max_attempts=3, base 0.5, cap 30, statuses 429/502/503/504, Retry-After cap 120
 

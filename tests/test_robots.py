@@ -15,6 +15,8 @@ from crawler.robots import (BODY_LIMIT, RobotsOutcome, RobotsRules, RobotsVerdic
                             robots_url, unreachable)
 from crawler.settings import Settings
 
+pytestmark = pytest.mark.one_server
+
 TOKEN = product_token(Settings().user_agent)
 
 

@@ -18,7 +18,7 @@ from conftest import ROOT
 from test_faults import (assert_exactly_once, cli, crawl_process, finish, kill_tree, owner, server_hits,
                          wait_for_results, workers_of)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.one_server]
 
 
 async def leased_chunks(dsn: str, name: str, owners: list[str] | None = None) -> int:

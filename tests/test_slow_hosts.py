@@ -17,6 +17,8 @@ from crawler.errors import EXIT_OK
 
 from conftest import test_settings
 
+pytestmark = pytest.mark.one_server
+
 FAST_HOSTS, FAST_ROWS = 10, 19  # 190 fast rows
 HOLD_LIMIT = 30.0  # seconds a slow answer waits for the fast rows before giving up on them
 

@@ -18,6 +18,8 @@ from crawler.urls import (
     MAX_URL_LENGTH, InvalidURL, fingerprint, mask_password, normalize_url, parse_url, request_url,
 )
 
+pytestmark = pytest.mark.one_server
+
 DATA = Path(__file__).parent / "data"
 
 # --- what is sent, case by case ---------------------------------------------------------------

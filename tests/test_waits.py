@@ -16,6 +16,8 @@ from crawler.fetcher import Fetcher
 
 from conftest import test_settings
 
+pytestmark = pytest.mark.one_server
+
 
 @pytest.fixture
 def silent_address():
