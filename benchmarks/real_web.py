@@ -6,7 +6,7 @@ persisting nothing) on the same file:
     python benchmarks/real_web.py --slow-share 0.05 --slow-ms 2000 --hosts 10000 --schemes https
 
 For each shape (hosts x scheme) a URL file is written as `crawler bench --hosts N` writes it
-(unique URL n on host h<n mod N>.bench.test, so a host's rows are N rows apart, as in a shuffled
+(the unique URLs dealt to hosts h<k>.bench.test, an even share each, in random order, as in a shuffled
 list; 1 host means 127.0.0.1 itself, no name at all). Every run starts its own mock server (with
 --tls: a certificate made at start, its CA given to both tools) and, with names, a DNS responder
 on loopback given to both tools as their only resolver. Runs are interleaved (ours, bare; then

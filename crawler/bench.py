@@ -3,8 +3,8 @@ generates N URLs as a CSV, crawls it into the database and prints the job's figu
 run cost: requests/s, latency, CPU per 1 000 requests, peak RSS per process, rows/s written and
 the time to the first request.
 
-With --hosts N the URLs are spread over N host names (h0.bench.test ...), row i on host i mod N,
-so a host's rows are N rows apart as in a shuffled list; a DNS responder the bench starts on
+With --hosts N the URLs are spread over N host names (h0.bench.test ...) as in a shuffled list:
+each host has its even share of the URLs, at random places in the file; a DNS responder the bench starts on
 loopback answers every name with 127.0.0.1 and the crawl resolves through it (--dns-server).
 With --tls the mock server serves HTTPS and the crawl trusts its CA (--ca-file). The figures then
 add the new connections and TLS handshakes per second (counted by the server), the DNS
@@ -60,12 +60,18 @@ def write_urls(path: Path, base: str, count: int, duplicates: float, latency_ms:
 
     The duplicates are spread evenly through the file (as in a real export, not all at its end),
     each repeating a random earlier unique URL; the same arguments always give the same file.
-    With `hosts`, unique URL n is on host n mod `hosts` (see host_bases).
+    With `hosts`, the unique URLs are dealt to the hosts (see host_bases) in an even share each,
+    in a random order: a shuffled list. Not unique URL n on host n mod `hosts`: a process that
+    takes every k-th row, as the bare scripts the crawler is measured against do, would then meet
+    only its own hosts (with even counts), which no real list gives it.
     """
     rng = random.Random(seed)
     dups = duplicate_rows(count, duplicates)
     tail = f"/delay/{latency_ms}" if latency_ms > 0 else "/ok"
     prefixes = [f"{b}{tail}" for b in host_bases(base, hosts)]
+    host_of = list(range(count - dups))  # unique URL n's host, before the modulo
+    if len(prefixes) > 1:
+        random.Random(seed + 1).shuffle(host_of)
     unique = 0
     with path.open("w") as out:
         out.write("url\n")
@@ -76,7 +82,7 @@ def write_urls(path: Path, base: str, count: int, duplicates: float, latency_ms:
                 n = rng.randrange(unique)
             else:
                 n, unique = unique, unique + 1
-            out.write(f"{prefixes[n % len(prefixes)]}/{n}\n")
+            out.write(f"{prefixes[host_of[n] % len(prefixes)]}/{n}\n")
 
 
 class LoopbackProcess:
