@@ -123,6 +123,11 @@ def report(rows: list[dict], hosts: int, tls: bool, urls: int) -> dict:
             "all_ok": all(r.get("ok") == urls and r["returncode"] == 0 for r in mine),
         }
     ours, bare = medians["ours"], medians["bare"]
+    if not bare["requests_per_s"]:  # --tools ours
+        print(f"| {shape} | – | {ours['requests_per_s']:,.0f}/s | – | – | {harness.mib(ours['largest_rss'])} MiB | "
+              f"– / {ours['connections'] or 0:,.0f} | – / {ours['dns_questions'] or 0:,.0f} | "
+              f"{'yes' if ours['all_ok'] else 'NO'} |", flush=True)
+        return {"shape": shape, **{f"ours_{k}": v for k, v in ours.items()}}
     ratio = ours["requests_per_s"] / bare["requests_per_s"] if ours["requests_per_s"] and bare["requests_per_s"] else None
     print(f"| {shape} | {bare['requests_per_s']:,.0f}/s | {ours['requests_per_s']:,.0f}/s | "
           f"{ratio:.2f} | {harness.mib(bare['largest_rss'])} MiB | {harness.mib(ours['largest_rss'])} MiB | "
@@ -162,6 +167,9 @@ def main() -> None:
     parser.add_argument("--dsn", help="a PostgreSQL server to create a scratch database on (default: the crawler's)")
     parser.add_argument("--keep-db", action="store_true")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
+    parser.add_argument("--tools", default="ours,bare",
+                        help="which tools run: 'ours' alone measures the crawler's rate and memory at sizes"
+                             " where the bare script's idle connections would take the machine's memory")
     parser.add_argument("--slow-share", type=float, default=0.0, help="the slow-host case: this share of slow rows")
     parser.add_argument("--slow-ms", type=int, default=2000, help="how long a slow host takes to answer")
     args = parser.parse_args()
@@ -182,7 +190,8 @@ def main() -> None:
         for hosts, tls in shapes:
             rows = []
             for run in range(args.runs):
-                for tool in (TOOLS if run % 2 == 0 else TOOLS[::-1]):
+                tools = [t for t in TOOLS if t in args.tools.split(",")]
+                for tool in (tools if run % 2 == 0 else tools[::-1]):
                     row = run_once(tool, hosts, tls, args, db)
                     row["run"] = run
                     rows.append(row)
