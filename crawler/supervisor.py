@@ -3,6 +3,8 @@ processes (processes.py), shows progress, and finishes the job once every chunk 
 
 It never fetches and never holds more than one batch of input in memory. With no local workers
 (--workers 0) it only ingests and watches while `crawler worker` on other machines fetches.
+
+The processes, their tasks and what each owns: docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ aiohttp session. Runs the same under the local supervisor or on another machine.
 
 A retry waits on a timer, not in a fetch slot. A drain stops leasing, lets in-flight requests
 finish within a grace period, flushes, and gives unfinished chunks back.
+
+The processes, their tasks and what each owns: docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
