@@ -32,7 +32,7 @@ from rich.table import Table
 
 from crawler import registry
 from crawler.crawl import crawl
-from crawler.database import connect
+from crawler.database import connection
 from crawler.errors import CrawlerError
 from crawler.mock_tls import BENCH_ZONE
 from crawler.settings import Settings
@@ -176,8 +176,7 @@ def _cpu(usage: resource.struct_rusage) -> float:
 async def measure(dsn: str, job_id: int, *, elapsed_s: float, supervisor_cpu_s: float,
                   supervisor_peak_rss: int) -> dict:
     """The bench figures of a finished job, from the ledger and the supervisor's own usage."""
-    conn = await connect(dsn)
-    try:
+    async with connection(dsn) as conn:
         job = await conn.fetchrow(
             "SELECT extract(epoch FROM first_fetch_at - created_at) AS to_first,"
             " extract(epoch FROM finished_at - first_fetch_at) AS fetch_to_finish"
@@ -197,8 +196,6 @@ async def measure(dsn: str, job_id: int, *, elapsed_s: float, supervisor_cpu_s: 
             "SELECT worker_id, fetched, peak_rss_bytes, cpu_seconds FROM workers WHERE job_id = $1 ORDER BY started_at",
             job_id,
         )
-    finally:
-        await conn.close()
     fetched = results["fetched"]
     worker_cpu = sum(float(w["cpu_seconds"] or 0.0) for w in workers)
     total_cpu = worker_cpu + supervisor_cpu_s

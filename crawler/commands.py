@@ -49,11 +49,8 @@ def show_config(settings: Settings, sources: dict[str, str]) -> int:
 
 
 async def migrate(dsn: str) -> int:
-    conn = await database.connect(dsn)
-    try:
+    async with database.connection(dsn) as conn:
         applied = await apply_migrations(conn)
-    finally:
-        await conn.close()
     print(f"applied migrations: {', '.join(map(str, applied))}" if applied else "the schema is up to date.")
     return EXIT_OK
 
@@ -63,12 +60,9 @@ async def export(dsn: str, job_ref: str, *, fmt: str, path: str | None, only: st
     out = export_file(path, fmt)  # a bad -o fails before the database is touched
     try:
         await prepare_database(dsn)
-        conn = await database.connect(dsn)
-        try:
+        async with database.connection(dsn) as conn:
             job = await ledger.find_job(conn, job_ref)
             count = await export_job(conn, job.id, fmt=fmt, path=path, only=only, out=out, csv_raw=csv_raw)
-        finally:
-            await conn.close()
     except BaseException:
         if out is not None:
             out.discard()
@@ -80,8 +74,7 @@ async def export(dsn: str, job_ref: str, *, fmt: str, path: str | None, only: st
 
 async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seconds: float = 5.0) -> int:
     await prepare_database(dsn)
-    conn = await database.connect(dsn)
-    try:
+    async with database.connection(dsn) as conn:
         if job_ref is None:
             job_ref = await conn.fetchval("SELECT max(id) FROM jobs")
             if job_ref is None:
@@ -92,8 +85,6 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seco
         counts = await ledger.job_counts(conn, job.id)
         summary["chunks"] = {k: counts[k] for k in ("pending", "leased", "done")}
         workers = await registry.live_workers(conn, job.id, registry.LIVE_BEATS * heartbeat_seconds)
-    finally:
-        await conn.close()
     rate = sum(float(w["rate"]) for w in workers)
     remaining = counts["to_fetch"] - counts["fetched"]
     summary["progress"] = {
@@ -129,15 +120,12 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seco
 
 async def jobs(dsn: str) -> int:
     await prepare_database(dsn)
-    conn = await database.connect(dsn)
-    try:
+    async with database.connection(dsn) as conn:
         rows = await conn.fetch(
             "SELECT j.id, j.name, j.state, j.rows_read, j.created_at,"
             " (SELECT count(*) FROM results r WHERE r.job_id = j.id) AS results"
             " FROM jobs j ORDER BY j.id"
         )
-    finally:
-        await conn.close()
     from crawler.progress import shown
 
     table = Table("id", "name", "state", "rows read", "results", "created")

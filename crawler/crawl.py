@@ -16,7 +16,7 @@ import orjson
 from rich.console import Console
 
 from crawler import ledger, refetch
-from crawler.database import connect
+from crawler.database import connection
 from crawler.errors import EXIT_OK, InputError, UsageError
 from crawler.inputs import open_input
 from crawler.metrics import Exporter
@@ -31,11 +31,8 @@ T = TypeVar("T")
 
 
 async def prepare_database(dsn: str) -> None:
-    conn = await connect(dsn)
-    try:
+    async with connection(dsn) as conn:
         await apply_migrations(conn)
-    finally:
-        await conn.close()
 
 
 def _report(outcome, summary: dict | None, *, summary_json: str | None, quiet: bool, console: Console) -> int:
@@ -71,18 +68,14 @@ async def crawl(
     source = "-" if input_path == "-" else str(Path(input_path).resolve())
     await prepare_database(dsn)
     if resume_existing:
-        conn = await connect(dsn)
-        try:
+        async with connection(dsn) as conn:
             unfinished = await ledger.unfinished_job(conn, name=job_name, input=source)
-        finally:
-            await conn.close()
         if unfinished is not None:
             return await resume(dsn, settings, job_ref=str(unfinished.id), summary_json=summary_json, quiet=quiet,
                                 standby=standby, sources=sources)
     reader = open_input(input_path, url_column=url_column, sort_query=settings.sort_query)
     try:
-        conn = await connect(dsn)
-        try:
+        async with connection(dsn) as conn:
             unfinished = await ledger.unfinished_job(conn, name=None, input=source) if source != "-" else None
             if unfinished is not None and not quiet:
                 ref = unfinished.name or unfinished.id
@@ -91,8 +84,6 @@ async def crawl(
             settings_doc = {k: v for k, v in settings.as_dict().items() if k != "dsn"}
             settings_doc["url_column"] = url_column
             job = await ledger.create_job(conn, name=job_name, input=source, settings=settings_doc)
-        finally:
-            await conn.close()
     except BaseException:
         reader.close()
         raise
@@ -119,20 +110,14 @@ async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: st
                  standby: Standby | None = None, sources: Mapping[str, str] | None = None) -> int:
     started = time.monotonic()
     await prepare_database(dsn)
-    conn = await connect(dsn)
-    try:
+    async with connection(dsn) as conn:
         job = await ledger.find_job(conn, job_ref)
-    finally:
-        await conn.close()
     settings = job_policy(job, settings, sources)
     if job.state == "done":
         print(f"crawler: job {job.name or job.id} is already complete.", file=sys.stderr)
         return EXIT_OK
-    conn = await connect(dsn)
-    try:
+    async with connection(dsn) as conn:
         await ledger.set_job_state(conn, job.id, "running" if job.ingest_done else "ingesting")
-    finally:
-        await conn.close()
     reader = None
     if not job.ingest_done:
         if job.input == "-":
@@ -150,16 +135,13 @@ async def retry(dsn: str, settings: Settings, *, job_ref: str, kinds: str | None
     job's policy; resumable like any job, since it is the job itself that runs again."""
     started = time.monotonic()
     await prepare_database(dsn)
-    conn = await connect(dsn)
-    try:
+    async with connection(dsn) as conn:
         job = await ledger.find_job(conn, job_ref)
         settings = job_policy(job, settings, sources)
         chosen = refetch.selection(kinds, statuses, settings.retry_statuses)
         reopened = await ledger.reopen_for_retry(conn, job.id, kinds=sorted(chosen.kinds), statuses=chosen.statuses)
         if reopened is not None and reopened.rows:
             job = await ledger.find_job(conn, job.id)
-    finally:
-        await conn.close()
     ref = job.name or job.id
     if reopened is None:
         raise UsageError(f"job {ref} is not finished; `crawler resume {ref}` finishes it, and then"
@@ -182,6 +164,7 @@ async def _supervise(dsn, settings, job, reader, *, summary_json, quiet, started
     is not the job's whole (a retry), so that the rate is this run's."""
     console = Console()
     with (
+        reader or contextlib.nullcontext(),  # the ingest closes it; this too, if the supervisor fails first
         Exporter.start(settings) or contextlib.nullcontext() as exporter,
         ProgressView(quiet=quiet, interval=settings.progress_interval) as view,
     ):
@@ -198,11 +181,8 @@ async def _supervise(dsn, settings, job, reader, *, summary_json, quiet, started
 
 
 async def _read_summary(dsn: str, job_id: int, started: float) -> dict:
-    conn = await connect(dsn)
-    try:
+    async with connection(dsn) as conn:
         return await job_summary(conn, job_id, elapsed_s=time.monotonic() - started)
-    finally:
-        await conn.close()
 
 
 async def unless_signalled(work: Coroutine[Any, Any, T]) -> T | None:

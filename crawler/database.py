@@ -18,7 +18,7 @@ import socket
 import stat
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Mapping
@@ -208,6 +208,26 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
         raise DatabaseError(f"cannot connect to PostgreSQL at {mask_dsn(dsn)}: {reason}.") from None
 
 
+@contextlib.asynccontextmanager
+async def connection(dsn: str, *, timeout: float = 10.0) -> AsyncIterator[asyncpg.Connection]:
+    """`connect`'s connection for an `async with` block: closed at its end, whatever ends it."""
+    conn = await connect(dsn, timeout=timeout)
+    try:
+        yield conn
+    finally:
+        await close_connection(conn)
+
+
+async def close_connection(conn: asyncpg.Connection, *, timeout: float = 5.0) -> None:
+    """Close gracefully, within `timeout` (a server gone quiet does not hold its owner); a close
+    that fails or times out leaves the connection terminated, not half-open. A cancellation
+    propagates, and asyncpg aborts the connection on it (tests/test_database_connection.py)."""
+    try:
+        await asyncio.wait_for(conn.close(), timeout=timeout)
+    except Exception:
+        conn.terminate()
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
     try:
         return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=10)
@@ -339,9 +359,6 @@ class LedgerConnection:
             self._conn = None
 
     async def close(self) -> None:
-        if self._conn is not None:
-            try:
-                await asyncio.wait_for(self._conn.close(), timeout=5)
-            except Exception:
-                self._conn.terminate()
-            self._conn = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await close_connection(conn)

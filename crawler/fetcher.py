@@ -187,16 +187,21 @@ class Fetcher:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        watchdog, self._watchdog = self._watchdog, None
+        session, self._session = self._session, None
+        resolver, self.resolver = self.resolver, None
         self.connector = None
-        if self.resolver is not None:
-            await self.resolver.close()  # not the connector's to close: it was given one
-            self.resolver = None
+        try:
+            if watchdog is not None:
+                watchdog.cancel()
+                await asyncio.gather(watchdog, return_exceptions=True)  # ended before what it watches closes
+        finally:
+            try:
+                if session is not None:
+                    await session.close()
+            finally:
+                if resolver is not None:
+                    await resolver.close()  # not the connector's to close: it was given one
 
     def slow_requests(self, after: float) -> int:
         """Attempts under way for longer than `after` seconds."""

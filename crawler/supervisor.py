@@ -56,7 +56,6 @@ class Supervisor:
         self.pool = WorkerProcesses(dsn, settings, exporter=exporter, standby=standby)
         self.stopping = self.pool.stopping
         self._outage_since: float | None = None
-        self._reads = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="input")
 
     def install_signals(self) -> None:
         self.pool.install_signals()
@@ -144,6 +143,8 @@ class Supervisor:
     async def _ingest(self, job: Job, reader: RowReader) -> None:
         """Stream the input into chunks; on resume, skip the rows already stored."""
         limit = self.settings.db_outage_limit
+        # Reading blocks, so it runs on a thread of its own; the pool lives as long as this task.
+        reads = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="input")
         try:
             async with LedgerConnection(self.dsn, outage_limit=limit, setup=ledger.prepare_ingest,
                                         job=job.name or job.id) as db:
@@ -152,7 +153,7 @@ class Supervisor:
                 while not self.stopping.is_set():
                     # Reading blocks, so it runs in a thread; the reader is closed only after the
                     # read in flight has returned, even when this task is cancelled.
-                    reading = self._reads.submit(next, batches, None)
+                    reading = reads.submit(next, batches, None)
                     try:
                         batch = await asyncio.wrap_future(reading)
                     except asyncio.CancelledError:
@@ -172,7 +173,7 @@ class Supervisor:
                     await db.run(ledger.mark_ingested, job.id)
         finally:
             reader.close()
-            self._reads.shutdown(wait=False)
+            reads.shutdown(wait=False)
 
 
 async def release_dead_local_leases(conn, job_id: int) -> int:
