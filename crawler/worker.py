@@ -107,7 +107,10 @@ class Worker:
         self._idle = asyncio.Event()  # set when no item is in the system
         self._idle.set()
         self._timers: set[asyncio.TimerHandle] = set()
-        self._rng = random.Random()
+        # A test hook (unset: off): the seed of the retries' jitter, so that a test knows each delay
+        # the policy draws and can hold the server's arrival times to it.
+        seed = os.environ.get("CRAWLER_TEST_RETRY_SEED")
+        self._rng = random.Random(int(seed)) if seed else random.Random()
         self.caching = settings.cache_ttl > 0 and not settings.no_cache  # the cross-job cache
         self.high_water = settings.concurrency * 2
         # With many items waiting on slow hosts, lease more so that other hosts keep the pool

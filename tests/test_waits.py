@@ -1,18 +1,22 @@
 """The waits the crawler promises, measured where they happen: a connect timeout against an
-address that takes no connection (a loopback listener whose backlog is full), and a Retry-After
-that holds the request and its whole host back, seen in the server's own request times."""
+address that takes no connection (a loopback listener whose backlog is full), a Retry-After
+that holds the request and its whole host back, and the backoff of a retry without one, seen in
+the server's own request times."""
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
 from crawler.fetcher import Fetcher
+from crawler.retry import RetryPolicy, backoff
 
 from conftest import test_settings
 
@@ -104,3 +108,38 @@ async def test_a_retry_after_holds_the_request_and_its_host_for_the_time_asked(s
     during = [p for p, t in log if answered < t < answered + 1.0]
     assert during == []  # and nothing else went to the paused host meanwhile
     assert sorted(p for p, _ in log) == sorted(["/busy", "/busy"] + [f"/other/{i}" for i in range(10)])
+
+
+BACKOFF_SEED = 2  # its first two draws are over two thirds of their ceilings: waits that show
+
+
+# aiohttp sends an idempotent request a second time, at once, after a reset (one attempt of the
+# crawler's, two requests: tests/test_mock_behaviours.py), so a reset row's attempt is two arrivals.
+@pytest.mark.parametrize(("failure", "sends"), [("flaky", 1), ("flaky-reset", 2)])
+async def test_a_retry_without_retry_after_waits_the_backoff_the_policy_drew(session_dsn, db, mock_url, monkeypatch,
+                                                                             tmp_path, failure, sends):
+    """A 503 without Retry-After, or a reset, on two attempts, then an answer: each retry reaches
+    the server no sooner than the delay drawn for it (full jitter, from a seed the worker is given,
+    so the delays are known here) after the failed attempt reached it."""
+    monkeypatch.setenv("CRAWLER_TEST_RETRY_SEED", str(BACKOFF_SEED))
+    policy = RetryPolicy(max_attempts=3, backoff_base=0.3, backoff_max=10.0)
+    rng = random.Random(BACKOFF_SEED)
+    delays = [backoff(1, policy, rng), backoff(2, policy, rng)]
+    assert min(delays) > 0.2  # else a retry sent at once could pass for one that waited
+    target = f"/{failure}/{2 * sends}/backoff"  # fails the first two attempts, answers the third
+    path = tmp_path / "backoff.txt"
+    path.write_text(f"{mock_url}{target}\n")  # one row: its retries are the only draws
+    settings = test_settings(workers=1, max_attempts=policy.max_attempts, backoff_base=policy.backoff_base,
+                             backoff_max=policy.backoff_max)
+    assert await crawl(session_dsn, settings, input_path=str(path), url_column=None,
+                       job_name=f"backoff-waits-{failure}", summary_json=None, quiet=True) == EXIT_OK
+    async with aiohttp.ClientSession() as session, session.get(f"{mock_url}/__arrivals") as resp:
+        arrivals = [when for when, arrived in (await resp.json())["arrivals"] if arrived == target]
+    assert len(arrivals) == 2 * sends + 1  # two failed attempts and the answer
+    failed_last = [arrivals[sends - 1], arrivals[2 * sends - 1]]  # the last request of each failed attempt
+    retried = [arrivals[sends], arrivals[2 * sends]]  # the first of the next attempt
+    waited = [later - earlier for earlier, later in zip(failed_last, retried)]
+    assert waited[0] >= delays[0] and waited[1] >= delays[1], (waited, delays)
+    row = await db.fetchrow("SELECT r.status, r.attempts FROM results r JOIN jobs j ON j.id = r.job_id"
+                            " WHERE j.name = $1", f"backoff-waits-{failure}")
+    assert (row["status"], row["attempts"]) == (200, 3)
