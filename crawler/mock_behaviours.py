@@ -33,6 +33,9 @@ Path                              Answer
 /flaky-reset/{n}/..               like /flaky, but a TCP reset instead of the 503
 /flaky-retry-after/{n}/{s}/..     like /flaky, but 429 with Retry-After: s
 /retry-after/{status}/{s}/..      status (300-599) with Retry-After: s (delta seconds)
+/hit/{ms}/..                      200 after ms milliseconds, body "{k}\n": this exact path's hit count
+                                  with this request (1 for its first), so each answer names the
+                                  request that made it, and /__arrivals says when that one came
 /retry-after-date/{status}/{s}/.. status with Retry-After: the HTTP date now + s (s may be < 0)
 /random/..                        after 0-50 ms: 200 (90%), 500 (5%) or 503 (5%), drawn from the
                                   seed and the path; random_outcome() says which
@@ -76,7 +79,7 @@ from aiohttp import web
 HITS = web.AppKey("hits", Counter)  # request path -> how many requests arrived for it
 # Paths whose answer depends on their own hit count: counted by path even when the server counts
 # only the total of the others (mock_server's count_paths=False, for big load tests).
-COUNTED_PREFIXES = ("/flaky/", "/flaky-reset/", "/flaky-retry-after/", "/robots.txt")
+COUNTED_PREFIXES = ("/flaky/", "/flaky-reset/", "/flaky-retry-after/", "/hit/", "/robots.txt")
 SEED = web.AppKey("seed", int)  # with the path, decides every seeded answer
 ROBOTS = web.AppKey("robots", str)  # what /robots.txt answers: a ROBOTS_KNOBS name, maybe with ":arg"
 
@@ -353,6 +356,12 @@ async def _flaky_retry_after(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
+async def _hit(request: web.Request) -> web.Response:
+    hit = request.app[HITS][request.path]  # read before the wait: later hits of the path add to it
+    await answer_after(_int_param(request, "ms", 0, MAX_DELAY_MS))
+    return web.Response(text=f"{hit}\n")
+
+
 async def _retry_after(request: web.Request) -> web.Response:
     status = _int_param(request, "status", 300, 599)
     seconds = _int_param(request, "seconds", 0, MAX_RETRY_AFTER_S)
@@ -473,6 +482,7 @@ ROUTES: tuple[tuple[str, Handler], ...] = (
     ("/flaky-reset/{n}" + _TAIL, _flaky_reset),
     ("/flaky-retry-after/{n}/{seconds}" + _TAIL, _flaky_retry_after),
     ("/retry-after/{status}/{seconds}" + _TAIL, _retry_after),
+    ("/hit/{ms}" + _TAIL, _hit),
     ("/retry-after-date/{status}/{seconds}" + _TAIL, _retry_after_date),
     ("/random" + _TAIL, _random),
     ("/etag" + _TAIL, _etag),

@@ -484,6 +484,19 @@ async def test_flaky_retry_after_sends_429_with_retry_after_n_times(client):
     assert "Retry-After" not in resp.headers
 
 
+async def test_hit_answers_with_its_paths_hit_count_so_each_answer_names_its_request(aiohttp_client):
+    client = await aiohttp_client(create_app(count_paths=False), timeout=TIMEOUT)  # counted all the same
+    assert [await (await client.get("/hit/0/a")).text() for _ in range(3)] == ["1\n", "2\n", "3\n"]
+    assert await (await client.get("/hit/0/b")).text() == "1\n"  # another path, its own count
+    # Answers that overlap name the request each answers, not the order they end in.
+    started = time.monotonic()
+    answers = await asyncio.gather(*(client.get("/hit/100/c") for _ in range(3)))
+    assert time.monotonic() - started >= 0.1  # each held for its 100 ms
+    assert sorted([await resp.text() for resp in answers]) == ["1\n", "2\n", "3\n"]
+    await client.post("/__hits/reset")
+    assert await (await client.get("/hit/0/a")).text() == "1\n"
+
+
 @pytest.mark.parametrize(("status", "seconds"), [(429, 120), (503, 0), (503, 5)])
 async def test_retry_after_sends_the_status_and_delta_seconds(client, status, seconds):
     resp = await client.get(f"/retry-after/{status}/{seconds}/a")
