@@ -140,6 +140,9 @@ def test_a_url_of_exactly_the_limit_is_accepted() -> None:
         ("http://[::%31]", "invalid IPv6 address '[::%31]'"),
         ("http://[::1/", "invalid IPv6 address '[::1'"),
         ("http://exa mple.com/", "invalid host 'exa mple.com'"),
+        ("http://a b:65535/", "invalid host 'a b'"),  # the highest port is a port: the host is wrong
+        ("http://a b:65536/", "invalid port"),
+        ("http://[1:2]:65535/", "invalid IPv6 address '[1:2]'"),
         ("http://a..b.com/", "invalid host 'a..b.com'"),
         ("http://ex!ample.com/", "invalid host 'ex!ample.com'"),
         ("http://256.0.0.1/", "invalid host '256.0.0.1'"),
