@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import random
 import re
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -132,34 +134,56 @@ async def settled_holdings(dsn: str, name: str, worker: psutil.Process, timeout:
     raise AssertionError(f"the stopped worker's leases kept changing for {timeout}s")
 
 
+async def unlocked(dsn: str, name: str, chunks: list[int]) -> bool:
+    """Whether no transaction holds these chunks' rows. A worker stopped inside one (a write, a
+    renewal) keeps them locked, and leasing skips a locked chunk: nobody could take it over
+    until the worker runs again (mid-COPY, no session timeout ends its transaction)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            free = await conn.fetchval(
+                "SELECT count(*) FROM (SELECT 1 FROM chunks c JOIN jobs j ON j.id = c.job_id"
+                " WHERE j.name = $1 AND c.chunk_no = ANY($2::int[]) FOR UPDATE OF c SKIP LOCKED) AS free",
+                name, chunks)
+        return free == len(chunks)
+    finally:
+        await conn.close()
+
+
 async def suspend_a_lease_holder(dsn: str, name: str, proc: subprocess.Popen) -> tuple[psutil.Process, dict[int, int]]:
     """SIGSTOP a worker that, once stopped, still holds at least one unfinished chunk (a worker
-    caught between chunks, or still starting, holds nothing and would prove nothing)."""
+    caught between chunks, or still starting, holds nothing and would prove nothing), and holds
+    no lock on them (else they cannot be taken over while it is stopped)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         for worker in workers_of(proc):
             worker.suspend()
             held = await settled_holdings(dsn, name, worker)
-            if held:
+            if held and await unlocked(dsn, name, list(held)):
                 return worker, held
             worker.resume()
         await asyncio.sleep(0.05)
     raise AssertionError("no worker held a lease within 30 s")
 
 
-async def wait_until_taken_over(dsn: str, name: str, fences: dict[int, int], timeout: float = 60) -> None:
-    """Until every one of these chunks has been leased again: its fence moved on."""
+async def wait_until_taken_over(dsn: str, name: str, fences: dict[int, int], timeout: float = 60) -> dict[int, float]:
+    """Until every one of these chunks has been leased again (its fence moved on); returns, by
+    chunk, the last time (time.time()) it was seen not yet taken over: its new holder sent
+    nothing for it before then."""
     conn = await asyncpg.connect(dsn)
+    unmoved = {}
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            moved = await conn.fetchval(
-                "SELECT count(*) FROM chunks c JOIN jobs j ON j.id = c.job_id"
+            looked = time.time()
+            moved = {r["chunk_no"] for r in await conn.fetch(
+                "SELECT c.chunk_no FROM chunks c JOIN jobs j ON j.id = c.job_id"
                 " JOIN unnest($2::int[], $3::bigint[]) AS held(chunk_no, fence) ON held.chunk_no = c.chunk_no"
                 " WHERE j.name = $1 AND c.fence <> held.fence",
-                name, list(fences), list(fences.values()))
-            if moved == len(fences):
-                return
+                name, list(fences), list(fences.values()))}
+            unmoved.update((chunk_no, looked) for chunk_no in fences if chunk_no not in moved)
+            if len(moved) == len(fences):
+                return unmoved
             await asyncio.sleep(0.05)
     finally:
         await conn.close()
@@ -309,8 +333,36 @@ async def test_sigterm_or_one_ctrl_c_drains_releases_leases_and_resume_finishes(
     assert await server_hits(mock_process) == rows  # a drain loses nothing and repeats nothing
 
 
+async def server_arrivals(base: str) -> dict[str, list[float]]:
+    """When each request of each routed path reached the server, in order of arrival."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/__arrivals") as resp:
+            arrivals = (await resp.json())["arrivals"]
+    by_path: dict[str, list[float]] = {}
+    for when, path in arrivals:
+        by_path.setdefault(path, []).append(when)
+    return by_path
+
+
+async def kept_answers(dsn: str, name: str, chunks: list[int]) -> dict[str, tuple[int, bytes]]:
+    """By path: the chunk and the body's sha256 of each stored result of these chunks."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {urllib.parse.urlsplit(r["url"]).path: (r["chunk_no"], r["body_sha256"]) for r in await conn.fetch(
+            "SELECT c.chunk_no, q.url, r.body_sha256 FROM results r JOIN jobs j ON j.id = r.job_id"
+            " JOIN requests q ON q.job_id = r.job_id AND q.row_no = r.row_no"
+            " JOIN chunks c ON c.job_id = r.job_id AND r.row_no BETWEEN c.first_row AND c.last_row"
+            " WHERE j.name = $1 AND c.chunk_no = ANY($2::int[])", name, chunks)}
+    finally:
+        await conn.close()
+
+
 async def test_a_stale_worker_cannot_commit_over_the_new_lease_holder(session_dsn, mock_process, tmp_path):
-    rows = write_input(tmp_path / "urls.csv", mock_process, count=4000)
+    rows = 2000
+    # /hit answers with its path's hit count: each stored answer names the request that made it.
+    # 50 ms an answer: a chunk's new holder needs a few tenths of a second to fetch it, time for
+    # the stopped worker, resumed, to send what it had before the chunk is done.
+    (tmp_path / "urls.csv").write_text("url\n" + "".join(f"{mock_process}/hit/50/{i}\n" for i in range(rows)))
     name = "stale-worker"
     # Short leases so that a stopped worker loses its chunks within the test.
     env = {"CRAWLER_LEASE_SECONDS": "1.5", "CRAWLER_HEARTBEAT_SECONDS": "0.3"}
@@ -318,8 +370,10 @@ async def test_a_stale_worker_cannot_commit_over_the_new_lease_holder(session_ds
     try:
         await wait_for_results(session_dsn, name, 300, proc)
         stale, taken = await suspend_a_lease_holder(session_dsn, name, proc)  # SIGSTOP: alive, silent
+        stopped = time.time()
+        committed = await kept_answers(session_dsn, name, sorted(taken))  # while it held the leases
         # Its leases expire and the other worker takes its chunks over (polled, not slept on).
-        await wait_until_taken_over(session_dsn, name, taken)
+        unmoved = await wait_until_taken_over(session_dsn, name, taken)
         stale.resume()  # SIGCONT: it finishes its requests and tries to commit them
         code, err = finish(proc)
     finally:
@@ -331,6 +385,23 @@ async def test_a_stale_worker_cannot_commit_over_the_new_lease_holder(session_ds
     refused = {int(n) for n in re.findall(r"results for chunk (\d+) refused", err)}
     assert refused & set(taken), (sorted(taken), err[-2000:])
     await assert_exactly_once(session_dsn, name, rows)
+    # What the stopped worker committed while it held the leases stays; every other result of
+    # a taken chunk is the answer to a request that reached the server after the chunk was
+    # taken over: its new holder's fetch, never the stopped worker's.
+    arrivals = await server_arrivals(mock_process)
+    kept = await kept_answers(session_dsn, name, sorted(taken))
+    assert {path: kept[path] for path in committed} == committed
+    redone = {path: answer for path, answer in kept.items() if path not in committed}
+    assert redone, "the stopped worker had committed all of its chunks' rows: nothing was taken over"
+    answered_before_the_stop = 0
+    for path, (chunk_no, sha) in redone.items():
+        times = arrivals[path]
+        hit = next((n for n in range(1, len(times) + 1) if hashlib.sha256(f"{n}\n".encode()).digest() == sha), None)
+        assert hit is not None, (path, times)  # the answer to one of the requests the server saw
+        assert times[hit - 1] > unmoved[chunk_no], (chunk_no, path, hit, times, unmoved[chunk_no])
+        answered_before_the_stop += times[0] < stopped
+    # The stopped worker had answers of its own for those rows to lose (else this proves little).
+    assert answered_before_the_stop > 0, (len(redone), sorted(taken))
 
 
 @pytest.fixture
