@@ -16,7 +16,8 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crawler.addresses import AddressPolicy, BlockedAddress, embedded_ipv4, parse_networks
+from crawler import addresses
+from crawler.addresses import REFUSED_RANGES, AddressPolicy, BlockedAddress, embedded_ipv4, parse_networks
 from crawler.errors import UsageError
 from crawler.failures import classify
 from crawler.resolver import CachingResolver
@@ -133,6 +134,28 @@ def test_embedded_ipv4_names_the_form_and_the_address() -> None:
     assert embedded_ipv4(ip("2002:c000:201::")) == ("6to4", ipaddress.IPv4Address("192.0.2.1"))
     assert embedded_ipv4(ip("::1")) is None and embedded_ipv4(ip("::")) is None
     assert embedded_ipv4(ip("2606:4700::1111")) is None
+    # The IPv4-compatible form's edges: ::2 is the first address it carries, and past ::ffff:ffff
+    # the top 96 bits are no longer zero (::1:7f00:1 carries nothing, and is not refused for it).
+    assert embedded_ipv4(ip("::2")) == ("IPv4-compatible", ipaddress.IPv4Address("0.0.0.2"))
+    assert AddressPolicy().refusal("::2") == "this-network (IPv4-compatible of 0.0.0.2)"
+    assert embedded_ipv4(ip("::ffff:ffff")) == ("IPv4-compatible", ipaddress.IPv4Address("255.255.255.255"))
+    assert embedded_ipv4(ip("::1:7f00:1")) is None
+    assert AddressPolicy().refusal("::1:7f00:1") is None
+
+
+def test_the_lookup_table_of_each_version_holds_its_ranges_in_order() -> None:
+    # Built once at import: the lookups above use the table as it was built then, so it is
+    # checked here against the ranges themselves, each one's first and last address.
+    for version in (4, 6):
+        ranges = [(ipaddress.ip_network(cidr), label) for cidr, label in REFUSED_RANGES]
+        ranges = [(net, label) for net, label in ranges if net.version == version]
+        table = addresses._table(version)
+        assert len(table) == len(ranges)
+        for (network, mask, label), (net, expected) in zip(table, ranges):
+            assert label == expected
+            first, last = int(net.network_address), int(net.broadcast_address)
+            assert first & mask == network and last & mask == network  # the range's own addresses
+            assert (first - 1) & mask != network and (last + 1) & mask != network  # and no more
 
 
 # --- --allow-net ------------------------------------------------------------------------------
@@ -332,6 +355,16 @@ def test_socket_factory_returns_a_socket_for_an_allowed_address(host: str) -> No
     try:
         assert isinstance(sock, socket.socket)
         assert sock.family == info[0] and sock.type == socket.SOCK_STREAM
+    finally:
+        sock.close()
+
+
+def test_socket_factory_makes_the_socket_it_is_asked_for() -> None:
+    # Family, type and protocol as given, not the defaults (a datagram socket, UDP named).
+    info = (socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP, "", ("127.0.0.1", 53))
+    sock = AddressPolicy(["127.0.0.1/32"]).socket_factory(info)
+    try:
+        assert (sock.family, sock.type, sock.proto) == (socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     finally:
         sock.close()
 
