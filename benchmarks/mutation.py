@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # Each module's own tests: a bounded selection, so a run costs minutes, not the whole suite per mutant.
+# The pure ones only: tests/test_request_urls.py and tests/test_request_target.py also cover
+# crawler/urls.py, through a database and real crawls, seconds a case, against every mutant.
 TESTS = {
     "crawler/retry.py": ["tests/test_retry.py"],
     "crawler/failures.py": ["tests/test_failures.py"],

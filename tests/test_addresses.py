@@ -76,6 +76,12 @@ def test_public_addresses_are_allowed(address: str) -> None:
     assert AddressPolicy().refusal(address) is None
 
 
+def test_a_scoped_address_as_getaddrinfo_gives_it_is_judged_by_its_address() -> None:
+    assert AddressPolicy().refusal("fe80::1%eth0") == "link-local"
+    assert AddressPolicy().refusal("::ffff:127.0.0.1%1") == "loopback"
+    assert AddressPolicy(["fe80::/10"]).refusal("fe80::1%eth0") is None
+
+
 def test_refusal_accepts_ip_address_objects() -> None:
     policy = AddressPolicy()
     assert policy.refusal(ipaddress.ip_address("127.0.0.1")) == "loopback"
