@@ -33,10 +33,10 @@ Path                              Answer
 /flaky-reset/{n}/..               like /flaky, but a TCP reset instead of the 503
 /flaky-retry-after/{n}/{s}/..     like /flaky, but 429 with Retry-After: s
 /retry-after/{status}/{s}/..      status (300-599) with Retry-After: s (delta seconds)
+/retry-after-date/{status}/{s}/.. status with Retry-After: the HTTP date now + s (s may be < 0)
 /hit/{ms}/..                      200 after ms milliseconds, body "{k}\n": this exact path's hit count
                                   with this request (1 for its first), so each answer names the
                                   request that made it, and /__arrivals says when that one came
-/retry-after-date/{status}/{s}/.. status with Retry-After: the HTTP date now + s (s may be < 0)
 /random/..                        after 0-50 ms: 200 (90%), 500 (5%) or 503 (5%), drawn from the
                                   seed and the path; random_outcome() says which
 /etag/..                          200 with a strong ETag (a hash of the path) and Cache-Control:
@@ -482,8 +482,8 @@ ROUTES: tuple[tuple[str, Handler], ...] = (
     ("/flaky-reset/{n}" + _TAIL, _flaky_reset),
     ("/flaky-retry-after/{n}/{seconds}" + _TAIL, _flaky_retry_after),
     ("/retry-after/{status}/{seconds}" + _TAIL, _retry_after),
-    ("/hit/{ms}" + _TAIL, _hit),
     ("/retry-after-date/{status}/{seconds}" + _TAIL, _retry_after_date),
+    ("/hit/{ms}" + _TAIL, _hit),
     ("/random" + _TAIL, _random),
     ("/etag" + _TAIL, _etag),
     ("/last-modified" + _TAIL, _last_modified),
