@@ -130,7 +130,6 @@ async def commit_baseline(dsn: str, seconds: float) -> float:
 
 async def ingest(conn: asyncpg.Connection, pg, rows: int) -> tuple[int, dict]:
     job = await ledger.create_job(conn, name="coordinator-ingest", input="generated", settings={})
-    await ledger.prepare_ingest(conn)
     marks = []  # (rows stored, seconds): the rate along the way, which should not fall as the job grows
     async with Probe(conn, pg) as probe:
         for chunk_no, first in enumerate(range(1, rows + 1, CHUNK)):

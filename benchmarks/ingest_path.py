@@ -100,7 +100,6 @@ async def _store(path: str, dsn: str) -> dict:
 
     conn = await asyncpg.connect(dsn)
     try:
-        await ledger.prepare_ingest(conn)
         job = await ledger.create_job(conn, name=f"ingest-path-{os.getpid()}", input=path, settings={})
         backend = await conn.fetchval("SELECT pg_backend_pid()")
         cpu0, pg0, t0 = time.process_time(), _backend_cpu(backend), time.perf_counter()

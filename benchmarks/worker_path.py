@@ -121,7 +121,7 @@ async def _ingest(dsn: str, path: Path, settings: dict) -> int:
     from crawler.database import LedgerConnection
     from crawler.inputs import open_input
 
-    async with LedgerConnection(dsn, setup=ledger.prepare_ingest) as db:
+    async with LedgerConnection(dsn) as db:
         job = await db.run(ledger.create_job, name=None, input=str(path), settings=settings)
         chunk_no, last_row = await db.run(ledger.ingest_position, job.id)
         with open_input(str(path), url_column=None, sort_query=False) as reader:

@@ -228,14 +228,6 @@ async def close_connection(conn: asyncpg.Connection, *, timeout: float = 5.0) ->
         conn.terminate()
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
-    try:
-        return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=10)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
-        reason = (str(exc).strip() or type(exc).__name__).replace(dsn, mask_dsn(dsn))
-        raise DatabaseError(f"cannot connect to PostgreSQL at {mask_dsn(dsn)}: {reason}.") from None
-
-
 # Failures that mean "the database is away", as opposed to a wrong query.
 DB_ERRORS = (
     OSError,

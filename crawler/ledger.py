@@ -114,11 +114,6 @@ async def set_job_state(conn: asyncpg.Connection, job_id: int, state: str) -> No
 
 # --- ingest -------------------------------------------------------------------------------------
 
-async def prepare_ingest(conn: asyncpg.Connection) -> None:
-    """The ingest connection's setup: none is needed, store_chunk COPYs straight into the tables
-    (kept as the supervisor's setup hook)."""
-
-
 class _SeenBefore(Exception):
     """A chunk stored as if all its fingerprints were new met one the job already has."""
 

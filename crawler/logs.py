@@ -11,7 +11,7 @@ import os
 import re
 import sys
 from datetime import datetime, timezone
-from typing import Any, Iterator, Mapping, MutableMapping
+from typing import Any, Iterator, Mapping
 
 import orjson
 
@@ -79,26 +79,6 @@ def log_context(**ids: Any) -> Iterator[None]:
         yield
     finally:
         _context.reset(token)
-
-
-class BoundLogger(logging.LoggerAdapter):
-    """A logger whose records carry fixed ids; a call's own extra= is merged over them."""
-
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
-        return msg, kwargs
-
-    def bind(self, **ids: Any) -> "BoundLogger":
-        return BoundLogger(self.logger, {**(self.extra or {}), **{k: v for k, v in ids.items() if v is not None}})
-
-
-def bind(logger: logging.Logger | BoundLogger | str = "crawler", /, **ids: Any) -> BoundLogger:
-    """`bind(log, job=3, worker="host:123").warning(...)`: every record carries those ids."""
-    if isinstance(logger, BoundLogger):
-        return logger.bind(**ids)
-    if isinstance(logger, str):
-        logger = logging.getLogger(logger)
-    return BoundLogger(logger, {k: v for k, v in ids.items() if v is not None})
 
 
 def _ids(record: logging.LogRecord) -> dict[str, Any]:

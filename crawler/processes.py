@@ -227,9 +227,6 @@ class WorkerProcesses:
     def all_finished(self) -> bool:
         return all(s.finished for s in self.slots)
 
-    def live(self) -> int:
-        return sum(1 for s in self.slots if s.process is not None and s.process.exitcode is None)
-
     async def join(self) -> None:
         for slot in self.slots:
             if slot.process is not None:

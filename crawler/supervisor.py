@@ -146,8 +146,7 @@ class Supervisor:
         # Reading blocks, so it runs on a thread of its own; the pool lives as long as this task.
         reads = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="input")
         try:
-            async with LedgerConnection(self.dsn, outage_limit=limit, setup=ledger.prepare_ingest,
-                                        job=job.name or job.id) as db:
+            async with LedgerConnection(self.dsn, outage_limit=limit, job=job.name or job.id) as db:
                 chunk_no, last_row = await db.run(ledger.ingest_position, job.id)
                 batches = reader.batches(self.settings.chunk_size)
                 while not self.stopping.is_set():

@@ -48,7 +48,6 @@ class ResultWriter:
         self._room.set()
         self._closing = False
         self._db = LedgerConnection(dsn, outage_limit=outage_limit, setup=ledger.prepare_writer, job=job_id)
-        self.rows_written = 0
         self.max_buffer = batch_size * 8
         self.metrics = metrics.for_worker()
 
@@ -139,7 +138,6 @@ class ResultWriter:
             log.warning("results for chunk %d refused: its lease (fence %d) was taken over by another worker",
                         lease.chunk_no, lease.fence)
         self._lost |= refused
-        self.rows_written += count - sum(len(batches.get(l, ())) for l in refused)
         self.metrics.results_written(t for lease, times in handed.items() if lease not in refused for t in times)
         self._buffered -= count
         self._room.set()

@@ -41,7 +41,6 @@ def rows(start: int, urls: list[str]) -> list[RequestRow]:
 
 
 async def new_job(db, name: str) -> ledger.Job:
-    await ledger.prepare_ingest(db)
     return await ledger.create_job(db, name=name, input="test", settings={})
 
 

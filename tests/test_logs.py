@@ -15,7 +15,7 @@ import pytest
 from crawler import logs
 from crawler.database import LedgerConnection
 from crawler.errors import DatabaseError
-from crawler.logs import bind, log_context, mask_secrets, setup_logging
+from crawler.logs import log_context, mask_secrets, setup_logging
 
 from conftest import run_cli
 
@@ -78,7 +78,8 @@ def test_text_format_with_ids_and_no_password(stderr):
     setup_logging("INFO", "text")
     log = logging.getLogger("crawler.test")
     log.info("connecting to %s", "postgresql://me:hunter2@db/x")
-    bind(log, job=3, worker="box:12").warning("lost the lease on chunk %d", 9, extra={"chunk": 9})
+    with log_context(job=3, worker="box:12"):
+        log.warning("lost the lease on chunk %d", 9, extra={"chunk": 9})
     first, second = lines(stderr)
     assert first.endswith("INFO crawler.test: connecting to postgresql://me:***@db/x")
     assert second.endswith("WARNING crawler.test: lost the lease on chunk 9 [job=3 worker=box:12 chunk=9]")
@@ -87,9 +88,11 @@ def test_text_format_with_ids_and_no_password(stderr):
 
 def test_json_format_is_one_object_per_line_with_ids(stderr):
     setup_logging("DEBUG", "json")
-    log = bind("crawler.worker", job=3, worker="box:12")
-    log.debug("leased chunk %d", 4, extra={"chunk": 4})
-    log.bind(chunk=5).info("done")
+    log = logging.getLogger("crawler.worker")
+    with log_context(job=3, worker="box:12"):
+        log.debug("leased chunk %d", 4, extra={"chunk": 4})
+        with log_context(chunk=5):
+            log.info("done")
     logging.getLogger("crawler.other").error("plain")
     records = [json.loads(line) for line in lines(stderr)]
     assert [r["msg"] for r in records] == ["leased chunk 4", "done", "plain"]

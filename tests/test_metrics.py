@@ -98,7 +98,6 @@ async def test_fresh_and_revalidated_cache_hits_are_counted_by_kind(session_dsn,
 
 async def test_a_killed_workers_in_flight_requests_stay_until_its_exit_is_reported(session_dsn, db, mock_url, exporter):
     url = f"{mock_url}/slow-body/500/100/metrics"  # 50 s of body, one byte each half second
-    await ledger.prepare_ingest(db)
     job = await ledger.create_job(db, name=None, input="metrics-killed-worker", settings={})
     await ledger.store_chunk(db, job.id, 0, [RequestRow(1, "GET", url, fingerprint("GET", url))])
     await ledger.mark_ingested(db, job.id)

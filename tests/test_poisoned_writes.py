@@ -63,7 +63,7 @@ async def test_one_refused_row_of_a_thousand_is_stored_as_internal_and_the_rest_
     assert error.startswith("the result could not be stored: CharacterNotInRepertoireError")
     assert "0x00" in error and storable(error, 10_000) == (error, False)
     assert await chunk_counts(db, job_id) == ("done", ROWS, ROWS - 1, 1)
-    assert writer.rows_written == ROWS and not writer.lost
+    assert not writer.lost
 
 
 async def test_refused_text_bodies_and_cache_entries_are_isolated_too(session_dsn, db):
