@@ -17,6 +17,7 @@ from crawler.errors import EXIT_OK
 from crawler.export import export_file, export_job
 from crawler.migrate import apply_migrations
 from crawler.settings import Settings, for_job
+from crawler.states import ChunkState, JobState
 from crawler.storable import printable
 from crawler.summary import job_summary
 
@@ -83,7 +84,7 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seco
         job = await ledger.find_job(conn, job_ref)
         summary = await job_summary(conn, job.id)
         counts = await ledger.job_counts(conn, job.id)
-        summary["chunks"] = {k: counts[k] for k in ("pending", "leased", "done")}
+        summary["chunks"] = {str(k): counts[k] for k in ChunkState}
         workers = await registry.live_workers(conn, job.id, registry.LIVE_BEATS * heartbeat_seconds)
     rate = sum(float(w["rate"]) for w in workers)
     remaining = counts["to_fetch"] - counts["fetched"]
@@ -146,7 +147,7 @@ def worker(dsn: str, settings: Settings, job_ref: str | None) -> int:
 
     job = uvloop.run(_job_to_join(dsn, settings, job_ref))
     ref = job.name or job.id
-    if job.state == "done":
+    if job.state == JobState.DONE:
         print(f"crawler: job {ref} is already complete.", file=sys.stderr)
         return EXIT_OK
     joined = for_job(job.settings, settings)

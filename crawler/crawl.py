@@ -24,6 +24,7 @@ from crawler.migrate import apply_migrations
 from crawler.progress import ProgressView, render_summary
 from crawler.settings import Settings, flag_name, for_job, policy_flags_changing
 from crawler.standby import Standby
+from crawler.states import JobState
 from crawler.summary import job_summary
 from crawler.supervisor import Supervisor
 
@@ -113,11 +114,11 @@ async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: st
     async with connection(dsn) as conn:
         job = await ledger.find_job(conn, job_ref)
     settings = job_policy(job, settings, sources)
-    if job.state == "done":
+    if job.state == JobState.DONE:
         print(f"crawler: job {job.name or job.id} is already complete.", file=sys.stderr)
         return EXIT_OK
     async with connection(dsn) as conn:
-        await ledger.set_job_state(conn, job.id, "running" if job.ingest_done else "ingesting")
+        await ledger.set_job_state(conn, job.id, JobState.RUNNING if job.ingest_done else JobState.INGESTING)
     reader = None
     if not job.ingest_done:
         if job.input == "-":

@@ -14,13 +14,8 @@ import ssl
 import aiohttp
 
 from crawler.addresses import BlockedAddress
+from crawler.kinds import ErrorKind
 from crawler.resolver import DNSFailure
-
-ERROR_KINDS = (
-    "timeout", "connect", "dns", "tls", "reset", "protocol", "too_many_redirects",
-    "body_too_large", "blocked", "invalid_url", "http_status", "internal",
-    "robots",  # refused by the host's robots.txt (--robots obey), or robots.txt unreachable; never retried
-)
 
 
 class BodyTooLarge(Exception):
@@ -45,40 +40,40 @@ def transient(exc: BaseException) -> bool:
     return False
 
 
-def classify(exc: BaseException) -> tuple[str, str]:
+def classify(exc: BaseException) -> tuple[ErrorKind, str]:
     if isinstance(exc, BodyTooLarge):
-        return "body_too_large", str(exc)
+        return ErrorKind.BODY_TOO_LARGE, str(exc)
     if isinstance(exc, aiohttp.TooManyRedirects):
-        return "too_many_redirects", f"more than {len(exc.history)} redirects" if exc.history else _detail(exc)
+        return ErrorKind.TOO_MANY_REDIRECTS, f"more than {len(exc.history)} redirects" if exc.history else _detail(exc)
     if isinstance(exc, (aiohttp.NonHttpUrlRedirectClientError, aiohttp.InvalidUrlRedirectClientError)):
-        return "invalid_url", f"redirect to an unsupported URL: {exc}"
+        return ErrorKind.INVALID_URL, f"redirect to an unsupported URL: {exc}"
     if isinstance(exc, (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError)):
-        return "invalid_url", _detail(exc)
+        return ErrorKind.INVALID_URL, _detail(exc)
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return "timeout", _detail(exc) if str(exc) else "timed out"
+        return ErrorKind.TIMEOUT, _detail(exc) if str(exc) else "timed out"
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return "dns", f"cannot resolve {exc.host}: {exc.os_error.strerror or exc.os_error}"
+        return ErrorKind.DNS, f"cannot resolve {exc.host}: {exc.os_error.strerror or exc.os_error}"
     if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError)):
-        return "tls", _detail(exc)
+        return ErrorKind.TLS, _detail(exc)
     if isinstance(exc, aiohttp.ClientConnectorError):
         os_error = exc.os_error
         if isinstance(os_error, BlockedAddress) or (
             os_error.errno == errno.EACCES and "not allowed (see --allow-net)" in str(os_error)
         ):
-            return "blocked", f"{exc.host}: {os_error.strerror or os_error}"
+            return ErrorKind.BLOCKED, f"{exc.host}: {os_error.strerror or os_error}"
         if isinstance(os_error, asyncio.TimeoutError):
-            return "timeout", f"connecting to {exc.host}:{exc.port} timed out"
-        return "connect", f"cannot connect to {exc.host}:{exc.port}: {os_error.strerror or os_error}"
+            return ErrorKind.TIMEOUT, f"connecting to {exc.host}:{exc.port} timed out"
+        return ErrorKind.CONNECT, f"cannot connect to {exc.host}:{exc.port}: {os_error.strerror or os_error}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "reset", "server closed the connection before answering"
+        return ErrorKind.RESET, "server closed the connection before answering"
     if isinstance(exc, (ConnectionResetError, BrokenPipeError)) or (
         isinstance(exc, aiohttp.ClientOSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE)
     ):
-        return "reset", _detail(exc)
+        return ErrorKind.RESET, _detail(exc)
     if isinstance(exc, (aiohttp.ClientPayloadError, aiohttp.ClientResponseError)):
-        return "protocol", _detail(exc)
+        return ErrorKind.PROTOCOL, _detail(exc)
     if isinstance(exc, aiohttp.ClientOSError):
-        return "connect", _detail(exc)
+        return ErrorKind.CONNECT, _detail(exc)
     if isinstance(exc, (aiohttp.ClientError, ValueError, UnicodeError)):
-        return "protocol", _detail(exc)
-    return "internal", _detail(exc)
+        return ErrorKind.PROTOCOL, _detail(exc)
+    return ErrorKind.INTERNAL, _detail(exc)

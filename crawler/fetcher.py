@@ -22,6 +22,7 @@ from crawler.errors import UsageError
 from crawler.connections import HostConnector
 from crawler.resolver import CachingResolver
 from crawler.failures import BodyTooLarge, classify, transient
+from crawler.kinds import ErrorKind
 from crawler.settings import Settings
 from crawler.storable import (CONTENT_TYPE_CAP, ERROR_CAP, ETAG_CAP, LAST_MODIFIED_CAP, REASON_CAP, URL_CAP,
                               marked, storable)
@@ -305,7 +306,7 @@ class Fetcher:
                     if kept is not None:
                         result.body = (answer.get(hdrs.CONTENT_TYPE), bytes(kept))
             if result.status >= 400:
-                result.error_kind = "http_status"
+                result.error_kind = ErrorKind.HTTP_STATUS
                 reason, altered = storable(resp.reason or "", REASON_CAP)
                 if altered:
                     made = ["reason"]
@@ -314,7 +315,7 @@ class Fetcher:
             # Ours (a timeout) is turned into data; any other cancellation goes on up.
             if flight.expired is None or flight.task.uncancel() > 0:
                 raise
-            result.error_kind, result.error = "timeout", flight.expired
+            result.error_kind, result.error = ErrorKind.TIMEOUT, flight.expired
         except Exception as exc:  # every failure becomes data; see failures.classify
             result.error_kind, detail = classify(exc)
             result.transient = transient(exc)

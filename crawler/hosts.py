@@ -13,7 +13,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-OVERLOAD_KINDS = frozenset({"timeout", "connect", "reset"})
+from crawler.kinds import OVERLOAD_KINDS, ErrorKind
+
 OVERLOAD_STATUSES = frozenset({429, 503})
 
 
@@ -113,7 +114,7 @@ class HostScheduler:
         state.rtt = 0.8 * state.rtt + 0.2 * max(elapsed, 0.001)
         if error_kind in OVERLOAD_KINDS or status in OVERLOAD_STATUSES:
             state.limit.on_overload(self.clock(), state.rtt)
-        elif error_kind is None or error_kind == "http_status":
+        elif error_kind is None or error_kind == ErrorKind.HTTP_STATUS:
             state.limit.on_success()
         if pause > 0:
             state.next_start = max(state.next_start, self.clock() + pause)

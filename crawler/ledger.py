@@ -16,6 +16,8 @@ import asyncpg
 from crawler import cache
 from crawler.errors import CrawlerError, JobNotFound
 from crawler.inputs import InvalidRow, RequestRow
+from crawler.kinds import ErrorKind
+from crawler.states import JobState
 from crawler.storable import ERROR_CAP, storable
 
 log = logging.getLogger(__name__)
@@ -486,7 +488,7 @@ def _internal(record: tuple, why: str) -> tuple:
     """The `internal` result that stands for a record the database refused: the row, its
     attempts and time, and why (made storable itself)."""
     job_id, row_no, _, _, _, _, attempts, from_cache, elapsed_ms, _, _, cache_kind = record
-    return (job_id, row_no, None, None, "internal", storable(why, ERROR_CAP)[0], attempts, from_cache,
+    return (job_id, row_no, None, None, ErrorKind.INTERNAL, storable(why, ERROR_CAP)[0], attempts, from_cache,
             elapsed_ms, None, None, cache_kind)
 
 
@@ -552,7 +554,7 @@ async def finish_job(conn: asyncpg.Connection, job_id: int) -> bool:
     done; return whether the job is done. Idempotent."""
     async with conn.transaction():
         state = await conn.fetchval("SELECT state FROM jobs WHERE id = $1 FOR UPDATE", job_id)
-        if state == "done":
+        if state == JobState.DONE:
             return True
         ingested = await conn.fetchval("SELECT ingest_done FROM jobs WHERE id = $1", job_id)
         if not ingested or await open_chunks(conn, job_id):
@@ -561,7 +563,7 @@ async def finish_job(conn: asyncpg.Connection, job_id: int) -> bool:
         for first, last in row_ranges(spans, DUPLICATE_BATCH_ROWS):
             await conn.execute(_COPY_OUTCOMES, job_id, first, last)
         await fold_retried_attempts(conn, job_id)
-        await set_job_state(conn, job_id, "done")
+        await set_job_state(conn, job_id, JobState.DONE)
     return True
 
 
@@ -695,11 +697,11 @@ async def reopen_for_retry(conn: asyncpg.Connection, job_id: int, *, kinds: Sequ
     cross-job cache), their attempts kept in `retried` to be added to the new ones, their chunks' counts taken back and the chunks made pending, the job running.
     Duplicate rows sharing such an outcome are deleted too; finish_job gives them the new one.
     Returns None when the job is not done (nothing is changed)."""
-    kinds = [k for k in kinds if k != "http_status"]
+    kinds = [k for k in kinds if k != ErrorKind.HTTP_STATUS]
     lows, highs = [lo for lo, _ in statuses], [hi for _, hi in statuses]
     async with conn.transaction():
         job = await conn.fetchrow("SELECT state, rows_read FROM jobs WHERE id = $1 FOR UPDATE", job_id)
-        if job is None or job["state"] != "done":
+        if job is None or job["state"] != JobState.DONE:
             return None
         rows = fetches = 0
         chunks: dict[int, int] = {}  # chunk -> fetched rows of it reopened

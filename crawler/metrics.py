@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from crawler.errors import UsageError
+from crawler.states import ChunkState
 
 if TYPE_CHECKING:
     from crawler.fetcher import Attempt
@@ -29,7 +30,7 @@ MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # how prometheus_client finds the fi
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CACHE_HITS_HELP = ("Rows served from the cache: duplicate (of an earlier row of the job, counted at ingest),"
                    " fresh (an earlier job's response), revalidated (an earlier job's response, confirmed by a 304)")
-CHUNK_STATES = ("pending", "leased", "done")
+CHUNK_STATES = tuple(ChunkState)
 
 
 class WorkerMetrics:

@@ -17,6 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from crawler.states import ChunkState
 from crawler.storable import printable
 
 RATE_WINDOW_S = 10.0  # requests/s is measured over this much recent time, not since the start
@@ -196,7 +197,8 @@ class ProgressView:
             done=fetched + invalid + cached, total=total, estimated=estimated, fetched=fetched, to_fetch=to_fetch,
             rate=rate, ok=int(counts["ok"]), failed=int(counts["failed"]), cached=cached, invalid=invalid,
             elapsed=now - self._started, eta=eta,
-            chunks=(int(counts["done"]), int(counts["leased"]), int(counts["pending"])), workers=activity,
+            chunks=(int(counts[ChunkState.DONE]), int(counts[ChunkState.LEASED]), int(counts[ChunkState.PENDING])),
+            workers=activity,
         )
 
     def update(self, counts: dict, workers: list[dict]) -> None:

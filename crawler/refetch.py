@@ -7,12 +7,12 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 from crawler.errors import UsageError
-from crawler.failures import ERROR_KINDS
+from crawler.kinds import OVERLOAD_KINDS, ErrorKind
 
 # Failures that another try, later, may well not meet again: the network's and the server's
 # passing troubles. An http_status row is one when its status is one the job itself retries
 # (its retry_statuses: 429, 502, 503 and 504 unless set otherwise).
-TRANSIENT_KINDS = ("timeout", "connect", "reset", "dns")
+TRANSIENT_KINDS = OVERLOAD_KINDS | {ErrorKind.DNS}
 ALL_STATUSES = (100, 599)
 
 
@@ -35,10 +35,10 @@ def _status_range(lo: int, hi: int) -> str:
 
 def parse_kinds(text: str) -> frozenset[str]:
     kinds = frozenset(k.strip() for k in text.split(",") if k.strip())
-    unknown = sorted(kinds - set(ERROR_KINDS))
+    unknown = sorted(kinds - set(ErrorKind))
     if unknown or not kinds:
         raise UsageError(f"'{unknown[0] if unknown else text}' in --kinds is not an error kind;"
-                         f" the kinds are {', '.join(ERROR_KINDS)}.")
+                         f" the kinds are {', '.join(ErrorKind)}.")
     return kinds
 
 
@@ -59,13 +59,13 @@ def selection(kinds: str | None, statuses: str | None, retry_statuses: Sequence[
     """The rows to fetch again. Without flags: the transient kinds, and http_status answers with
     a status the job retries. --kinds replaces the kinds (http_status among them: every status);
     --status picks http_status answers by status, with whatever kinds are chosen."""
-    chosen = parse_kinds(kinds) if kinds is not None else frozenset(TRANSIENT_KINDS) | {"http_status"}
+    chosen = parse_kinds(kinds) if kinds is not None else TRANSIENT_KINDS | {ErrorKind.HTTP_STATUS}
     if statuses is not None:
         ranges = parse_statuses(statuses)
-    elif "http_status" not in chosen:
+    elif ErrorKind.HTTP_STATUS not in chosen:
         ranges = ()
     elif kinds is not None:
         ranges = (ALL_STATUSES,)
     else:
         ranges = tuple(sorted({(s, s) for s in retry_statuses}))
-    return Selection(chosen - {"http_status"}, ranges)
+    return Selection(chosen - {ErrorKind.HTTP_STATUS}, ranges)

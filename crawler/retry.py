@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
-RETRYABLE_KINDS = frozenset({"timeout", "connect", "reset"})
+from crawler.kinds import OVERLOAD_KINDS, ErrorKind
 
 
 @dataclass(slots=True, frozen=True)
@@ -73,8 +73,9 @@ def decide(
     """Whether to try again after `attempts` attempts ended like this, and after how long.
     `transient`: a `dns` failure of the resolver (SERVFAIL, a lookup timeout), retried like a
     connection error; a name that does not exist is `dns` too and is not."""
-    retryable = error_kind in RETRYABLE_KINDS or (transient and error_kind == "dns") or (
-        error_kind in (None, "http_status") and status is not None and status in policy.retry_statuses
+    # A busy host or a dropped connection (OVERLOAD_KINDS) may well answer the next try.
+    retryable = error_kind in OVERLOAD_KINDS or (transient and error_kind == ErrorKind.DNS) or (
+        error_kind in (None, ErrorKind.HTTP_STATUS) and status is not None and status in policy.retry_statuses
     )
     if not retryable or attempts >= policy.max_attempts:
         return FINAL

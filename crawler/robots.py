@@ -12,6 +12,8 @@ from enum import StrEnum
 
 from protego import Protego
 
+from crawler.kinds import OVERLOAD_KINDS, ErrorKind
+
 
 class RobotsPolicy(StrEnum):
     """The `robots` setting."""
@@ -35,7 +37,7 @@ MAX_REDIRECTS = 5
 # Failures after which robots.txt is "unreachable" (RFC 9309 2.3.1.4): retried within the job,
 # the host's rows held back meanwhile. 429 is read as the server's overload, like a 5xx, not as
 # an unavailable file that would allow everything.
-UNREACHABLE_KINDS = frozenset({"timeout", "connect", "dns", "tls", "reset", "protocol", "internal"})
+UNREACHABLE_KINDS = OVERLOAD_KINDS | {ErrorKind.DNS, ErrorKind.TLS, ErrorKind.PROTOCOL, ErrorKind.INTERNAL}
 
 _PRODUCT_TOKEN = re.compile(r"[A-Za-z_-]+")
 
@@ -65,7 +67,7 @@ def outcome_of(*, status: int | None, error_kind: str | None, error: str | None,
                body: bytes | None) -> RobotsOutcome | None:
     """What one attempt at robots.txt decided; None when it is to be tried again (5xx, 429, no
     answer): meanwhile the host's rows wait, as RFC 9309 asks (disallowed while unreachable)."""
-    if error_kind == "too_many_redirects":
+    if error_kind == ErrorKind.TOO_MANY_REDIRECTS:
         return RobotsOutcome(RobotsVerdict.ALLOW_ALL, reason=f"robots.txt unavailable: {error}")
     if error_kind in UNREACHABLE_KINDS or (error_kind is None and status is None):
         return None

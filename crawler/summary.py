@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncpg
 
 from crawler import ledger
+from crawler.states import JobState
 from crawler.urls import mask_password
 
 
@@ -59,7 +60,7 @@ async def job_summary(conn: asyncpg.Connection, job_id: int, *, elapsed_s: float
         "job_id": job["id"],
         "job_name": job["name"],
         "state": job["state"],
-        "rows": totals["requests"] + invalid if job["state"] == "done" else job["rows_read"],
+        "rows": totals["requests"] + invalid if job["state"] == JobState.DONE else job["rows_read"],
         "requests": totals["requests"],
         "fetched": totals["fetched"],
         "from_cache": totals["from_cache"],

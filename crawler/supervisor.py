@@ -28,6 +28,7 @@ from crawler.progress import ProgressView
 from crawler.processes import POLL, WorkerProcesses
 from crawler.settings import Settings
 from crawler.standby import Standby
+from crawler.states import ChunkState, JobState
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class Supervisor:
                     if local == 0:
                         # Fetched elsewhere: done when every chunk is, or on a signal.
                         if self.stopping.is_set() or (counts is not None and counts["ingest_done"]
-                                                      and counts["pending"] == counts["leased"] == 0):
+                                                      and counts[ChunkState.PENDING] == counts[ChunkState.LEASED] == 0):
                             break
                     elif finished:
                         break
@@ -111,7 +112,7 @@ class Supervisor:
                 self.stopping.set()
                 self.pool.signal(signal.SIGTERM)
                 await self.pool.join()
-                await db.try_run(ledger.set_job_state, job.id, "interrupted")
+                await db.try_run(ledger.set_job_state, job.id, JobState.INTERRUPTED)
                 raise
             finally:
                 if ingest is not None:
@@ -120,7 +121,7 @@ class Supervisor:
                     await asyncio.gather(ingest, return_exceptions=True)  # its error is retrieved, or raised above
             if not self.stopping.is_set() and await db.run(ledger.finish_job, job.id):
                 return CrawlOutcome(job, EXIT_OK)
-            await db.run(ledger.set_job_state, job.id, "interrupted")
+            await db.run(ledger.set_job_state, job.id, JobState.INTERRUPTED)
         ref = job.name or job.id
         if broken:
             return CrawlOutcome(job, EXIT_INFRA, f"{broken}; the job is stopped; run `crawler resume {ref}` once fixed.")

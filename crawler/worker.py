@@ -29,8 +29,10 @@ from crawler.database import LedgerConnection
 from crawler.fetcher import MAX_WIDTH, Attempt, Fetcher
 from crawler.ledger import Lease
 from crawler.hosts import HostScheduler, host_of
+from crawler.kinds import ErrorKind
 from crawler.retry import RetryPolicy, decide, parse_retry_after
 from crawler.settings import Settings
+from crawler.states import JobState
 from crawler.writer import ResultWriter
 
 log = logging.getLogger(__name__)
@@ -252,7 +254,7 @@ class Worker:
         """True when ingest is over and every open chunk is one of ours (being finished), or the
         job was stopped (its `crawler resume` starts workers anew)."""
         job = await conn.fetchrow("SELECT state, ingest_done FROM jobs WHERE id = $1", self.job_id)
-        if job["state"] in ("done", "interrupted"):
+        if job["state"] in (JobState.DONE, JobState.INTERRUPTED):
             return True
         if not job["ingest_done"]:
             return False
@@ -406,7 +408,7 @@ class Worker:
             return
         if self.writer.full:
             await self.writer.room()
-        self._done(item, Attempt(error_kind="robots", error=reason))
+        self._done(item, Attempt(error_kind=ErrorKind.ROBOTS, error=reason))
 
     def _robots_fetching(self, change: int) -> None:
         # A robots.txt fetch fills a fetch slot as a row does, until its rows are let go: while
@@ -463,7 +465,7 @@ def _die_on_rows(exit_on_rows: frozenset[int], chunk: ledger.LeasedChunk, rows: 
 
 
 def _from_cache(entry: CachedResponse) -> Attempt:
-    error_kind = "http_status" if entry.status >= 400 else None
+    error_kind = ErrorKind.HTTP_STATUS if entry.status >= 400 else None
     return Attempt(status=entry.status, final_url=entry.final_url, error_kind=error_kind,
                    error=f"HTTP {entry.status} (stored)" if error_kind else None,
                    body_bytes=entry.body_bytes, body_sha256=entry.body_sha256)

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from crawler.addresses import AddressPolicy, BlockedAddress
-from crawler.failures import ERROR_KINDS, BodyTooLarge, classify, transient
+from crawler.failures import BodyTooLarge, classify, transient
+from crawler.kinds import ErrorKind
 from crawler.resolver import DNSFailure
 
 pytestmark = pytest.mark.one_server
@@ -34,7 +35,7 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 
 def assert_readable(kind: str, detail: str) -> None:
-    assert kind in ERROR_KINDS
+    assert isinstance(kind, ErrorKind)
     assert isinstance(detail, str) and detail.strip(), f"empty detail for {kind}"
 
 

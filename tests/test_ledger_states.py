@@ -7,6 +7,7 @@ chunk's counters match its results."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import asyncpg
 import pytest
@@ -20,6 +21,7 @@ from crawler import ledger
 from crawler.inputs import RequestRow
 from crawler.ledger import Lease
 from crawler.migrate import apply_migrations
+from crawler.states import ChunkState, JobState
 from crawler.urls import fingerprint
 
 WORKERS = ("host:1", "host:2")
@@ -246,3 +248,17 @@ def test_leases_and_results_in_any_order_keep_the_ledger_consistent(states_dsn):
         max_examples=25, stateful_step_count=40, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     ))
+
+
+async def allowed_states(db, table: str) -> set[str]:
+    """The values the table's CHECK constraint on `state` allows."""
+    definitions = await db.fetch(
+        "SELECT pg_get_constraintdef(oid) AS def FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'c'",
+        table)
+    [state] = [d["def"] for d in definitions if "state" in d["def"]]
+    return set(re.findall(r"'([a-z_]+)'", state))
+
+
+@pytest.mark.parametrize(("table", "states"), [("jobs", JobState), ("chunks", ChunkState)])
+async def test_the_state_enums_are_exactly_what_the_schema_allows(db, table, states):
+    assert await allowed_states(db, table) == {str(s) for s in states}

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from crawler.retry import RETRYABLE_KINDS, Decision, RetryPolicy, backoff, decide, parse_retry_after
+from crawler.kinds import OVERLOAD_KINDS
+from crawler.retry import Decision, RetryPolicy, backoff, decide, parse_retry_after
 
 pytestmark = pytest.mark.one_server
 
@@ -124,9 +125,9 @@ def _decide(error_kind=None, status=None, retry_after=None, attempts=1, policy=P
     )
 
 
-@pytest.mark.parametrize("kind", sorted(RETRYABLE_KINDS))
+@pytest.mark.parametrize("kind", sorted(OVERLOAD_KINDS))
 def test_transient_failures_are_retried_until_max_attempts(kind: str) -> None:
-    assert RETRYABLE_KINDS == {"timeout", "connect", "reset"}
+    assert OVERLOAD_KINDS == {"timeout", "connect", "reset"}
     for attempts in (1, 2):
         decision = _decide(error_kind=kind, attempts=attempts)
         assert decision.retry
