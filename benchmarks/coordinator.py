@@ -93,14 +93,14 @@ def request_rows(first: int, count: int) -> list[RequestRow]:
     return [RequestRow(n, "GET", url_for(n), fingerprint("GET", url_for(n))) for n in range(first, first + count)]
 
 
-def result_record(job_id: int, row: asyncpg.Record) -> tuple:
+def result_record(job_id: int, row: asyncpg.Record) -> ledger.ResultRow:
     """What a worker writes (RESULT_COLUMNS): 1 in 20 a timeout after 3 attempts, the rest 200 OK."""
     n = row["row_no"]
     if n % 20 == 0:
-        return (job_id, n, None, None, "timeout", "no answer within 60s (total timeout)", 3, False, 60000.0,
-                None, None, None)
-    return (job_id, n, 200, row["url"], None, None, 1, False, 12.5 + n % 50, 5120 + n % 4096,
-            hashlib.sha256(row["url"].encode()).digest(), None)
+        return ledger.ResultRow(job_id, n, None, None, "timeout", "no answer within 60s (total timeout)", 3, False,
+                                60000.0, None, None, None)
+    return ledger.ResultRow(job_id, n, 200, row["url"], None, None, 1, False, 12.5 + n % 50, 5120 + n % 4096,
+                            hashlib.sha256(row["url"].encode()).digest(), None)
 
 
 async def sizes(conn: asyncpg.Connection) -> dict:

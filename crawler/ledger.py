@@ -22,10 +22,34 @@ from crawler.storable import ERROR_CAP, storable
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = (
-    "job_id", "row_no", "status", "final_url", "error_kind", "error",
-    "attempts", "from_cache", "elapsed_ms", "body_bytes", "body_sha256", "cache_kind",
-)
+class ResultRow(NamedTuple):
+    """One request's outcome as a worker writes it, its fields in the results table's COPY order:
+    a plain tuple to asyncpg's copy_records_to_table, named everywhere else."""
+
+    job_id: int
+    row_no: int
+    status: int | None
+    final_url: str | None
+    error_kind: str | None  # None: the request succeeded (crawler.kinds.ErrorKind otherwise)
+    error: str | None
+    attempts: int
+    from_cache: bool
+    elapsed_ms: float
+    body_bytes: int | None
+    body_sha256: bytes | None
+    cache_kind: str | None  # duplicate, fresh or revalidated when from_cache
+
+
+class BodyRow(NamedTuple):
+    """A response body kept with --store-bodies, compressed, as the bodies table holds it."""
+
+    job_id: int
+    row_no: int
+    content_type: str | None
+    body: bytes
+
+
+RESULT_COLUMNS = ResultRow._fields
 
 
 class JobExists(CrawlerError):
@@ -340,10 +364,10 @@ async def prepare_writer(conn: asyncpg.Connection) -> None:
 async def write_results(
     conn: asyncpg.Connection,
     job_id: int,
-    batches: dict[Lease, list[tuple]],
+    batches: dict[Lease, list[ResultRow]],
     completed: set[Lease],
     lease_seconds: float,
-    bodies: dict[Lease, list[tuple]] | None = None,
+    bodies: dict[Lease, list[BodyRow]] | None = None,
     cache_rows: list[tuple] | None = None,
     cache_touch: list[bytes] | None = None,
 ) -> set[Lease]:
@@ -387,10 +411,10 @@ DATA_ERRORS = (asyncpg.DataError, UnicodeError)
 async def _write_results(
     conn: asyncpg.Connection,
     job_id: int,
-    batches: dict[Lease, list[tuple]],
+    batches: dict[Lease, list[ResultRow]],
     completed: set[Lease],
     lease_seconds: float,
-    bodies: dict[Lease, list[tuple]] | None,
+    bodies: dict[Lease, list[BodyRow]] | None,
     cache_rows: list[tuple] | None,
     cache_touch: list[bytes] | None,
     *,
@@ -412,15 +436,15 @@ async def _write_results(
         if isolate:
             replaced = await _store_isolating(conn, table, records, kept_bodies)
             if replaced:
-                batches = {lease: [replaced.get(rec[1], rec) for rec in recs] for lease, recs in batches.items()}
-                records = [replaced.get(rec[1], rec) for rec in records]
+                batches = {lease: [replaced.get(rec.row_no, rec) for rec in recs] for lease, recs in batches.items()}
+                records = [replaced.get(rec.row_no, rec) for rec in records]
             kept_bodies = []  # stored above
         elif records:
             await conn.copy_records_to_table(table, records=records, columns=RESULT_COLUMNS)
         if records and replay:
-            new = {r[0] for r in await conn.fetch(
+            new = {r["row_no"] for r in await conn.fetch(
                 "INSERT INTO results SELECT * FROM result_stage ON CONFLICT DO NOTHING RETURNING row_no")}
-            batches = {lease: [rec for rec in recs if rec[1] in new] for lease, recs in batches.items()}
+            batches = {lease: [rec for rec in recs if rec.row_no in new] for lease, recs in batches.items()}
         # The cross-job cache learns from every write, fenced or not: an answer is an answer.
         if isolate:
             # An entry the database refuses is not remembered: the next job fetches that URL.
@@ -432,8 +456,7 @@ async def _write_results(
         await _store_bodies(conn, kept_bodies)
         kept = [l for l in leases if l in held]
         if kept:
-            # Column 4 of a result record is its error kind: None means ok.
-            ok = [sum(1 for rec in batches.get(l, ()) if rec[4] is None) for l in kept]
+            ok = [sum(1 for rec in batches.get(l, ()) if rec.error_kind is None) for l in kept]
             await conn.execute(
                 "UPDATE chunks c SET done_rows = CASE WHEN w.complete THEN c.fetch_rows ELSE c.done_rows + w.n END,"
                 "   ok_rows = c.ok_rows + w.ok, failed_rows = c.failed_rows + w.n - w.ok,"
@@ -452,7 +475,7 @@ async def _write_results(
     return refused
 
 
-async def _store_bodies(conn: asyncpg.Connection, rows: list[tuple]) -> None:
+async def _store_bodies(conn: asyncpg.Connection, rows: list[BodyRow]) -> None:
     if rows:
         await conn.executemany(
             "INSERT INTO bodies (job_id, row_no, content_type, body) VALUES ($1, $2, $3, $4)"
@@ -462,34 +485,33 @@ async def _store_bodies(conn: asyncpg.Connection, rows: list[tuple]) -> None:
 
 
 async def _store_isolating(
-    conn: asyncpg.Connection, table: str, records: list[tuple], bodies: list[tuple],
-) -> dict[int, tuple]:
+    conn: asyncpg.Connection, table: str, records: list[ResultRow], bodies: list[BodyRow],
+) -> dict[int, ResultRow]:
     """Store the bodies and result records the database takes; return, by row, the `internal`
     record stored instead of each result it refused (or whose body it refused)."""
     why: dict[int, str] = {}  # row -> why its result is stored as internal
     for body, message in await _refused_rows(conn, _store_bodies, bodies):
-        why[body[1]] = f"its body could not be stored: {message}"
+        why[body.row_no] = f"its body could not be stored: {message}"
 
-    async def copy(conn: asyncpg.Connection, rows: list[tuple]) -> None:
+    async def copy(conn: asyncpg.Connection, rows: list[ResultRow]) -> None:
         await conn.copy_records_to_table(table, records=rows, columns=RESULT_COLUMNS)
 
-    for record, message in await _refused_rows(conn, copy, [rec for rec in records if rec[1] not in why]):
-        why[record[1]] = f"the result could not be stored: {message}"
+    for record, message in await _refused_rows(conn, copy, [rec for rec in records if rec.row_no not in why]):
+        why[record.row_no] = f"the result could not be stored: {message}"
     if not why:
         return {}
-    internal = {rec[1]: _internal(rec, why[rec[1]]) for rec in records if rec[1] in why}
+    internal = {rec.row_no: _internal(rec, why[rec.row_no]) for rec in records if rec.row_no in why}
     await copy(conn, list(internal.values()))
     log.warning("%d results stored as internal, the database refused them (the first: %s)",
-                len(internal), next(iter(internal.values()))[5])
+                len(internal), next(iter(internal.values())).error)
     return internal
 
 
-def _internal(record: tuple, why: str) -> tuple:
+def _internal(record: ResultRow, why: str) -> ResultRow:
     """The `internal` result that stands for a record the database refused: the row, its
     attempts and time, and why (made storable itself)."""
-    job_id, row_no, _, _, _, _, attempts, from_cache, elapsed_ms, _, _, cache_kind = record
-    return (job_id, row_no, None, None, ErrorKind.INTERNAL, storable(why, ERROR_CAP)[0], attempts, from_cache,
-            elapsed_ms, None, None, cache_kind)
+    return record._replace(status=None, final_url=None, error_kind=ErrorKind.INTERNAL,
+                           error=storable(why, ERROR_CAP)[0], body_bytes=None, body_sha256=None)
 
 
 async def _refused_rows(conn: asyncpg.Connection, store, rows: list[tuple]) -> list[tuple[tuple, str]]:

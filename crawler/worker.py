@@ -27,7 +27,7 @@ from crawler.cache import CachedResponse
 from crawler.errors import CrawlerError
 from crawler.database import LedgerConnection
 from crawler.fetcher import MAX_WIDTH, Attempt, Fetcher
-from crawler.ledger import Lease
+from crawler.ledger import Lease, ResultRow
 from crawler.hosts import HostScheduler, host_of
 from crawler.kinds import ErrorKind
 from crawler.retry import RetryPolicy, decide, parse_retry_after
@@ -373,10 +373,11 @@ class Worker:
 
     def _done(self, item: WorkItem, attempt: Attempt, *, cache_kind: str | None = None) -> None:
         """Hand the item's outcome to the writer (the caller has waited for its room)."""
-        record = (
-            self.job_id, item.row_no, attempt.status, attempt.final_url, attempt.error_kind, attempt.error,
-            item.attempts, cache_kind is not None, item.elapsed_ms, attempt.body_bytes, attempt.body_sha256,
-            cache_kind,
+        record = ResultRow(
+            job_id=self.job_id, row_no=item.row_no, status=attempt.status, final_url=attempt.final_url,
+            error_kind=attempt.error_kind, error=attempt.error, attempts=item.attempts,
+            from_cache=cache_kind is not None, elapsed_ms=item.elapsed_ms, body_bytes=attempt.body_bytes,
+            body_sha256=attempt.body_sha256, cache_kind=cache_kind,
         )
         remember = None
         if self.caching:

@@ -13,7 +13,7 @@ import zlib
 
 from crawler import ledger, metrics
 from crawler.database import LedgerConnection
-from crawler.ledger import Lease
+from crawler.ledger import BodyRow, Lease, ResultRow
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ class ResultWriter:
         self.interval = interval
         self.lease_seconds = lease_seconds
         self.outage_limit = outage_limit
-        self._buffer: dict[Lease, list[tuple]] = {}
-        self._bodies: dict[Lease, list[tuple]] = {}
+        self._buffer: dict[Lease, list[ResultRow]] = {}
+        self._bodies: dict[Lease, list[BodyRow]] = {}
         self._handed: dict[Lease, list[float]] = {}  # when each buffered result came: its write lag
         self._cache_rows: list[tuple] = []
         self._cache_touch: list[bytes] = []
@@ -67,7 +67,7 @@ class ResultWriter:
             self._wake.set()
             await self._room.wait()
 
-    def add(self, lease: Lease, record: tuple, body: tuple | None = None,
+    def add(self, lease: Lease, record: ResultRow, body: tuple[str | None, bytes] | None = None,
             remember: tuple | bytes | None = None) -> None:
         """Buffer one result, after `room()`; with --store-bodies its body (content_type, bytes);
         with --cache-ttl what the cross-job cache learns from it (a row to store, or a fingerprint
@@ -77,7 +77,8 @@ class ResultWriter:
             self._handed.setdefault(lease, []).append(time.monotonic())
         if body is not None:
             content_type, data = body
-            self._bodies.setdefault(lease, []).append((record[0], record[1], content_type, zlib.compress(data, 6)))
+            self._bodies.setdefault(lease, []).append(
+                BodyRow(record.job_id, record.row_no, content_type, zlib.compress(data, 6)))
         if isinstance(remember, tuple):
             self._cache_rows.append(remember)
         elif remember is not None:

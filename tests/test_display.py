@@ -10,6 +10,7 @@ from rich.console import Console
 
 from crawler import ledger
 from crawler.inputs import RequestRow
+from crawler.ledger import ResultRow
 from crawler.progress import render_summary
 from crawler.urls import fingerprint
 
@@ -49,7 +50,7 @@ async def test_status_and_jobs_print_stored_text_as_written(session_dsn, db):
     await ledger.mark_ingested(db, job.id)
     lease = (await ledger.lease_chunk(db, job.id, "w1", 60)).lease
     await ledger.prepare_writer(db)
-    record = (job.id, 1, 500, url, "http_status", "HTTP 500", 1, False, 1.0, 0, None, None)
+    record = ResultRow(job.id, 1, 500, url, "http_status", "HTTP 500", 1, False, 1.0, 0, None, None)
     await ledger.write_results(db, job.id, {lease: [record]}, {lease}, 60)
     for command in (("status", str(job.id)), ("jobs",)):
         proc = run_cli(*command, "--dsn", session_dsn, env={"COLUMNS": "250"})

@@ -9,6 +9,7 @@ from hypothesis import example, given, strategies as st
 
 from crawler import ledger
 from crawler.inputs import InvalidRow, RequestRow
+from crawler.ledger import ResultRow
 from crawler.migrate import apply_migrations, migration_files
 from crawler.urls import fingerprint
 
@@ -66,8 +67,8 @@ async def test_a_chunk_that_repeats_only_an_earlier_chunk_points_at_its_rows(db)
     assert sorted(stored) == [1, 2, 3, 4]
 
 
-def result(job_id: int, row_no: int, status: int = 200) -> tuple:
-    return (job_id, row_no, status, "http://a/", None, None, 1, False, 1.0, 2, b"\x00" * 32, None)
+def result(job_id: int, row_no: int, status: int = 200) -> ResultRow:
+    return ResultRow(job_id, row_no, status, "http://a/", None, None, 1, False, 1.0, 2, b"\x00" * 32, None)
 
 
 async def test_a_stale_lease_cannot_commit_over_the_new_holder(db):

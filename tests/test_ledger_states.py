@@ -19,7 +19,7 @@ from hypothesis.stateful import (
 
 from crawler import ledger
 from crawler.inputs import RequestRow
-from crawler.ledger import Lease
+from crawler.ledger import Lease, ResultRow
 from crawler.migrate import apply_migrations
 from crawler.states import ChunkState, JobState
 from crawler.urls import fingerprint
@@ -46,11 +46,11 @@ class Holding:
         return f"Holding({self.owner}, {self.lease}, todo={self.todo}, written={self.written})"
 
 
-def record(job_id: int, row: int, tag: str) -> tuple:
+def record(job_id: int, row: int, tag: str) -> ResultRow:
     """A result whose final_url names the lease that wrote it; even rows failed."""
     failed = row % 2 == 0
-    return (job_id, row, None if failed else 200, tag, "timeout" if failed else None,
-            "timed out" if failed else None, 1, False, 1.0, 0, b"", None)
+    return ResultRow(job_id, row, None if failed else 200, tag, "timeout" if failed else None,
+                     "timed out" if failed else None, 1, False, 1.0, 0, b"", None)
 
 
 class LedgerStates(RuleBasedStateMachine):

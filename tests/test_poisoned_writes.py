@@ -9,6 +9,7 @@ import zlib
 
 from crawler import ledger
 from crawler.inputs import RequestRow
+from crawler.ledger import ResultRow
 from crawler.storable import storable
 from crawler.urls import fingerprint
 from crawler.writer import ResultWriter
@@ -25,11 +26,11 @@ async def job_with_chunk(db, name: str, count: int = ROWS) -> tuple[int, ledger.
     return job.id, chunk.lease
 
 
-def ok(job_id: int, row_no: int, **changes) -> tuple:
+def ok(job_id: int, row_no: int, **changes) -> ResultRow:
     values = dict(status=200, final_url=f"http://a.test/{row_no - 1}", error_kind=None, error=None)
     values.update(changes)
-    return (job_id, row_no, values["status"], values["final_url"], values["error_kind"], values["error"], 1, False,
-            1.0, 2, b"\x01" * 32, None)
+    return ResultRow(job_id, row_no, values["status"], values["final_url"], values["error_kind"], values["error"], 1,
+                     False, 1.0, 2, b"\x01" * 32, None)
 
 
 async def outcomes(db, job_id: int) -> dict[int, tuple]:

@@ -11,6 +11,7 @@ from crawler import ledger
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
 from crawler.inputs import RequestRow
+from crawler.ledger import ResultRow
 from crawler.processes import WorkerProcesses, WorkerSlot
 from crawler.summary import job_summary
 from crawler.urls import fingerprint
@@ -32,8 +33,8 @@ async def job_with_chunks(db, name: str, chunks: int, *, repeat_last: bool = Fal
     return job
 
 
-def ok(job_id: int, row_no: int) -> tuple:
-    return (job_id, row_no, 200, "http://a/", None, None, 1, False, 1.0, 2, b"\x00" * 32, None)
+def ok(job_id: int, row_no: int) -> ResultRow:
+    return ResultRow(job_id, row_no, 200, "http://a/", None, None, 1, False, 1.0, 2, b"\x00" * 32, None)
 
 
 async def lease(db, job, owner: str) -> ledger.LeasedChunk | None:

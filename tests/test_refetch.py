@@ -15,6 +15,7 @@ from conftest import run_cli, test_settings
 from crawler import ledger
 from crawler.crawl import crawl, resume, retry
 from crawler.errors import EXIT_OK, UsageError
+from crawler.ledger import ResultRow
 from crawler.refetch import ALL_STATUSES, TRANSIENT_KINDS, parse_statuses, selection
 from crawler.settings import Settings
 from crawler.summary import job_summary
@@ -165,8 +166,8 @@ async def test_a_retried_answer_this_job_cached_is_asked_again_not_served_from_t
     await ledger.store_chunk(db, job.id, 0, rows)
     await ledger.mark_ingested(db, job.id)
     chunk = await ledger.lease_chunk(db, job.id, "w", 60)
-    answers = [(job.id, 1, 404, urls[0], "http_status", "HTTP 404", 1, False, 1.0, 0, None, None),
-               (job.id, 2, 200, urls[1], None, None, 1, False, 1.0, 0, None, None)]
+    answers = [ResultRow(job.id, 1, 404, urls[0], "http_status", "HTTP 404", 1, False, 1.0, 0, None, None),
+               ResultRow(job.id, 2, 200, urls[1], None, None, 1, False, 1.0, 0, None, None)]
     await ledger.write_results(db, job.id, {chunk.lease: answers}, {chunk.lease}, 60,
                                cache_rows=[(r.fingerprint, s, r.url, 0, None, None, None, job.id)
                                            for r, s in zip(rows, (404, 200))])
