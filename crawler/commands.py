@@ -17,7 +17,7 @@ from crawler.errors import EXIT_OK
 from crawler.export import export_file, export_job
 from crawler.migrate import apply_migrations
 from crawler.settings import Settings, for_job
-from crawler.states import ChunkState, JobState
+from crawler.states import JobState
 from crawler.storable import printable
 from crawler.summary import job_summary
 
@@ -84,12 +84,12 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seco
         job = await ledger.find_job(conn, job_ref)
         summary = await job_summary(conn, job.id)
         counts = await ledger.job_counts(conn, job.id)
-        summary["chunks"] = {str(k): counts[k] for k in ChunkState}
+        summary["chunks"] = counts.chunks()
         workers = await registry.live_workers(conn, job.id, registry.LIVE_BEATS * heartbeat_seconds)
     rate = sum(float(w["rate"]) for w in workers)
-    remaining = counts["to_fetch"] - counts["fetched"]
+    remaining = counts.to_fetch - counts.fetched
     summary["progress"] = {
-        "rows_read": counts["rows_read"], "to_fetch": counts["to_fetch"], "fetched": counts["fetched"],
+        "rows_read": counts.rows_read, "to_fetch": counts.to_fetch, "fetched": counts.fetched,
         "ingest_done": job.ingest_done, "rate_per_s": round(rate, 1),
         "eta_s": round(remaining / rate) if rate > 0 and job.ingest_done else None,
     }

@@ -17,7 +17,7 @@ from crawler import cache
 from crawler.errors import CrawlerError, JobNotFound
 from crawler.inputs import InvalidRow, RequestRow
 from crawler.kinds import ErrorKind
-from crawler.states import JobState
+from crawler.states import ChunkState, JobState
 from crawler.storable import ERROR_CAP, storable
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,31 @@ class Lease(NamedTuple):
 
     chunk_no: int
     fence: int
+
+
+@dataclass(slots=True)
+class JobCounts:
+    """A job's live counts (job_counts), polled for progress, `crawler status` and the metrics;
+    the supervisor adds what only it knows: whether ingest is over and how far into the input."""
+
+    rows_read: int
+    state: str
+    to_fetch: int  # rows to fetch, duplicates and invalid rows left out
+    fetched: int
+    ok: int
+    failed: int
+    invalid: int
+    duplicates: int
+    pending: int  # chunks by state
+    leased: int
+    done: int
+    ingest_done: bool = True
+    bytes_read: int = 0  # of the input file, compressed
+    bytes_total: int | None = None  # None: its size is unknown (stdin)
+
+    def chunks(self) -> dict[str, int]:
+        """The job's chunks by state, keyed by the state's name."""
+        return {state.value: getattr(self, state.value) for state in ChunkState}
 
 
 @dataclass(slots=True, frozen=True)
@@ -589,7 +614,7 @@ async def finish_job(conn: asyncpg.Connection, job_id: int) -> bool:
     return True
 
 
-async def job_counts(conn: asyncpg.Connection, job_id: int) -> dict[str, int]:
+async def job_counts(conn: asyncpg.Connection, job_id: int) -> JobCounts:
     """Live counts for progress, from the small chunks table (cheap to poll). The job's own
     columns come from scalar subqueries, not a join: one statement, one plan on every version."""
     row = await conn.fetchrow(
@@ -605,7 +630,7 @@ async def job_counts(conn: asyncpg.Connection, job_id: int) -> dict[str, int]:
         " FROM chunks WHERE job_id = $1",
         job_id,
     )
-    return dict(row)
+    return JobCounts(**row)
 
 
 # --- quarantine: a chunk that keeps killing its workers -----------------------------------------

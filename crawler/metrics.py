@@ -14,14 +14,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from crawler.errors import UsageError
-from crawler.states import ChunkState
 
 if TYPE_CHECKING:
     from crawler.fetcher import Attempt
+    from crawler.ledger import JobCounts
     from crawler.settings import Settings
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # how prometheus_client finds the files; spawned workers inherit it
@@ -30,7 +30,6 @@ MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # how prometheus_client finds the fi
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CACHE_HITS_HELP = ("Rows served from the cache: duplicate (of an earlier row of the job, counted at ingest),"
                    " fresh (an earlier job's response), revalidated (an earlier job's response, confirmed by a 304)")
-CHUNK_STATES = tuple(ChunkState)
 
 
 class WorkerMetrics:
@@ -173,7 +172,7 @@ class Exporter:
     The parent (the supervisor of `crawler crawl`/`resume`, or of `crawler worker --workers N`):
 
         exporter = Exporter.start(settings)  # BEFORE spawning any worker; None when metrics_port is 0
-        exporter.observe_job(counts)         # on every poll, with the dict from ledger.job_counts
+        exporter.observe_job(counts)         # on every poll, with ledger.job_counts
         exporter.worker_exited(pid)          # once for each worker process that has exited, any exit code
         exporter.worker_restarted()          # when a dead worker is replaced by a new process
         exporter.close()                     # after the last worker has exited (also: `with exporter:`)
@@ -204,12 +203,12 @@ class Exporter:
     def start(cls, settings: Settings) -> Exporter | None:
         return cls(settings.metrics_host, settings.metrics_port) if settings.metrics_port else None
 
-    def observe_job(self, counts: Mapping[str, int]) -> None:
+    def observe_job(self, counts: JobCounts) -> None:
         """The job's chunks by state, and its duplicate rows: those are served from the cache by the
         ledger at the job's end (ledger.finish_job), never by a worker, so they are counted here,
         as cache_hits_total{kind="duplicate"}, as soon as ingest finds them."""
-        self._collector.chunks = {state: counts[state] for state in CHUNK_STATES}
-        self._collector.duplicates = counts["duplicates"]
+        self._collector.chunks = counts.chunks()
+        self._collector.duplicates = counts.duplicates
 
     def worker_exited(self, pid: int) -> None:
         """Forget the process's live gauges (in flight); its counters stay in the sums."""

@@ -9,6 +9,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -17,8 +18,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from crawler.states import ChunkState
 from crawler.storable import printable
+
+if TYPE_CHECKING:
+    from crawler.ledger import JobCounts
 
 RATE_WINDOW_S = 10.0  # requests/s is measured over this much recent time, not since the start
 WORKER_WINDOW_S = 20.0  # workers report every heartbeat (5 s): a wider window for their rates
@@ -52,13 +55,13 @@ class Snapshot:
     workers: list[WorkerActivity] = field(default_factory=list)
 
 
-def estimate_total(counts: dict) -> tuple[int | None, bool]:
+def estimate_total(counts: JobCounts) -> tuple[int | None, bool]:
     """Rows in the whole input: exact once ingest is done; while ingesting, the rows read so far
     scaled by the share of the (compressed) bytes consumed; None when the size is unknown."""
-    rows = counts["rows_read"]
-    if counts.get("ingest_done", True):
+    rows = counts.rows_read
+    if counts.ingest_done:
         return rows, False
-    read, total = counts.get("bytes_read") or 0, counts.get("bytes_total")
+    read, total = counts.bytes_read, counts.bytes_total
     if not total or read <= 0 or rows <= 0:
         return None, True
     return max(rows, round(rows * total / read)), True
@@ -175,13 +178,13 @@ class ProgressView:
             return fallback
         return max(0.0, (fetched - first_n) / (t - first_t))
 
-    def snapshot(self, counts: dict, workers: list[dict], now: float | None = None) -> Snapshot:
+    def snapshot(self, counts: JobCounts, workers: list[dict], now: float | None = None) -> Snapshot:
         now = time.monotonic() if now is None else now
         total, estimated = estimate_total(counts)
-        fetched, invalid, cached = int(counts["fetched"]), int(counts["invalid"]), int(counts["duplicates"])
-        to_fetch: int | None = int(counts["to_fetch"])
+        fetched, invalid, cached = int(counts.fetched), int(counts.invalid), int(counts.duplicates)
+        to_fetch: int | None = int(counts.to_fetch)
         if estimated:
-            rows = counts["rows_read"]
+            rows = counts.rows_read
             to_fetch = round(to_fetch * total / rows) if total and rows else None
         rate = self._rate(now, fetched)
         eta = None
@@ -195,14 +198,13 @@ class ProgressView:
         ]
         return Snapshot(
             done=fetched + invalid + cached, total=total, estimated=estimated, fetched=fetched, to_fetch=to_fetch,
-            rate=rate, ok=int(counts["ok"]), failed=int(counts["failed"]), cached=cached, invalid=invalid,
-            elapsed=now - self._started, eta=eta,
-            chunks=(int(counts[ChunkState.DONE]), int(counts[ChunkState.LEASED]), int(counts[ChunkState.PENDING])),
+            rate=rate, ok=int(counts.ok), failed=int(counts.failed), cached=cached, invalid=invalid,
+            elapsed=now - self._started, eta=eta, chunks=(int(counts.done), int(counts.leased), int(counts.pending)),
             workers=activity,
         )
 
-    def update(self, counts: dict, workers: list[dict]) -> None:
-        """counts: ledger.job_counts plus ingest_done (and bytes_read/bytes_total for a file);
+    def update(self, counts: JobCounts, workers: list[dict]) -> None:
+        """counts: ledger.job_counts with ingest_done (and bytes_read/bytes_total for a file);
         workers: registry.live_workers rows as dicts."""
         if self.quiet:
             return

@@ -28,7 +28,7 @@ from crawler.progress import ProgressView
 from crawler.processes import POLL, WorkerProcesses
 from crawler.settings import Settings
 from crawler.standby import Standby
-from crawler.states import ChunkState, JobState
+from crawler.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,9 @@ class Supervisor:
                         counts = await db.try_run(ledger.job_counts, job.id)
                         self._check_outage(counts is None, job)
                     if counts is not None:
-                        counts["ingest_done"] = ingest is None or ingest.done()
+                        counts.ingest_done = ingest is None or ingest.done()
                         if reader is not None:
-                            counts["bytes_read"], counts["bytes_total"] = reader.bytes_read, reader.bytes_total
+                            counts.bytes_read, counts.bytes_total = reader.bytes_read, reader.bytes_total
                         workers = await db.try_run(registry.live_workers, job.id,
                                                    registry.LIVE_BEATS * self.settings.heartbeat_seconds)
                         self.progress.update(counts, [dict(w) for w in workers or ()])
@@ -102,8 +102,8 @@ class Supervisor:
                         ingest.result()  # an ingest failure ends the crawl with its own error
                     if local == 0:
                         # Fetched elsewhere: done when every chunk is, or on a signal.
-                        if self.stopping.is_set() or (counts is not None and counts["ingest_done"]
-                                                      and counts[ChunkState.PENDING] == counts[ChunkState.LEASED] == 0):
+                        if self.stopping.is_set() or (counts is not None and counts.ingest_done
+                                                      and counts.pending == counts.leased == 0):
                             break
                     elif finished:
                         break

@@ -3,6 +3,7 @@ plain `progress:` lines in a pipe, nothing with --quiet; the estimates behind th
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import io
 import os
@@ -19,6 +20,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from rich.console import Console
 
+from crawler.ledger import JobCounts
 from crawler.progress import (
     ProgressView, Snapshot, WorkerActivity, estimate_total, live_display, plain_line, render_summary,
 )
@@ -34,11 +36,11 @@ PLAIN = re.compile(
 )
 
 
-def counts(**values) -> dict:
+def counts(**values) -> JobCounts:
     base = dict(rows_read=0, state="running", to_fetch=0, fetched=0, ok=0, failed=0, invalid=0, duplicates=0,
                 pending=0, leased=0, done=0, ingest_done=True)
     base.update(values)
-    return base
+    return JobCounts(**base)
 
 
 # --- estimates --------------------------------------------------------------------------------
@@ -63,7 +65,7 @@ def test_rate_covers_the_last_ten_seconds_and_gives_the_eta():
     view = ProgressView(stream=io.StringIO())
     c = counts(rows_read=10_000, to_fetch=10_000)
     for t, fetched in [(0, 0), (5, 500), (10, 1000), (20, 1500)]:
-        snap = view.snapshot({**c, "fetched": fetched}, [], now=view._started + t)
+        snap = view.snapshot(dataclasses.replace(c, fetched=fetched), [], now=view._started + t)
     assert snap.rate == pytest.approx(50.0)  # 500 requests between t=10 and t=20, not 1500 over 20 s
     assert snap.eta == pytest.approx((10_000 - 1500) / 50.0)
     assert snap.done == 1500
@@ -74,7 +76,7 @@ def test_rows_done_count_fetched_cached_and_invalid_rows_and_the_eta_scales_whil
     c = counts(rows_read=1000, to_fetch=800, fetched=0, invalid=50, duplicates=150, ingest_done=False,
                bytes_read=1000, bytes_total=4000)
     view.snapshot(c, [], now=view._started)
-    snap = view.snapshot({**c, "fetched": 400}, [], now=view._started + 4)
+    snap = view.snapshot(dataclasses.replace(c, fetched=400), [], now=view._started + 4)
     assert (snap.total, snap.estimated) == (4000, True)
     assert snap.done == 400 + 50 + 150
     assert snap.to_fetch == 3200

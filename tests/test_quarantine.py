@@ -63,7 +63,7 @@ async def test_three_deaths_in_a_row_quarantine_the_chunk_and_the_job_can_finish
     assert {r["error_kind"] for r in results[2:]} == {"internal"}
     assert "workers died 3 times on this chunk" in results[2]["error"] and results[2]["attempts"] == 0
     counts = await ledger.job_counts(db, job.id)
-    assert (counts["fetched"], counts["ok"], counts["failed"], counts["done"]) == (9, 2, 7, 1)
+    assert (counts.fetched, counts.ok, counts.failed, counts.done) == (9, 2, 7, 1)
     # the other chunk is finished normally; the job is done and the duplicate shares row 1's outcome
     other = await lease(db, job, "w9")
     await ledger.write_results(db, job.id, {other.lease: [ok(job.id, r) for r in range(11, 21)]}, {other.lease}, 60)

@@ -126,8 +126,8 @@ async def test_retry_fetches_the_timeouts_and_503s_again_with_the_jobs_policy(
 
     counts = await ledger.job_counts(db, job.id)
     summary = await job_summary(db, job.id)
-    assert counts["fetched"] == counts["to_fetch"] == rows - 5  # five duplicates
-    assert (counts["ok"], counts["failed"]) == (80, 11)  # of the fetched rows, 10 x 503 and one 404 failed
+    assert counts.fetched == counts.to_fetch == rows - 5  # five duplicates
+    assert (counts.ok, counts.failed) == (80, 11)  # of the fetched rows, 10 x 503 and one 404 failed
     assert (summary["ok"], summary["failed"], summary["rows"]) == (81, 15, rows)
     assert await db.fetchval("SELECT count(*) FROM retried WHERE job_id = $1", job.id) == 0
 
@@ -146,14 +146,14 @@ async def test_retry_fetches_the_timeouts_and_503s_again_with_the_jobs_policy(
     assert changed.returncode == 1 and changed.stderr.decode().startswith("crawler: --max-attempts (the job has")
     reopened = await ledger.reopen_for_retry(db, job.id, kinds=[], statuses=[(503, 503)])
     assert reopened == ledger.Reopened(rows=10, fetches=10, chunks=1)
-    assert (await ledger.job_counts(db, job.id))["fetched"] == rows - 5 - 10
+    assert (await ledger.job_counts(db, job.id)).fetched == rows - 5 - 10
     await ledger.set_job_state(db, job.id, "interrupted")
     refused = run_cli("retry", "retry-me", "--dsn", session_dsn)
     assert refused.returncode == 1 and "`crawler resume retry-me` finishes it" in refused.stderr.decode()
     assert await resume(session_dsn, here, job_ref="retry-me", summary_json=None, quiet=True) == EXIT_OK
     last = await results(db, job.id)
     assert {(last[r]["status"], last[r]["attempts"]) for r in range(71, 81)} == {(503, 6)}
-    assert (await ledger.job_counts(db, job.id))["fetched"] == rows - 5
+    assert (await ledger.job_counts(db, job.id)).fetched == rows - 5
 
 
 async def test_a_retried_answer_this_job_cached_is_asked_again_not_served_from_the_cache(db):
