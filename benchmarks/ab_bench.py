@@ -46,8 +46,10 @@ def run(variant: str, args, db: harness.ScratchDatabase, pg: harness.PostgresCPU
         "crawler_cpu": bench["cpu_s_per_1000_requests"],
         "supervisor_cpu": 1000 * bench["cpu_s"]["supervisor"] / fetched,
         "workers_cpu": 1000 * bench["cpu_s"]["workers"] / fetched,
-        "postgres_cpu": 1000 * (pg_after - pg_before) / fetched if pg_before is not None and pg_after is not None else None,
-        "server_cpu": 1000 * bench["mock_server_cpu_s"] / fetched if bench.get("mock_server_cpu_s") is not None else None,
+        "postgres_cpu": (1000 * (pg_after - pg_before) / fetched
+                         if pg_before is not None and pg_after is not None else None),
+        "server_cpu": (1000 * bench["mock_server_cpu_s"] / fetched
+                       if bench.get("mock_server_cpu_s") is not None else None),
         "load": os.getloadavg()[0],
     }
 

@@ -49,14 +49,16 @@ def main() -> None:
     args = parser.parse_args()
     server, base = mock_server(args.capacity)
     bound = args.capacity / (args.latency_ms / 1000)
-    print(f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}")
+    print(f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()},"
+          f" Python {platform.python_version()}")
     print(f"server capacity {args.capacity} in flight x {args.latency_ms} ms -> at most {bound:.0f} requests/s")
     print(f"{'case':24} {'req/s':>8} {'of bound':>9} {'turned away':>12} {'failed rows':>12} {'peak in flight':>15}")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for name, flags in CASES.items():
                 path = Path(tmp) / f"{len(name)}.txt"
-                path.write_text("".join(f"{base}/capacity-delay/{args.latency_ms}/{name[:3]}{i}\n" for i in range(args.urls)))
+                path.write_text("".join(f"{base}/capacity-delay/{args.latency_ms}/{name[:3]}{i}\n"
+                                        for i in range(args.urls)))
                 stats(base, reset=True)
                 summary = Path(tmp) / "summary.json"
                 dsn = ["--dsn", args.dsn] if args.dsn else []

@@ -64,7 +64,7 @@ class Probe:
     def __init__(self, conn: asyncpg.Connection, pg: harness.PostgresCPU) -> None:
         self.conn, self.pg = conn, pg
 
-    async def __aenter__(self) -> "Probe":
+    async def __aenter__(self) -> Probe:
         self.lsn = await self.conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
         self.server0, self.client0, self.wall0 = self.pg.seconds(), time.process_time(), time.perf_counter()
         return self
@@ -345,12 +345,14 @@ def report(out: dict, args) -> None:
     rows = args.rows
     ing = out["ingest"]
     print(f"\n## Ingest ({rows:,} rows, store_chunk, one connection, {CHUNK}-row chunks, no duplicates)\n")
-    print(f"{ing['per_s']:,.0f} rows/s (by quarter of the rows: {', '.join(f'{q:,}' for q in ing['per_s_by_quarter'])});"
+    quarters = ", ".join(f"{q:,}" for q in ing["per_s_by_quarter"])
+    print(f"{ing['per_s']:,.0f} rows/s (by quarter of the rows: {quarters});"
           f" CPU s per 1 000 rows: client {ing['client_cpu_s_per_1000']},"
           f" PostgreSQL {ing['server_cpu_s_per_1000']}; WAL {ing['wal_bytes_per_item']:,.0f} bytes per row")
 
     print("\n## Sink: per chunk lease + chunk_requests + write_results (1 000 rows, fenced, completing)\n")
-    print("| writers | rows/s | write_results p50 ms per 1 000 | CPU s / 1 000 rows: client | PostgreSQL | WAL bytes/row |")
+    print("| writers | rows/s | write_results p50 ms per 1 000 | CPU s / 1 000 rows: client | PostgreSQL"
+          " | WAL bytes/row |")
     print("|---|---|---|---|---|---|")
     for s in out["sink"]:
         print(f"| {s['writers']} | {s['per_s']:,.0f} | {s['write_results_ms_p50']} | {s['client_cpu_s_per_1000']}"
@@ -387,8 +389,8 @@ def report(out: dict, args) -> None:
     b = out["big_job"]
     print(f"\n## A job of {b['chunks']:,} chunks (one lessee)\n")
     print(f"- chunk row: {b['bytes_per_chunk_row']:.0f} bytes with its indexes (inserted in {b['insert_s']}s)")
-    print(f"- lease + complete while the job is newer than the statistics: {b['cycle_ms_p50_job_unknown_to_statistics']}"
-          f" ms; after ANALYZE: {b['cycle_ms_p50_analyzed']} ms")
+    print(f"- lease + complete while the job is newer than the statistics:"
+          f" {b['cycle_ms_p50_job_unknown_to_statistics']} ms; after ANALYZE: {b['cycle_ms_p50_analyzed']} ms")
     print(f"- job_counts (what progress polls every 0.25 s): {b['job_counts_ms']} ms;"
           f" {b['job_counts_ms_after']} ms when nearly done")
     print(f"- all but the last chunks marked done in {b['mark_done_s']}s; lease + complete before VACUUM: first"

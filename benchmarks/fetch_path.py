@@ -102,7 +102,7 @@ async def _run(variant: str, urls: list[str], concurrency: int, baseline: str = 
                     if variant == "read-hash":
                         hashlib.sha256(await resp.read()).digest()
                     elif variant == "chunks":
-                        async for block in resp.content.iter_chunked(64 * 1024):
+                        async for _block in resp.content.iter_chunked(64 * 1024):
                             pass
                     elif level >= 2:
                         digest = hashlib.sha256()

@@ -74,7 +74,7 @@ def machine(dsn: str | None = None) -> dict:
     import uvloop
 
     info = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cores": os.cpu_count(),
         "cpu": cpu_model(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30),
@@ -145,7 +145,7 @@ class ScratchDatabase:
         finally:
             await conn.close()
 
-    def __enter__(self) -> "ScratchDatabase":
+    def __enter__(self) -> ScratchDatabase:
         asyncio.run(self._create())
         return self
 
@@ -304,7 +304,7 @@ class Nginx:
     def available(self) -> bool:
         return self.binary is not None
 
-    def __enter__(self) -> "Nginx":
+    def __enter__(self) -> Nginx:
         self.tmp = tempfile.TemporaryDirectory(prefix="crawler-bench-nginx-")
         tmp = Path(self.tmp.name)
         (tmp / "www").mkdir()
@@ -338,7 +338,7 @@ class Nginx:
             self.tmp.cleanup()
 
 
-def http_server(kind: str) -> "Nginx | MockServer":
+def http_server(kind: str) -> Nginx | MockServer:
     """The server under test: nginx (one worker, a static file) where installed, else, or when
     `kind` is "mock", the crawler's own mock server (one process)."""
     if kind == "nginx":

@@ -245,7 +245,8 @@ def main() -> None:
                     print(f"  {name} {variant}: {figures[name, variant][-1]:,.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps([
-            {"input": name, "variant": variant, "per_row" if not args.store else "client_cpu_s_per_1000": figures[name, variant],
+            {"input": name, "variant": variant,
+             "per_row" if not args.store else "client_cpu_s_per_1000": figures[name, variant],
              **({"postgres_cpu_s_per_1000": pg[name, variant]} if args.store else {})}
             for name in inputs for variant in VARIANTS], indent=2))
     if args.store:

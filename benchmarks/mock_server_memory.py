@@ -69,10 +69,12 @@ def main() -> None:
         for mode in (list(MODES) if index % 2 == 0 else list(MODES)[::-1]):
             results[mode].append(run(MODES[mode], args.paths))
             r = results[mode][-1]
-            print(f"  {mode}: RSS +{r['rss_growth'] / 2**20:.1f} MiB, {r['cpu_per_1000']:.3f} CPU s / 1 000", flush=True)
+            print(f"  {mode}: RSS +{r['rss_growth'] / 2**20:.1f} MiB, {r['cpu_per_1000']:.3f} CPU s / 1 000",
+                  flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    print("\n| mode | server RSS growth (MiB) | bytes per path | server RSS after (MiB) | server CPU s / 1 000 requests |"
+    print("\n| mode | server RSS growth (MiB) | bytes per path | server RSS after (MiB)"
+          " | server CPU s / 1 000 requests |"
           "\n|---|---|---|---|---|")
     for mode, rows in results.items():
         growth = harness.median([r["rss_growth"] for r in rows])

@@ -133,7 +133,8 @@ def report(server_name: str, rows: list[dict], tools: list[str], urls: int) -> d
             cpu_k += f" (+ PostgreSQL {1000 * pg / count:.3f})"
         ok = all(r.get("ok") == count and r["returncode"] == 0 for r in mine)
         server_k = f"{1000 * server_cpu / count:.4f}" if server_cpu is not None else "?"
-        print(f"| {tool}{'' if count == urls else f' ({count:,} URLs)'} | {wall:.2f} | {rate:,.0f} | {cpu_k} | {server_k}"
+        shown_urls = "" if count == urls else f" ({count:,} URLs)"
+        print(f"| {tool}{shown_urls} | {wall:.2f} | {rate:,.0f} | {cpu_k} | {server_k}"
               f" | {probe:.2f} | {', '.join(format(r['requests_per_s'], ',.0f') for r in mine)}"
               f" | {'yes' if ok else 'NO: ' + next((r.get('problem', '') for r in mine if 'problem' in r), '')} |")
     ours = medians.get("ours", {}).get("requests_per_s")
@@ -182,7 +183,8 @@ def main() -> None:
     parser.add_argument("--dsn", help="a PostgreSQL server to create a scratch database on (default: the crawler's)")
     parser.add_argument("--keep-db", action="store_true")
     parser.add_argument("--keep-jobs", action="store_true",
-                        help="keep each run's job in the scratch database (by default it is emptied after each of our runs)")
+                        help="keep each run's job in the scratch database"
+                             " (by default it is emptied after each of our runs)")
     parser.add_argument("--venv", type=Path, default=VENV)
     parser.add_argument("--json", type=Path, help="write every run's figures here")
     args = parser.parse_args()

@@ -86,7 +86,7 @@ def supervisor_part(frames: list[tuple[str, str]]) -> str:
         return "ingest: storing chunks (COPY, asyncpg)"
     if any(file.startswith(("crawler/progress.py", "rich/")) for file in files):
         return "progress display (rich)"
-    if any(file.startswith("asyncpg/") for file in files) or any(file.startswith("crawler/ledger.py") for file in files):
+    if any(file.startswith(("asyncpg/", "crawler/ledger.py")) for file in files):
         return "polling the ledger (job counts, live workers)"
     if any(file.startswith(("concurrent/futures/", "threading.py")) for file in files) or any(
             f == "_chain_future.<locals>._call_set_state" for f in funcs):

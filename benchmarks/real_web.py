@@ -128,7 +128,8 @@ def report(rows: list[dict], hosts: int, tls: bool, urls: int) -> dict:
               f"– / {ours['connections'] or 0:,.0f} | – / {ours['dns_questions'] or 0:,.0f} | "
               f"{'yes' if ours['all_ok'] else 'NO'} |", flush=True)
         return {"shape": shape, **{f"ours_{k}": v for k, v in ours.items()}}
-    ratio = ours["requests_per_s"] / bare["requests_per_s"] if ours["requests_per_s"] and bare["requests_per_s"] else None
+    ratio = (ours["requests_per_s"] / bare["requests_per_s"]
+             if ours["requests_per_s"] and bare["requests_per_s"] else None)
     print(f"| {shape} | {bare['requests_per_s']:,.0f}/s | {ours['requests_per_s']:,.0f}/s | "
           f"{ratio:.2f} | {harness.mib(bare['largest_rss'])} MiB | {harness.mib(ours['largest_rss'])} MiB | "
           f"{bare['connections'] or 0:,.0f} / {ours['connections'] or 0:,.0f} | "
@@ -144,8 +145,9 @@ def slow_case(hosts: int, tls: bool, args, db: harness.ScratchDatabase) -> dict:
             row = run_once("ours", hosts, tls, args, db, slow=slow)
             row["run"] = run
             rows.append(row)
-            print(f"  run {run + 1} {'with' if slow else 'without'} slow rows: {row['urls']} rows in {row['wall_s']:.1f} s,"
-                  f" load {row['load_1m']:.1f}" + (f"  PROBLEM: {row['problem']}" if "problem" in row else ""), flush=True)
+            problem = f"  PROBLEM: {row['problem']}" if "problem" in row else ""
+            print(f"  run {run + 1} {'with' if slow else 'without'} slow rows: {row['urls']} rows"
+                  f" in {row['wall_s']:.1f} s, load {row['load_1m']:.1f}{problem}", flush=True)
     alone = harness.median([r["wall_s"] for r in rows if not r["slow"]])
     mixed = harness.median([r["wall_s"] for r in rows if r["slow"]])
     print(f"\nslow-host case, {hosts:,} hosts {'TLS' if tls else 'HTTP'}: {args.urls:,} fast rows"

@@ -93,7 +93,7 @@ def child(dsn: str, job_id: int) -> None:
         cpu0, t0 = _cpu(), time.perf_counter()
         stats = await worker.run()
         cpu, wall = _cpu() - cpu0, time.perf_counter() - t0
-        gc_runs = [g["collections"] - n for g, n in zip(gc.get_stats(), gc0)]
+        gc_runs = [g["collections"] - n for g, n in zip(gc.get_stats(), gc0, strict=True)]
         return {"cpu_s": cpu, "wall_s": wall, "fetched": stats.fetched, "chunks": stats.chunks,
                 "retries": stats.retries, "lost_leases": stats.lost_leases, "gc_collections": gc_runs}
 

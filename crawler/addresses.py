@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-from typing import Iterable
+from collections.abc import Iterable
 
 from crawler.errors import UsageError
 

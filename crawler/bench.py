@@ -98,7 +98,7 @@ class LoopbackProcess:
         self.url = ""
         self.reports: list[dict] = []
 
-    def __enter__(self) -> "LoopbackProcess":
+    def __enter__(self) -> LoopbackProcess:
         self.proc = subprocess.Popen([sys.executable, *self.args], stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if "listening on" not in line:
@@ -296,7 +296,8 @@ async def bench(dsn: str, settings: Settings, *, urls: int, duplicates: float, l
         if not crawl_summary.exists():
             return code
         summary = orjson.loads(crawl_summary.read_bytes())
-        figures = await measure(dsn, summary["job_id"], elapsed_s=summary["elapsed_s"], supervisor_cpu_s=_cpu(after) - _cpu(before),
+        figures = await measure(dsn, summary["job_id"], elapsed_s=summary["elapsed_s"],
+                                supervisor_cpu_s=_cpu(after) - _cpu(before),
                                 supervisor_peak_rss=registry.peak_rss_bytes())
         if server_cpu_before is not None and server_cpu_after is not None:
             figures["mock_server_cpu_s"] = round(server_cpu_after - server_cpu_before, 3)
@@ -309,7 +310,8 @@ async def bench(dsn: str, settings: Settings, *, urls: int, duplicates: float, l
                                  dns=responder.reports[0] if responder is not None and responder.reports else None))
     summary["bench"] = figures
     if summary_json:
-        Path(summary_json).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        # noqa reason: one small file, once, after the run, when nothing else waits on the loop.
+        Path(summary_json).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))  # noqa: ASYNC240
     if not quiet:
         render_bench(figures, Console())
     return code

@@ -8,7 +8,8 @@ import argparse
 import os
 import sys
 import unicodedata
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from crawler.errors import EXIT_INTERRUPTED, CrawlerError, UsageError
 
@@ -171,13 +172,15 @@ def build_parser() -> Parser:
     tuning.add_argument("--no-adaptive", dest="adaptive_concurrency", action="store_false", default=None,
                         help="keep each host's limit fixed instead of adapting it to the host's answers")
     tuning.add_argument("--per-host-rate", type=float, metavar="R", help="new requests per second per host (0 = none)")
-    tuning.add_argument("--max-body-bytes", type=_positive, metavar="N", help="body cap after decompression (0 = read none)")
+    tuning.add_argument("--max-body-bytes", type=_positive, metavar="N",
+                        help="body cap after decompression (0 = read none)")
     tuning.add_argument("--store-bodies", action="store_true", default=None, help="keep response bodies, compressed")
     tuning.add_argument("--insecure", action="store_true", default=None, help="do not verify TLS certificates")
     tuning.add_argument("--ca-file", metavar="PEM", help="also trust the CA certificates in this file")
     tuning.add_argument("--dns-server", dest="dns_servers", action="append", metavar="HOST[:PORT]",
                         help="resolve names with this DNS server (repeatable; default: the system's)")
-    tuning.add_argument("--cache-ttl", metavar="DURATION", help="reuse earlier jobs' responses this fresh (90s, 2h, 1d)")
+    tuning.add_argument("--cache-ttl", metavar="DURATION",
+                        help="reuse earlier jobs' responses this fresh (90s, 2h, 1d)")
     tuning.add_argument("--no-cache", action="store_true", default=None, help="fetch every row, duplicates included")
     tuning.add_argument("--metrics-port", type=_positive, metavar="PORT",
                         help="serve Prometheus metrics on this port (all worker processes together)")
@@ -216,7 +219,8 @@ def build_parser() -> Parser:
                    help="http_status answers to fetch again, by code or class: 503,5xx (default: the job's"
                         " retry_statuses, when http_status is among the kinds by default)")
 
-    p = sub.add_parser("worker", parents=[common], help="fetch a job's chunks from this machine (or wait for the next job)",
+    p = sub.add_parser("worker", parents=[common],
+                       help="fetch a job's chunks from this machine (or wait for the next job)",
                        epilog=EXAMPLES["worker"], formatter_class=fmt)
     p.add_argument("--job", help="the job's id or name (default: the oldest unfinished job, waiting for one)")
     p.add_argument("--workers", type=_workers, metavar="N", help="worker processes here (default auto: one per core)")

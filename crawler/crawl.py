@@ -8,9 +8,9 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 from rich.console import Console
@@ -66,7 +66,8 @@ async def crawl(
     sources: Mapping[str, str] | None = None,
 ) -> int:
     started = time.monotonic()
-    source = "-" if input_path == "-" else str(Path(input_path).resolve())
+    # noqa reason: once, before the crawl starts anything else on the loop.
+    source = "-" if input_path == "-" else str(Path(input_path).resolve())  # noqa: ASYNC240
     await prepare_database(dsn)
     if resume_existing:
         async with connection(dsn) as conn:
@@ -122,7 +123,8 @@ async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: st
     reader = None
     if not job.ingest_done:
         if job.input == "-":
-            raise InputError("this job read its input from stdin and stopped before reading all of it; it cannot be resumed.")
+            raise InputError("this job read its input from stdin and stopped before reading all of it;"
+                             " it cannot be resumed.")
         reader = open_input(job.input, url_column=job.settings.get("url_column"),
                             sort_query=job.settings.get("sort_query", False))
     return await _supervise(dsn, settings, job, reader, summary_json=summary_json, quiet=quiet, started=started,

@@ -18,10 +18,9 @@ import socket
 import stat
 import tempfile
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Mapping
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -31,7 +30,8 @@ from crawler.errors import DatabaseError
 log = logging.getLogger(__name__)
 
 
-# A keyword/value DSN's password (or sslpassword, the client key's): a bare word, or a quoted value with backslash escapes (libpq's rules).
+# A keyword/value DSN's password (or sslpassword, the client key's): a bare word, or a quoted
+# value with backslash escapes (libpq's rules).
 _KEYWORD_PASSWORD = re.compile(r"""(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']+)""", re.IGNORECASE)
 _QUERY_PASSWORD = re.compile(r"([?&])((?:ssl)?password=)[^&#]*", re.IGNORECASE)
 MASKED_DSN = "*** (a DSN that could not be read, masked whole)"
@@ -124,7 +124,8 @@ def _private_socket_dir(pgdata: Path, server_user: str | None) -> Path:
     except FileExistsError:
         pass
     except OSError as exc:
-        raise DatabaseError(f"cannot create the embedded PostgreSQL's socket directory '{path}': {exc.strerror}.") from None
+        raise DatabaseError(
+            f"cannot create the embedded PostgreSQL's socket directory '{path}': {exc.strerror}.") from None
     _check_private(path, owner.pw_uid if owner is not None else os.geteuid())
     return path
 
@@ -202,7 +203,7 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
     """One connection, or a DatabaseError that says which database and why, password masked."""
     try:
         return await asyncpg.connect(dsn, timeout=timeout)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
         reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()) or type(exc).__name__
         reason = reason.replace(dsn, mask_dsn(dsn))
         raise DatabaseError(f"cannot connect to PostgreSQL at {mask_dsn(dsn)}: {reason}.") from None
@@ -289,7 +290,7 @@ class LedgerConnection:
         self.job = job
         self._conn: asyncpg.Connection | None = None
 
-    async def __aenter__(self) -> "LedgerConnection":
+    async def __aenter__(self) -> LedgerConnection:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

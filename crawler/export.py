@@ -8,9 +8,9 @@ import asyncio
 import contextlib
 import csv
 import io
-import os
 import sys
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiofiles
 import asyncpg
@@ -161,7 +161,7 @@ def shown(record: dict) -> list:
 
 
 def _jsonl(record: dict) -> str:
-    return orjson.dumps(dict(zip(FIELDS, shown(record)))).decode() + "\n"
+    return orjson.dumps(dict(zip(FIELDS, shown(record), strict=True))).decode() + "\n"
 
 
 def neutralized(value: object) -> object:
@@ -231,7 +231,7 @@ async def _export_parquet(conn: asyncpg.Connection, job_id: int, out: ExportFile
     try:
         async with contextlib.aclosing(export_records(conn, job_id, only=only)) as records:
             async for record in records:
-                for values, value in zip(columns, shown(record)):
+                for values, value in zip(columns, shown(record), strict=True):
                     values.append(value)
                 count += 1
                 if len(columns[0]) >= PARQUET_BATCH_ROWS:

@@ -53,7 +53,7 @@ class ExportFile:
             raise _error(path, exc) from None
         self._temp = self.name = temp
 
-    def __enter__(self) -> "ExportFile":
+    def __enter__(self) -> ExportFile:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:

@@ -18,14 +18,22 @@ from aiohttp import hdrs
 from yarl import URL
 
 from crawler.addresses import AddressPolicy
-from crawler.errors import UsageError
 from crawler.connections import HostConnector
-from crawler.resolver import CachingResolver
+from crawler.errors import UsageError
 from crawler.failures import BodyTooLarge, classify, transient
 from crawler.kinds import ErrorKind
+from crawler.resolver import CachingResolver
 from crawler.settings import Settings
-from crawler.storable import (CONTENT_TYPE_CAP, ERROR_CAP, ETAG_CAP, LAST_MODIFIED_CAP, REASON_CAP, URL_CAP,
-                              marked, storable)
+from crawler.storable import (
+    CONTENT_TYPE_CAP,
+    ERROR_CAP,
+    ETAG_CAP,
+    LAST_MODIFIED_CAP,
+    REASON_CAP,
+    URL_CAP,
+    marked,
+    storable,
+)
 
 READ_SIZE = 64 * 1024
 # Requests in flight, at most, as a multiple of `concurrency`: the worker adds fetch tasks while
@@ -155,7 +163,7 @@ class Fetcher:
         # How often the watchdog looks: a read or total timeout fires up to this much late.
         self.sweep = min(1.0, max(0.05, min(settings.read_timeout, settings.total_timeout) / 20))
 
-    async def __aenter__(self) -> "Fetcher":
+    async def __aenter__(self) -> Fetcher:
         s = self.settings
         verify = tls_context(s)  # a bad CA file fails here, before anything is started
         self.resolver = CachingResolver.from_settings(s)

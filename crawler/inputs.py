@@ -8,10 +8,10 @@ an event loop calls it through a thread (e.g. asyncio.to_thread(next, batches)).
 from __future__ import annotations
 
 import csv
-import json
 import gzip
 import io
 import itertools
+import json
 import os
 import re
 import stat
@@ -98,7 +98,8 @@ def detect_layout(first_line: str | None, url_column: str | None, source: str) -
         lowered = [name.lower() for name in columns]
         for index, name in enumerate(columns):
             if name.lower() == wanted:
-                optional = {col: lowered.index(col) if col in lowered else None for col in ("method", "headers", "body")}
+                optional = {col: lowered.index(col) if col in lowered else None
+                            for col in ("method", "headers", "body")}
                 return Layout("csv", delimiter, index, name, optional["method"], optional["headers"], optional["body"])
         if len(columns) > len(widest):
             widest = columns

@@ -8,8 +8,9 @@ holder. Results are keyed by (job, row): every write is idempotent.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import asyncpg
 
@@ -305,7 +306,8 @@ async def lease_chunk(conn: asyncpg.Connection, job_id: int, owner: str, lease_s
     return LeasedChunk(Lease(row["chunk_no"], row["fence"]), row["first_row"], row["last_row"]) if row else None
 
 
-async def renew_leases(conn: asyncpg.Connection, job_id: int, leases: Iterable[Lease], lease_seconds: float) -> set[int]:
+async def renew_leases(conn: asyncpg.Connection, job_id: int, leases: Iterable[Lease],
+                       lease_seconds: float) -> set[int]:
     """Extend the given leases; return the chunk numbers whose lease is still ours."""
     leases = list(leases)
     if not leases:
@@ -318,7 +320,7 @@ async def renew_leases(conn: asyncpg.Connection, job_id: int, leases: Iterable[L
         " WHERE c.job_id = $1 AND c.chunk_no = ANY($2::int[]) AND c.chunk_no = held.chunk_no"
         "   AND c.fence = held.fence AND c.state = 'leased'"
         " RETURNING c.chunk_no",
-        job_id, [l.chunk_no for l in leases], [l.fence for l in leases], lease_seconds,
+        job_id, [lease.chunk_no for lease in leases], [lease.fence for lease in leases], lease_seconds,
     )
     return {r["chunk_no"] for r in rows}
 
@@ -446,15 +448,15 @@ async def _write_results(
     replay: bool,
     isolate: bool,
 ) -> set[Lease]:
-    leases = sorted(set(batches) | completed, key=lambda l: l.chunk_no)
+    leases = sorted(set(batches) | completed, key=lambda lease: lease.chunk_no)
     async with conn.transaction():
         current = await conn.fetch(
             "SELECT chunk_no, fence FROM chunks WHERE job_id = $1 AND chunk_no = ANY($2::int[])"
             " AND state = 'leased' ORDER BY chunk_no FOR UPDATE",
-            job_id, [l.chunk_no for l in leases],
+            job_id, [lease.chunk_no for lease in leases],
         )
         held = {Lease(r["chunk_no"], r["fence"]) for r in current}
-        refused = {l for l in leases if l not in held}
+        refused = {lease for lease in leases if lease not in held}
         records = [rec for lease, recs in batches.items() if lease in held for rec in recs]
         kept_bodies = [rec for lease, recs in (bodies or {}).items() if lease in held for rec in recs]
         table = "result_stage" if replay else "results"
@@ -473,15 +475,15 @@ async def _write_results(
         # The cross-job cache learns from every write, fenced or not: an answer is an answer.
         if isolate:
             # An entry the database refuses is not remembered: the next job fetches that URL.
-            for row, message in await _refused_rows(conn, cache.store, cache_rows or []):
+            for _row, message in await _refused_rows(conn, cache.store, cache_rows or []):
                 log.warning("a response was not cached: %s", message)
         else:
             await cache.store(conn, cache_rows or [])
         await cache.touch(conn, cache_touch or [])
         await _store_bodies(conn, kept_bodies)
-        kept = [l for l in leases if l in held]
+        kept = [lease for lease in leases if lease in held]
         if kept:
-            ok = [sum(1 for rec in batches.get(l, ()) if rec.error_kind is None) for l in kept]
+            ok = [sum(1 for rec in batches.get(lease, ()) if rec.error_kind is None) for lease in kept]
             await conn.execute(
                 "UPDATE chunks c SET done_rows = CASE WHEN w.complete THEN c.fetch_rows ELSE c.done_rows + w.n END,"
                 "   ok_rows = c.ok_rows + w.ok, failed_rows = c.failed_rows + w.n - w.ok,"
@@ -491,9 +493,9 @@ async def _write_results(
                 " FROM unnest($2::int[], $3::int[], $4::bool[], $6::int[]) AS w(chunk_no, n, complete, ok)"
                 " WHERE c.job_id = $1 AND c.chunk_no = ANY($2::int[]) AND c.chunk_no = w.chunk_no",
                 job_id,
-                [l.chunk_no for l in kept],
-                [len(batches.get(l, ())) for l in kept],
-                [l in completed for l in kept],
+                [lease.chunk_no for lease in kept],
+                [len(batches.get(lease, ())) for lease in kept],
+                [lease in completed for lease in kept],
                 lease_seconds,
                 ok,
             )
@@ -741,7 +743,8 @@ async def reopen_for_retry(conn: asyncpg.Connection, job_id: int, *, kinds: Sequ
     """Make a finished job fetch again the rows whose result has one of these error kinds, or is
     an `http_status` within one of these (low, high) status ranges. One transaction: their
     results are deleted (with their stored bodies, and the answers this job left in the
-    cross-job cache), their attempts kept in `retried` to be added to the new ones, their chunks' counts taken back and the chunks made pending, the job running.
+    cross-job cache), their attempts kept in `retried` to be added to the new ones, their chunks'
+    counts taken back and the chunks made pending, the job running.
     Duplicate rows sharing such an outcome are deleted too; finish_job gives them the new one.
     Returns None when the job is not done (nothing is changed)."""
     kinds = [k for k in kinds if k != ErrorKind.HTTP_STATUS]
@@ -757,7 +760,8 @@ async def reopen_for_retry(conn: asyncpg.Connection, job_id: int, *, kinds: Sequ
             picked = await conn.fetch(
                 "WITH picked AS (DELETE FROM results r WHERE r.job_id = $1 AND r.row_no BETWEEN $2 AND $3"
                 "   AND (r.error_kind = ANY($4::text[]) OR (r.error_kind = 'http_status' AND EXISTS ("
-                "        SELECT 1 FROM unnest($5::int[], $6::int[]) AS s(lo, hi) WHERE r.status BETWEEN s.lo AND s.hi)))"
+                "        SELECT 1 FROM unnest($5::int[], $6::int[]) AS s(lo, hi)"
+                "        WHERE r.status BETWEEN s.lo AND s.hi)))"
                 "   RETURNING r.row_no, r.attempts)"
                 # One primary-key probe per picked row: a LATERAL subquery with a LIMIT is never
                 # made a join, which PostgreSQL 15 planned as a rescan of the range per row.
@@ -792,7 +796,8 @@ async def reopen_for_retry(conn: asyncpg.Connection, job_id: int, *, kinds: Sequ
         if chunks:
             # Every reopened row was a failure: it leaves done_rows and failed_rows alike.
             await conn.execute(
-                "UPDATE chunks c SET state = 'pending', done_rows = c.done_rows - w.n, failed_rows = c.failed_rows - w.n,"
+                "UPDATE chunks c SET state = 'pending', done_rows = c.done_rows - w.n,"
+                "   failed_rows = c.failed_rows - w.n,"
                 "   lease_owner = NULL, lease_expires = NULL, deaths = 0, quarantined = false"
                 " FROM unnest($2::int[], $3::int[]) AS w(chunk_no, n)"
                 " WHERE c.job_id = $1 AND c.chunk_no = ANY($2::int[]) AND c.chunk_no = w.chunk_no",

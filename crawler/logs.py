@@ -10,8 +10,10 @@ import logging
 import os
 import re
 import sys
-from datetime import datetime, timezone
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
 
 import orjson
 
@@ -57,8 +59,10 @@ class SecretFilter(logging.Filter):
 
 
 # Ids bound for the current context (a worker process, an asyncio task): a task copies the
-# context it was created in, so binding once at the top of a worker tags everything below.
-_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("crawler_log_ids", default={})
+# context it was created in, so log_context once at the top of a worker tags everything below.
+# The default is read-only: it is shared by every context that has set nothing.
+_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "crawler_log_ids", default=MappingProxyType({}))
 
 
 class ContextFilter(logging.Filter):
@@ -106,7 +110,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "pid": record.process,

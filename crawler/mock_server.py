@@ -34,7 +34,8 @@ import signal
 import socket
 import sys
 import tempfile
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -44,17 +45,24 @@ from multiprocessing.connection import wait as wait_for_ready
 from pathlib import Path
 from typing import Any
 
-import time
-from collections import deque
-
 import orjson
 import uvloop
 from aiohttp import hdrs, web
 
 from crawler import mock_behaviours
-from crawler.mock_behaviours import COUNTED_PREFIXES, HITS, MAX_DELAY_MS, METHODS, ROBOTS, SEED, Handler
-from crawler.mock_behaviours import robots_knob
-from crawler.mock_behaviours import PLAIN_LOAD_TARGET, add_routes, answer_after
+from crawler.mock_behaviours import (
+    COUNTED_PREFIXES,
+    HITS,
+    MAX_DELAY_MS,
+    METHODS,
+    PLAIN_LOAD_TARGET,
+    ROBOTS,
+    SEED,
+    Handler,
+    add_routes,
+    answer_after,
+    robots_knob,
+)
 from crawler.mock_tls import ServerCertificate, generate_certificate
 
 _STATS_PATHS = frozenset({"/__hits", "/__hits/reset", "/__stats", "/__stats/reset", "/__arrivals"})

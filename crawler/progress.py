@@ -138,7 +138,7 @@ class ProgressView:
         self._worker_samples: dict[str, deque[tuple[float, int]]] = {}
         self._started = time.monotonic()
 
-    def __enter__(self) -> "ProgressView":
+    def __enter__(self) -> ProgressView:
         if self.interactive:
             self._live = Live(console=self.console, refresh_per_second=4, transient=False,
                               redirect_stdout=True, redirect_stderr=True)

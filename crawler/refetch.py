@@ -4,7 +4,8 @@ applies the selection)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from crawler.errors import UsageError
 from crawler.kinds import OVERLOAD_KINDS, ErrorKind

@@ -13,9 +13,10 @@ import ipaddress
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import aiodns
 import pycares
@@ -165,7 +166,7 @@ class CachingResolver(AbstractResolver):
         dns._cleanup()  # close() without its cancel, which has nothing left to cancel; not a coroutine
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "CachingResolver":
+    def from_settings(cls, settings: Settings) -> CachingResolver:
         return cls(servers=settings.dns_servers, timeout=settings.dns_timeout, concurrency=settings.dns_concurrency,
                    cache_size=settings.dns_cache_size, max_ttl=settings.dns_ttl)
 

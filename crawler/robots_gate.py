@@ -28,8 +28,18 @@ from crawler.database import LedgerConnection
 from crawler.fetcher import Fetcher
 from crawler.ledger import RobotsRecord
 from crawler.retry import RetryPolicy, backoff
-from crawler.robots import (BODY_LIMIT, MAX_REDIRECTS, RobotsOutcome, RobotsRules, RobotsVerdict, describe_failure,
-                            outcome_of, product_token, robots_url, unreachable)
+from crawler.robots import (
+    BODY_LIMIT,
+    MAX_REDIRECTS,
+    RobotsOutcome,
+    RobotsRules,
+    RobotsVerdict,
+    describe_failure,
+    outcome_of,
+    product_token,
+    robots_url,
+    unreachable,
+)
 from crawler.settings import Settings
 
 log = logging.getLogger(__name__)

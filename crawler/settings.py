@@ -10,14 +10,16 @@ import dataclasses
 import os
 import sys
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import platformdirs
 
 from crawler import __version__
 from crawler.errors import UsageError
+
 
 def project_dir(name: str) -> Path:
     """config/ or migrations/: from the source checkout, else where a wheel installs them."""
@@ -45,7 +47,8 @@ class Settings:
     read_timeout: float = 30.0
     total_timeout: float = 60.0
     slow_after: float = 1.0  # a request running longer stops counting against `concurrency`
-    idle_hosts: int = 1000  # hosts whose idle keep-alive connections a worker keeps; 0 = none once a host has nothing pending
+    # Hosts whose idle keep-alive connections a worker keeps; 0 = none once a host has nothing pending.
+    idle_hosts: int = 1000
     # Retries.
     max_attempts: int = 3
     backoff_base: float = 0.5
@@ -223,7 +226,8 @@ def _validate(settings: Settings) -> None:
     if not settings.robots_max_delay >= 0:
         raise UsageError("setting 'robots_max_delay' cannot be negative.")
     if settings.idle_hosts < 0:
-        raise UsageError("setting 'idle_hosts' cannot be negative (0 means: close a host's connections once it has nothing pending).")
+        raise UsageError("setting 'idle_hosts' cannot be negative"
+                         " (0 means: close a host's connections once it has nothing pending).")
     if settings.dns_cache_size < 0:
         raise UsageError("setting 'dns_cache_size' cannot be negative (0 means: no cache).")
     from crawler.resolver import parse_server

@@ -24,8 +24,8 @@ from crawler.database import LedgerConnection, mask_dsn
 from crawler.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, DatabaseError
 from crawler.inputs import RowReader
 from crawler.ledger import Job
-from crawler.progress import ProgressView
 from crawler.processes import POLL, WorkerProcesses
+from crawler.progress import ProgressView
 from crawler.settings import Settings
 from crawler.standby import Standby
 from crawler.states import JobState
@@ -124,7 +124,8 @@ class Supervisor:
             await db.run(ledger.set_job_state, job.id, JobState.INTERRUPTED)
         ref = job.name or job.id
         if broken:
-            return CrawlOutcome(job, EXIT_INFRA, f"{broken}; the job is stopped; run `crawler resume {ref}` once fixed.")
+            return CrawlOutcome(job, EXIT_INFRA,
+                                f"{broken}; the job is stopped; run `crawler resume {ref}` once fixed.")
         return CrawlOutcome(job, EXIT_INTERRUPTED, f"interrupted; run `crawler resume {ref}` to finish the job.")
 
     def _check_outage(self, failing: bool, job: Job) -> None:

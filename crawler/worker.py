@@ -24,12 +24,12 @@ import asyncpg
 
 from crawler import cache, ledger, metrics, registry
 from crawler.cache import CachedResponse
-from crawler.errors import CrawlerError
 from crawler.database import LedgerConnection
+from crawler.errors import CrawlerError
 from crawler.fetcher import MAX_WIDTH, Attempt, Fetcher
-from crawler.ledger import Lease, ResultRow
 from crawler.hosts import HostScheduler, host_of
 from crawler.kinds import ErrorKind
+from crawler.ledger import Lease, ResultRow
 from crawler.retry import RetryPolicy, decide, parse_retry_after
 from crawler.settings import Settings
 from crawler.states import JobState
@@ -510,7 +510,8 @@ def run_worker(dsn: str, job_id: int, settings: dict) -> None:
 
         async def orphan_watch() -> None:
             # A supervisor killed with SIGKILL cannot tell us: drain when we are orphaned.
-            while os.getppid() == parent:
+            # noqa reason: nothing tells a process its parent died, so it looks once a second.
+            while os.getppid() == parent:  # noqa: ASYNC110
                 await asyncio.sleep(1.0)
             worker.stop.set()
 

@@ -97,7 +97,7 @@ class ResultWriter:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             if self._buffered or self._completed:

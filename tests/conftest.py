@@ -12,11 +12,11 @@ import sys
 import uuid
 import warnings
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import hypothesis
 import pytest
-from urllib.parse import urlsplit, urlunsplit
 
 from crawler.migrate import apply_migrations
 from crawler.mock_server import start_mock_server
@@ -30,8 +30,9 @@ hypothesis.settings.register_profile("ci", derandomize=True, deadline=None, prin
 hypothesis.settings.register_profile("dev", deadline=None)
 # Mutation testing and deliberate breakage only need to know that a test fails, not its smallest
 # example: no shrinking (`--hypothesis-profile=mutation`).
-hypothesis.settings.register_profile("mutation", derandomize=True, deadline=None,
-                                     phases=[hypothesis.Phase.explicit, hypothesis.Phase.reuse, hypothesis.Phase.generate])
+hypothesis.settings.register_profile(
+    "mutation", derandomize=True, deadline=None,
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.reuse, hypothesis.Phase.generate])
 hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
@@ -140,7 +141,8 @@ def test_settings(**overrides) -> Settings:
 test_settings.__test__ = False  # a helper, not a test
 
 
-def run_cli(*args: str, input: bytes | None = None, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(*args: str, input: bytes | None = None, env: dict | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
     """`crawler ARGS` as a real process."""
     full_env = dict(os.environ)
     full_env.update(env or {})

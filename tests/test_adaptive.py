@@ -7,11 +7,10 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from conftest import test_settings
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
 from crawler.mock_server import start_mock_server
-
-from conftest import test_settings
 
 pytestmark = pytest.mark.one_server
 

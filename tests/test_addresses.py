@@ -157,7 +157,7 @@ def test_the_lookup_table_of_each_version_holds_its_ranges_in_order() -> None:
         ranges = [(net, label) for net, label in ranges if net.version == version]
         table = addresses._table(version)
         assert len(table) == len(ranges)
-        for (network, mask, label), (net, expected) in zip(table, ranges):
+        for (network, mask, label), (net, expected) in zip(table, ranges, strict=True):
             assert label == expected
             first, last = int(net.network_address), int(net.broadcast_address)
             assert first & mask == network and last & mask == network  # the range's own addresses

@@ -6,8 +6,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from crawler.bench import duplicate_rows, write_urls
 from conftest import run_cli
+from crawler.bench import duplicate_rows, write_urls
 
 pytestmark = pytest.mark.one_server
 

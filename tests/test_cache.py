@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import aiohttp
 
+from conftest import test_settings
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
-
-from conftest import test_settings
 
 
 async def hits(base: str) -> int:
@@ -29,7 +28,8 @@ async def outcomes(db, name: str) -> list:
         " JOIN jobs j ON j.id = r.job_id WHERE j.name = $1 ORDER BY r.row_no", name)
 
 
-async def test_thirty_percent_duplicates_are_fetched_once_across_chunks_and_workers(session_dsn, db, mock_url, tmp_path):
+async def test_thirty_percent_duplicates_are_fetched_once_across_chunks_and_workers(
+        session_dsn, db, mock_url, tmp_path):
     unique = 700
     lines = [f"{mock_url}/ok/{i}" for i in range(unique)]
     lines += [f"{mock_url}/ok/{(i * 7) % unique}" for i in range(300)]  # 30 %, spread over later chunks

@@ -11,12 +11,10 @@ import sys
 import time
 
 import asyncpg
-
 import pytest
 
-from crawler.migrate import migration_files
-
 from conftest import ROOT, run_cli
+from crawler.migrate import migration_files
 
 ALLOW = ["--allow-net", "127.0.0.1/32"]
 
@@ -106,7 +104,7 @@ def test_stdin_crawl_summary_json_and_both_export_formats(session_dsn, mock_proc
     assert table[0]["status"] == "200" and table[41]["error_kind"] == "invalid_url"
 
     proc = run_cli("export", "stdin-job", "--dsn", session_dsn, "--only", "invalid")
-    assert [json.loads(l)["row"] for l in proc.stdout.decode().splitlines()] == [42]
+    assert [json.loads(line)["row"] for line in proc.stdout.decode().splitlines()] == [42]
 
 
 def test_first_run_uses_the_embedded_database(mock_process, tmp_path):

@@ -9,10 +9,9 @@ import time
 
 import pytest
 
+from conftest import test_settings
 from crawler.fetcher import Fetcher
 from crawler.hosts import HostScheduler, host_of
-
-from conftest import test_settings
 
 pytestmark = pytest.mark.one_server
 
@@ -21,7 +20,7 @@ class CountingServer(asyncio.Protocol):
     """Answers HTTP/1.1 keep-alive requests with 'ok'; /hold/.. waits for `released`. The
     factory (Server below) counts connections opened and closed, as the server sees them."""
 
-    def __init__(self, server: "Server") -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
         self.buffer = b""
 
@@ -64,7 +63,7 @@ class Server:
     def open(self) -> int:
         return self.opened - self.closed
 
-    async def __aenter__(self) -> "Server":
+    async def __aenter__(self) -> Server:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: CountingServer(self), "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"

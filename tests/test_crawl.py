@@ -14,10 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from conftest import test_settings
 from crawler.crawl import crawl, unless_signalled
 from crawler.errors import EXIT_OK
-
-from conftest import test_settings
 
 
 async def hits(mock_url: str) -> dict:

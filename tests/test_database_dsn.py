@@ -11,11 +11,11 @@ from urllib.parse import quote
 
 import asyncpg
 import pytest
-from hypothesis import given, strategies as st
-
-from crawler.database import MASKED_DSN, mask_dsn, socket_dir_for
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import run_cli
+from crawler.database import MASKED_DSN, mask_dsn, socket_dir_for
 
 SECRET = "hunter2-Zq"
 

@@ -16,11 +16,10 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
+from conftest import ROOT
 from crawler.cli import build_parser
 from crawler.errors import UsageError
 from crawler.settings import KEYS, load_settings
-
-from conftest import ROOT
 
 pytestmark = pytest.mark.one_server
 
@@ -225,10 +224,10 @@ def test_long_running_services_have_health_checks(services):
 
 
 def test_volumes_are_declared_and_the_database_is_kept_in_one(services):
-    declared = set((raw_compose().get("volumes") or {}))
+    declared = set(raw_compose().get("volumes") or {})
     used = set()
     for name, service in services.items():
-        for source, target, read_only in _mounts(service):
+        for source, _target, read_only in _mounts(service):
             if source.startswith((".", "/")):
                 assert (ROOT / source).resolve().is_relative_to(ROOT), f"{name} mounts {source} outside the project"
                 assert read_only, f"{name}: bind mount {source} should be read-only"
@@ -283,7 +282,7 @@ class Stage:
 def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage], str]:
     """(global ARG defaults, stages, all comments): enough of the format for these checks."""
     comments = "\n".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
-    logical = re.sub(r"\\\n", " ", "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#")))
+    logical = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")))
     args: dict[str, str] = {}
     stages: list[Stage] = []
     for line in logical.splitlines():

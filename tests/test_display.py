@@ -8,13 +8,12 @@ import io
 import pytest
 from rich.console import Console
 
+from conftest import run_cli
 from crawler import ledger
 from crawler.inputs import RequestRow
 from crawler.ledger import ResultRow
 from crawler.progress import render_summary
 from crawler.urls import fingerprint
-
-from conftest import run_cli
 
 pytestmark = pytest.mark.one_server
 

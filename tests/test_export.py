@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import run_cli, test_settings
 from crawler import export, ledger
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK, UsageError
@@ -20,8 +21,6 @@ from crawler.export import export_job
 from crawler.migrate import apply_migrations
 from crawler.mock_server import start_mock_server
 from crawler.summary import job_summary
-
-from conftest import run_cli, test_settings
 
 # What each row of the input is, by row number (from 1): fetched ok, failed, invalid or a duplicate.
 OK_ROWS = {1, 2, 3, 5, 8, 9}  # 8 repeats row 1; 9 is a redirect chain that ends in 200
@@ -144,7 +143,8 @@ async def test_parquet_is_written_in_bounded_batches(session_dsn, job_id, tmp_pa
 async def test_an_empty_parquet_export_is_a_readable_file(session_dsn, job_id, tmp_path):
     conn = await asyncpg.connect(session_dsn)
     try:
-        empty = await conn.fetchval("INSERT INTO jobs (input, state, ingest_done) VALUES ('none', 'done', true) RETURNING id")
+        empty = await conn.fetchval(
+            "INSERT INTO jobs (input, state, ingest_done) VALUES ('none', 'done', true) RETURNING id")
     finally:
         await conn.close()
     out = tmp_path / "empty.parquet"

@@ -10,13 +10,12 @@ import os
 import asyncpg
 import pytest
 
+from conftest import run_cli
 from crawler import ledger
 from crawler.errors import OutputError
 from crawler.export import export_job
 from crawler.export_file import ExportFile
 from crawler.inputs import parse_request
-
-from conftest import run_cli
 
 ROWS = 2500  # more than one write of a thousand lines: a failure can come in the middle
 

@@ -29,7 +29,8 @@ ROWS = st.lists(st.one_of(VALID, INVALID), min_size=1, max_size=8)
 
 async def store(conn: asyncpg.Connection, rows: list[tuple]) -> int:
     """A finished job written straight into the tables: row n is rows[n - 1]."""
-    job = await conn.fetchval("INSERT INTO jobs (input, state, ingest_done) VALUES ('roundtrip', 'done', true) RETURNING id")
+    job = await conn.fetchval(
+        "INSERT INTO jobs (input, state, ingest_done) VALUES ('roundtrip', 'done', true) RETURNING id")
     for n, (kind, text, final_url, error) in enumerate(rows, start=1):
         if kind == "invalid":
             await conn.execute("INSERT INTO invalid_rows (job_id, row_no, raw, reason) VALUES ($1, $2, $3, $4)",
@@ -82,7 +83,8 @@ async def export_all(dsn: str, job: int, directory: str) -> dict[str, str]:
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ROWS)
-@example([("valid", '=HYPERLINK("x")', "a,b\r\n\"c\"", "line\nbreak"), ("invalid", "\u2028\ufeff\x85", "tab\there", None)])
+@example([("valid", '=HYPERLINK("x")', "a,b\r\n\"c\"", "line\nbreak"),
+          ("invalid", "\u2028\ufeff\x85", "tab\there", None)])
 @example([("valid", "http://me:secret@a.test/", "https://u:p@b.test/x", None), ("invalid", "-1+1", "@x", None)])
 def test_any_text_comes_back_exactly_in_every_format(session_dsn, rows: list[tuple]) -> None:
     async def crawl_free_job() -> int:

@@ -11,7 +11,7 @@ import socket
 import ssl
 import struct
 import types
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -297,7 +297,7 @@ REQUEST = aiohttp.RequestInfo(URL, "GET", CIMultiDictProxy(CIMultiDict()), URL)
         (BodyTooLarge(1024), "body_too_large"),
         (aiohttp.TooManyRedirects(REQUEST, ()), "too_many_redirects"),  # no history: still readable
         (aiohttp.InvalidURL("http://exa mple.com/"), "invalid_url"),
-        (asyncio.TimeoutError(), "timeout"),
+        (TimeoutError(), "timeout"),
         (aiohttp.ServerTimeoutError("Timeout on reading data from socket"), "timeout"),
         (aiohttp.ServerDisconnectedError(), "reset"),
         (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), "reset"),
@@ -328,7 +328,7 @@ def test_an_internal_error_names_the_exception_and_its_message() -> None:
 
 
 def test_a_bare_timeout_reads_timed_out() -> None:
-    assert classify(asyncio.TimeoutError()) == ("timeout", "timed out")
+    assert classify(TimeoutError()) == ("timeout", "timed out")
 
 
 MAKERS: list[Callable[[str], BaseException]] = [
@@ -344,7 +344,7 @@ MAKERS: list[Callable[[str], BaseException]] = [
     lambda text: ConnectionResetError(errno.ECONNRESET, text),
     lambda text: aiohttp.ClientOSError(errno.ECONNREFUSED, text),
     lambda text: aiohttp.ClientOSError(errno.ECONNRESET, text),
-    lambda text: asyncio.TimeoutError(text),
+    lambda text: TimeoutError(text),
     lambda text: BodyTooLarge(len(text)),
 ]
 
@@ -367,7 +367,7 @@ def test_a_dns_failure_is_dns_and_transient_only_when_the_resolver_failed(os_err
     kind, detail = classify(exc)
     assert kind == "dns" and "a.test" in detail
     assert transient(exc) is is_transient
-    assert not transient(aiohttp.ServerDisconnectedError()) and not transient(asyncio.TimeoutError())
+    assert not transient(aiohttp.ServerDisconnectedError()) and not transient(TimeoutError())
 
 # --- every branch, word for word ----------------------------------------------------------------
 
@@ -387,7 +387,7 @@ def connector_error(os_error: Exception) -> aiohttp.ClientConnectorError:
         (connector_error(OSError(errno.EHOSTUNREACH, "No route to host")),
          ("connect", "cannot connect to a.test:8080: No route to host")),
         (connector_error(OSError(errno.EHOSTUNREACH, "")), ("connect", "cannot connect to a.test:8080: [Errno 113] ")),
-        (connector_error(asyncio.TimeoutError()), ("timeout", "connecting to a.test:8080 timed out")),
+        (connector_error(TimeoutError()), ("timeout", "connecting to a.test:8080 timed out")),
         (connector_error(PermissionError(errno.EACCES, "address 10.0.0.1 not allowed (see --allow-net)")),
          ("blocked", "a.test: address 10.0.0.1 not allowed (see --allow-net)")),
         (connector_error(PermissionError(errno.EPERM, "address 10.0.0.1 not allowed (see --allow-net)")),
@@ -407,7 +407,7 @@ def connector_error(os_error: Exception) -> aiohttp.ClientConnectorError:
         (aiohttp.NonHttpUrlClientError("ftp://a/"), ("invalid_url", "NonHttpUrlClientError: ftp://a/")),
         (aiohttp.InvalidUrlRedirectClientError("http://[x/", "bad"),
          ("invalid_url", "redirect to an unsupported URL: http://[x/ - bad")),
-        (asyncio.TimeoutError("slow"), ("timeout", "TimeoutError: slow")),
+        (TimeoutError("slow"), ("timeout", "TimeoutError: slow")),
         (aiohttp.ServerDisconnectedError(), ("reset", "server closed the connection before answering")),
         (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
          ("reset", "ConnectionResetError: [Errno 104] Connection reset by peer")),

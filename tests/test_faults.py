@@ -245,7 +245,8 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-async def test_a_killed_worker_is_replaced_and_the_job_completes_exactly_once(session_dsn, mock_process, tmp_path, seed):
+async def test_a_killed_worker_is_replaced_and_the_job_completes_exactly_once(
+        session_dsn, mock_process, tmp_path, seed):
     rng = random.Random(seed)
     rows = write_input(tmp_path / "urls.csv", mock_process)
     name = f"kill-worker-{seed}"
@@ -302,7 +303,8 @@ async def test_a_killed_supervisor_is_finished_by_resume(session_dsn, mock_proce
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "one-ctrl-c"])
-async def test_sigterm_or_one_ctrl_c_drains_releases_leases_and_resume_finishes(session_dsn, mock_process, tmp_path, sig):
+async def test_sigterm_or_one_ctrl_c_drains_releases_leases_and_resume_finishes(
+        session_dsn, mock_process, tmp_path, sig):
     rows = write_input(tmp_path / "urls.csv", mock_process, count=URLS // 2)
     name = f"drain-{sig.name}"
     proc = crawl_process(session_dsn, tmp_path / "urls.csv", name)

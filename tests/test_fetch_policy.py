@@ -13,13 +13,12 @@ import pytest
 import trustme
 from aiohttp import web
 
+from conftest import test_settings
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
 from crawler.fetcher import Fetcher
 from crawler.mock_server import start_mock_server
 from crawler.urls import request_url
-
-from conftest import test_settings
 
 HOSTILE = {
     "flaky-recovers": "/flaky/2/a",
@@ -66,7 +65,7 @@ async def hostile_results(session_dsn, db, mock_url, tmp_path):
     rows = await db.fetch(
         "SELECT r.row_no, r.status, r.final_url, r.error_kind, r.error, r.attempts, r.elapsed_ms, r.body_bytes"
         " FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = 'hostile' ORDER BY r.row_no")
-    _CRAWLED.update(zip(names + ["refused"], rows))
+    _CRAWLED.update(zip(names + ["refused"], rows, strict=True))
     return _CRAWLED
 
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import test_settings
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
 from crawler.storable import MARKER
-
-from conftest import test_settings
 
 SEED = 16
 GENERATED = int(os.environ.get("CRAWLER_HOSTILE_ROWS", "300"))
@@ -93,7 +92,8 @@ def named_answers(port: int) -> dict[str, bytes]:
         "latin1-content-type": simple(b"HTTP/1.1 200 OK", b"Content-Type: text/html; charset=\xe9\xff"),
         "c1-content-type": simple(b"HTTP/1.1 200 OK", b"Content-Type: text/\x9bhtml\x1b[0m"),
         "hostile-location": simple(b"HTTP/1.1 302 Found", b"Location: /good/1?\xff\x1b[31m\xc2\x9b"),
-        "absolute-location": simple(b"HTTP/1.1 301 Moved", b"Location: http://127.0.0.1:%d/good/2#\xe9\x1b]0;x\x07" % port),
+        "absolute-location": simple(b"HTTP/1.1 301 Moved",
+                                    b"Location: http://127.0.0.1:%d/good/2#\xe9\x1b]0;x\x07" % port),
         "redirect-to-nul-reason": simple(b"HTTP/1.1 307 Again", b"Location: /named/nul-reason"),
         "nul-in-header": simple(b"HTTP/1.1 200 OK", b"ETag: a\x00b"),
     }
@@ -112,7 +112,7 @@ class HostileServer:
         self._server: asyncio.Server | None = None
         self._named: dict[str, bytes] = {}
 
-    async def __aenter__(self) -> "HostileServer":
+    async def __aenter__(self) -> HostileServer:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         self._named = named_answers(self.port)
@@ -143,8 +143,7 @@ class HostileServer:
             writer.write(self.answer(path))
             self.answered += 1
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
-                ConnectionError, IndexError):
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, IndexError):
             pass
         finally:
             writer.close()
@@ -209,8 +208,8 @@ async def test_a_hostile_server_cannot_stop_a_job(session_dsn, db, tmp_path, var
                 assert etag["status"] == 200 and etag["error_kind"] is None
                 if variant == "cache-ttl":
                     assert etag["error"] == f"{MARKER}: etag"
-                    stored = await db.fetch("SELECT etag, last_modified, final_url FROM response_cache WHERE job_id = $1",
-                                            job_id)
+                    stored = await db.fetch(
+                        "SELECT etag, last_modified, final_url FROM response_cache WHERE job_id = $1", job_id)
                     assert stored and all(printable(v) for r in stored for v in r.values())
                     assert {r["etag"] for r in stored} >= {'"good"'}
             else:

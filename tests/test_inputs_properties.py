@@ -22,7 +22,8 @@ PIECES = st.sampled_from([
     b"\n", b"\r\n", b"\r", b"\xef\xbb\xbf", b"\xff\xfe", b"\x00", b"\xe9", b"mailto:x@y", b" ", b"#",
     b"method,url,headers,body\n", b"POST", b'{"a": "b"}',
 ])
-INPUTS = st.one_of(st.binary(max_size=400), st.lists(st.one_of(PIECES, st.binary(max_size=8)), max_size=40).map(b"".join))
+INPUTS = st.one_of(st.binary(max_size=400),
+                   st.lists(st.one_of(PIECES, st.binary(max_size=8)), max_size=40).map(b"".join))
 
 
 def read(data: bytes, *, url_column: str | None = None) -> tuple[list[RequestRow | InvalidRow], InputError | None]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import asyncpg
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from crawler import ledger
 from crawler.inputs import InvalidRow, RequestRow
@@ -21,7 +23,8 @@ async def test_migrations_apply_once_and_twice_is_a_no_op(fresh_dsn):
         second = await apply_migrations(conn)
         assert first == [v for v, _ in migration_files()] and first
         assert second == []
-        tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        tables = {r["tablename"]
+                  for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
         assert {"jobs", "chunks", "requests", "results", "invalid_rows", "fingerprints", "schema_migrations"} <= tables
     finally:
         await conn.close()
@@ -133,7 +136,8 @@ async def test_the_end_of_a_job_gives_its_duplicates_the_outcome_of_their_first_
         await finish_every_chunk(db, job.id)
         assert await ledger.finish_job(db, job.id)
         stored = {r["row_no"]: (r["from_cache"], r["cache_kind"])
-                  for r in await db.fetch("SELECT row_no, from_cache, cache_kind FROM results WHERE job_id = $1", job.id)}
+                  for r in await db.fetch("SELECT row_no, from_cache, cache_kind FROM results WHERE job_id = $1",
+                                          job.id)}
         assert stored == {1: (False, None), 2: (False, None), 3: (False, None), 4: (True, "duplicate")}, name
     job = await new_job(db, "no-dups")
     await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"]) + [InvalidRow(3, "x", "bad")])
@@ -184,7 +188,7 @@ async def test_concurrent_leases_each_take_exactly_one_chunk(session_dsn, db):
     finally:
         for c in conns:
             await c.close()
-    assert len({l.chunk_no for l in taken}) == len(taken)
+    assert len({lease.chunk_no for lease in taken}) == len(taken)
     touched = await db.fetchval("SELECT count(*) FROM chunks WHERE job_id = $1 AND fence > 0", job.id)
     assert touched == len(taken)
 
@@ -217,7 +221,8 @@ async def test_duplicates_of_a_big_job_point_at_their_first_row(db):
     job = await new_job(db, "many-chunks")
     urls = [f"http://h/{(i * 7) % 1300}" for i in range(3000)]
     for chunk_no in range(30):
-        await ledger.store_chunk(db, job.id, chunk_no, rows(chunk_no * 100 + 1, urls[chunk_no * 100:chunk_no * 100 + 100]))
+        first = chunk_no * 100
+        await ledger.store_chunk(db, job.id, chunk_no, rows(first + 1, urls[first:first + 100]))
     first_row: dict[str, int] = {}
     expected = {}
     for row_no, url in enumerate(urls, start=1):
@@ -235,11 +240,11 @@ def test_row_ranges_cover_every_span_once_in_order_within_the_size(lengths, rows
         spans.append((first, first + length - 1))
         first += length + length % 3
     ranges = ledger.row_ranges(spans, rows)
-    assert all(a <= b < c for (a, b), (c, _) in zip(ranges, ranges[1:]))
+    assert all(a <= b < c for (a, b), (c, _) in itertools.pairwise(ranges))
     for first, last in spans:  # each span inside exactly one range
         assert sum(1 for a, b in ranges if a <= first and last <= b) == 1
     # A range is one span, or spans that together stay within `rows` rows.
     assert all(last - first < rows or (first, last) in spans for first, last in ranges)
     # and a range starts only where its first span would not fit in the one before.
     span_end = dict(spans)
-    assert all(span_end[c] - a >= rows for (a, _), (c, _) in zip(ranges, ranges[1:]))
+    assert all(span_end[c] - a >= rows for (a, _), (c, _) in itertools.pairwise(ranges))

@@ -14,7 +14,14 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    Bundle, RuleBasedStateMachine, consumes, invariant, multiple, precondition, rule, run_state_machine_as_test,
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+    run_state_machine_as_test,
 )
 
 from crawler import ledger
@@ -201,7 +208,8 @@ class LedgerStates(RuleBasedStateMachine):
             mine = [r for r in self.rows_to_fetch(n) if r in results]
             assert c["fetch_rows"] == len(self.rows_to_fetch(n))
             assert c["done_rows"] == len(mine), (c, mine)
-            assert c["ok_rows"] == sum(1 for r in mine if r % 2) and c["failed_rows"] == sum(1 for r in mine if not r % 2)
+            assert c["ok_rows"] == sum(1 for r in mine if r % 2)
+            assert c["failed_rows"] == sum(1 for r in mine if not r % 2)
 
     @precondition(lambda self: self.steps >= DRAIN_AFTER and not self.finished)
     @rule()

@@ -12,12 +12,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from conftest import run_cli
 from crawler import logs
 from crawler.database import LedgerConnection
 from crawler.errors import DatabaseError
 from crawler.logs import log_context, mask_secrets, setup_logging
-
-from conftest import run_cli
 
 pytestmark = pytest.mark.one_server
 

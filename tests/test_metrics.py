@@ -16,6 +16,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import ROOT, test_settings
 from crawler import ledger, metrics
 from crawler.crawl import crawl
 from crawler.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
@@ -23,8 +24,6 @@ from crawler.inputs import RequestRow
 from crawler.metrics import MULTIPROC_DIR, Exporter
 from crawler.urls import fingerprint
 from crawler.worker import run_worker
-
-from conftest import ROOT, test_settings
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -56,7 +55,8 @@ async def run_crawl(dsn: str, lines: list[str], tmp_path, name: str, **overrides
     assert code == EXIT_OK
 
 
-async def test_metrics_after_a_small_crawl_count_every_attempt_and_result(session_dsn, db, mock_url, tmp_path, exporter):
+async def test_metrics_after_a_small_crawl_count_every_attempt_and_result(
+        session_dsn, db, mock_url, tmp_path, exporter):
     lines = [f"{mock_url}/ok/m/1", f"{mock_url}/ok/m/2", f"{mock_url}/ok/m/3", f"{mock_url}/ok/m/1",
              f"{mock_url}/status/404", f"{mock_url}/flaky/2/m"]  # a duplicate; 503, 503, then 200
     await run_crawl(session_dsn, lines, tmp_path, "metrics-small", workers=2, chunk_size=2, max_attempts=3)
@@ -188,7 +188,9 @@ def test_without_a_metrics_directory_a_worker_counts_nothing(monkeypatch):
     hooks = metrics.for_worker()
     assert isinstance(hooks, metrics.NoMetrics) and metrics.for_worker() is hooks
     # The no-op stands in for every hook a worker calls.
-    public = lambda cls: {name for name in vars(cls) if not name.startswith("_")}
+    def public(cls: type) -> set[str]:
+        return {name for name in vars(cls) if not name.startswith("_")}
+
     assert public(metrics.NoMetrics) == public(metrics.WorkerMetrics)
 
 

@@ -20,7 +20,8 @@ ROWS = 1000
 async def job_with_chunk(db, name: str, count: int = ROWS) -> tuple[int, ledger.Lease]:
     job = await ledger.create_job(db, name=name, input="test", settings={})
     urls = [f"http://a.test/{i}" for i in range(count)]
-    await ledger.store_chunk(db, job.id, 0, [RequestRow(i + 1, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls)])
+    await ledger.store_chunk(db, job.id, 0,
+                             [RequestRow(i + 1, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls)])
     await ledger.mark_ingested(db, job.id)
     chunk = await ledger.lease_chunk(db, job.id, "w1", 60)
     return job.id, chunk.lease
@@ -91,10 +92,12 @@ async def test_refused_text_bodies_and_cache_entries_are_isolated_too(session_ds
     assert stored[7][1] == "internal" and "UnicodeEncodeError" in stored[7][2]
     assert stored[9][1] == "internal" and stored[9][2].startswith("its body could not be stored:")
     assert all(kind is None for row, (_, kind, _) in stored.items() if row not in (7, 9))
-    bodies = {r["row_no"]: r for r in await db.fetch("SELECT row_no, content_type, body FROM bodies WHERE job_id = $1", job_id)}
+    bodies = {r["row_no"]: r
+              for r in await db.fetch("SELECT row_no, content_type, body FROM bodies WHERE job_id = $1", job_id)}
     assert sorted(bodies) == [r for r in range(1, 20) if r != 9]
     assert zlib.decompress(bodies[1]["body"]) == b"<p>"
-    cached = {r["fingerprint"] for r in await db.fetch("SELECT fingerprint FROM response_cache WHERE job_id = $1", job_id)}
+    cached = {r["fingerprint"]
+              for r in await db.fetch("SELECT fingerprint FROM response_cache WHERE job_id = $1", job_id)}
     assert cached == {fps[0], fps[2]}
     assert await chunk_counts(db, job_id) == ("done", 200, 198, 2)
 

@@ -15,17 +15,22 @@ import subprocess
 import sys
 import termios
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from rich.console import Console
 
+from conftest import ROOT, run_cli
 from crawler.ledger import JobCounts
 from crawler.progress import (
-    ProgressView, Snapshot, WorkerActivity, estimate_total, live_display, plain_line, render_summary,
+    ProgressView,
+    Snapshot,
+    WorkerActivity,
+    estimate_total,
+    live_display,
+    plain_line,
+    render_summary,
 )
-
-from conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.one_server
 
@@ -85,7 +90,7 @@ def test_rows_done_count_fetched_cached_and_invalid_rows_and_the_eta_scales_whil
 
 def test_worker_rates_come_from_their_recent_heartbeats():
     view = ProgressView(stream=io.StringIO())
-    start = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2024, 1, 1, tzinfo=UTC)
     worker = dict(worker_id="box:1", host="box", pid=1, fetched=0, rate=0, started_at=start, heartbeat_at=start)
     view.snapshot(counts(), [worker])
     later = dict(worker, fetched=1000, rate=999.0, heartbeat_at=start + timedelta(seconds=5))
@@ -113,7 +118,8 @@ def test_plain_line_is_one_greppable_line():
 
 def test_live_display_shows_rows_rate_outcomes_eta_and_each_worker():
     console = Console(record=True, width=110, file=io.StringIO())
-    console.print(live_display(_snap(workers=[WorkerActivity("box-a", 11, 60, 21.0), WorkerActivity("box-b", 12, 60, 21.0)])))
+    workers = [WorkerActivity("box-a", 11, 60, 21.0), WorkerActivity("box-b", 12, 60, 21.0)]
+    console.print(live_display(_snap(workers=workers)))
     text = console.export_text()
     assert "150 / ~1,000  15.0% (estimated while reading the input)" in text
     assert "42/s (last 10 s)" in text

@@ -9,7 +9,8 @@ import json
 
 import pytest
 from aiohttp import web
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import run_cli, test_settings
 from crawler import ledger
@@ -19,7 +20,6 @@ from crawler.ledger import ResultRow
 from crawler.refetch import ALL_STATUSES, TRANSIENT_KINDS, parse_statuses, selection
 from crawler.settings import Settings
 from crawler.summary import job_summary
-
 
 # --- the selection ------------------------------------------------------------------------------
 
@@ -170,7 +170,7 @@ async def test_a_retried_answer_this_job_cached_is_asked_again_not_served_from_t
                ResultRow(job.id, 2, 200, urls[1], None, None, 1, False, 1.0, 0, None, None)]
     await ledger.write_results(db, job.id, {chunk.lease: answers}, {chunk.lease}, 60,
                                cache_rows=[(r.fingerprint, s, r.url, 0, None, None, None, job.id)
-                                           for r, s in zip(rows, (404, 200))])
+                                           for r, s in zip(rows, (404, 200), strict=True)])
     await db.execute("UPDATE response_cache SET job_id = 0 WHERE fingerprint = $1", rows[1].fingerprint)
     assert await ledger.finish_job(db, job.id)
     assert await ledger.reopen_for_retry(db, job.id, kinds=[], statuses=[(404, 404)]) == (1, 1, 1)

@@ -11,13 +11,12 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from conftest import test_settings
 from crawler.crawl import crawl
 from crawler.dns_responder import start_responder, zone_answer
 from crawler.errors import EXIT_OK
 from crawler.fetcher import Fetcher
 from crawler.urls import request_url
-
-from conftest import test_settings
 
 
 class RecordingServer:

@@ -13,17 +13,24 @@ from dnslib import DNSRecord
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import run_cli, test_settings
+from crawler import resolver as resolver_module
 from crawler.crawl import crawl
 from crawler.dns_responder import (
-    A, NXDOMAIN, SERVFAIL, Question, Reply, parse_question, reply_packet, start_responder, zone_answer,
+    NXDOMAIN,
+    SERVFAIL,
+    A,
+    Question,
+    Reply,
+    parse_question,
+    reply_packet,
+    start_responder,
+    zone_answer,
 )
 from crawler.errors import EXIT_OK, UsageError
 from crawler.fetcher import Fetcher
-from crawler import resolver as resolver_module
 from crawler.resolver import CachingResolver, DNSFailure, NameCache, parse_server
 from crawler.retry import RetryPolicy, decide
-
-from conftest import run_cli, test_settings
 
 pytestmark = pytest.mark.one_server
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
@@ -15,7 +15,7 @@ from crawler.retry import Decision, RetryPolicy, backoff, decide, parse_retry_af
 
 pytestmark = pytest.mark.one_server
 
-NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 POLICY = RetryPolicy()  # max_attempts=3, base 0.5, cap 30, statuses 429/502/503/504, Retry-After cap 120
 
 # --- parse_retry_after ------------------------------------------------------------------------
@@ -43,13 +43,14 @@ def test_retry_after_as_an_http_date_without_a_zone_is_read_as_utc() -> None:
 
 
 def test_retry_after_as_an_http_date_defaults_to_the_current_time() -> None:
-    header = format_datetime(datetime.now(timezone.utc) + timedelta(hours=1), usegmt=True)
+    header = format_datetime(datetime.now(UTC) + timedelta(hours=1), usegmt=True)
     assert 3590 <= parse_retry_after(header) <= 3600
 
 
 @pytest.mark.parametrize(
     "value",
-    [None, "", "   ", "soon", "-5", "1.5", "1e3", "0x10", "Wed, 32 Foo 2024 99:00:00 GMT", "Mon, 01 Jan 99999 00:00:00 GMT"],
+    [None, "", "   ", "soon", "-5", "1.5", "1e3", "0x10", "Wed, 32 Foo 2024 99:00:00 GMT",
+     "Mon, 01 Jan 99999 00:00:00 GMT"],
 )
 def test_unreadable_retry_after_is_none(value: str | None) -> None:
     assert parse_retry_after(value, now=NOW) is None

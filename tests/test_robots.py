@@ -11,8 +11,16 @@ from hypothesis import strategies as st
 
 from crawler.hosts import HostScheduler
 from crawler.mock_behaviours import ROBOTS_FILES
-from crawler.robots import (BODY_LIMIT, RobotsOutcome, RobotsRules, RobotsVerdict, outcome_of, product_token,
-                            robots_url, unreachable)
+from crawler.robots import (
+    BODY_LIMIT,
+    RobotsOutcome,
+    RobotsRules,
+    RobotsVerdict,
+    outcome_of,
+    product_token,
+    robots_url,
+    unreachable,
+)
 from crawler.settings import Settings
 
 pytestmark = pytest.mark.one_server

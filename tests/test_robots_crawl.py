@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -17,14 +18,11 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
-import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, test_settings
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
 from crawler.mock_server import start_mock_server
-
-from conftest import test_settings
 
 
 @contextlib.asynccontextmanager
@@ -169,7 +167,7 @@ async def test_crawl_delay_paces_the_host_as_the_server_sees_it(session_dsn, db,
         slow_arrivals = [t for t, _ in (await stats(slow))["arrivals"]]
         fast_arrivals = [t for t, path in (await stats(fast))["arrivals"] if path != "/robots.txt"]
     assert len(slow_arrivals) == 6  # robots.txt, then the rows
-    gaps = [b - a for a, b in zip(slow_arrivals, slow_arrivals[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(slow_arrivals)]
     # 0.4 s apart, robots.txt's own request included; a timer may fire a hair early (its clock's resolution)
     assert min(gaps) >= 0.39, gaps
     # The other host is not held back: its rows are all in before the paced host's last one (both
@@ -182,7 +180,7 @@ async def test_a_crawl_delay_longer_than_the_cap_is_capped(session_dsn, db, tmp_
         urls = [f"{base}/flaky/0/{i}" for i in range(3)]
         assert await run(session_dsn, tmp_path, urls, "capped-delay", workers=1, robots_max_delay=0.3) == EXIT_OK
         arrivals = [t for t, _ in (await stats(base))["arrivals"]]
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert len(arrivals) == 4 and min(gaps) >= 0.29, gaps
 
 
@@ -337,7 +335,8 @@ async def test_machines_joining_with_crawler_worker_obey_the_jobs_robots_txt_fet
     """`crawl --workers 0 --robots obey` and two `crawler worker` "machines" that were given no
     --robots: they take the job's policy, wait on one fetch of robots.txt (answered after 2 s),
     and refuse the same rows."""
-    from test_multihost import crawler as machine, finish, stop_all
+    from test_multihost import crawler as machine
+    from test_multihost import finish, stop_all
 
     server, base = server_process("slow:2000")
     procs = []

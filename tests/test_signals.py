@@ -15,8 +15,17 @@ import psutil
 import pytest
 
 from conftest import ROOT
-from test_faults import (assert_exactly_once, cli, crawl_process, finish, kill_tree, owner, server_hits,
-                         wait_for_results, workers_of)
+from test_faults import (
+    assert_exactly_once,
+    cli,
+    crawl_process,
+    finish,
+    kill_tree,
+    owner,
+    server_hits,
+    wait_for_results,
+    workers_of,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.one_server]
 

@@ -11,11 +11,10 @@ import asyncio
 import pytest
 from aiohttp import web
 
+from conftest import test_settings
 from crawler.crawl import crawl
 from crawler.dns_responder import start_responder, zone_answer
 from crawler.errors import EXIT_OK
-
-from conftest import test_settings
 
 pytestmark = pytest.mark.one_server
 

@@ -9,13 +9,12 @@ import os
 import signal
 from pathlib import Path
 
+from conftest import test_settings
 from crawler.cli import main
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
 from crawler.metrics import MULTIPROC_DIR, Exporter
 from crawler.standby import Standby
-
-from conftest import test_settings
 from test_metrics import scrape, value
 
 

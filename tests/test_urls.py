@@ -14,9 +14,7 @@ import yarl
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from crawler.urls import (
-    MAX_URL_LENGTH, InvalidURL, fingerprint, mask_password, normalize_url, parse_url, request_url,
-)
+from crawler.urls import MAX_URL_LENGTH, InvalidURL, fingerprint, mask_password, normalize_url, parse_url, request_url
 
 pytestmark = pytest.mark.one_server
 
@@ -172,7 +170,8 @@ WHATWG_CHOICES = {
     "http://../": "invalid: '..' is not a DNS name",
     "http://foo.09..": "invalid: 'foo.09..' is not a DNS name (an empty label)",
     "http://!\"$&'()*+,-.;=_`{}~/": "invalid: a host of punctuation is not a DNS name",
-    "http://`{}:`{}@h/`{}?`{}": "accepted, and '`', '{', '}' in the query escaped: RFC 3986 does not allow them in a request target",
+    "http://`{}:`{}@h/`{}?`{}": ("accepted, and '`', '{', '}' in the query escaped:"
+                                 " RFC 3986 does not allow them in a request target"),
 }
 
 

@@ -13,12 +13,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from conftest import test_settings
 from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
 from crawler.fetcher import Fetcher
 from crawler.retry import RetryPolicy, backoff
-
-from conftest import test_settings
 
 pytestmark = pytest.mark.one_server
 
@@ -38,7 +37,7 @@ def silent_address():
             probe.settimeout(0.2)
             try:
                 probe.connect(address)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 probe.close()
                 break
             fillers.append(probe)
@@ -138,7 +137,7 @@ async def test_a_retry_without_retry_after_waits_the_backoff_the_policy_drew(ses
     assert len(arrivals) == 2 * sends + 1  # two failed attempts and the answer
     failed_last = [arrivals[sends - 1], arrivals[2 * sends - 1]]  # the last request of each failed attempt
     retried = [arrivals[sends], arrivals[2 * sends]]  # the first of the next attempt
-    waited = [later - earlier for earlier, later in zip(failed_last, retried)]
+    waited = [later - earlier for earlier, later in zip(failed_last, retried, strict=True)]
     assert waited[0] >= delays[0] and waited[1] >= delays[1], (waited, delays)
     row = await db.fetchrow("SELECT r.status, r.attempts FROM results r JOIN jobs j ON j.id = r.job_id"
                             " WHERE j.name = $1", f"backoff-waits-{failure}")

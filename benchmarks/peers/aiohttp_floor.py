@@ -28,7 +28,8 @@ def read_urls(path: str, index: int, processes: int) -> list[str]:
     return urls[index::processes]
 
 
-async def fetch_all(urls: list[str], concurrency: int, dns_server: str | None = None, ca_file: str | None = None) -> int:
+async def fetch_all(urls: list[str], concurrency: int, dns_server: str | None = None,
+                    ca_file: str | None = None) -> int:
     ok = 0
     pending = iter(urls)
     options = {}
@@ -48,7 +49,7 @@ async def fetch_all(urls: list[str], concurrency: int, dns_server: str | None = 
                     async with session.get(url) as resp:
                         await resp.read()
                         ok += resp.status == 200
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     pass
 
         await asyncio.gather(*(fetcher() for _ in range(concurrency)))
