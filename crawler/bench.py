@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import orjson
 import psutil
@@ -98,8 +99,9 @@ class LoopbackProcess:
         self.url = ""
         self.reports: list[dict] = []
 
-    def __enter__(self) -> LoopbackProcess:
+    def __enter__(self) -> Self:
         self.proc = subprocess.Popen([sys.executable, *self.args], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None  # stdout=PIPE
         line = self.proc.stdout.readline()
         if "listening on" not in line:
             self.__exit__()

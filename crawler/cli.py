@@ -9,7 +9,7 @@ import os
 import sys
 import unicodedata
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from crawler.errors import EXIT_INTERRUPTED, CrawlerError, UsageError
 
@@ -116,7 +116,7 @@ EXAMPLES = {  # each `crawler ...` line must parse: tests/test_cli.py checks eve
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one sentence and exit 1, not argparse's exit 2
+    def error(self, message: str) -> NoReturn:  # one sentence and exit 1, not argparse's exit 2
         raise UsageError(f"{message}; see `{self.prog} --help`.")
 
 

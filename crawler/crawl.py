@@ -199,7 +199,8 @@ async def unless_signalled(work: Coroutine[Any, Any, T]) -> T | None:
     try:
         return await task
     except asyncio.CancelledError:
-        if asyncio.current_task().cancelling():
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
             raise  # this coroutine was cancelled, not just the work
         return None
     finally:

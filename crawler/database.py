@@ -51,7 +51,7 @@ def mask_dsn(dsn: str) -> str:
         # Replaced in place, not rebuilt: urlunsplit would drop the empty authority of
         # postgresql:///db, changing what the user recognises.
         rest = dsn[scheme.end():]
-        authority = re.match(r"[^/?#]*", rest).group()
+        authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
         tail = _QUERY_PASSWORD.sub(r"\1\2***", rest[len(authority):])
         user_part, at, hosts = authority.rpartition("@")
         if at and ":" in user_part and user_part.split(":", 1)[1]:

@@ -20,7 +20,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import orjson
 
@@ -116,7 +116,8 @@ class Responder(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A datagram endpoint's transport (uvloop's is not a subclass of asyncio's class).
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         question = parse_question(data)
@@ -131,6 +132,7 @@ class Responder(asyncio.DatagramProtocol):
             self.most_waiting = max(self.most_waiting, self.waiting)
             asyncio.get_running_loop().call_later(reply.delay, self._send_late, question, reply, addr)
             return
+        assert self.transport is not None  # a datagram arrives only after connection_made
         self.transport.sendto(reply_packet(question, reply), addr)
 
     def _send_late(self, question: Question, reply: Reply, addr: tuple) -> None:

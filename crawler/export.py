@@ -9,7 +9,7 @@ import contextlib
 import csv
 import io
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import aiofiles
@@ -120,7 +120,9 @@ async def _merge_by_row(valid: AsyncIterator[dict] | None,
                         invalid: AsyncIterator[dict] | None) -> AsyncIterator[dict]:
     """Merge two streams, each in row order, into one in row order (row numbers are unique)."""
     if valid is None or invalid is None:
-        async for record in valid or invalid:
+        only = valid or invalid
+        assert only is not None, "export_records asks for at least one of the two"
+        async for record in only:
             yield record
         return
     x, y = await anext(valid, None), await anext(invalid, None)
@@ -138,7 +140,8 @@ async def _merge_by_row(valid: AsyncIterator[dict] | None,
             yield record
 
 
-async def export_records(conn: asyncpg.Connection, job_id: int, *, only: str | None = None) -> AsyncIterator[dict]:
+async def export_records(conn: asyncpg.Connection, job_id: int, *,
+                         only: str | None = None) -> AsyncGenerator[dict, None]:
     """Every input row of the job in row order (or only the ok, failed or invalid ones), as dicts
     with the keys of FIELDS; BATCH_ROWS rows of each table at a time."""
     if only is not None and only not in ONLY:

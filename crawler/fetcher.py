@@ -95,7 +95,7 @@ def _made_storable(result: Attempt, made: list[str] | None, redirected: bool) ->
     worker with it. The error (made storable where it was made) names the fields that were
     changed."""
     if redirected:  # yarl's form of the last Location; without a redirect it is the row's own URL
-        result.final_url, altered = storable(result.final_url, URL_CAP)
+        result.final_url, altered = storable(result.final_url or "", URL_CAP)
         if altered:
             made = (made or []) + ["final_url"]
     # A validator that is not printable text within its cap is not kept: changed, it would
@@ -255,8 +255,11 @@ class Fetcher:
         limit = self.settings.max_body_bytes
         started = time.perf_counter()
         result = Attempt()
-        made = redirected = None  # the answer's fields made storable; whether it was redirected
-        flight = _Flight(asyncio.current_task(), started)
+        made: list[str] | None = None  # the answer's fields made storable
+        redirected = False
+        task = asyncio.current_task()
+        assert task is not None  # fetch is always awaited from a task
+        flight = _Flight(task, started)
         self._flights.add(flight)
         try:
             target = URL(url, encoded=True) if encoded else url
@@ -284,12 +287,12 @@ class Fetcher:
                     result.etag = answer.get(hdrs.ETAG)
                     result.last_modified = answer.get(hdrs.LAST_MODIFIED)
                 if keep_first:
-                    kept = bytearray()
-                    while len(kept) < keep_first and (block := await resp.content.read(READ_SIZE)):
+                    head = bytearray()
+                    while len(head) < keep_first and (block := await resp.content.read(READ_SIZE)):
                         flight.progress = time.perf_counter()
-                        kept += block
-                    result.body_bytes = len(kept)
-                    result.body = (answer.get(hdrs.CONTENT_TYPE), bytes(kept[:keep_first]))
+                        head += block
+                    result.body_bytes = len(head)
+                    result.body = (answer.get(hdrs.CONTENT_TYPE), bytes(head[:keep_first]))
                 elif limit > 0:
                     declared = resp.content_length
                     if declared is not None and answer.get(hdrs.CONTENT_ENCODING):
@@ -297,7 +300,7 @@ class Fetcher:
                     if declared is not None and declared > limit:
                         raise BodyTooLarge(limit)  # refused before a byte is read
                     digest = hashlib.sha256()
-                    kept = bytearray() if self.settings.store_bodies else None
+                    kept: bytearray | None = bytearray() if self.settings.store_bodies else None
                     size = 0
                     read = resp.content.read
                     # The declared length read, the body is complete: no read only to meet its end.

@@ -19,7 +19,7 @@ import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, TypeVar, cast
 
 from crawler.errors import InputError
 from crawler.urls import InvalidURL, fingerprint, parse_url
@@ -214,7 +214,7 @@ class _CountingSource(io.RawIOBase):
             self._pending += chunk
         return self._pending
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer) -> int:
         if self._pending:
             data, self._pending = self._pending[: len(buffer)], self._pending[len(buffer) :]
         else:
@@ -266,7 +266,8 @@ class RowReader:
             self.compressed = raw.sniff(len(_GZIP_MAGIC)) == _GZIP_MAGIC
             binary: BinaryIO = self._closing(io.BufferedReader(raw, _READ_SIZE))
             if self.compressed:
-                binary = self._closing(gzip.GzipFile(fileobj=binary, mode="rb"))
+                # A GzipFile is a binary file; typeshed does not declare it a BinaryIO.
+                binary = cast(BinaryIO, self._closing(gzip.GzipFile(fileobj=binary, mode="rb")))
             text = io.TextIOWrapper(binary, "utf-8-sig", "surrogateescape", newline="")
             self._lines = _Lines(self._closing(text))
             first = next((line for line in self._lines if line.strip()), None)

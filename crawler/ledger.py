@@ -8,9 +8,9 @@ holder. Results are keyed by (job, row): every write is idempotent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import asyncpg
 
@@ -541,7 +541,11 @@ def _internal(record: ResultRow, why: str) -> ResultRow:
                            error=storable(why, ERROR_CAP)[0], body_bytes=None, body_sha256=None)
 
 
-async def _refused_rows(conn: asyncpg.Connection, store, rows: list[tuple]) -> list[tuple[tuple, str]]:
+Row = TypeVar("Row", bound=tuple)
+
+
+async def _refused_rows(conn: asyncpg.Connection, store: Callable[[asyncpg.Connection, list[Row]], Awaitable[None]],
+                        rows: list[Row]) -> list[tuple[Row, str]]:
     """Store `rows` by `store(conn, rows)`, each part in a savepoint; find the rows the database
     refuses for their data by halving the part that fails, and return each with the error."""
     if not rows:

@@ -428,6 +428,7 @@ def robots_knob(knob: str) -> tuple[str, float | int | None]:
 
 async def _robots(request: web.Request) -> web.StreamResponse:
     name, arg = robots_knob(request.app[ROBOTS])
+    number = arg if isinstance(arg, int) else 0  # status, redirects, slow and flaky take an int
     if name == "none":
         return web.Response(status=404, text="404\n")
     if name in ROBOTS_FILES:
@@ -435,16 +436,16 @@ async def _robots(request: web.Request) -> web.StreamResponse:
     if name == "delay":
         return web.Response(text=f"User-agent: *\nCrawl-delay: {arg:g}\n" + ROBOTS_FILES["disallow"].split("\n", 1)[1])
     if name == "status":
-        return web.Response(status=int(arg), text=f"{arg}\n")
+        return web.Response(status=number, text=f"{arg}\n")
     if name == "redirect":
         return web.Response(status=302, headers={"Location": "/robots/disallow.txt"})
     if name == "redirects":
-        return web.Response(status=302, headers={"Location": f"/redirect/{int(arg) - 1}"})
+        return web.Response(status=302, headers={"Location": f"/redirect/{number - 1}"})
     if name == "slow":
-        await asyncio.sleep(int(arg) / 1000)
+        await asyncio.sleep(number / 1000)
         return web.Response(text=ROBOTS_FILES["disallow"])
     if name == "flaky":
-        if _is_early(request, int(arg)):
+        if _is_early(request, number):
             return web.Response(status=500, text="500\n")
         return web.Response(text=ROBOTS_FILES["disallow"])
     return _hang_up(request, reset=True)  # "reset"

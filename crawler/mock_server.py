@@ -67,6 +67,8 @@ from crawler.mock_tls import ServerCertificate, generate_certificate
 
 _STATS_PATHS = frozenset({"/__hits", "/__hits/reset", "/__stats", "/__stats/reset", "/__arrivals"})
 ARRIVALS_KEPT = 10_000
+# What the low-level server calls for each request (its request_handler).
+ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 ARRIVALS = web.AppKey("arrivals", deque)  # (time.time(), path) of each routed request, the latest kept
 _STARTUP_TIMEOUT_S = 30.0
 _CHILD_EXIT_TIMEOUT_S = 5.0
@@ -162,7 +164,8 @@ async def _stats(request: web.Request) -> web.Response:
 
 
 async def _arrivals(request: web.Request) -> web.Response:
-    return web.json_response({"arrivals": list(request.app[ARRIVALS])})
+    arrivals: deque = request.app[ARRIVALS]
+    return web.json_response({"arrivals": list(arrivals)})
 
 
 async def _reset_stats(request: web.Request) -> web.Response:
@@ -200,13 +203,13 @@ def create_app(seed: int = 0, capacity: int | None = None, count_paths: bool = T
     return app
 
 
-def _answering_plain_load_paths(app: web.Application, routed: Handler) -> Handler:
+def _answering_plain_load_paths(app: web.Application, routed: ServerHandler) -> ServerHandler:
     """The serving process's request handler: a plain /ok/.. or /delay/{ms}/.. target (see
     PLAIN_LOAD_TARGET) is answered without aiohttp's router and middleware, which are a fifth
     of the server's instructions per request, and counted and limited the same; every other
     request is routed. A load test then measures the crawler more than its mock server."""
 
-    async def handle(request: web.Request) -> web.StreamResponse:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
         plain = PLAIN_LOAD_TARGET.fullmatch(request.raw_path)
         if plain is None or request.method not in METHODS or hdrs.EXPECT in request.headers:
             return await routed(request)
@@ -350,12 +353,12 @@ def _serve_processes(
         ready_ends: list[Connection] = []
         for _ in range(processes):
             receive, send = context.Pipe(duplex=False)
-            child = context.Process(
+            spawned = context.Process(
                 target=_run_child, args=(host, port, make_app, send, listening), daemon=True
             )
-            child.start()
+            spawned.start()
             send.close()
-            children.append(child)
+            children.append(spawned)
             ready_ends.append(receive)
         sentinels = [wakeup_read, *(child.sentinel for child in children)]
         pending = set(ready_ends)

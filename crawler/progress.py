@@ -185,7 +185,7 @@ class ProgressView:
         to_fetch: int | None = int(counts.to_fetch)
         if estimated:
             rows = counts.rows_read
-            to_fetch = round(to_fetch * total / rows) if total and rows else None
+            to_fetch = round(counts.to_fetch * total / rows) if total and rows else None
         rate = self._rate(now, fetched)
         eta = None
         if to_fetch is not None:

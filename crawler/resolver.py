@@ -104,7 +104,8 @@ def parse_server(text: str) -> str:
     """A --dns-server value, HOST[:PORT] with HOST an IP address ('[v6]:PORT' for a port with
     IPv6), in the form c-ares takes; a clear error otherwise."""
     value = text.strip()
-    host, port = value, None
+    host: str | None = value
+    port: str | None = None
     if value.startswith("["):
         host, sep, rest = value[1:].partition("]")
         if not sep or (rest and not rest.startswith(":")):
@@ -201,7 +202,7 @@ class CachingResolver(AbstractResolver):
             self._in_flight[dns] += 1
             try:
                 async with asyncio.timeout(self.timeout):
-                    reply = await dns.getaddrinfo(host, family=family, type=socket.SOCK_STREAM)
+                    reply = await dns.getaddrinfo(host, family=socket.AddressFamily(family), type=socket.SOCK_STREAM)
             except TimeoutError:
                 raise DNSFailure(host, f"no answer within {self.timeout:g}s", transient=True) from None
             except aiodns.error.DNSError as exc:

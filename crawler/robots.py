@@ -133,6 +133,8 @@ def _matching_rule(parser: Protego, token: str, url: str) -> str | None:
         from protego._utils import _quote_path
 
         rule_set = parser._get_matching_rule_set(token)
+        if rule_set is None:  # no group for this agent, nor a `*` one: nothing decided
+            return None
         path = _quote_path(url)
         for rule in rule_set._rules:  # sorted as Protego decides: longest first, Allow on ties
             if rule.value.match(path):

@@ -202,7 +202,7 @@ def _validate(settings: Settings) -> None:
     for name in positive:
         if getattr(settings, name) < 1:
             raise UsageError(f"setting '{name}' must be at least 1, not {getattr(settings, name)}.")
-    if settings.workers != "auto" and settings.workers < 0:
+    if isinstance(settings.workers, int) and settings.workers < 0:
         raise UsageError(f"setting 'workers' must be 'auto', 0 (fetch elsewhere) or more, not {settings.workers}.")
     if not 0 <= settings.metrics_port <= 65535:
         raise UsageError(f"setting 'metrics_port' must be a port number (0 = off), not {settings.metrics_port}.")

@@ -172,7 +172,7 @@ class Worker:
                     gate = tg.create_task(self.robots.run(fetcher)) if self.robots is not None else None
                     await self._feed(db)
                     await self._finish(widen)
-                    if gate is not None:
+                    if gate is not None and self.robots is not None:
                         self.robots.close()  # robots.txt fetches under way get the drain's grace
                         if not (await asyncio.wait([gate], timeout=self.grace))[0]:
                             gate.cancel()
@@ -220,7 +220,8 @@ class Worker:
             self._held[lease.chunk_no] = HeldChunk(lease, len(rows))
             self._in_system += len(rows)
             self._idle.clear()
-            admitted = [] if self.robots is not None else None  # held for robots.txt, chunk by chunk
+            # Held for robots.txt, chunk by chunk.
+            admitted: list[WorkItem] | None = [] if self.robots is not None else None
             stored = {}
             if self.caching:
                 stored = await db.run(cache.lookup, [row["fingerprint"] for row in rows], self.settings.cache_ttl)
@@ -240,7 +241,7 @@ class Worker:
                     self.hosts.put(item)
                 else:
                     admitted.append(item)
-            if admitted:
+            if admitted and self.robots is not None:
                 await self.robots.admit(admitted)
 
     def _wants_more(self) -> bool:
@@ -379,7 +380,7 @@ class Worker:
             from_cache=cache_kind is not None, elapsed_ms=item.elapsed_ms, body_bytes=attempt.body_bytes,
             body_sha256=attempt.body_sha256, cache_kind=cache_kind,
         )
-        remember = None
+        remember: tuple | bytes | None = None
         if self.caching:
             if cache_kind == "revalidated":
                 remember = item.fingerprint  # confirmed by a 304: fresh again

@@ -128,8 +128,8 @@ class ResultWriter:
             # the chunk is then redone by whoever leases it next).
             for lease, records in batches.items():
                 self._buffer.setdefault(lease, [])[:0] = records
-            for lease, records in bodies.items():
-                self._bodies.setdefault(lease, [])[:0] = records
+            for lease, kept in bodies.items():
+                self._bodies.setdefault(lease, [])[:0] = kept
             for lease, times in handed.items():
                 self._handed.setdefault(lease, [])[:0] = times
             self._cache_rows[:0], self._cache_touch[:0] = cache_rows, cache_touch
