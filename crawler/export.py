@@ -18,6 +18,7 @@ import orjson
 
 from crawler.errors import OutputError, UsageError
 from crawler.export_file import ExportFile
+from crawler.kinds import ErrorKind
 from crawler.urls import mask_password
 
 # url: the row's URL as written (an invalid row's text); normalized_url: the form duplicates
@@ -91,7 +92,7 @@ def valid_outcomes(requests: list[asyncpg.Record], results: list[asyncpg.Record]
 
 def invalid_outcome(row: asyncpg.Record) -> dict:
     return {"row": row["row_no"], "url": row["raw"], "normalized_url": None, "status": None, "final_url": None,
-            "error_kind": "invalid_url", "error": row["reason"], "attempts": 0, "from_cache": False,
+            "error_kind": ErrorKind.INVALID_URL.value, "error": row["reason"], "attempts": 0, "from_cache": False,
             "elapsed_ms": None, "body_bytes": None, "body_sha256": None}
 
 

@@ -18,6 +18,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from crawler.kinds import ErrorKind
 from crawler.storable import printable
 
 if TYPE_CHECKING:
@@ -284,7 +285,7 @@ def render_summary(summary: dict, console: Console) -> None:
         errors.columns[2].overflow = "fold"  # a URL cut short could not be copied
         for kind, info in summary["errors"].items():
             errors.add_row(shown(kind), f"{info['count']:,}", shown(info["example"]),
-                           style="red" if kind != "blocked" else None)
+                           style="red" if kind != ErrorKind.BLOCKED else None)
         parts += [Text(""), errors]
     for q in summary.get("quarantined", ()):
         parts.append(Text(f"quarantined: chunk {q['chunk_no']} (rows {q['first_row']}-{q['last_row']}), workers died"
