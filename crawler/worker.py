@@ -37,6 +37,8 @@ from crawler.writer import ResultWriter
 
 log = logging.getLogger(__name__)
 
+_new_row = tuple.__new__  # see Worker._done
+
 IDLE_POLL = 0.1  # seconds between looks for new chunks while the supervisor is still ingesting
 # A request running longer than `slow_after` stops counting against the concurrency: another
 # fetch task takes its place, up to MAX_WIDTH times `concurrency` tasks in all, so hosts that
@@ -374,12 +376,13 @@ class Worker:
 
     def _done(self, item: WorkItem, attempt: Attempt, *, cache_kind: str | None = None) -> None:
         """Hand the item's outcome to the writer (the caller has waited for its room)."""
-        record = ResultRow(
-            job_id=self.job_id, row_no=item.row_no, status=attempt.status, final_url=attempt.final_url,
-            error_kind=attempt.error_kind, error=attempt.error, attempts=item.attempts,
-            from_cache=cache_kind is not None, elapsed_ms=item.elapsed_ms, body_bytes=attempt.body_bytes,
-            body_sha256=attempt.body_sha256, cache_kind=cache_kind,
-        )
+        # A ResultRow, its fields in order, made as _make makes it but without its Python-level call:
+        # 0.25 us a result against 0.5 us positionally and 2 us with keywords (timeit, one core).
+        record = _new_row(ResultRow, (
+            self.job_id, item.row_no, attempt.status, attempt.final_url, attempt.error_kind, attempt.error,
+            item.attempts, cache_kind is not None, item.elapsed_ms, attempt.body_bytes, attempt.body_sha256,
+            cache_kind,
+        ))
         remember: tuple | bytes | None = None
         if self.caching:
             if cache_kind == "revalidated":
