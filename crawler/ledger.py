@@ -157,6 +157,12 @@ async def unfinished_job(conn: asyncpg.Connection, *, name: str | None, input: s
     return _job(row) if row else None
 
 
+async def job_phase(conn: asyncpg.Connection, job_id: int) -> tuple[str, bool]:
+    """The job's state and whether its ingest is over: what a worker polls to know it may stop."""
+    row = await conn.fetchrow("SELECT state, ingest_done FROM jobs WHERE id = $1", job_id)
+    return row["state"], row["ingest_done"]
+
+
 async def set_job_state(conn: asyncpg.Connection, job_id: int, state: str) -> None:
     await conn.execute(
         "UPDATE jobs SET state = $2, finished_at = CASE WHEN $2 = 'done' THEN now() END WHERE id = $1",

@@ -256,10 +256,10 @@ class Worker:
     async def _nothing_left(self, conn: asyncpg.Connection) -> bool:
         """True when ingest is over and every open chunk is one of ours (being finished), or the
         job was stopped (its `crawler resume` starts workers anew)."""
-        job = await conn.fetchrow("SELECT state, ingest_done FROM jobs WHERE id = $1", self.job_id)
-        if job["state"] in (JobState.DONE, JobState.INTERRUPTED):
+        state, ingest_done = await ledger.job_phase(conn, self.job_id)
+        if state in (JobState.DONE, JobState.INTERRUPTED):
             return True
-        if not job["ingest_done"]:
+        if not ingest_done:
             return False
         return await ledger.open_chunks(conn, self.job_id) <= len(self._held)
 

@@ -13,6 +13,7 @@ from crawler import ledger
 from crawler.inputs import InvalidRow, RequestRow
 from crawler.ledger import ResultRow
 from crawler.migrate import apply_migrations, migration_files
+from crawler.states import JobState
 from crawler.urls import fingerprint
 
 
@@ -72,6 +73,15 @@ async def test_a_chunk_that_repeats_only_an_earlier_chunk_points_at_its_rows(db)
 
 def result(job_id: int, row_no: int, status: int = 200) -> ResultRow:
     return ResultRow(job_id, row_no, status, "http://a/", None, None, 1, False, 1.0, 2, b"\x00" * 32, None)
+
+
+async def test_a_jobs_phase_is_its_state_and_whether_ingest_is_over(db):
+    job = await new_job(db, "phase")
+    assert await ledger.job_phase(db, job.id) == (JobState.INGESTING, False)
+    await ledger.mark_ingested(db, job.id)
+    assert await ledger.job_phase(db, job.id) == (JobState.RUNNING, True)
+    await ledger.set_job_state(db, job.id, JobState.INTERRUPTED)
+    assert await ledger.job_phase(db, job.id) == (JobState.INTERRUPTED, True)
 
 
 async def test_a_stale_lease_cannot_commit_over_the_new_holder(db):
