@@ -62,7 +62,7 @@ class Job:
     id: int
     name: str | None
     input: str
-    state: str
+    state: JobState
     settings: dict
     rows_read: int
     ingest_done: bool
@@ -132,7 +132,8 @@ def _job(row: asyncpg.Record) -> Job:
     settings = row["settings"]
     if isinstance(settings, str):
         settings = orjson.loads(settings)
-    return Job(row["id"], row["name"], row["input"], row["state"], settings, row["rows_read"], row["ingest_done"])
+    return Job(row["id"], row["name"], row["input"], JobState(row["state"]), settings, row["rows_read"],
+               row["ingest_done"])
 
 
 async def find_job(conn: asyncpg.Connection, ref: str | int) -> Job:
@@ -163,7 +164,7 @@ async def job_phase(conn: asyncpg.Connection, job_id: int) -> tuple[str, bool]:
     return row["state"], row["ingest_done"]
 
 
-async def set_job_state(conn: asyncpg.Connection, job_id: int, state: str) -> None:
+async def set_job_state(conn: asyncpg.Connection, job_id: int, state: JobState) -> None:
     await conn.execute(
         "UPDATE jobs SET state = $2, finished_at = CASE WHEN $2 = 'done' THEN now() END WHERE id = $1",
         job_id, state,
