@@ -292,8 +292,12 @@ async def _serve_until_signalled(
     finally:
         await runner.cleanup()
         if listening.report:  # one line per process, read by `crawler bench` once it stopped the server
-            print(orjson.dumps({"connections": runner.app[LOAD].connections, "tls": tls is not None}).decode(),
-                  flush=True)
+            # One write of the whole line: print() writes the text and its newline apart, and on
+            # an unbuffered stdout (PYTHONUNBUFFERED) two processes' lines then interleave.
+            line = orjson.dumps({"connections": runner.app[LOAD].connections, "tls": tls is not None}) + b"\n"
+            sys.stdout.flush()  # whatever the text layer holds goes first
+            sys.stdout.buffer.write(line)
+            sys.stdout.buffer.flush()
 
 
 def _run_in_process(
