@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from crawler.errors import UsageError
-from crawler.kinds import ErrorKind
+from crawler.kinds import ANSWERED_KINDS
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$", re.IGNORECASE)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -71,7 +71,7 @@ def cache_row(fingerprint: bytes, job_id: int, *, status: int | None, error_kind
               final_url: str | None, body_bytes: int | None, body_sha256: bytes | None,
               etag: str | None, last_modified: str | None) -> tuple | None:
     """The row to remember for a fetched outcome, or None when it is not worth remembering."""
-    if status not in CACHEABLE_STATUSES or error_kind not in (None, ErrorKind.HTTP_STATUS):
+    if status not in CACHEABLE_STATUSES or error_kind not in ANSWERED_KINDS:
         return None
     return (fingerprint, status, final_url, body_bytes, body_sha256, etag, last_modified, job_id)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from crawler.kinds import OVERLOAD_KINDS, ErrorKind
+from crawler.kinds import ANSWERED_KINDS, OVERLOAD_KINDS
 
 OVERLOAD_STATUSES = frozenset({429, 503})
 
@@ -115,7 +115,7 @@ class HostScheduler:
         state.rtt = 0.8 * state.rtt + 0.2 * max(elapsed, 0.001)
         if error_kind in OVERLOAD_KINDS or status in OVERLOAD_STATUSES:
             state.limit.on_overload(self.clock(), state.rtt)
-        elif error_kind is None or error_kind == ErrorKind.HTTP_STATUS:
+        elif error_kind in ANSWERED_KINDS:
             state.limit.on_success()
         if pause > 0:
             state.next_start = max(state.next_start, self.clock() + pause)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
-from crawler.kinds import OVERLOAD_KINDS, ErrorKind
+from crawler.kinds import ANSWERED_KINDS, OVERLOAD_KINDS, ErrorKind
 
 
 @dataclass(slots=True, frozen=True)
@@ -75,7 +75,7 @@ def decide(
     connection error; a name that does not exist is `dns` too and is not."""
     # A busy host or a dropped connection (OVERLOAD_KINDS) may well answer the next try.
     retryable = error_kind in OVERLOAD_KINDS or (transient and error_kind == ErrorKind.DNS) or (
-        error_kind in (None, ErrorKind.HTTP_STATUS) and status is not None and status in policy.retry_statuses
+        error_kind in ANSWERED_KINDS and status is not None and status in policy.retry_statuses
     )
     if not retryable or attempts >= policy.max_attempts:
         return FINAL
