@@ -77,10 +77,11 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seco
     await prepare_database(dsn)
     async with database.connection(dsn) as conn:
         if job_ref is None:
-            job_ref = await conn.fetchval("SELECT max(id) FROM jobs")
-            if job_ref is None:
+            latest = await ledger.latest_job_id(conn)
+            if latest is None:
                 print("no jobs yet.")
                 return EXIT_OK
+            job_ref = str(latest)
         job = await ledger.find_job(conn, job_ref)
         summary = await job_summary(conn, job.id)
         counts = await ledger.job_counts(conn, job.id)
@@ -122,11 +123,7 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seco
 async def jobs(dsn: str) -> int:
     await prepare_database(dsn)
     async with database.connection(dsn) as conn:
-        rows = await conn.fetch(
-            "SELECT j.id, j.name, j.state, j.rows_read, j.created_at,"
-            " (SELECT count(*) FROM results r WHERE r.job_id = j.id) AS results"
-            " FROM jobs j ORDER BY j.id"
-        )
+        rows = await ledger.job_list(conn)
     from crawler.progress import shown
 
     table = Table("id", "name", "state", "rows read", "results", "created")

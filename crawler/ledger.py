@@ -136,6 +136,20 @@ def _job(row: asyncpg.Record) -> Job:
                row["ingest_done"])
 
 
+async def latest_job_id(conn: asyncpg.Connection) -> int | None:
+    """The newest job's id (what `crawler status` shows when no job is named); None if none."""
+    return await conn.fetchval("SELECT max(id) FROM jobs")
+
+
+async def job_list(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Every job, oldest first, with its results so far (`crawler jobs`)."""
+    return await conn.fetch(
+        "SELECT j.id, j.name, j.state, j.rows_read, j.created_at,"
+        " (SELECT count(*) FROM results r WHERE r.job_id = j.id) AS results"
+        " FROM jobs j ORDER BY j.id"
+    )
+
+
 async def find_job(conn: asyncpg.Connection, ref: str | int) -> Job:
     """A job by its id or its name."""
     ref = str(ref)

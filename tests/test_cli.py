@@ -230,3 +230,18 @@ def test_top_level_help_ends_with_the_exit_codes(capsys):
     for code, meaning in (("0", "done"), ("1", "usage or input error"), ("2", "infrastructure error"),
                           ("130", "interrupted")):
         assert any(words[0] == code and meaning in words[-1] for words in lines), code
+
+
+async def test_status_and_jobs_on_a_database_without_jobs_then_with_two(fresh_dsn, tmp_path):
+    empty = run_cli("status", "--dsn", fresh_dsn)
+    assert empty.returncode == 0 and empty.stdout.decode().strip() == "no jobs yet.", empty.stderr.decode()
+    path = tmp_path / "none.txt"
+    path.write_text("not a url\n")  # one invalid row: a job that finishes without a request
+    for name in ("first-job", "second-job"):
+        done = run_cli("crawl", str(path), "--dsn", fresh_dsn, "--job-name", name, "--quiet")
+        assert done.returncode == 0, done.stderr.decode()
+    latest = run_cli("status", "--dsn", fresh_dsn, "--json")
+    assert latest.returncode == 0, latest.stderr.decode()
+    assert json.loads(latest.stdout)["job_name"] == "second-job"  # with no job named, the newest
+    listed = run_cli("jobs", "--dsn", fresh_dsn).stdout.decode()
+    assert listed.index("first-job") < listed.index("second-job")  # oldest first
