@@ -31,7 +31,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from crawler import registry
+from crawler import ledger, registry
 from crawler.crawl import crawl
 from crawler.database import connection
 from crawler.errors import CrawlerError
@@ -179,25 +179,8 @@ async def measure(dsn: str, job_id: int, *, elapsed_s: float, supervisor_cpu_s: 
                   supervisor_peak_rss: int) -> dict:
     """The bench figures of a finished job, from the ledger and the supervisor's own usage."""
     async with connection(dsn) as conn:
-        job = await conn.fetchrow(
-            "SELECT extract(epoch FROM first_fetch_at - created_at) AS to_first,"
-            " extract(epoch FROM finished_at - first_fetch_at) AS fetch_to_finish"
-            " FROM jobs WHERE id = $1",
-            job_id,
-        )
-        results = await conn.fetchrow(
-            "SELECT count(*) AS rows, count(*) FILTER (WHERE NOT from_cache) AS fetched,"
-            " extract(epoch FROM max(fetched_at) FILTER (WHERE NOT from_cache)"
-            "   - (SELECT first_fetch_at FROM jobs WHERE id = $1)) AS fetch_window,"
-            " percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY elapsed_ms)"
-            "   FILTER (WHERE NOT from_cache) AS latency"
-            " FROM results WHERE job_id = $1",
-            job_id,
-        )
-        workers = await conn.fetch(
-            "SELECT worker_id, fetched, peak_rss_bytes, cpu_seconds FROM workers WHERE job_id = $1 ORDER BY started_at",
-            job_id,
-        )
+        job, results = await ledger.fetch_timing(conn, job_id)
+        workers = await registry.worker_usage(conn, job_id)
     fetched = results["fetched"]
     worker_cpu = sum(float(w["cpu_seconds"] or 0.0) for w in workers)
     total_cpu = worker_cpu + supervisor_cpu_s

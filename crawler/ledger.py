@@ -136,6 +136,28 @@ def _job(row: asyncpg.Record) -> Job:
                row["ingest_done"])
 
 
+async def fetch_timing(conn: asyncpg.Connection, job_id: int) -> tuple[asyncpg.Record, asyncpg.Record]:
+    """A finished job's timing, for `crawler bench`: from its creation to the first fetch and
+    from there to its end (the job's row); results, fetches, the window in which they were made
+    and the fetches' latency percentiles (its results)."""
+    job = await conn.fetchrow(
+        "SELECT extract(epoch FROM first_fetch_at - created_at) AS to_first,"
+        " extract(epoch FROM finished_at - first_fetch_at) AS fetch_to_finish"
+        " FROM jobs WHERE id = $1",
+        job_id,
+    )
+    results = await conn.fetchrow(
+        "SELECT count(*) AS rows, count(*) FILTER (WHERE NOT from_cache) AS fetched,"
+        " extract(epoch FROM max(fetched_at) FILTER (WHERE NOT from_cache)"
+        "   - (SELECT first_fetch_at FROM jobs WHERE id = $1)) AS fetch_window,"
+        " percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY elapsed_ms)"
+        "   FILTER (WHERE NOT from_cache) AS latency"
+        " FROM results WHERE job_id = $1",
+        job_id,
+    )
+    return job, results
+
+
 async def latest_job_id(conn: asyncpg.Connection) -> int | None:
     """The newest job's id (what `crawler status` shows when no job is named); None if none."""
     return await conn.fetchval("SELECT max(id) FROM jobs")

@@ -50,6 +50,15 @@ async def worker_heartbeat(conn: asyncpg.Connection, job_id: int, worker_id: str
     )
 
 
+async def worker_usage(conn: asyncpg.Connection, job_id: int) -> list[asyncpg.Record]:
+    """Every worker that took part in the job, first started first, with what it fetched and the
+    CPU and peak memory it reported (`crawler bench`)."""
+    return await conn.fetch(
+        "SELECT worker_id, fetched, peak_rss_bytes, cpu_seconds FROM workers WHERE job_id = $1 ORDER BY started_at",
+        job_id,
+    )
+
+
 async def live_workers(conn: asyncpg.Connection, job_id: int, within_seconds: float) -> list[asyncpg.Record]:
     return await conn.fetch(
         "SELECT worker_id, host, pid, fetched, started_at, heartbeat_at,"
