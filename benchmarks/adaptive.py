@@ -28,7 +28,7 @@ CASES = {
 
 
 def mock_server(capacity: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "crawler.mock_server", "--port", "0", "--capacity", str(capacity)],
+    proc = subprocess.Popen([sys.executable, "-m", "crawler.mock.server", "--port", "0", "--capacity", str(capacity)],
                             stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     return proc, line.split("listening on ", 1)[1].split()[0]

@@ -37,8 +37,11 @@ from pathlib import Path
 import asyncpg
 
 import harness
-from crawler import database, ledger
-from crawler.inputs import RequestRow
+from crawler.job.inputs import RequestRow
+from crawler.ledger import database
+from crawler.ledger.chunks import chunk_requests, lease_chunk, mark_ingested, store_chunk
+from crawler.ledger.jobs import create_job, job_counts
+from crawler.ledger.results import ResultRow, prepare_writer, write_results
 from crawler.urls import fingerprint
 
 CHUNK = 1000  # rows per chunk in the ingest and sink phases: the crawler's default chunk_size
@@ -93,13 +96,13 @@ def request_rows(first: int, count: int) -> list[RequestRow]:
     return [RequestRow(n, "GET", url_for(n), fingerprint("GET", url_for(n))) for n in range(first, first + count)]
 
 
-def result_record(job_id: int, row: asyncpg.Record) -> ledger.ResultRow:
+def result_record(job_id: int, row: asyncpg.Record) -> ResultRow:
     """What a worker writes (RESULT_COLUMNS): 1 in 20 a timeout after 3 attempts, the rest 200 OK."""
     n = row["row_no"]
     if n % 20 == 0:
-        return ledger.ResultRow(job_id, n, None, None, "timeout", "no answer within 60s (total timeout)", 3, False,
+        return ResultRow(job_id, n, None, None, "timeout", "no answer within 60s (total timeout)", 3, False,
                                 60000.0, None, None, None)
-    return ledger.ResultRow(job_id, n, 200, row["url"], None, None, 1, False, 12.5 + n % 50, 5120 + n % 4096,
+    return ResultRow(job_id, n, 200, row["url"], None, None, 1, False, 12.5 + n % 50, 5120 + n % 4096,
                             hashlib.sha256(row["url"].encode()).digest(), None)
 
 
@@ -129,13 +132,13 @@ async def commit_baseline(dsn: str, seconds: float) -> float:
 
 
 async def ingest(conn: asyncpg.Connection, pg, rows: int) -> tuple[int, dict]:
-    job = await ledger.create_job(conn, name="coordinator-ingest", input="generated", settings={})
+    job = await create_job(conn, name="coordinator-ingest", input="generated", settings={})
     marks = []  # (rows stored, seconds): the rate along the way, which should not fall as the job grows
     async with Probe(conn, pg) as probe:
         for chunk_no, first in enumerate(range(1, rows + 1, CHUNK)):
-            await ledger.store_chunk(conn, job.id, chunk_no, request_rows(first, min(CHUNK, rows + 1 - first)))
+            await store_chunk(conn, job.id, chunk_no, request_rows(first, min(CHUNK, rows + 1 - first)))
             marks.append((min(first + CHUNK - 1, rows), time.perf_counter()))
-        await ledger.mark_ingested(conn, job.id)
+        await mark_ingested(conn, job.id)
     quarters, last = [], (0, probe.wall0)
     for q in range(1, 5):
         mark = next(m for m in marks if m[0] >= rows * q // 4)
@@ -150,15 +153,15 @@ async def sink(dsn: str, conn: asyncpg.Connection, pg, job_id: int, writers: int
     left, written, batch_s = [chunks], [0], []
 
     async def one(c: asyncpg.Connection, owner: str) -> None:
-        await ledger.prepare_writer(c)
+        await prepare_writer(c)
         while left[0] > 0:
             left[0] -= 1
-            chunk = await ledger.lease_chunk(c, job_id, owner, LEASE)
+            chunk = await lease_chunk(c, job_id, owner, LEASE)
             if chunk is None:
                 return
-            records = [result_record(job_id, r) for r in await ledger.chunk_requests(c, job_id, chunk)]
+            records = [result_record(job_id, r) for r in await chunk_requests(c, job_id, chunk)]
             t = time.perf_counter()
-            refused = await ledger.write_results(c, job_id, {chunk.lease: records}, {chunk.lease}, LEASE)
+            refused = await write_results(c, job_id, {chunk.lease: records}, {chunk.lease}, LEASE)
             batch_s.append(time.perf_counter() - t)
             if refused:
                 raise SystemExit(f"coordinator: chunk {chunk.lease.chunk_no} refused with nobody else leasing")
@@ -177,12 +180,12 @@ async def sink(dsn: str, conn: asyncpg.Connection, pg, job_id: int, writers: int
 async def add_chunks(conn: asyncpg.Connection, name: str, count: int) -> int:
     """A job of `count` pending 1 000-row chunks, ingest done, without their requests (leasing
     never reads them)."""
-    job = await ledger.create_job(conn, name=name, input="generated", settings={})
+    job = await create_job(conn, name=name, input="generated", settings={})
     await conn.execute(
         "INSERT INTO chunks (job_id, chunk_no, first_row, last_row, fetch_rows, input_rows)"
         " SELECT $1, g, g::bigint * 1000 + 1, g::bigint * 1000 + 1000, 1000, 1000 FROM generate_series(0, $2 - 1) g",
         job.id, count)
-    await ledger.mark_ingested(conn, job.id)
+    await mark_ingested(conn, job.id)
     return job.id
 
 
@@ -200,14 +203,14 @@ async def lease_traffic(dsn: str, conn: asyncpg.Connection, pg, lessees: int, se
     ran_out = [False]
 
     async def one(c: asyncpg.Connection, owner: str, deadline: float) -> None:
-        await ledger.prepare_writer(c)
+        await prepare_writer(c)
         while time.perf_counter() < deadline:
             t = time.perf_counter()
-            chunk = await ledger.lease_chunk(c, job_id, owner, LEASE)
+            chunk = await lease_chunk(c, job_id, owner, LEASE)
             if chunk is None:
                 ran_out[0] = True
                 return
-            await ledger.write_results(c, job_id, {}, {chunk.lease}, LEASE)
+            await write_results(c, job_id, {}, {chunk.lease}, LEASE)
             ends.append(time.perf_counter())
             cycle_s.append(ends[-1] - t)
 
@@ -248,7 +251,7 @@ async def big_job(conn: asyncpg.Connection, chunks: int, open_left: int) -> dict
     """A job of `chunks` chunks: its chunk rows' size; leasing while the job is newer than the
     table's statistics, then with them; job_counts on it; and leasing once all but `open_left`
     chunks are done and not yet vacuumed, then after VACUUM."""
-    await ledger.prepare_writer(conn)
+    await prepare_writer(conn)
     before = (await sizes(conn))["chunks"]["total"]
     t = time.perf_counter()
     job_id = await add_chunks(conn, "coordinator-big", chunks)
@@ -256,13 +259,13 @@ async def big_job(conn: asyncpg.Connection, chunks: int, open_left: int) -> dict
     chunk_bytes = ((await sizes(conn))["chunks"]["total"] - before) / chunks
 
     async def cycle() -> None:
-        chunk = await ledger.lease_chunk(conn, job_id, "big", LEASE)
-        await ledger.write_results(conn, job_id, {}, {chunk.lease}, LEASE)
+        chunk = await lease_chunk(conn, job_id, "big", LEASE)
+        await write_results(conn, job_id, {}, {chunk.lease}, LEASE)
 
     unknown = await timed(3, cycle)
     await conn.execute("ANALYZE chunks")
     known = await timed(50, cycle)
-    counts_ms = statistics.median(await timed(5, ledger.job_counts, conn, job_id))
+    counts_ms = statistics.median(await timed(5, job_counts, conn, job_id))
     t = time.perf_counter()
     await conn.execute("UPDATE chunks SET state = 'done', done_rows = fetch_rows, ok_rows = fetch_rows"
                        " WHERE job_id = $1 AND chunk_no < $2 AND state = 'pending'", job_id, chunks - open_left)
@@ -281,7 +284,7 @@ async def big_job(conn: asyncpg.Connection, chunks: int, open_left: int) -> dict
         "first_cycle_unvacuumed_ms": round(unvacuumed[0], 1),
         "cycle_ms_p50_unvacuumed": round(statistics.median(unvacuumed[1:]), 2),
         "cycle_ms_p50_vacuumed": round(statistics.median(vacuumed), 2),
-        "job_counts_ms_after": round(statistics.median(await timed(5, ledger.job_counts, conn, job_id)), 1),
+        "job_counts_ms_after": round(statistics.median(await timed(5, job_counts, conn, job_id)), 1),
     }
 
 

@@ -1,4 +1,4 @@
-"""Name lookups alone, through the worker's resolver (crawler/resolver.py) against the bench's DNS
+"""Name lookups alone, through the worker's resolver (crawler/fetch/resolver.py) against the bench's DNS
 responder on loopback (a separate process): names per second, questions per name, and how much
 the process grows over N names, with c-ares channels replaced every 1 000 lookups (as the crawler
 runs) and with one channel kept (c-ares's own query cache then holds every answer):
@@ -22,9 +22,9 @@ import psutil
 import harness
 
 sys.path.insert(0, str(harness.ROOT))
-from crawler import resolver as resolver_module  # noqa: E402
-from crawler.bench import DNSResponderProcess  # noqa: E402
-from crawler.resolver import CachingResolver  # noqa: E402
+from crawler.fetch import resolver as resolver_module  # noqa: E402
+from crawler.fetch.resolver import CachingResolver  # noqa: E402
+from crawler.mock.bench import DNSResponderProcess  # noqa: E402
 
 
 async def run(names: int, concurrency: int, cache_size: int, rotate: bool) -> dict:

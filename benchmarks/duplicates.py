@@ -46,7 +46,7 @@ def mock_server_url() -> str | None:
     """The loopback address of the mock server a `crawler bench` started under this process."""
     for proc in psutil.Process().children(recursive=True):
         try:
-            if "crawler.mock_server" not in " ".join(proc.cmdline()):
+            if "crawler.mock.server" not in " ".join(proc.cmdline()):
                 continue
             for conn in proc.net_connections(kind="tcp"):
                 if conn.status == psutil.CONN_LISTEN and conn.laddr.ip == "127.0.0.1":
@@ -121,7 +121,7 @@ def run_case(duplicates: float, args, db: harness.ScratchDatabase) -> dict:
         if args.chunk_size:
             cmd += ["--chunk-size", str(args.chunk_size)]
         with ServerHits(db.dsn) as hits:
-            timed = harness.run_timed(FRESH_START + cmd, timeout=args.timeout, sample_exclude=("crawler.mock_server",))
+            timed = harness.run_timed(FRESH_START + cmd, timeout=args.timeout, sample_exclude=("crawler.mock.server",))
         if timed.returncode != 0 or not summary_path.exists():
             raise SystemExit(f"duplicates: the bench with {duplicates:.0%} duplicates failed ({timed.returncode}):"
                              f" {timed.stderr[-2000:]}")

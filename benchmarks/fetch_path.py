@@ -8,10 +8,10 @@ Variants (each a fixed pool of `--concurrency` tasks over one session, on uvloop
   timeouts     + ClientTimeout(total, sock_connect, sock_read) as our settings have them
   hashing      + the body read with iter_chunked(64 KiB) into SHA-256, as our Fetcher does
   session      + our session options (User-Agent, DummyCookieJar, max_field_size, redirects)
-  fetcher      crawler.fetcher.Fetcher.attempt itself (address policy, resolver, all of the above)
+  fetcher      crawler.fetch.fetcher.Fetcher.attempt itself (address policy, resolver, all of the above)
 and, to split `hashing`: read-hash (floor + SHA-256 of resp.read()), chunks (floor with
 iter_chunked instead of read(), no hash); and fetcher-base: the Fetcher of git revision
-`--baseline` (default HEAD), to set a change to crawler/fetcher.py against the committed one,
+`--baseline` (default HEAD), to set a change to crawler/fetch/fetcher.py against the committed one,
 interleaved in the same run (e.g. `--variants fetcher-base,fetcher --runs 5`).
 Each variant runs in its own process; the figure is that process's CPU seconds per 1 000 requests
 while fetching (start-up excluded) and its rate; medians of interleaved runs. 127.0.0.1 only.
@@ -38,19 +38,19 @@ from pathlib import Path
 
 VARIANTS = ("floor", "timeouts", "hashing", "session", "fetcher")
 EXTRA = ("read-hash", "chunks")  # the hashing step split in two, for comparison
-BASELINE = "fetcher-base"  # crawler/fetcher.py as of --baseline, loaded from git
+BASELINE = "fetcher-base"  # crawler/fetch/fetcher.py as of --baseline, loaded from git
 
 
 def _baseline_fetcher(revision: str) -> type:
-    """The Fetcher class of crawler/fetcher.py at a git revision, as a module of its own."""
+    """The Fetcher class of crawler/fetch/fetcher.py at a git revision, as a module of its own."""
     import types
 
     root = Path(__file__).resolve().parent.parent
-    source = subprocess.run(["git", "show", f"{revision}:crawler/fetcher.py"], cwd=root, check=True,
+    source = subprocess.run(["git", "show", f"{revision}:crawler/fetch/fetcher.py"], cwd=root, check=True,
                             capture_output=True, text=True).stdout
     module = types.ModuleType("crawler_fetcher_baseline")
     sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(source, f"{revision}:crawler/fetcher.py", "exec"), module.__dict__)
+    exec(compile(source, f"{revision}:crawler/fetch/fetcher.py", "exec"), module.__dict__)
     return module.Fetcher
 
 
@@ -73,7 +73,7 @@ async def _run(variant: str, urls: list[str], concurrency: int, baseline: str = 
         if variant == BASELINE:
             Fetcher = _baseline_fetcher(baseline)
         else:
-            from crawler.fetcher import Fetcher
+            from crawler.fetch.fetcher import Fetcher
 
         async with Fetcher(s) as fetcher:
             async def one() -> None:

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import psutil
 
-from crawler.bench import MockServerProcess
+from crawler.mock.bench import MockServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = Path(__file__).resolve().parent
@@ -125,7 +125,7 @@ class ScratchDatabase:
         self.dsn = _with_database(server_dsn, self.name)
 
     async def _create(self) -> None:
-        from crawler.migrate import apply_migrations
+        from crawler.ledger.migrate import apply_migrations
 
         conn = await asyncpg.connect(self.server_dsn)
         try:
@@ -551,6 +551,6 @@ def mib(n: float | None) -> str:
 
 def write_urls(path: Path, base: str, count: int, *, latency_ms: int = 0) -> None:
     """The same file `crawler bench` makes (CSV with a `url` header), no duplicates."""
-    from crawler.bench import write_urls as bench_urls
+    from crawler.mock.bench import write_urls as bench_urls
 
     bench_urls(path, base, count, 0.0, latency_ms)

@@ -1,5 +1,5 @@
 """What reading an input costs the supervisor, per row: open_input and its batches (CSV parsing,
-URL normalization, fingerprints) and, with --store, writing them as chunks (ledger.store_chunk),
+URL normalization, fingerprints) and, with --store, writing them as chunks (store_chunk),
 for the working tree against a git revision.
 
     python benchmarks/ingest_path.py [--rows 200000] [--runs 5] [--baseline HEAD] [--callgrind]
@@ -95,18 +95,19 @@ def _backend_cpu(pid: int) -> float:
 async def _store(path: str, dsn: str) -> dict:
     import asyncpg
 
-    from crawler import ledger
-    from crawler.inputs import InvalidRow, open_input
+    from crawler.job.inputs import InvalidRow, open_input
+    from crawler.ledger.chunks import store_chunk
+    from crawler.ledger.jobs import create_job
 
     conn = await asyncpg.connect(dsn)
     try:
-        job = await ledger.create_job(conn, name=f"ingest-path-{os.getpid()}", input=path, settings={})
+        job = await create_job(conn, name=f"ingest-path-{os.getpid()}", input=path, settings={})
         backend = await conn.fetchval("SELECT pg_backend_pid()")
         cpu0, pg0, t0 = time.process_time(), _backend_cpu(backend), time.perf_counter()
         rows = invalid = fetch = 0
         with open_input(path) as reader:
             for chunk_no, batch in enumerate(reader.batches(1000)):
-                fetch += await ledger.store_chunk(conn, job.id, chunk_no, batch)
+                fetch += await store_chunk(conn, job.id, chunk_no, batch)
                 rows += len(batch)
                 invalid += sum(isinstance(row, InvalidRow) for row in batch)
         figures = {"cpu_s": time.process_time() - cpu0, "pg_cpu_s": _backend_cpu(backend) - pg0,
@@ -130,7 +131,7 @@ def child(path: str, dsn: str | None) -> None:
 
         figures = asyncio.run(_store(path, dsn))
     else:
-        from crawler.inputs import InvalidRow, open_input
+        from crawler.job.inputs import InvalidRow, open_input
 
         cpu0, t0 = time.process_time(), time.perf_counter()
         rows = invalid = 0
@@ -209,7 +210,7 @@ def main() -> None:
             for size in sizes:
                 files[name, size] = Path(tmp) / f"{name}-{size}.csv"
                 if name == "dups":
-                    from crawler.bench import write_urls
+                    from crawler.mock.bench import write_urls
 
                     write_urls(files[name, size], "http://127.0.0.1:8080", size, args.duplicates, 0)
                 else:

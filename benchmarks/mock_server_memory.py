@@ -3,7 +3,7 @@ per-path counting on (the default) and off (--no-path-hits, which `crawler bench
 
     python benchmarks/mock_server_memory.py [--paths 200000] [--runs 2]
 
-Each run starts `python -m crawler.mock_server --processes 1` on a loopback port, sends one GET to
+Each run starts `python -m crawler.mock.server --processes 1` on a loopback port, sends one GET to
 each of /ok/0 .. /ok/<paths-1> (one client process, 100 at a time), and reads the server's RSS
 and CPU seconds (psutil) before and after. The two modes alternate; 127.0.0.1 only.
 """
@@ -43,7 +43,7 @@ async def send(url: str, paths: int, concurrency: int = 100) -> int:
 
 
 def run(flags: list[str], paths: int) -> dict:
-    proc = subprocess.Popen([sys.executable, "-m", "crawler.mock_server", "--port", "0", *flags],
+    proc = subprocess.Popen([sys.executable, "-m", "crawler.mock.server", "--port", "0", *flags],
                             stdout=subprocess.PIPE, text=True, cwd=harness.ROOT)
     try:
         url = proc.stdout.readline().split("listening on ", 1)[1].split()[0]

@@ -1,9 +1,9 @@
 """Mutation testing of the crawler's pure modules with mutmut: how many deliberately broken
 copies of a module its own tests catch. Slow and CPU-heavy, so it is run by hand, never in CI.
 
-    python benchmarks/mutation.py crawler/retry.py            # one module, its own test files
-    python benchmarks/mutation.py crawler/hosts.py --jobs 1   # one mutant at a time
-    python benchmarks/mutation.py crawler/retry.py --survivors  # and print each surviving diff
+    python benchmarks/mutation.py crawler/fetch/retry.py            # one module, its own test files
+    python benchmarks/mutation.py crawler/fetch/hosts.py --jobs 1   # one mutant at a time
+    python benchmarks/mutation.py crawler/fetch/retry.py --survivors  # and print each surviving diff
 
 Each run works on a copy of the repository in a scratch directory (mutmut writes its mutants
 next to the sources it mutates), runs only the module's own test files against each mutant, and
@@ -29,12 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # The pure ones only: tests/test_request_urls.py and tests/test_request_target.py also cover
 # crawler/urls.py, through a database and real crawls, seconds a case, against every mutant.
 TESTS = {
-    "crawler/retry.py": ["tests/test_retry.py"],
-    "crawler/failures.py": ["tests/test_failures.py"],
-    "crawler/hosts.py": ["tests/test_hosts.py", "tests/test_hosts_properties.py"],
+    "crawler/fetch/retry.py": ["tests/test_retry.py"],
+    "crawler/fetch/failures.py": ["tests/test_failures.py"],
+    "crawler/fetch/hosts.py": ["tests/test_hosts.py", "tests/test_hosts_properties.py"],
     "crawler/settings.py": ["tests/test_settings.py"],
     "crawler/urls.py": ["tests/test_urls.py"],
-    "crawler/addresses.py": ["tests/test_addresses.py"],
+    "crawler/fetch/addresses.py": ["tests/test_addresses.py"],
 }
 
 KILLED = {"killed", "timeout", "segfault", "suspicious"}

@@ -60,7 +60,7 @@ def worker_part(frames: list[tuple[str, str]]) -> str:
         if leaf_file.startswith("crawler/"):
             return "fetch: our code inside Fetcher.attempt (body hashing, address policy)"
         return "fetch: aiohttp request path inside Fetcher.attempt"
-    if any(file.startswith(("crawler/writer.py", "crawler/ledger.py", "crawler/database.py", "asyncpg/"))
+    if any(file.startswith(("crawler/fetch/writer.py", "crawler/ledger.py", "crawler/ledger/database.py", "asyncpg/"))
            for file in files):
         return "database: ResultWriter, ledger, asyncpg"
     root = _loop_root(frames)
@@ -79,12 +79,12 @@ def supervisor_part(frames: list[tuple[str, str]]) -> str:
     funcs = [f for f, _ in frames]
     if any(file.startswith("crawler/urls.py") for file in files):
         return "input: URL normalization and fingerprints (urls.py)"
-    if any(file.startswith("crawler/inputs.py") for file in files):
+    if any(file.startswith("crawler/job/inputs.py") for file in files):
         return "input: reading and parsing rows (inputs.py, csv)"
     if any(f in ("store_chunk",) for f in funcs) or any(file.startswith("asyncpg/") for file in files) and any(
             f == "Supervisor._ingest" for f in funcs):
         return "ingest: storing chunks (COPY, asyncpg)"
-    if any(file.startswith(("crawler/progress.py", "rich/")) for file in files):
+    if any(file.startswith(("crawler/job/progress.py", "rich/")) for file in files):
         return "progress display (rich)"
     if any(file.startswith(("asyncpg/", "crawler/ledger.py")) for file in files):
         return "polling the ledger (job counts, live workers)"

@@ -34,7 +34,7 @@ from pathlib import Path
 import harness
 
 sys.path.insert(0, str(harness.ROOT))
-from crawler.bench import DNSResponderProcess, MockServerProcess, write_urls  # noqa: E402
+from crawler.mock.bench import DNSResponderProcess, MockServerProcess, write_urls  # noqa: E402
 
 TOOLS = ("ours", "bare")
 
@@ -85,7 +85,7 @@ def run_once(tool: str, hosts: int, tls: bool, args, db: harness.ScratchDatabase
                 write_rows(urls, server.url, args, hosts, slow)
                 cmd = command(tool, urls, args, db.dsn, summary, responder.url if responder else None, ca_file)
                 timed = harness.run_timed(cmd, timeout=args.timeout,
-                                          sample_exclude=("crawler.mock_server", "crawler.dns_responder"))
+                                          sample_exclude=("crawler.mock.server", "crawler.mock.dns_responder"))
             finally:
                 if responder is not None:
                     responder.__exit__()

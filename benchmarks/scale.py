@@ -31,7 +31,7 @@ def run_size(urls: int, args, db: harness.ScratchDatabase, pg: harness.PostgresC
         if args.chunk_size:
             cmd += ["--chunk-size", str(args.chunk_size)]
         pg_before = pg.seconds()
-        timed = harness.run_timed(cmd, timeout=args.timeout, sample_exclude=("crawler.mock_server",))
+        timed = harness.run_timed(cmd, timeout=args.timeout, sample_exclude=("crawler.mock.server",))
         pg_after = pg.seconds()
         if timed.returncode != 0 or not summary_path.exists():
             raise SystemExit(f"scale: the bench of {urls} URLs failed ({timed.returncode}): {timed.stderr[-2000:]}")

@@ -1,6 +1,6 @@
 """What one worker process costs per request, all of it: leasing chunks, the host scheduler, the
 Fetcher, retry bookkeeping, result records and the ResultWriter's COPY — the working tree against a
-git revision, so that a change to crawler/worker.py, hosts.py, writer.py or fetcher.py can be
+git revision, so that a change to crawler/fetch/worker.py, hosts.py, writer.py or fetcher.py can be
 measured on a noisy machine.
 
     python benchmarks/worker_path.py --callgrind [--urls 1000] [--runs 3] [--baseline HEAD] [--dsn DSN]
@@ -14,8 +14,8 @@ on the crawler's PostgreSQL (or --dsn), emptied before every child, dropped at t
 
 For every child the parent ingests a fresh job of N rows pointing at nginx (or the mock server) on
 127.0.0.1, one distinct URL per row (`/ok/<n>`), with the crawler's own ingest (open_input,
-ledger.store_chunk in chunks of 1 000, mark_ingested) as the supervisor does; then one worker
-process (`crawler.worker.Worker` on uvloop, workers=1, concurrency --concurrency, the default
+store_chunk in chunks of 1 000, mark_ingested) as the supervisor does; then one worker
+process (`crawler.fetch.worker.Worker` on uvloop, workers=1, concurrency --concurrency, the default
 per-host budget and retry policy) runs the job to its end, and the parent checks that the job has N
 results. The ingest is in no figure.
 
@@ -73,17 +73,17 @@ def child(dsn: str, job_id: int) -> None:
     import uvloop
 
     import crawler
-    from crawler import ledger
+    from crawler.fetch.worker import Worker
+    from crawler.ledger.jobs import find_job
     from crawler.settings import Settings
-    from crawler.worker import Worker
 
     async def main() -> dict:
         conn = await asyncpg.connect(dsn)
         try:
-            job = await ledger.find_job(conn, job_id)
+            job = await find_job(conn, job_id)
         finally:
             await conn.close()
-        import crawler.worker as worker_module
+        import crawler.fetch.worker as worker_module
 
         if hasattr(worker_module, "tune_gc"):  # as run_worker does, where this revision has it
             worker_module.tune_gc()
@@ -117,21 +117,22 @@ def job_settings(args: argparse.Namespace) -> dict:
 
 async def _ingest(dsn: str, path: Path, settings: dict) -> int:
     """A new job of the file's rows, stored as the supervisor's _ingest does; its id."""
-    from crawler import ledger
-    from crawler.database import LedgerConnection
-    from crawler.inputs import open_input
+    from crawler.job.inputs import open_input
+    from crawler.ledger.chunks import ingest_position, mark_ingested, store_chunk
+    from crawler.ledger.database import LedgerConnection
+    from crawler.ledger.jobs import create_job
 
     async with LedgerConnection(dsn) as db:
-        job = await db.run(ledger.create_job, name=None, input=str(path), settings=settings)
-        chunk_no, last_row = await db.run(ledger.ingest_position, job.id)
+        job = await db.run(create_job, name=None, input=str(path), settings=settings)
+        chunk_no, last_row = await db.run(ingest_position, job.id)
         with open_input(str(path), url_column=None, sort_query=False) as reader:
             for batch in reader.batches(CHUNK_SIZE):
                 batch = [row for row in batch if row.row > last_row]
                 if not batch:
                     continue
-                await db.run(ledger.store_chunk, job.id, chunk_no, batch, dedup=True)
+                await db.run(store_chunk, job.id, chunk_no, batch, dedup=True)
                 chunk_no += 1
-        await db.run(ledger.mark_ingested, job.id)
+        await db.run(mark_ingested, job.id)
     return job.id
 
 

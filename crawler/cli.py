@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from crawler.errors import EXIT_INTERRUPTED, CrawlerError, UsageError
 
 if TYPE_CHECKING:  # imported where used: `crawler --help` stays quick
+    from crawler.job.standby import Standby
     from crawler.settings import Settings
-    from crawler.standby import Standby
 
 EXAMPLES = {  # each `crawler ...` line must parse: tests/test_cli.py checks every one
     "crawler": (
@@ -105,7 +105,7 @@ EXAMPLES = {  # each `crawler ...` line must parse: tests/test_cli.py checks eve
         "  crawler mock-server --port 8080 --processes 4     # then: curl http://127.0.0.1:8080/delay/100/x\n"
         "  crawler mock-server --seed 7 --capacity 20        # 503 above 20 requests in flight per process\n"
         "  crawler mock-server --tls --ca-out ca.pem         # then: crawler crawl urls.txt --ca-file ca.pem\n"
-        "  python -m crawler.mock_server --help              # the table of paths and what each answers"
+        "  python -m crawler.mock.server --help              # the table of paths and what each answers"
     ),
     "config": (
         "examples:\n"
@@ -311,12 +311,12 @@ def _run(coro) -> int:
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    from crawler.job.standby import Standby
     from crawler.settings import load_settings
-    from crawler.standby import Standby
 
     if args.command == "mock-server":
-        from crawler.mock_behaviours import robots_knob
-        from crawler.mock_server import serve
+        from crawler.mock.behaviours import robots_knob
+        from crawler.mock.server import serve
 
         try:
             robots_knob(args.robots)
@@ -331,7 +331,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench" and settings.effective_workers() == 0:
         raise UsageError("bench measures this machine's workers: --workers must be auto or at least 1.")
     if settings.ca_file:
-        from crawler.fetcher import tls_context
+        from crawler.fetch.fetcher import tls_context
 
         tls_context(settings)  # a file that is not PEM: one sentence here, not a failure in every worker
     # The commands that run a job start their workers first of all: they import while this
@@ -352,24 +352,24 @@ def _dispatch(args: argparse.Namespace, settings: Settings, sources: dict[str, s
     if args.command == "db":
         return commands.db_url(dsn, show_password=args.show_password)
     if args.command == "crawl":
-        from crawler.crawl import crawl
+        from crawler.job.crawl import crawl
 
         return _run(crawl(dsn, settings, input_path=args.input, url_column=args.url_column, job_name=args.job_name,
                           summary_json=args.summary_json, quiet=args.quiet, resume_existing=args.resume,
                           standby=standby, sources=sources))
     if args.command == "bench":
-        from crawler.bench import bench
+        from crawler.mock.bench import bench
 
         return _run(bench(dsn, settings, urls=args.urls, duplicates=args.duplicates, latency_ms=args.latency_ms,
                           server_processes=max(1, args.server_processes), summary_json=args.summary_json,
                           quiet=args.quiet, standby=standby, hosts=max(1, args.hosts), tls=args.tls))
     if args.command == "resume":
-        from crawler.crawl import resume
+        from crawler.job.crawl import resume
 
         return _run(resume(dsn, settings, job_ref=args.job, summary_json=args.summary_json, quiet=args.quiet,
                            standby=standby, sources=sources))
     if args.command == "retry":
-        from crawler.crawl import retry
+        from crawler.job.crawl import retry
 
         return _run(retry(dsn, settings, job_ref=args.job, kinds=args.kinds, statuses=args.status,
                           summary_json=args.summary_json, quiet=args.quiet, standby=standby, sources=sources))

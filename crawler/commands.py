@@ -11,15 +11,16 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from crawler import database, ledger, registry
-from crawler.crawl import prepare_database
 from crawler.errors import EXIT_OK
 from crawler.export import export_file, export_job
-from crawler.migrate import apply_migrations
+from crawler.fetch.storable import printable
+from crawler.job.crawl import prepare_database
+from crawler.ledger import database, registry
+from crawler.ledger.jobs import Job, find_job, job_counts, job_list, latest_job_id
+from crawler.ledger.migrate import apply_migrations
+from crawler.ledger.summary import job_summary
 from crawler.settings import Settings, for_job
 from crawler.states import JobState
-from crawler.storable import printable
-from crawler.summary import job_summary
 
 JOB_POLL = 1.0  # seconds between looks for a job to join
 
@@ -62,7 +63,7 @@ async def export(dsn: str, job_ref: str, *, fmt: str, path: str | None, only: st
     try:
         await prepare_database(dsn)
         async with database.connection(dsn) as conn:
-            job = await ledger.find_job(conn, job_ref)
+            job = await find_job(conn, job_ref)
             count = await export_job(conn, job.id, fmt=fmt, path=path, only=only, out=out, csv_raw=csv_raw)
     except BaseException:
         if out is not None:
@@ -77,14 +78,14 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seco
     await prepare_database(dsn)
     async with database.connection(dsn) as conn:
         if job_ref is None:
-            latest = await ledger.latest_job_id(conn)
+            latest = await latest_job_id(conn)
             if latest is None:
                 print("no jobs yet.")
                 return EXIT_OK
             job_ref = str(latest)
-        job = await ledger.find_job(conn, job_ref)
+        job = await find_job(conn, job_ref)
         summary = await job_summary(conn, job.id)
-        counts = await ledger.job_counts(conn, job.id)
+        counts = await job_counts(conn, job.id)
         summary["chunks"] = counts.chunks()
         workers = await registry.live_workers(conn, job.id, registry.LIVE_BEATS * heartbeat_seconds)
     rate = sum(float(w["rate"]) for w in workers)
@@ -103,7 +104,7 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seco
     if as_json:
         print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     else:
-        from crawler.progress import render_summary
+        from crawler.job.progress import render_summary
 
         render_summary(summary, Console())
         c, p = summary["chunks"], summary["progress"]
@@ -123,8 +124,8 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seco
 async def jobs(dsn: str) -> int:
     await prepare_database(dsn)
     async with database.connection(dsn) as conn:
-        rows = await ledger.job_list(conn)
-    from crawler.progress import shown
+        rows = await job_list(conn)
+    from crawler.job.progress import shown
 
     table = Table("id", "name", "state", "rows read", "results", "created")
     for r in rows:
@@ -139,8 +140,8 @@ def worker(dsn: str, settings: Settings, job_ref: str | None) -> int:
     has nothing left for this machine."""
     import uvloop
 
+    from crawler.job.processes import join_job
     from crawler.metrics import Exporter
-    from crawler.processes import join_job
 
     job = uvloop.run(_job_to_join(dsn, settings, job_ref))
     ref = job.name or job.id
@@ -154,11 +155,11 @@ def worker(dsn: str, settings: Settings, job_ref: str | None) -> int:
         return uvloop.run(join_job(dsn, job, joined, exporter=exporter))
 
 
-async def _job_to_join(dsn: str, settings: Settings, job_ref: str | None) -> ledger.Job:
+async def _job_to_join(dsn: str, settings: Settings, job_ref: str | None) -> Job:
     await prepare_database(dsn)
     async with database.LedgerConnection(dsn, outage_limit=settings.db_outage_limit) as db:
         if job_ref is not None:
-            return await db.run(ledger.find_job, job_ref)
+            return await db.run(find_job, job_ref)
         told = False
         while (job := await db.run(registry.open_job)) is None:
             if not told:

@@ -19,6 +19,7 @@ import orjson
 from crawler.errors import OutputError, UsageError
 from crawler.export_file import ExportFile
 from crawler.kinds import ErrorKind
+from crawler.ledger.outcomes import invalid_batches, request_batches
 from crawler.urls import mask_password
 
 # url: the row's URL as written (an invalid row's text); normalized_url: the form duplicates
@@ -33,32 +34,6 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 FORMATS = ("jsonl", "csv", "parquet")
 PARQUET_BATCH_ROWS = 10_000  # rows per record batch (and row group): a few MB, whatever the job's size
 
-BATCH_ROWS = 5000  # rows per query: a few MB, whatever the job's size
-
-# A job is read in keyset batches over the primary keys (job_id, row_no): the next BATCH_ROWS
-# requests after the last row seen, the results of exactly that row range, and likewise the
-# invalid rows; the streams are merged here by row number. Every query reads one table by its
-# primary key, a plan no statistics and no planner version can change, so the export costs the
-# same, linear in the job, on every PostgreSQL. A join of requests and results cannot promise
-# that: a job exported right after its crawl is newer than the table statistics, the planner
-# expects it to have one row, and PostgreSQL 15 nests loops whose inner scan reads the whole job
-# for every row (a 100 000-row export not done after 10 minutes, where PostgreSQL 18 took 1.6 s).
-# Filters (--only) are applied here, not in SQL: a filtered scan under a LIMIT is planned from
-# the statistics of the filtered column, which lag a job exactly as its size does.
-_REQUESTS = (
-    "SELECT row_no, coalesce(given_url, url) AS url, coalesce(normalized_url, url) AS normalized_url"
-    " FROM requests WHERE job_id = $1 AND row_no > $2"
-    f" ORDER BY row_no LIMIT {BATCH_ROWS}"
-)
-_RESULTS = (
-    "SELECT row_no, status, final_url, error_kind, error, attempts, from_cache, elapsed_ms, body_bytes,"
-    " encode(body_sha256, 'hex') AS body_sha256"
-    " FROM results WHERE job_id = $1 AND row_no BETWEEN $2 AND $3"
-)
-_INVALID = (
-    "SELECT row_no, raw, reason FROM invalid_rows WHERE job_id = $1 AND row_no > $2"
-    f" ORDER BY row_no LIMIT {BATCH_ROWS}"
-)
 _RESULT_FIELDS = ("status", "final_url", "error_kind", "error", "attempts", "from_cache", "elapsed_ms",
                   "body_bytes", "body_sha256")
 _NO_RESULT = dict.fromkeys(_RESULT_FIELDS)  # a row not fetched yet
@@ -97,24 +72,15 @@ def invalid_outcome(row: asyncpg.Record) -> dict:
 
 
 async def _valid_records(conn: asyncpg.Connection, job_id: int, only: str | None) -> AsyncIterator[dict]:
-    after = -1
-    while requests := await conn.fetch(_REQUESTS, job_id, after):
-        after = requests[-1]["row_no"]
-        results = await conn.fetch(_RESULTS, job_id, requests[0]["row_no"], after)
+    async for requests, results in request_batches(conn, job_id):
         for record in valid_outcomes(requests, results, only):
             yield record
-        if len(requests) < BATCH_ROWS:
-            return
 
 
 async def _invalid_records(conn: asyncpg.Connection, job_id: int) -> AsyncIterator[dict]:
-    after = -1
-    while rows := await conn.fetch(_INVALID, job_id, after):
-        after = rows[-1]["row_no"]
+    async for rows in invalid_batches(conn, job_id):
         for row in rows:
             yield invalid_outcome(row)
-        if len(rows) < BATCH_ROWS:
-            return
 
 
 async def _merge_by_row(valid: AsyncIterator[dict] | None,
@@ -144,7 +110,7 @@ async def _merge_by_row(valid: AsyncIterator[dict] | None,
 async def export_records(conn: asyncpg.Connection, job_id: int, *,
                          only: str | None = None) -> AsyncGenerator[dict, None]:
     """Every input row of the job in row order (or only the ok, failed or invalid ones), as dicts
-    with the keys of FIELDS; BATCH_ROWS rows of each table at a time."""
+    with the keys of FIELDS; ledger.outcomes.BATCH_ROWS rows of each table at a time."""
     if only is not None and only not in ONLY:
         raise UsageError(f"--only must be one of {', '.join(ONLY)}, not '{only}'.")
     # One snapshot for all the batches: an export of a running job is the job at one moment.

@@ -90,7 +90,7 @@ def _ids(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class TextFormatter(logging.Formatter):
-    """`2024-05-01 12:00:00,123 WARNING crawler.worker: message [job=3 worker=host:123]`"""
+    """`2024-05-01 12:00:00,123 WARNING crawler.fetch.worker: message [job=3 worker=host:123]`"""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 from crawler.errors import UsageError
 
 if TYPE_CHECKING:
-    from crawler.fetcher import Attempt
-    from crawler.ledger import JobCounts
+    from crawler.fetch.fetcher import Attempt
+    from crawler.ledger.jobs import JobCounts
     from crawler.settings import Settings
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # how prometheus_client finds the files; spawned workers inherit it
@@ -172,7 +172,7 @@ class Exporter:
     The parent (the supervisor of `crawler crawl`/`resume`, or of `crawler worker --workers N`):
 
         exporter = Exporter.start(settings)  # BEFORE spawning any worker; None when metrics_port is 0
-        exporter.observe_job(counts)         # on every poll, with ledger.job_counts
+        exporter.observe_job(counts)         # on every poll, with job_counts
         exporter.worker_exited(pid)          # once for each worker process that has exited, any exit code
         exporter.worker_restarted()          # when a dead worker is replaced by a new process
         exporter.close()                     # after the last worker has exited (also: `with exporter:`)
@@ -205,7 +205,7 @@ class Exporter:
 
     def observe_job(self, counts: JobCounts) -> None:
         """The job's chunks by state, and its duplicate rows: those are served from the cache by the
-        ledger at the job's end (ledger.finish_job), never by a worker, so they are counted here,
+        ledger at the job's end (finish_job), never by a worker, so they are counted here,
         as cache_hits_total{kind="duplicate"}, as soon as ingest finds them."""
         self._collector.chunks = counts.chunks()
         self._collector.duplicates = counts.duplicates

@@ -145,7 +145,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     default = getattr(Settings(), name)
     kind = type(default) if default is not None else str
     if name == "cache_ttl" and isinstance(value, str):
-        from crawler.cache import parse_duration
+        from crawler.ledger.cache import parse_duration
 
         return parse_duration(value)
     if name == "workers":
@@ -230,7 +230,7 @@ def _validate(settings: Settings) -> None:
                          " (0 means: close a host's connections once it has nothing pending).")
     if settings.dns_cache_size < 0:
         raise UsageError("setting 'dns_cache_size' cannot be negative (0 means: no cache).")
-    from crawler.resolver import parse_server
+    from crawler.fetch.resolver import parse_server
 
     for server in settings.dns_servers:
         parse_server(server)  # a clear error now, not in every worker

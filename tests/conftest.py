@@ -18,8 +18,8 @@ import asyncpg
 import hypothesis
 import pytest
 
-from crawler.migrate import apply_migrations
-from crawler.mock_server import start_mock_server
+from crawler.ledger.migrate import apply_migrations
+from crawler.mock.server import start_mock_server
 from crawler.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,7 +107,7 @@ async def mock_url():
 def mock_server_process(host: str = "127.0.0.1"):
     """The mock server as a separate process listening on `host`; yields its base URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crawler.mock_server", "--host", host, "--port", "0"],
+        [sys.executable, "-m", "crawler.mock.server", "--host", host, "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )
     try:

@@ -8,9 +8,9 @@ import aiohttp
 import pytest
 
 from conftest import test_settings
-from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
-from crawler.mock_server import start_mock_server
+from crawler.job.crawl import crawl
+from crawler.mock.server import start_mock_server
 
 pytestmark = pytest.mark.one_server
 

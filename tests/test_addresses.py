@@ -16,11 +16,11 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crawler import addresses
-from crawler.addresses import REFUSED_RANGES, AddressPolicy, BlockedAddress, embedded_ipv4, parse_networks
 from crawler.errors import UsageError
-from crawler.failures import classify
-from crawler.resolver import CachingResolver
+from crawler.fetch import addresses
+from crawler.fetch.addresses import REFUSED_RANGES, AddressPolicy, BlockedAddress, embedded_ipv4, parse_networks
+from crawler.fetch.failures import classify
+from crawler.fetch.resolver import CachingResolver
 
 pytestmark = pytest.mark.one_server
 
@@ -408,7 +408,7 @@ def test_socket_factory_refuses_what_is_not_allowed_even_with_an_allow_list() ->
 
 
 class _SocketSpy:
-    """Stands in for the socket module inside crawler.addresses: records every socket made."""
+    """Stands in for the socket module inside crawler.fetch.addresses: records every socket made."""
 
     def __init__(self) -> None:
         self.made: list[tuple] = []
@@ -422,11 +422,11 @@ class _SocketSpy:
     "host", ["64:ff9b::7f00:1", "64:ff9b:1::7f00:1", "2002:7f00:1::1", _TEREDO_10_0_0_1, "::7f00:1", "fec0::1"]
 )
 async def test_a_refused_transition_address_gets_no_socket(hello_server, monkeypatch, host: str) -> None:
-    from crawler.fetcher import Fetcher
+    from crawler.fetch.fetcher import Fetcher
     from crawler.settings import Settings
 
     spy = _SocketSpy()
-    monkeypatch.setattr("crawler.addresses.socket", spy)
+    monkeypatch.setattr("crawler.fetch.addresses.socket", spy)
     # No --allow-net here: with 127.0.0.1/32 allowed, 64:ff9b::7f00:1 would be allowed too (it is
     # judged by the IPv4 address it carries) and a connection to it attempted.
     async with Fetcher(Settings(max_attempts=1)) as fetcher:

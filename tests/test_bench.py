@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from conftest import run_cli
-from crawler.bench import duplicate_rows, write_urls
+from crawler.mock.bench import duplicate_rows, write_urls
 
 pytestmark = pytest.mark.one_server
 

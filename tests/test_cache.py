@@ -6,8 +6,8 @@ from __future__ import annotations
 import aiohttp
 
 from conftest import test_settings
-from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
+from crawler.job.crawl import crawl
 
 
 async def hits(base: str) -> int:

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from conftest import ROOT, run_cli
-from crawler.migrate import migration_files
+from crawler.ledger.migrate import migration_files
 
 ALLOW = ["--allow-net", "127.0.0.1/32"]
 

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from conftest import test_settings
-from crawler.fetcher import Fetcher
-from crawler.hosts import HostScheduler, host_of
+from crawler.fetch.fetcher import Fetcher
+from crawler.fetch.hosts import HostScheduler, host_of
 
 pytestmark = pytest.mark.one_server
 

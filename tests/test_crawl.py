@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 
 from conftest import test_settings
-from crawler.crawl import crawl, unless_signalled
 from crawler.errors import EXIT_OK
+from crawler.job.crawl import crawl, unless_signalled
 
 
 async def hits(mock_url: str) -> dict:
@@ -160,7 +160,7 @@ async def test_statuses_redirects_and_retries_are_stored(session_dsn, db, mock_u
 
 
 async def test_a_job_name_cannot_be_used_twice(session_dsn, mock_url, tmp_path):
-    from crawler.ledger import JobExists
+    from crawler.ledger.jobs import JobExists
 
     path = tmp_path / "one.txt"
     path.write_text(f"{mock_url}/ok/1\n")
@@ -185,7 +185,7 @@ async def test_a_corrupt_gzip_stops_with_one_sentence_and_keeps_what_was_read(se
 def test_a_worker_collects_garbage_rarely_and_never_scans_its_start_up_objects() -> None:
     # In a process of its own, as a worker would: pytest's collector stays as it is.
     code = (
-        "import gc, json; from crawler.worker import tune_gc; tune_gc();"
+        "import gc, json; from crawler.fetch.worker import tune_gc; tune_gc();"
         " print(json.dumps([gc.get_threshold(), gc.get_freeze_count()]))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

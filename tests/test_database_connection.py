@@ -7,8 +7,8 @@ import asyncio
 import asyncpg
 import pytest
 
-from crawler.database import close_connection, connection
 from crawler.errors import DatabaseError
+from crawler.ledger.database import close_connection, connection
 
 
 async def backend_alive(dsn: str, pid: int) -> bool:

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import run_cli
-from crawler.database import MASKED_DSN, mask_dsn, socket_dir_for
+from crawler.ledger.database import MASKED_DSN, mask_dsn, socket_dir_for
 
 SECRET = "hunter2-Zq"
 

@@ -340,7 +340,10 @@ def test_dockerfile_copies_what_the_package_needs():
     import tomllib
 
     project = tomllib.loads(pyproject)
-    needed = {"pyproject.toml", project["project"]["readme"], *project["tool"]["setuptools"]["packages"]}
+    # Every package setuptools finds (crawler and its subpackages) lives under a top-level
+    # directory that must be copied.
+    packages = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    needed = {"pyproject.toml", project["project"]["readme"], *(p.split(".")[0] for p in packages)}
     for files in project["tool"]["setuptools"]["data-files"].values():
         needed |= {f.split("/")[0] for f in files}
     assert needed <= copied

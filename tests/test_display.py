@@ -9,10 +9,11 @@ import pytest
 from rich.console import Console
 
 from conftest import run_cli
-from crawler import ledger
-from crawler.inputs import RequestRow
-from crawler.ledger import ResultRow
-from crawler.progress import render_summary
+from crawler.job.inputs import RequestRow
+from crawler.job.progress import render_summary
+from crawler.ledger.chunks import lease_chunk, mark_ingested, store_chunk
+from crawler.ledger.jobs import create_job
+from crawler.ledger.results import ResultRow, prepare_writer, write_results
 from crawler.urls import fingerprint
 
 pytestmark = pytest.mark.one_server
@@ -43,14 +44,14 @@ def test_the_summary_prints_stored_text_as_written():
 
 
 async def test_status_and_jobs_print_stored_text_as_written(session_dsn, db):
-    job = await ledger.create_job(db, name=HOSTILE, input="test", settings={})
+    job = await create_job(db, name=HOSTILE, input="test", settings={})
     url = f"http://a.test/{HOSTILE}"
-    await ledger.store_chunk(db, job.id, 0, [RequestRow(1, "GET", url, fingerprint("GET", url))])
-    await ledger.mark_ingested(db, job.id)
-    lease = (await ledger.lease_chunk(db, job.id, "w1", 60)).lease
-    await ledger.prepare_writer(db)
+    await store_chunk(db, job.id, 0, [RequestRow(1, "GET", url, fingerprint("GET", url))])
+    await mark_ingested(db, job.id)
+    lease = (await lease_chunk(db, job.id, "w1", 60)).lease
+    await prepare_writer(db)
     record = ResultRow(job.id, 1, 500, url, "http_status", "HTTP 500", 1, False, 1.0, 0, None, None)
-    await ledger.write_results(db, job.id, {lease: [record]}, {lease}, 60)
+    await write_results(db, job.id, {lease: [record]}, {lease}, 60)
     for command in (("status", str(job.id)), ("jobs",)):
         proc = run_cli(*command, "--dsn", session_dsn, env={"COLUMNS": "250"})
         out = proc.stdout.decode()

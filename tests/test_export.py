@@ -14,13 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_cli, test_settings
-from crawler import export, ledger
-from crawler.crawl import crawl
+from crawler import export
 from crawler.errors import EXIT_OK, UsageError
 from crawler.export import export_job
-from crawler.migrate import apply_migrations
-from crawler.mock_server import start_mock_server
-from crawler.summary import job_summary
+from crawler.job.crawl import crawl
+from crawler.ledger.chunks import Lease, LeasedChunk, chunk_requests
+from crawler.ledger.jobs import job_counts
+from crawler.ledger.migrate import apply_migrations
+from crawler.ledger.reruns import reopen_for_retry
+from crawler.ledger.results import finish_job
+from crawler.ledger.summary import job_summary
+from crawler.mock.server import start_mock_server
 
 # What each row of the input is, by row number (from 1): fetched ok, failed, invalid or a duplicate.
 OK_ROWS = {1, 2, 3, 5, 8, 9}  # 8 repeats row 1; 9 is a redirect chain that ends in 200
@@ -279,17 +283,17 @@ async def _buffers(conn: asyncpg.Connection, job: int, tmp_path) -> tuple[dict[s
 
     async def pending_rows(c) -> None:
         for chunk in chunks:
-            await ledger.chunk_requests(c, job, ledger.LeasedChunk(
-                ledger.Lease(chunk["chunk_no"], 2), chunk["first_row"], chunk["last_row"]))
+            await chunk_requests(c, job, LeasedChunk(
+                Lease(chunk["chunk_no"], 2), chunk["first_row"], chunk["last_row"]))
 
     operations = {
-        "finish": lambda c: ledger.finish_job(c, job),
+        "finish": lambda c: finish_job(c, job),
         "pending rows": pending_rows,
         "export": lambda c: export_job(c, job, fmt="jsonl", path=str(tmp_path / f"{job}.jsonl")),
         "export failed": lambda c: export_job(c, job, fmt="csv", path=str(tmp_path / f"{job}.csv"), only="failed"),
         "summary": lambda c: job_summary(c, job),
-        "counts": lambda c: ledger.job_counts(c, job),
-        "retry": lambda c: ledger.reopen_for_retry(c, job, kinds=[], statuses=[(500, 599)]),
+        "counts": lambda c: job_counts(c, job),
+        "retry": lambda c: reopen_for_retry(c, job, kinds=[], statuses=[(500, 599)]),
     }
     buffers, outputs = {}, {}
     for name, operation in operations.items():
@@ -311,7 +315,7 @@ async def test_a_job_newer_than_the_table_statistics_costs_time_linear_in_its_si
             # Statistics only when the test says so: both jobs below stay newer than them.
             await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
         first = await _synthetic_job(conn, 2_000)
-        assert await ledger.finish_job(conn, first)
+        assert await finish_job(conn, first)
         await conn.execute("ANALYZE")
         smaller = await _synthetic_job(conn, 25_000)
         small, _ = await _buffers(conn, smaller, tmp_path)
@@ -455,7 +459,7 @@ def test_cli_csv_raw_turns_the_guard_off(session_dsn, hostile_job):
 
 
 async def test_status_and_the_summary_mask_a_urls_password(session_dsn, hostile_job):
-    from crawler.summary import job_summary
+    from crawler.ledger.summary import job_summary
 
     job, _ = hostile_job
     conn = await asyncpg.connect(session_dsn)

@@ -11,11 +11,12 @@ import asyncpg
 import pytest
 
 from conftest import run_cli
-from crawler import ledger
 from crawler.errors import OutputError
 from crawler.export import export_job
 from crawler.export_file import ExportFile
-from crawler.inputs import parse_request
+from crawler.job.inputs import parse_request
+from crawler.ledger.chunks import store_chunk
+from crawler.ledger.jobs import create_job, find_job
 
 ROWS = 2500  # more than one write of a thousand lines: a failure can come in the middle
 
@@ -28,9 +29,9 @@ def job(session_dsn) -> str:
     async def make() -> None:
         conn = await asyncpg.connect(session_dsn)
         try:
-            created = await ledger.create_job(conn, name=name, input="urls.txt", settings={})
+            created = await create_job(conn, name=name, input="urls.txt", settings={})
             rows = [parse_request(i, f"http://127.0.0.1:1/page/{i}") for i in range(1, ROWS + 1)]
-            await ledger.store_chunk(conn, created.id, 0, rows)
+            await store_chunk(conn, created.id, 0, rows)
         finally:
             await conn.close()
 
@@ -98,7 +99,7 @@ async def test_a_failure_midway_leaves_the_old_file_and_no_partial_one(session_d
     target = tmp_path / "out.jsonl"
     target.write_text("the previous export\n")
     conn = await asyncpg.connect(session_dsn)
-    job_id = (await ledger.find_job(conn, job)).id
+    job_id = (await find_job(conn, job)).id
     written = 0
     original = ExportFile.errors
 
@@ -126,7 +127,7 @@ async def test_a_complete_export_replaces_the_file_and_keeps_its_mode(session_ds
     os.chmod(target, 0o640)
     conn = await asyncpg.connect(session_dsn)
     try:
-        count = await export_job(conn, (await ledger.find_job(conn, job)).id, fmt="csv", path=str(target))
+        count = await export_job(conn, (await find_job(conn, job)).id, fmt="csv", path=str(target))
     finally:
         await conn.close()
     assert count == ROWS

@@ -22,10 +22,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from crawler.addresses import AddressPolicy, BlockedAddress
-from crawler.failures import BodyTooLarge, classify, transient
+from crawler.fetch.addresses import AddressPolicy, BlockedAddress
+from crawler.fetch.failures import BodyTooLarge, classify, transient
+from crawler.fetch.resolver import DNSFailure
 from crawler.kinds import ErrorKind
-from crawler.resolver import DNSFailure
 
 pytestmark = pytest.mark.one_server
 

@@ -25,9 +25,9 @@ import psutil
 import pytest
 
 from conftest import ROOT
-from crawler.database import LedgerConnection
 from crawler.errors import DatabaseError
-from crawler.migrate import apply_migrations
+from crawler.ledger.database import LedgerConnection
+from crawler.ledger.migrate import apply_migrations
 
 URLS = 20_000
 CHUNK = 200

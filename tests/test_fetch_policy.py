@@ -14,10 +14,10 @@ import trustme
 from aiohttp import web
 
 from conftest import test_settings
-from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
-from crawler.fetcher import Fetcher
-from crawler.mock_server import start_mock_server
+from crawler.fetch.fetcher import Fetcher
+from crawler.job.crawl import crawl
+from crawler.mock.server import start_mock_server
 from crawler.urls import request_url
 
 HOSTILE = {

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import test_settings
-from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
-from crawler.storable import MARKER
+from crawler.fetch.storable import MARKER
+from crawler.job.crawl import crawl
 
 SEED = 16
 GENERATED = int(os.environ.get("CRAWLER_HOSTILE_ROWS", "300"))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from crawler.hosts import HostLimit, HostScheduler, host_of
+from crawler.fetch.hosts import HostLimit, HostScheduler, host_of
 
 pytestmark = pytest.mark.one_server
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from crawler.hosts import HostScheduler
+from crawler.fetch.hosts import HostScheduler
 
 pytestmark = pytest.mark.one_server
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import crawler.inputs
+import crawler.job.inputs
 from crawler.errors import InputError
-from crawler.inputs import MAX_ROW_CHARS, InvalidRow, RequestRow, open_input
+from crawler.job.inputs import MAX_ROW_CHARS, InvalidRow, RequestRow, open_input
 from crawler.urls import fingerprint
 
 pytestmark = pytest.mark.one_server
@@ -281,11 +281,11 @@ def test_an_unreadable_input_is_one_sentence(tmp_path: Path) -> None:
         path = write(shared, b"http://a.com/\n")
         os.chmod(path, 0)
         code = (
-            "import sys; from crawler.inputs import open_input; from crawler.errors import InputError\n"
+            "import sys; from crawler.job.inputs import open_input; from crawler.errors import InputError\n"
             "try:\n    open_input(sys.argv[1])\nexcept InputError as e:\n    print(e)\n"
         )
         done = subprocess.run([sys.executable, "-c", code, path], user=65534, group=65534, capture_output=True,
-                              text=True, timeout=60, cwd=Path(crawler.inputs.__file__).parent.parent)
+                              text=True, timeout=60, cwd=Path(crawler.job.inputs.__file__).parent.parent)
     finally:
         shutil.rmtree(shared)
     assert done.stdout.strip() == f"input file '{path}' cannot be read: permission denied", done.stderr
@@ -344,7 +344,7 @@ def test_a_large_gzip_input_streams_in_bounded_memory(
     # Only the reading is measured here; URL normalization is per row and costs ~10 µs a row,
     # which would make this test slow under tracemalloc without telling anything about memory.
     stand_in = lambda row, cell, **_: InvalidRow(row, cell, "")  # noqa: E731
-    monkeypatch.setattr(crawler.inputs, "parse_request", stand_in)
+    monkeypatch.setattr(crawler.job.inputs, "parse_request", stand_in)
     tracemalloc.start()
     try:
         rows = last = 0

@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from crawler.errors import InputError
-from crawler.inputs import InvalidRow, RequestRow, open_input
+from crawler.job.inputs import InvalidRow, RequestRow, open_input
 
 pytestmark = pytest.mark.one_server
 

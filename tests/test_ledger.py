@@ -9,10 +9,11 @@ import asyncpg
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from crawler import ledger
-from crawler.inputs import InvalidRow, RequestRow
-from crawler.ledger import ResultRow
-from crawler.migrate import apply_migrations, migration_files
+from crawler.job.inputs import InvalidRow, RequestRow
+from crawler.ledger.chunks import chunk_requests, lease_chunk, mark_ingested, release_chunk, renew_leases, store_chunk
+from crawler.ledger.jobs import Job, create_job, job_phase, set_job_state
+from crawler.ledger.migrate import apply_migrations, migration_files
+from crawler.ledger.results import ResultRow, finish_job, prepare_writer, row_ranges, write_results
 from crawler.states import JobState
 from crawler.urls import fingerprint
 
@@ -45,14 +46,14 @@ def rows(start: int, urls: list[str]) -> list[RequestRow]:
     return [RequestRow(start + i, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls)]
 
 
-async def new_job(db, name: str) -> ledger.Job:
-    return await ledger.create_job(db, name=name, input="test", settings={})
+async def new_job(db, name: str) -> Job:
+    return await create_job(db, name=name, input="test", settings={})
 
 
 async def test_duplicates_point_at_the_first_row_across_chunks(db):
     job = await new_job(db, "dups")
-    first = await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/", "http://a/"]))
-    second = await ledger.store_chunk(db, job.id, 1, rows(4, ["http://b/", "http://c/"]) + [InvalidRow(6, "x", "bad")])
+    first = await store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/", "http://a/"]))
+    second = await store_chunk(db, job.id, 1, rows(4, ["http://b/", "http://c/"]) + [InvalidRow(6, "x", "bad")])
     assert (first, second) == (2, 1)
     dup = dict(await db.fetch("SELECT row_no, dup_of FROM requests WHERE job_id = $1", job.id))
     assert dup == {1: None, 2: None, 3: 1, 4: 2, 5: None}
@@ -63,8 +64,8 @@ async def test_a_chunk_that_repeats_only_an_earlier_chunk_points_at_its_rows(db)
     """No repeat within the chunk, one of an earlier chunk at its very end: the chunk's new
     fingerprints are stored once, and the repeat points at the earlier row."""
     job = await new_job(db, "late-dup")
-    assert await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"])) == 2
-    assert await ledger.store_chunk(db, job.id, 1, rows(3, ["http://c/", "http://d/", "http://b/"])) == 2
+    assert await store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"])) == 2
+    assert await store_chunk(db, job.id, 1, rows(3, ["http://c/", "http://d/", "http://b/"])) == 2
     dup = dict(await db.fetch("SELECT row_no, dup_of FROM requests WHERE job_id = $1", job.id))
     assert dup == {1: None, 2: None, 3: None, 4: None, 5: 2}
     stored = dict(await db.fetch("SELECT row_no, fingerprint FROM fingerprints WHERE job_id = $1", job.id))
@@ -77,59 +78,59 @@ def result(job_id: int, row_no: int, status: int = 200) -> ResultRow:
 
 async def test_a_jobs_phase_is_its_state_and_whether_ingest_is_over(db):
     job = await new_job(db, "phase")
-    assert await ledger.job_phase(db, job.id) == (JobState.INGESTING, False)
-    await ledger.mark_ingested(db, job.id)
-    assert await ledger.job_phase(db, job.id) == (JobState.RUNNING, True)
-    await ledger.set_job_state(db, job.id, JobState.INTERRUPTED)
-    assert await ledger.job_phase(db, job.id) == (JobState.INTERRUPTED, True)
+    assert await job_phase(db, job.id) == (JobState.INGESTING, False)
+    await mark_ingested(db, job.id)
+    assert await job_phase(db, job.id) == (JobState.RUNNING, True)
+    await set_job_state(db, job.id, JobState.INTERRUPTED)
+    assert await job_phase(db, job.id) == (JobState.INTERRUPTED, True)
 
 
 async def test_a_stale_lease_cannot_commit_over_the_new_holder(db):
     job = await new_job(db, "fencing")
-    await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"]))
-    await ledger.mark_ingested(db, job.id)
-    old = (await ledger.lease_chunk(db, job.id, "old-worker", lease_seconds=60)).lease
+    await store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"]))
+    await mark_ingested(db, job.id)
+    old = (await lease_chunk(db, job.id, "old-worker", lease_seconds=60)).lease
     # The old holder went silent past its lease: its expiry moved into the past, not waited for.
     await db.execute("UPDATE chunks SET lease_expires = now() - interval '1 second' WHERE job_id = $1", job.id)
-    new = (await ledger.lease_chunk(db, job.id, "new-worker", lease_seconds=60)).lease
+    new = (await lease_chunk(db, job.id, "new-worker", lease_seconds=60)).lease
     assert new is not None and new.chunk_no == old.chunk_no and new.fence > old.fence
-    await ledger.prepare_writer(db)
-    refused = await ledger.write_results(db, job.id, {old: [result(job.id, 1, 500)]}, {old}, 60)
+    await prepare_writer(db)
+    refused = await write_results(db, job.id, {old: [result(job.id, 1, 500)]}, {old}, 60)
     assert refused == {old}
     assert await db.fetchval("SELECT count(*) FROM results WHERE job_id = $1", job.id) == 0
-    refused = await ledger.write_results(db, job.id, {new: [result(job.id, 1), result(job.id, 2)]}, {new}, 60)
+    refused = await write_results(db, job.id, {new: [result(job.id, 1), result(job.id, 2)]}, {new}, 60)
     assert refused == set()
     assert await db.fetchval("SELECT state FROM chunks WHERE job_id = $1", job.id) == "done"
-    assert await ledger.finish_job(db, job.id)
+    assert await finish_job(db, job.id)
 
 
 async def test_results_are_idempotent_and_a_released_chunk_resumes_where_it_stopped(db):
     job = await new_job(db, "idempotent")
-    await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/", "http://c/"]))
-    await ledger.mark_ingested(db, job.id)
-    await ledger.prepare_writer(db)
-    lease = (await ledger.lease_chunk(db, job.id, "w1", 60)).lease
-    await ledger.write_results(db, job.id, {lease: [result(job.id, 1)]}, set(), 60)
+    await store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/", "http://c/"]))
+    await mark_ingested(db, job.id)
+    await prepare_writer(db)
+    lease = (await lease_chunk(db, job.id, "w1", 60)).lease
+    await write_results(db, job.id, {lease: [result(job.id, 1)]}, set(), 60)
     # A replay (our COMMIT went through but its answer was lost) that also carries a new row:
     # what is stored stays, the new row lands, and the chunk counts each row once.
-    await ledger.write_results(db, job.id, {lease: [result(job.id, 1, 500), result(job.id, 2)]}, set(), 60)
+    await write_results(db, job.id, {lease: [result(job.id, 1, 500), result(job.id, 2)]}, set(), 60)
     stored = dict(await db.fetch("SELECT row_no, status FROM results WHERE job_id = $1", job.id))
     assert stored == {1: 200, 2: 200}
     assert await db.fetchval("SELECT done_rows FROM chunks WHERE job_id = $1", job.id) == 2
-    await ledger.release_chunk(db, job.id, lease)
-    again = await ledger.lease_chunk(db, job.id, "w2", 60)
+    await release_chunk(db, job.id, lease)
+    again = await lease_chunk(db, job.id, "w2", 60)
     assert again.lease.fence == 2
-    left = [r["row_no"] for r in await ledger.chunk_requests(db, job.id, again)]
+    left = [r["row_no"] for r in await chunk_requests(db, job.id, again)]
     assert left == [3]
-    assert not await ledger.finish_job(db, job.id)
+    assert not await finish_job(db, job.id)
 
 
 async def finish_every_chunk(db, job_id: int) -> None:
     """Lease every chunk and write a 200 for each row to fetch, as a worker would."""
-    await ledger.prepare_writer(db)
-    while (chunk := await ledger.lease_chunk(db, job_id, "w1", 60)) is not None:
-        todo = [r["row_no"] for r in await ledger.chunk_requests(db, job_id, chunk)]
-        await ledger.write_results(db, job_id, {chunk.lease: [result(job_id, n) for n in todo]}, {chunk.lease}, 60)
+    await prepare_writer(db)
+    while (chunk := await lease_chunk(db, job_id, "w1", 60)) is not None:
+        todo = [r["row_no"] for r in await chunk_requests(db, job_id, chunk)]
+        await write_results(db, job_id, {chunk.lease: [result(job_id, n) for n in todo]}, {chunk.lease}, 60)
 
 
 async def test_the_end_of_a_job_gives_its_duplicates_the_outcome_of_their_first_row(db):
@@ -138,35 +139,35 @@ async def test_the_end_of_a_job_gives_its_duplicates_the_outcome_of_their_first_
     per row all the same."""
     for name, uncounted in (("dups-counted", False), ("dups-uncounted", True)):
         job = await new_job(db, name)
-        await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"]))
-        await ledger.store_chunk(db, job.id, 1, rows(3, ["http://c/", "http://a/"]))
-        await ledger.mark_ingested(db, job.id)
+        await store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"]))
+        await store_chunk(db, job.id, 1, rows(3, ["http://c/", "http://a/"]))
+        await mark_ingested(db, job.id)
         if uncounted:
             await db.execute("UPDATE chunks SET input_rows = 0, invalid_rows = 0 WHERE job_id = $1", job.id)
         await finish_every_chunk(db, job.id)
-        assert await ledger.finish_job(db, job.id)
+        assert await finish_job(db, job.id)
         stored = {r["row_no"]: (r["from_cache"], r["cache_kind"])
                   for r in await db.fetch("SELECT row_no, from_cache, cache_kind FROM results WHERE job_id = $1",
                                           job.id)}
         assert stored == {1: (False, None), 2: (False, None), 3: (False, None), 4: (True, "duplicate")}, name
     job = await new_job(db, "no-dups")
-    await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"]) + [InvalidRow(3, "x", "bad")])
-    await ledger.mark_ingested(db, job.id)
+    await store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"]) + [InvalidRow(3, "x", "bad")])
+    await mark_ingested(db, job.id)
     await finish_every_chunk(db, job.id)
-    assert await ledger.finish_job(db, job.id)
+    assert await finish_job(db, job.id)
     assert await db.fetchval("SELECT state FROM jobs WHERE id = $1", job.id) == "done"
     assert await db.fetchval("SELECT count(*) FROM results WHERE job_id = $1", job.id) == 2
 
 
 async def test_lease_skips_chunks_locked_by_another_transaction(session_dsn, db):
     job = await new_job(db, "skip-locked")
-    await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/"]))
-    await ledger.store_chunk(db, job.id, 1, rows(2, ["http://b/"]))
+    await store_chunk(db, job.id, 0, rows(1, ["http://a/"]))
+    await store_chunk(db, job.id, 1, rows(2, ["http://b/"]))
     other = await asyncpg.connect(session_dsn)
     try:
         async with other.transaction():
             await other.execute("SELECT 1 FROM chunks WHERE job_id = $1 AND chunk_no = 0 FOR UPDATE", job.id)
-            chunk = await ledger.lease_chunk(db, job.id, "w", 60)
+            chunk = await lease_chunk(db, job.id, "w", 60)
             assert chunk.lease.chunk_no == 1
     finally:
         await other.close()
@@ -177,19 +178,19 @@ async def test_concurrent_leases_each_take_exactly_one_chunk(session_dsn, db):
     lease call takes one chunk: none is leased without its worker knowing."""
     job = await new_job(db, "one-lease-one-chunk")
     for n in range(300):
-        await ledger.store_chunk(db, job.id, n, rows(n * 2 + 1, [f"http://h/{n}/a", f"http://h/{n}/b"]))
-    await ledger.mark_ingested(db, job.id)
+        await store_chunk(db, job.id, n, rows(n * 2 + 1, [f"http://h/{n}/a", f"http://h/{n}/b"]))
+    await mark_ingested(db, job.id)
     await db.execute("ANALYZE chunks")
     conns = [await asyncpg.connect(session_dsn) for _ in range(4)]
     taken: list = []
 
     async def worker(conn, name):
         for _ in range(60):
-            chunk = await ledger.lease_chunk(conn, job.id, name, 60)
+            chunk = await lease_chunk(conn, job.id, name, 60)
             if chunk is None:
                 return
             taken.append(chunk.lease)
-            await ledger.renew_leases(conn, job.id, [chunk.lease], 60)
+            await renew_leases(conn, job.id, [chunk.lease], 60)
             if chunk.lease.chunk_no % 2:  # complete half of them, as a writer would
                 await conn.execute("UPDATE chunks SET state = 'done' WHERE job_id = $1 AND chunk_no = $2",
                                    job.id, chunk.lease.chunk_no)
@@ -207,8 +208,8 @@ async def test_a_chunk_stores_every_request_column_and_a_retried_chunk_is_stored
     job = await new_job(db, "columns")
     first = [RequestRow(1, "POST", "http://a/", fingerprint("POST", "http://a/", b"x"), '{"X-A":"1"}', b"x"),
              InvalidRow(2, "nope", "bad URL"), *rows(3, ["http://a/", "http://a/"])]
-    assert await ledger.store_chunk(db, job.id, 0, first) == 2
-    assert await ledger.store_chunk(db, job.id, 0, first) == 2  # the acknowledgement was lost: a no-op
+    assert await store_chunk(db, job.id, 0, first) == 2
+    assert await store_chunk(db, job.id, 0, first) == 2  # the acknowledgement was lost: a no-op
     stored = await db.fetch(
         "SELECT row_no, chunk_no, method, url, headers->>'X-A' AS x_a, body, dup_of FROM requests"
         " WHERE job_id = $1 ORDER BY row_no", job.id)
@@ -220,8 +221,8 @@ async def test_a_chunk_stores_every_request_column_and_a_retried_chunk_is_stored
 
 async def test_without_dedup_every_row_is_fetched(db):
     job = await new_job(db, "no-dedup")
-    assert await ledger.store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://a/"]), dedup=False) == 2
-    assert await ledger.store_chunk(db, job.id, 1, rows(3, ["http://a/"]), dedup=False) == 1
+    assert await store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://a/"]), dedup=False) == 2
+    assert await store_chunk(db, job.id, 1, rows(3, ["http://a/"]), dedup=False) == 1
     assert await db.fetchval("SELECT count(*) FROM requests WHERE job_id = $1 AND dup_of IS NULL", job.id) == 3
     assert await db.fetchval("SELECT count(*) FROM fingerprints WHERE job_id = $1", job.id) == 0
 
@@ -232,7 +233,7 @@ async def test_duplicates_of_a_big_job_point_at_their_first_row(db):
     urls = [f"http://h/{(i * 7) % 1300}" for i in range(3000)]
     for chunk_no in range(30):
         first = chunk_no * 100
-        await ledger.store_chunk(db, job.id, chunk_no, rows(first + 1, urls[first:first + 100]))
+        await store_chunk(db, job.id, chunk_no, rows(first + 1, urls[first:first + 100]))
     first_row: dict[str, int] = {}
     expected = {}
     for row_no, url in enumerate(urls, start=1):
@@ -249,7 +250,7 @@ def test_row_ranges_cover_every_span_once_in_order_within_the_size(lengths, rows
     for length in lengths:  # consecutive chunks, some rows apart
         spans.append((first, first + length - 1))
         first += length + length % 3
-    ranges = ledger.row_ranges(spans, rows)
+    ranges = row_ranges(spans, rows)
     assert all(a <= b < c for (a, b), (c, _) in itertools.pairwise(ranges))
     for first, last in spans:  # each span inside exactly one range
         assert sum(1 for a, b in ranges if a <= first and last <= b) == 1

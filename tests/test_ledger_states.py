@@ -24,10 +24,19 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from crawler import ledger
-from crawler.inputs import RequestRow
-from crawler.ledger import Lease, ResultRow
-from crawler.migrate import apply_migrations
+from crawler.job.inputs import RequestRow
+from crawler.ledger.chunks import (
+    Lease,
+    chunk_requests,
+    lease_chunk,
+    mark_ingested,
+    release_chunk,
+    renew_leases,
+    store_chunk,
+)
+from crawler.ledger.jobs import create_job
+from crawler.ledger.migrate import apply_migrations
+from crawler.ledger.results import ResultRow, finish_job, prepare_writer, write_results
 from crawler.states import ChunkState, JobState
 from crawler.urls import fingerprint
 
@@ -70,15 +79,15 @@ class LedgerStates(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.conns = {w: self.run(asyncpg.connect(self.dsn)) for w in WORKERS}
         self.admin = self.run(asyncpg.connect(self.dsn))
-        self.job = self.run(ledger.create_job(self.admin, name=None, input="states", settings={}))
+        self.job = self.run(create_job(self.admin, name=None, input="states", settings={}))
         first_row = 1
         for chunk_no, urls in enumerate(CHUNKS):
             rows = [RequestRow(first_row + i, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls)]
-            self.run(ledger.store_chunk(self.admin, self.job.id, chunk_no, rows))
+            self.run(store_chunk(self.admin, self.job.id, chunk_no, rows))
             first_row += len(urls)
-        self.run(ledger.mark_ingested(self.admin, self.job.id))
-        self.run(ledger.prepare_writer(self.conns[WORKERS[0]]))
-        self.run(ledger.prepare_writer(self.conns[WORKERS[1]]))
+        self.run(mark_ingested(self.admin, self.job.id))
+        self.run(prepare_writer(self.conns[WORKERS[0]]))
+        self.run(prepare_writer(self.conns[WORKERS[1]]))
         # The model: per chunk its state, fence and whether its lease has expired; per row its result's tag.
         self.state = {n: "pending" for n in range(len(CHUNKS))}
         self.fence = {n: 0 for n in range(len(CHUNKS))}
@@ -113,13 +122,13 @@ class LedgerStates(RuleBasedStateMachine):
     @rule(target=holdings, worker=st.sampled_from(WORKERS))
     def lease(self, worker: str):
         expected = min(self.leasable(), default=None)
-        got = self.run(ledger.lease_chunk(self.conns[worker], self.job.id, worker, LEASE_SECONDS))
+        got = self.run(lease_chunk(self.conns[worker], self.job.id, worker, LEASE_SECONDS))
         if expected is None:
             assert got is None
             return multiple()  # nothing leased: no holding
         assert got is not None and got.lease == Lease(expected, self.fence[expected] + 1), (got, expected)
         self.state[expected], self.fence[expected], self.expired[expected] = "leased", got.lease.fence, False
-        todo = [r["row_no"] for r in self.run(ledger.chunk_requests(self.conns[worker], self.job.id, got))]
+        todo = [r["row_no"] for r in self.run(chunk_requests(self.conns[worker], self.job.id, got))]
         assert todo == [r for r in self.rows_to_fetch(expected) if r not in self.results]
         return Holding(worker, got.lease, todo)
 
@@ -134,7 +143,7 @@ class LedgerStates(RuleBasedStateMachine):
 
     @rule(holding=holdings)
     def renew(self, holding: Holding):
-        kept = self.run(ledger.renew_leases(self.conns[holding.owner], self.job.id, [holding.lease], LEASE_SECONDS))
+        kept = self.run(renew_leases(self.conns[holding.owner], self.job.id, [holding.lease], LEASE_SECONDS))
         assert kept == ({holding.lease.chunk_no} if self.current(holding.lease) else set())
         if kept:
             self.expired[holding.lease.chunk_no] = False
@@ -157,14 +166,14 @@ class LedgerStates(RuleBasedStateMachine):
 
     @rule(holding=consumes(holdings))
     def release(self, holding: Holding):
-        self.run(ledger.release_chunk(self.conns[holding.owner], self.job.id, holding.lease))
+        self.run(release_chunk(self.conns[holding.owner], self.job.id, holding.lease))
         if self.current(holding.lease):
             self.state[holding.lease.chunk_no] = "pending"
             self.expired[holding.lease.chunk_no] = False
 
     @rule()
     def finish(self):
-        done = self.run(ledger.finish_job(self.admin, self.job.id))
+        done = self.run(finish_job(self.admin, self.job.id))
         assert done == all(s == "done" for s in self.state.values())
         if done:
             self.finished = True
@@ -175,7 +184,7 @@ class LedgerStates(RuleBasedStateMachine):
         records = [record(self.job.id, r, tag) for r in batch]
         if not records and not complete:
             return  # a worker with nothing to say sends nothing
-        refused = self.run(ledger.write_results(
+        refused = self.run(write_results(
             self.conns[holding.owner], self.job.id, {holding.lease: records} if records else {},
             {holding.lease} if complete else set(), LEASE_SECONDS))
         if not self.current(holding.lease):

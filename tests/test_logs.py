@@ -14,8 +14,8 @@ import pytest
 
 from conftest import run_cli
 from crawler import logs
-from crawler.database import LedgerConnection
 from crawler.errors import DatabaseError
+from crawler.ledger.database import LedgerConnection
 from crawler.logs import log_context, mask_secrets, setup_logging
 
 pytestmark = pytest.mark.one_server
@@ -87,7 +87,7 @@ def test_text_format_with_ids_and_no_password(stderr):
 
 def test_json_format_is_one_object_per_line_with_ids(stderr):
     setup_logging("DEBUG", "json")
-    log = logging.getLogger("crawler.worker")
+    log = logging.getLogger("crawler.fetch.worker")
     with log_context(job=3, worker="box:12"):
         log.debug("leased chunk %d", 4, extra={"chunk": 4})
         with log_context(chunk=5):
@@ -96,7 +96,7 @@ def test_json_format_is_one_object_per_line_with_ids(stderr):
     records = [json.loads(line) for line in lines(stderr)]
     assert [r["msg"] for r in records] == ["leased chunk 4", "done", "plain"]
     assert records[0] | {"ts": None, "pid": None} == {
-        "ts": None, "level": "debug", "logger": "crawler.worker", "pid": None, "msg": "leased chunk 4",
+        "ts": None, "level": "debug", "logger": "crawler.fetch.worker", "pid": None, "msg": "leased chunk 4",
         "job": 3, "worker": "box:12", "chunk": 4,
     }
     assert (records[1]["job"], records[1]["chunk"]) == (3, 5)
@@ -132,7 +132,7 @@ def test_text_tracebacks_are_masked_too(stderr):
 
 async def test_log_context_tags_records_in_tasks_started_inside_it(stderr):
     setup_logging("INFO", "json")
-    log = logging.getLogger("crawler.worker")
+    log = logging.getLogger("crawler.fetch.worker")
 
     async def fetch_chunk(n: int) -> None:
         with log_context(chunk=n):
@@ -169,7 +169,7 @@ def test_workers_inherit_level_and_format(stderr):
     assert (os.environ["CRAWLER_LOG_LEVEL"], os.environ["CRAWLER_LOG_FORMAT"]) == ("INFO", "json")
     logging.getLogger().handlers[:] = []
     logs.setup_worker_logging()
-    logging.getLogger("crawler.worker").info("from a worker")
+    logging.getLogger("crawler.fetch.worker").info("from a worker")
     assert json.loads(lines(stderr)[-1])["msg"] == "from a worker"
 
 

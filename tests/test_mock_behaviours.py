@@ -17,7 +17,7 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 import pytest
 
-from crawler.mock_behaviours import (
+from crawler.mock.behaviours import (
     CACHE_CONTROL,
     CHUNK_SIZE,
     HUGE_LENGTH,
@@ -25,7 +25,7 @@ from crawler.mock_behaviours import (
     MAX_RANDOM_LATENCY_MS,
     random_outcome,
 )
-from crawler.mock_server import create_app
+from crawler.mock.server import create_app
 
 pytestmark = pytest.mark.one_server
 
@@ -558,7 +558,7 @@ def test_random_outcome_draws_mostly_200_and_latencies_up_to_50_ms():
 
 def test_random_outcome_is_the_same_in_another_process():
     code = (
-        "from crawler.mock_behaviours import random_outcome as r\n"
+        "from crawler.mock.behaviours import random_outcome as r\n"
         "print([r(5, f'/random/{i}') for i in range(20)])"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345")  # str hashes differ; the draws must not

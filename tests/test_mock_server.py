@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from crawler.mock_behaviours import random_outcome
-from crawler.mock_server import (
+from crawler.mock.behaviours import random_outcome
+from crawler.mock.server import (
     HITS,
     LOAD,
     SEED,
@@ -303,7 +303,7 @@ def kill_tree(proc: psutil.Process) -> None:
 @pytest.mark.parametrize(("processes", "stop_signal"), [(2, signal.SIGTERM), (1, signal.SIGINT)])
 async def test_serve_in_a_subprocess_answers_then_stops_on_a_signal(processes, stop_signal):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "crawler.mock_server", "--port", "0",
+        sys.executable, "-m", "crawler.mock.server", "--port", "0",
         "--processes", str(processes),
         stdout=asyncio.subprocess.PIPE,
         cwd=ROOT,
@@ -347,7 +347,7 @@ async def test_the_cli_takes_seed_and_capacity_and_misbehaves_the_same_under_uvl
     # The CLI serves with uvloop, whose transports differ from asyncio's: reset and hang-ups
     # must work there too, quietly.
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "crawler.mock_server", "--port", "0", "--seed", "5", "--capacity", "2",
+        sys.executable, "-m", "crawler.mock.server", "--port", "0", "--seed", "5", "--capacity", "2",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
     try:
@@ -399,7 +399,7 @@ async def test_without_path_counts_the_total_still_counts_and_flaky_paths_still_
 
 async def test_the_cli_can_turn_path_counts_off():
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "crawler.mock_server", "--port", "0", "--no-path-hits",
+        sys.executable, "-m", "crawler.mock.server", "--port", "0", "--no-path-hits",
         stdout=asyncio.subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
     try:

@@ -16,11 +16,11 @@ import orjson
 import pytest
 
 from conftest import ROOT, run_cli, test_settings
-from crawler.bench import host_bases, write_urls
-from crawler.dns_responder import start_responder, zone_answer
-from crawler.fetcher import Fetcher
-from crawler.mock_server import start_mock_server
-from crawler.mock_tls import BENCH_ZONE, generate_certificate
+from crawler.fetch.fetcher import Fetcher
+from crawler.mock.bench import host_bases, write_urls
+from crawler.mock.dns_responder import start_responder, zone_answer
+from crawler.mock.server import start_mock_server
+from crawler.mock.tls import BENCH_ZONE, generate_certificate
 
 pytestmark = pytest.mark.one_server
 
@@ -85,7 +85,7 @@ async def test_a_ca_file_that_is_not_pem_stops_the_fetcher_with_one_sentence(tmp
 
 def test_mock_server_tls_as_a_process_writes_its_ca_and_reports_its_connections(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crawler.mock_server", "--port", "0", "--tls", "--processes", "2", "--report"],
+        [sys.executable, "-m", "crawler.mock.server", "--port", "0", "--tls", "--processes", "2", "--report"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         line = proc.stdout.readline()

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, run_cli
-from crawler import ledger
+from crawler.ledger.jobs import create_job, set_job_state
 from test_faults import assert_exactly_once, results_so_far, unlocked
 
 pytestmark = [pytest.mark.slow, pytest.mark.one_server]
@@ -251,8 +251,8 @@ async def test_a_worker_leaves_a_job_that_was_stopped_before_its_input_was_read(
     with it (forever, since no more input comes until then)."""
     conn = await asyncpg.connect(session_dsn)
     try:
-        job = await ledger.create_job(conn, name="stopped-early", input="/nonexistent.csv", settings={})
-        await ledger.set_job_state(conn, job.id, "interrupted")
+        job = await create_job(conn, name="stopped-early", input="/nonexistent.csv", settings={})
+        await set_job_state(conn, job.id, "interrupted")
     finally:
         await conn.close()
     proc = await asyncio.to_thread(run_cli, "worker", "--dsn", session_dsn, "--job", "stopped-early",

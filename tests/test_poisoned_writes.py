@@ -7,23 +7,24 @@ from __future__ import annotations
 import asyncio
 import zlib
 
-from crawler import ledger
-from crawler.inputs import RequestRow
-from crawler.ledger import ResultRow
-from crawler.storable import storable
+from crawler.fetch.storable import storable
+from crawler.fetch.writer import ResultWriter
+from crawler.job.inputs import RequestRow
+from crawler.ledger.chunks import Lease, lease_chunk, mark_ingested, release_chunk, store_chunk
+from crawler.ledger.jobs import create_job
+from crawler.ledger.results import ResultRow, prepare_writer, write_results
 from crawler.urls import fingerprint
-from crawler.writer import ResultWriter
 
 ROWS = 1000
 
 
-async def job_with_chunk(db, name: str, count: int = ROWS) -> tuple[int, ledger.Lease]:
-    job = await ledger.create_job(db, name=name, input="test", settings={})
+async def job_with_chunk(db, name: str, count: int = ROWS) -> tuple[int, Lease]:
+    job = await create_job(db, name=name, input="test", settings={})
     urls = [f"http://a.test/{i}" for i in range(count)]
-    await ledger.store_chunk(db, job.id, 0,
+    await store_chunk(db, job.id, 0,
                              [RequestRow(i + 1, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls)])
-    await ledger.mark_ingested(db, job.id)
-    chunk = await ledger.lease_chunk(db, job.id, "w1", 60)
+    await mark_ingested(db, job.id)
+    chunk = await lease_chunk(db, job.id, "w1", 60)
     return job.id, chunk.lease
 
 
@@ -105,23 +106,23 @@ async def test_refused_text_bodies_and_cache_entries_are_isolated_too(session_ds
 async def test_a_stale_lease_with_a_refused_row_is_still_refused_whole(db):
     """Two chunks in one batch, both with a refused row: the one whose lease was taken over is
     refused whole, also while the batch is written again to isolate the other's refused row."""
-    job = await ledger.create_job(db, name="poison-fenced", input="test", settings={})
+    job = await create_job(db, name="poison-fenced", input="test", settings={})
     for chunk_no in (0, 1):
         urls = [f"http://a.test/{chunk_no}/{i}" for i in range(10)]
-        await ledger.store_chunk(db, job.id, chunk_no, [
+        await store_chunk(db, job.id, chunk_no, [
             RequestRow(10 * chunk_no + i + 1, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls)])
-    await ledger.mark_ingested(db, job.id)
-    stale = (await ledger.lease_chunk(db, job.id, "w1", 60)).lease
-    held = (await ledger.lease_chunk(db, job.id, "w1", 60)).lease
-    await ledger.release_chunk(db, job.id, stale)
-    taken = (await ledger.lease_chunk(db, job.id, "w2", 60)).lease
-    assert (stale.chunk_no, held.chunk_no, taken) == (0, 1, ledger.Lease(0, stale.fence + 1))
-    await ledger.prepare_writer(db)
+    await mark_ingested(db, job.id)
+    stale = (await lease_chunk(db, job.id, "w1", 60)).lease
+    held = (await lease_chunk(db, job.id, "w1", 60)).lease
+    await release_chunk(db, job.id, stale)
+    taken = (await lease_chunk(db, job.id, "w2", 60)).lease
+    assert (stale.chunk_no, held.chunk_no, taken) == (0, 1, Lease(0, stale.fence + 1))
+    await prepare_writer(db)
 
     def batch(first: int, poisoned: int) -> list[tuple]:
         return [ok(job.id, r, error="x\x00") if r == poisoned else ok(job.id, r) for r in range(first, first + 10)]
 
-    refused = await ledger.write_results(db, job.id, {stale: batch(1, 3), held: batch(11, 15)}, {stale, held}, 60)
+    refused = await write_results(db, job.id, {stale: batch(1, 3), held: batch(11, 15)}, {stale, held}, 60)
     assert refused == {stale}
     stored = await outcomes(db, job.id)
     assert sorted(stored) == list(range(11, 21)) and stored[15][1] == "internal"
@@ -129,7 +130,7 @@ async def test_a_stale_lease_with_a_refused_row_is_still_refused_whole(db):
         "SELECT chunk_no, state, done_rows, ok_rows, failed_rows FROM chunks WHERE job_id = $1", job.id)}
     assert counts == {0: ("leased", 0, 0, 0), 1: ("done", 10, 9, 1)}
     # the new holder's batch, with the same refused row: isolated, and its chunk completes
-    assert await ledger.write_results(db, job.id, {taken: batch(1, 3)}, {taken}, 60) == set()
+    assert await write_results(db, job.id, {taken: batch(1, 3)}, {taken}, 60) == set()
     stored = await outcomes(db, job.id)
     assert len(stored) == 20 and stored[3][1] == "internal"
     assert await db.fetchval("SELECT sum(ok_rows) FROM chunks WHERE job_id = $1 AND state = 'done'", job.id) == 18
@@ -138,10 +139,10 @@ async def test_a_stale_lease_with_a_refused_row_is_still_refused_whole(db):
 async def test_a_replayed_batch_with_a_refused_row_counts_each_row_once(db):
     """The replay path (a commit whose answer was lost) meets the refused row too."""
     job_id, lease = await job_with_chunk(db, "poison-replay", 10)
-    await ledger.prepare_writer(db)
-    await ledger.write_results(db, job_id, {lease: [ok(job_id, r) for r in range(1, 5)]}, set(), 60)
+    await prepare_writer(db)
+    await write_results(db, job_id, {lease: [ok(job_id, r) for r in range(1, 5)]}, set(), 60)
     batch = [ok(job_id, r, error="\x00") if r == 6 else ok(job_id, r) for r in range(1, 11)]
-    assert await ledger.write_results(db, job_id, {lease: batch}, {lease}, 60) == set()
+    assert await write_results(db, job_id, {lease: batch}, {lease}, 60) == set()
     stored = await outcomes(db, job_id)
     assert len(stored) == 10 and stored[6][1] == "internal"
     assert await chunk_counts(db, job_id) == ("done", 10, 9, 1)
@@ -149,9 +150,9 @@ async def test_a_replayed_batch_with_a_refused_row_counts_each_row_once(db):
 
 async def test_every_row_refused_still_completes_the_chunk(db):
     job_id, lease = await job_with_chunk(db, "poison-all", 64)
-    await ledger.prepare_writer(db)
+    await prepare_writer(db)
     batch = [ok(job_id, r, error=f"{r}\x00") for r in range(1, 65)]
-    assert await asyncio.wait_for(ledger.write_results(db, job_id, {lease: batch}, {lease}, 60), 60) == set()
+    assert await asyncio.wait_for(write_results(db, job_id, {lease: batch}, {lease}, 60), 60) == set()
     stored = await outcomes(db, job_id)
     assert len(stored) == 64 and {kind for _, kind, _ in stored.values()} == {"internal"}
     assert await chunk_counts(db, job_id) == ("done", 64, 0, 64)

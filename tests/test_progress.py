@@ -21,8 +21,7 @@ import pytest
 from rich.console import Console
 
 from conftest import ROOT, run_cli
-from crawler.ledger import JobCounts
-from crawler.progress import (
+from crawler.job.progress import (
     ProgressView,
     Snapshot,
     WorkerActivity,
@@ -31,6 +30,7 @@ from crawler.progress import (
     plain_line,
     render_summary,
 )
+from crawler.ledger.jobs import JobCounts
 
 pytestmark = pytest.mark.one_server
 

@@ -13,13 +13,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import run_cli, test_settings
-from crawler import ledger
-from crawler.crawl import crawl, resume, retry
 from crawler.errors import EXIT_OK, UsageError
-from crawler.ledger import ResultRow
-from crawler.refetch import ALL_STATUSES, TRANSIENT_KINDS, parse_statuses, selection
+from crawler.job.crawl import crawl, resume, retry
+from crawler.job.refetch import ALL_STATUSES, TRANSIENT_KINDS, parse_statuses, selection
+from crawler.ledger.chunks import chunk_requests, lease_chunk, mark_ingested, open_chunks, store_chunk
+from crawler.ledger.jobs import create_job, find_job, job_counts, set_job_state
+from crawler.ledger.reruns import Reopened, reopen_for_retry
+from crawler.ledger.results import ResultRow, finish_job, write_results
+from crawler.ledger.summary import job_summary
 from crawler.settings import Settings
-from crawler.summary import job_summary
 
 # --- the selection ------------------------------------------------------------------------------
 
@@ -99,7 +101,7 @@ async def test_retry_fetches_the_timeouts_and_503s_again_with_the_jobs_policy(
     code = await crawl(session_dsn, policy, input_path=str(path), url_column=None, job_name="retry-me",
                        summary_json=None, quiet=True)
     assert code == EXIT_OK
-    job = await ledger.find_job(db, "retry-me")
+    job = await find_job(db, "retry-me")
     first = await results(db, job.id)
     assert [first[r]["status"] for r in (51, 71, 96)] == [503, 503, 503]
     assert {first[r]["error_kind"] for r in range(81, 91)} == {"timeout"}
@@ -114,7 +116,7 @@ async def test_retry_fetches_the_timeouts_and_503s_again_with_the_jobs_policy(
     assert code == EXIT_OK
     run = json.loads((tmp_path / "summary.json").read_text())
     assert round(run["requests_per_s"] * run["elapsed_s"]) == 40  # this run's rate: its 40 requests
-    job = await ledger.find_job(db, "retry-me")
+    job = await find_job(db, "retry-me")
     assert job.state == "done"
     again = await results(db, job.id)
     assert sorted(again) == list(range(1, rows + 1))  # exactly one result per row
@@ -124,7 +126,7 @@ async def test_retry_fetches_the_timeouts_and_503s_again_with_the_jobs_policy(
     assert all(again[r] == first[r] for r in [*range(1, 51), *range(91, 96)])  # not chosen: untouched
     assert (again[96]["status"], again[96]["cache_kind"]) == (200, "duplicate")  # shares row 51's new outcome
 
-    counts = await ledger.job_counts(db, job.id)
+    counts = await job_counts(db, job.id)
     summary = await job_summary(db, job.id)
     assert counts.fetched == counts.to_fetch == rows - 5  # five duplicates
     assert (counts.ok, counts.failed) == (80, 11)  # of the fetched rows, 10 x 503 and one 404 failed
@@ -144,38 +146,38 @@ async def test_retry_fetches_the_timeouts_and_503s_again_with_the_jobs_policy(
     assert nothing.returncode == 0 and "nothing to fetch again" in nothing.stderr.decode()
     changed = run_cli("retry", "retry-me", "--dsn", session_dsn, "--max-attempts", "9", "--workers", "1")
     assert changed.returncode == 1 and changed.stderr.decode().startswith("crawler: --max-attempts (the job has")
-    reopened = await ledger.reopen_for_retry(db, job.id, kinds=[], statuses=[(503, 503)])
-    assert reopened == ledger.Reopened(rows=10, fetches=10, chunks=1)
-    assert (await ledger.job_counts(db, job.id)).fetched == rows - 5 - 10
-    await ledger.set_job_state(db, job.id, "interrupted")
+    reopened = await reopen_for_retry(db, job.id, kinds=[], statuses=[(503, 503)])
+    assert reopened == Reopened(rows=10, fetches=10, chunks=1)
+    assert (await job_counts(db, job.id)).fetched == rows - 5 - 10
+    await set_job_state(db, job.id, "interrupted")
     refused = run_cli("retry", "retry-me", "--dsn", session_dsn)
     assert refused.returncode == 1 and "`crawler resume retry-me` finishes it" in refused.stderr.decode()
     assert await resume(session_dsn, here, job_ref="retry-me", summary_json=None, quiet=True) == EXIT_OK
     last = await results(db, job.id)
     assert {(last[r]["status"], last[r]["attempts"]) for r in range(71, 81)} == {(503, 6)}
-    assert (await ledger.job_counts(db, job.id)).fetched == rows - 5
+    assert (await job_counts(db, job.id)).fetched == rows - 5
 
 
 async def test_a_retried_answer_this_job_cached_is_asked_again_not_served_from_the_cache(db):
-    from crawler.inputs import RequestRow
+    from crawler.job.inputs import RequestRow
     from crawler.urls import fingerprint
 
-    job = await ledger.create_job(db, name="retry-cached", input="test", settings={})
+    job = await create_job(db, name="retry-cached", input="test", settings={})
     urls = ["http://example.test/gone", "http://example.test/here"]
     rows = [RequestRow(i + 1, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls)]
-    await ledger.store_chunk(db, job.id, 0, rows)
-    await ledger.mark_ingested(db, job.id)
-    chunk = await ledger.lease_chunk(db, job.id, "w", 60)
+    await store_chunk(db, job.id, 0, rows)
+    await mark_ingested(db, job.id)
+    chunk = await lease_chunk(db, job.id, "w", 60)
     answers = [ResultRow(job.id, 1, 404, urls[0], "http_status", "HTTP 404", 1, False, 1.0, 0, None, None),
                ResultRow(job.id, 2, 200, urls[1], None, None, 1, False, 1.0, 0, None, None)]
-    await ledger.write_results(db, job.id, {chunk.lease: answers}, {chunk.lease}, 60,
+    await write_results(db, job.id, {chunk.lease: answers}, {chunk.lease}, 60,
                                cache_rows=[(r.fingerprint, s, r.url, 0, None, None, None, job.id)
                                            for r, s in zip(rows, (404, 200), strict=True)])
     await db.execute("UPDATE response_cache SET job_id = 0 WHERE fingerprint = $1", rows[1].fingerprint)
-    assert await ledger.finish_job(db, job.id)
-    assert await ledger.reopen_for_retry(db, job.id, kinds=[], statuses=[(404, 404)]) == (1, 1, 1)
+    assert await finish_job(db, job.id)
+    assert await reopen_for_retry(db, job.id, kinds=[], statuses=[(404, 404)]) == (1, 1, 1)
     cached = {r["fingerprint"] for r in await db.fetch(
         "SELECT fingerprint FROM response_cache WHERE fingerprint = ANY($1::bytea[])", [r.fingerprint for r in rows])}
     assert cached == {rows[1].fingerprint}
-    assert await ledger.chunk_requests(db, job.id, await ledger.lease_chunk(db, job.id, "w", 60)) \
-        and await ledger.open_chunks(db, job.id) == 1
+    assert await chunk_requests(db, job.id, await lease_chunk(db, job.id, "w", 60)) \
+        and await open_chunks(db, job.id) == 1

@@ -12,10 +12,10 @@ import pytest
 from aiohttp import web
 
 from conftest import test_settings
-from crawler.crawl import crawl
-from crawler.dns_responder import start_responder, zone_answer
 from crawler.errors import EXIT_OK
-from crawler.fetcher import Fetcher
+from crawler.fetch.fetcher import Fetcher
+from crawler.job.crawl import crawl
+from crawler.mock.dns_responder import start_responder, zone_answer
 from crawler.urls import request_url
 
 

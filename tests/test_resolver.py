@@ -14,9 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import run_cli, test_settings
-from crawler import resolver as resolver_module
-from crawler.crawl import crawl
-from crawler.dns_responder import (
+from crawler.errors import EXIT_OK, UsageError
+from crawler.fetch import resolver as resolver_module
+from crawler.fetch.fetcher import Fetcher
+from crawler.fetch.resolver import CachingResolver, DNSFailure, NameCache, parse_server
+from crawler.fetch.retry import RetryPolicy, decide
+from crawler.job.crawl import crawl
+from crawler.mock.dns_responder import (
     NXDOMAIN,
     SERVFAIL,
     A,
@@ -27,10 +31,6 @@ from crawler.dns_responder import (
     start_responder,
     zone_answer,
 )
-from crawler.errors import EXIT_OK, UsageError
-from crawler.fetcher import Fetcher
-from crawler.resolver import CachingResolver, DNSFailure, NameCache, parse_server
-from crawler.retry import RetryPolicy, decide
 
 pytestmark = pytest.mark.one_server
 

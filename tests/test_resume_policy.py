@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 
 from conftest import run_cli
-from crawler import ledger
+from crawler.ledger.jobs import create_job, find_job, set_job_state
 from crawler.settings import Settings, load_settings, policy_flags_changing
 from test_faults import crawl_process, kill_tree, wait_for_results, workers_of
 
@@ -38,8 +38,8 @@ def test_only_policy_flags_that_differ_from_the_job_are_changes() -> None:
 async def interrupted_job(dsn: str, name: str, **policy) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        job = await ledger.create_job(conn, name=name, input="/nonexistent/urls.csv", settings=stored(**policy))
-        await ledger.set_job_state(conn, job.id, "interrupted")
+        job = await create_job(conn, name=name, input="/nonexistent/urls.csv", settings=stored(**policy))
+        await set_job_state(conn, job.id, "interrupted")
     finally:
         await conn.close()
 
@@ -83,7 +83,7 @@ async def test_kill_9_then_resume_without_the_flags_runs_with_the_jobs_policy(se
         assert before < rows
         resumed = run_cli("resume", name, "--dsn", session_dsn, "--workers", "2", "--quiet")  # no --allow-net
         assert resumed.returncode == 0, resumed.stderr.decode()
-        job = await ledger.find_job(conn, name)
+        job = await find_job(conn, name)
         assert job.state == "done"
         counts = await conn.fetchrow(
             "SELECT count(*) AS n, count(*) FILTER (WHERE error_kind = 'blocked') AS blocked,"

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from crawler.fetch.retry import Decision, RetryPolicy, backoff, decide, parse_retry_after
 from crawler.kinds import OVERLOAD_KINDS
-from crawler.retry import Decision, RetryPolicy, backoff, decide, parse_retry_after
 
 pytestmark = pytest.mark.one_server
 

@@ -9,9 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crawler.hosts import HostScheduler
-from crawler.mock_behaviours import ROBOTS_FILES
-from crawler.robots import (
+from crawler.fetch.hosts import HostScheduler
+from crawler.fetch.robots import (
     BODY_LIMIT,
     RobotsOutcome,
     RobotsRules,
@@ -21,6 +20,7 @@ from crawler.robots import (
     robots_url,
     unreachable,
 )
+from crawler.mock.behaviours import ROBOTS_FILES
 from crawler.settings import Settings
 
 pytestmark = pytest.mark.one_server
@@ -195,8 +195,8 @@ async def test_holding_a_host_waits_a_whole_delay_before_its_first_start() -> No
 # --- the worker's gate: memory bounded whatever the hosts ------------------------------------------
 
 def test_the_gate_keeps_parsed_rules_within_its_budget_with_100_000_hosts() -> None:
-    from crawler import robots_gate
-    from crawler.retry import RetryPolicy
+    from crawler.fetch import robots_gate
+    from crawler.fetch.retry import RetryPolicy
 
     gate = robots_gate.RobotsGate("postgresql://unused", 1, "w", Settings(robots="obey"), RetryPolicy(),
                                   release=lambda item: None, refuse=None, pace=lambda *a: None)
@@ -217,7 +217,7 @@ def test_the_gate_keeps_parsed_rules_within_its_budget_with_100_000_hosts() -> N
 async def test_the_mock_servers_robots_knobs_answer_as_documented() -> None:
     import aiohttp
 
-    from crawler.mock_server import start_mock_server
+    from crawler.mock.server import start_mock_server
 
     expected = {"none": (404, None), "allow": (200, ROBOTS_FILES["allow"]), "status:503": (503, None),
                 "delay:1.5": (200, "User-agent: *\nCrawl-delay: 1.5\nDisallow: /private/\nAllow: /private/open/\n"),
@@ -251,7 +251,7 @@ async def test_the_mock_servers_robots_knobs_answer_as_documented() -> None:
 @pytest.mark.parametrize("knob", ["nope", "delay", "delay:x", "allow:3"])
 def test_an_unknown_robots_knob_is_one_sentence(knob) -> None:
     from conftest import run_cli
-    from crawler.mock_server import create_app
+    from crawler.mock.server import create_app
 
     with pytest.raises(ValueError, match="unknown robots knob"):
         create_app(robots=knob)

@@ -20,9 +20,9 @@ import aiohttp
 import asyncpg
 
 from conftest import ROOT, run_cli, test_settings
-from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
-from crawler.mock_server import start_mock_server
+from crawler.job.crawl import crawl
+from crawler.mock.server import start_mock_server
 
 
 @contextlib.asynccontextmanager
@@ -205,7 +205,7 @@ async def test_cache_ttl_reuses_robots_txt_in_a_later_job(session_dsn, db, tmp_p
 # --- kill -9 and resume ---------------------------------------------------------------------------
 
 def server_process(knob: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "crawler.mock_server", "--port", "0", "--robots", knob],
+    proc = subprocess.Popen([sys.executable, "-m", "crawler.mock.server", "--port", "0", "--robots", knob],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     line = proc.stdout.readline()
     assert "listening on" in line, proc.stderr.read()
@@ -315,7 +315,7 @@ async def test_a_drain_while_robots_txt_is_fetched_keeps_its_decision_and_resume
 def test_bench_spreads_urls_over_hosts_and_counts_robots_txt_requests(session_dsn, tmp_path):
     import json
 
-    from crawler.bench import write_urls
+    from crawler.mock.bench import write_urls
 
     path = tmp_path / "spread.csv"
     write_urls(path, "http://127.0.0.1:8080", 40, 0.25, 0, hosts=4)

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import uuid
 
-from crawler import ledger, registry
-from crawler.ledger import RobotsRecord
+from crawler.ledger import registry
+from crawler.ledger.jobs import create_job
+from crawler.ledger.robots_claims import RobotsRecord, claim_robots, decide_robots, release_robots_claims
 
 RULES = RobotsRecord("rules", "User-agent: *\nDisallow: /private/\n", "")
 
 
 async def new_job(db) -> int:
-    job = await ledger.create_job(db, name=f"robots-{uuid.uuid4().hex[:8]}", input="-", settings={})
+    job = await create_job(db, name=f"robots-{uuid.uuid4().hex[:8]}", input="-", settings={})
     return job.id
 
 
 async def claim(db, job: int, hosts: list[str], owner: str, *, claim_seconds: float = 60, reuse_ttl: float = 0):
-    return await ledger.claim_robots(db, job, hosts, owner, claim_seconds=claim_seconds, live_seconds=15,
+    return await claim_robots(db, job, hosts, owner, claim_seconds=claim_seconds, live_seconds=15,
                                      reuse_ttl=reuse_ttl)
 
 
@@ -29,7 +30,7 @@ async def test_one_worker_claims_a_host_the_others_wait_and_all_read_one_decisio
     assert sorted(first.claimed) == ["http://h1", "http://h2"] and first.decided == {}
     second = await claim(db, job, ["http://h1", "http://h3"], "b")
     assert second.claimed == ["http://h3"] and second.decided == {}  # h1 is a's, b waits
-    assert await ledger.decide_robots(db, job, "http://h1", RULES, 1) == RULES
+    assert await decide_robots(db, job, "http://h1", RULES, 1) == RULES
     third = await claim(db, job, ["http://h1"], "b")
     assert third.decided == {"http://h1": RULES} and third.claimed == []
 
@@ -46,8 +47,8 @@ async def test_a_dead_or_late_claimer_loses_the_host_and_the_first_decision_hold
     assert (await claim(db, job, ["http://late"], "c")).claimed == ["http://late"]  # expired, although b lives
     # b, presumed gone, comes back with its own decision: c's came first and holds for both
     allow = RobotsRecord("allow_all", "", "robots.txt unavailable: HTTP 404")
-    assert await ledger.decide_robots(db, job, "http://late", allow, 1) == allow
-    assert await ledger.decide_robots(db, job, "http://late", RULES, 1) == allow
+    assert await decide_robots(db, job, "http://late", allow, 1) == allow
+    assert await decide_robots(db, job, "http://late", RULES, 1) == allow
 
 
 async def test_released_claims_are_taken_at_once(db):
@@ -56,15 +57,15 @@ async def test_released_claims_are_taken_at_once(db):
     await registry.register_worker(db, job, "b", "here", 2)
     await claim(db, job, ["http://h"], "a")
     assert (await claim(db, job, ["http://h"], "b")).claimed == []
-    await ledger.release_robots_claims(db, job, "a")
+    await release_robots_claims(db, job, "a")
     assert (await claim(db, job, ["http://h"], "b")).claimed == ["http://h"]
 
 
 async def test_cache_ttl_reuses_a_fresh_answer_of_another_job_never_an_outage(db):
     old = await new_job(db)
     await claim(db, old, ["http://kept", "http://down"], "a")
-    await ledger.decide_robots(db, old, "http://kept", RULES, 1)
-    await ledger.decide_robots(db, old, "http://down", RobotsRecord("unreachable", "", "no answer"), 3)
+    await decide_robots(db, old, "http://kept", RULES, 1)
+    await decide_robots(db, old, "http://down", RobotsRecord("unreachable", "", "no answer"), 3)
     job = await new_job(db)
     got = await claim(db, job, ["http://kept", "http://down"], "b", reuse_ttl=3600)
     assert got.decided == {"http://kept": RULES} and got.claimed == ["http://down"]

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from crawler.database import connect, mask_dsn
 from crawler.errors import DatabaseError
+from crawler.ledger.database import connect, mask_dsn
 
 PASSWORDS = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40)
 USERS = st.text(st.characters(whitelist_categories=("Ll", "Lu", "Nd"), max_codepoint=0x7F), min_size=1, max_size=12)

@@ -1,4 +1,4 @@
-"""Workers started before their job exists (crawler/standby.py): they take the job when it comes,
+"""Workers started before their job exists (crawler/job/standby.py): they take the job when it comes,
 end when none comes, are replaced when they die waiting, and work in the environment of the
 moment the job is given, not of the moment they started."""
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 from conftest import test_settings
 from crawler.cli import main
-from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
+from crawler.job.crawl import crawl
+from crawler.job.standby import Standby
 from crawler.metrics import MULTIPROC_DIR, Exporter
-from crawler.standby import Standby
 from test_metrics import scrape, value
 
 

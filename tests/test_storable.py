@@ -8,7 +8,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from crawler.storable import MARKER, marked, printable, storable, storable_bytes
+from crawler.fetch.storable import MARKER, marked, printable, storable, storable_bytes
 
 pytestmark = pytest.mark.one_server
 

@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 
 from conftest import test_settings
-from crawler.crawl import crawl
 from crawler.errors import EXIT_OK
-from crawler.fetcher import Fetcher
-from crawler.retry import RetryPolicy, backoff
+from crawler.fetch.fetcher import Fetcher
+from crawler.fetch.retry import RetryPolicy, backoff
+from crawler.job.crawl import crawl
 
 pytestmark = pytest.mark.one_server
 

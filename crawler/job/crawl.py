@@ -1,5 +1,7 @@
 """The crawl and resume commands end to end: open the database, apply migrations, create or find
-the job, run the supervisor, and report. The CLI calls these; they return an exit code."""
+the job, run the supervisor, and report. The CLI calls these; they return an exit code.
+
+The processes, their tasks and what each owns: docs/ARCHITECTURE.md."""
 
 from __future__ import annotations
 
@@ -15,18 +17,20 @@ from typing import Any, TypeVar
 import orjson
 from rich.console import Console
 
-from crawler import ledger, refetch
-from crawler.database import connection
 from crawler.errors import EXIT_OK, InputError, UsageError
-from crawler.inputs import open_input
+from crawler.job import refetch
+from crawler.job.inputs import open_input
+from crawler.job.progress import ProgressView, render_summary
+from crawler.job.standby import Standby
+from crawler.job.supervisor import Supervisor
+from crawler.ledger.database import connection
+from crawler.ledger.jobs import Job, create_job, find_job, set_job_state, unfinished_job
+from crawler.ledger.migrate import apply_migrations
+from crawler.ledger.reruns import reopen_for_retry
+from crawler.ledger.summary import job_summary
 from crawler.metrics import Exporter
-from crawler.migrate import apply_migrations
-from crawler.progress import ProgressView, render_summary
 from crawler.settings import Settings, flag_name, for_job, policy_flags_changing
-from crawler.standby import Standby
 from crawler.states import JobState
-from crawler.summary import job_summary
-from crawler.supervisor import Supervisor
 
 T = TypeVar("T")
 
@@ -71,21 +75,21 @@ async def crawl(
     await prepare_database(dsn)
     if resume_existing:
         async with connection(dsn) as conn:
-            unfinished = await ledger.unfinished_job(conn, name=job_name, input=source)
+            unfinished = await unfinished_job(conn, name=job_name, input=source)
         if unfinished is not None:
             return await resume(dsn, settings, job_ref=str(unfinished.id), summary_json=summary_json, quiet=quiet,
                                 standby=standby, sources=sources)
     reader = open_input(input_path, url_column=url_column, sort_query=settings.sort_query)
     try:
         async with connection(dsn) as conn:
-            unfinished = await ledger.unfinished_job(conn, name=None, input=source) if source != "-" else None
+            unfinished = await unfinished_job(conn, name=None, input=source) if source != "-" else None
             if unfinished is not None and not quiet:
                 ref = unfinished.name or unfinished.id
                 print(f"crawler: note: job {ref} for this input is unfinished; this starts a new job"
                       f" (`crawler resume {ref}` or --resume would finish that one).", file=sys.stderr)
             settings_doc = {k: v for k, v in settings.as_dict().items() if k != "dsn"}
             settings_doc["url_column"] = url_column
-            job = await ledger.create_job(conn, name=job_name, input=source, settings=settings_doc)
+            job = await create_job(conn, name=job_name, input=source, settings=settings_doc)
     except BaseException:
         reader.close()
         raise
@@ -93,7 +97,7 @@ async def crawl(
                             standby=standby)
 
 
-def job_policy(job: ledger.Job, settings: Settings, sources: Mapping[str, str] | None) -> Settings:
+def job_policy(job: Job, settings: Settings, sources: Mapping[str, str] | None) -> Settings:
     """The settings a resumed or retried job runs with: its own policy as its crawl stored it, and
     this run's machine settings (capacity, metrics, database); --allow-net adds to the job's list.
     A policy flag that would change the job's policy is refused: the job's rows so far were
@@ -113,13 +117,13 @@ async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: st
     started = time.monotonic()
     await prepare_database(dsn)
     async with connection(dsn) as conn:
-        job = await ledger.find_job(conn, job_ref)
+        job = await find_job(conn, job_ref)
     settings = job_policy(job, settings, sources)
     if job.state == JobState.DONE:
         print(f"crawler: job {job.name or job.id} is already complete.", file=sys.stderr)
         return EXIT_OK
     async with connection(dsn) as conn:
-        await ledger.set_job_state(conn, job.id, JobState.RUNNING if job.ingest_done else JobState.INGESTING)
+        await set_job_state(conn, job.id, JobState.RUNNING if job.ingest_done else JobState.INGESTING)
     reader = None
     if not job.ingest_done:
         if job.input == "-":
@@ -139,12 +143,12 @@ async def retry(dsn: str, settings: Settings, *, job_ref: str, kinds: str | None
     started = time.monotonic()
     await prepare_database(dsn)
     async with connection(dsn) as conn:
-        job = await ledger.find_job(conn, job_ref)
+        job = await find_job(conn, job_ref)
         settings = job_policy(job, settings, sources)
         chosen = refetch.selection(kinds, statuses, settings.retry_statuses)
-        reopened = await ledger.reopen_for_retry(conn, job.id, kinds=sorted(chosen.kinds), statuses=chosen.statuses)
+        reopened = await reopen_for_retry(conn, job.id, kinds=sorted(chosen.kinds), statuses=chosen.statuses)
         if reopened is not None and reopened.rows:
-            job = await ledger.find_job(conn, job.id)
+            job = await find_job(conn, job.id)
     ref = job.name or job.id
     if reopened is None:
         raise UsageError(f"job {ref} is not finished; `crawler resume {ref}` finishes it, and then"

@@ -22,18 +22,30 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from crawler import cache, ledger, metrics, registry
-from crawler.cache import CachedResponse
-from crawler.database import LedgerConnection
+from crawler import metrics
 from crawler.errors import CrawlerError
-from crawler.fetcher import MAX_WIDTH, Attempt, Fetcher
-from crawler.hosts import HostScheduler, host_of
+from crawler.fetch.fetcher import MAX_WIDTH, Attempt, Fetcher
+from crawler.fetch.hosts import HostScheduler, host_of
+from crawler.fetch.retry import RetryPolicy, decide, parse_retry_after
+from crawler.fetch.writer import ResultWriter
 from crawler.kinds import ErrorKind
-from crawler.ledger import Lease, ResultRow
-from crawler.retry import RetryPolicy, decide, parse_retry_after
+from crawler.ledger import cache, registry
+from crawler.ledger.cache import CachedResponse
+from crawler.ledger.chunks import (
+    Lease,
+    LeasedChunk,
+    chunk_requests,
+    lease_chunk,
+    mark_first_fetch,
+    open_chunks,
+    release_chunk,
+    renew_leases,
+)
+from crawler.ledger.database import LedgerConnection
+from crawler.ledger.jobs import job_phase
+from crawler.ledger.results import ResultRow
 from crawler.settings import Settings
 from crawler.states import JobState
-from crawler.writer import ResultWriter
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +140,7 @@ class Worker:
         self.exit_on_rows = frozenset(int(row) for row in hook.split(",") if row.strip())
         self.robots = None  # --robots obey: rows wait at the gate for their host's robots.txt
         if settings.robots == "obey":
-            from crawler.robots_gate import RobotsGate
+            from crawler.fetch.robots_gate import RobotsGate
 
             self.robots = RobotsGate(dsn, job_id, self.id, settings, self.policy, release=self.hosts.put,
                                      refuse=self._refuse, pace=self._pace, fetching=self._robots_fetching)
@@ -202,17 +214,17 @@ class Worker:
                 # arriving to wake us.
                 await self._wait_stop_or(self._low_water.wait(), timeout=0.5)
                 continue
-            chunk = await db.run(ledger.lease_chunk, self.job_id, self.id, self.settings.lease_seconds)
+            chunk = await db.run(lease_chunk, self.job_id, self.id, self.settings.lease_seconds)
             if chunk is None:
                 if await db.run(self._nothing_left):
                     return
                 await self._wait_stop_or(asyncio.sleep(IDLE_POLL))
                 continue
             if first:
-                await db.run(ledger.mark_first_fetch, self.job_id)
+                await db.run(mark_first_fetch, self.job_id)
                 first = False
             lease = chunk.lease
-            rows = await db.run(ledger.chunk_requests, self.job_id, chunk)
+            rows = await db.run(chunk_requests, self.job_id, chunk)
             if self.exit_on_rows:
                 _die_on_rows(self.exit_on_rows, chunk, rows)
             self.stats.chunks += 1
@@ -256,12 +268,12 @@ class Worker:
     async def _nothing_left(self, conn: asyncpg.Connection) -> bool:
         """True when ingest is over and every open chunk is one of ours (being finished), or the
         job was stopped (its `crawler resume` starts workers anew)."""
-        state, ingest_done = await ledger.job_phase(conn, self.job_id)
+        state, ingest_done = await job_phase(conn, self.job_id)
         if state in (JobState.DONE, JobState.INTERRUPTED):
             return True
         if not ingest_done:
             return False
-        return await ledger.open_chunks(conn, self.job_id) <= len(self._held)
+        return await open_chunks(conn, self.job_id) <= len(self._held)
 
     async def _wait_stop_or(self, aw, timeout: float | None = None) -> None:
         task = asyncio.ensure_future(aw)
@@ -279,7 +291,7 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             leases = [h.lease for h in self._held.values()]
-            kept = await db.run(ledger.renew_leases, self.job_id, leases, self.settings.lease_seconds)
+            kept = await db.run(renew_leases, self.job_id, leases, self.settings.lease_seconds)
             await db.run(registry.worker_heartbeat, self.job_id, self.id, self.stats.fetched)
             if self.robots is not None:
                 await self.robots.renew(db)
@@ -457,11 +469,11 @@ class Worker:
 
     async def _release_unfinished(self, db: LedgerConnection) -> None:
         for held in list(self._held.values()):
-            await db.run(ledger.release_chunk, self.job_id, held.lease)
+            await db.run(release_chunk, self.job_id, held.lease)
         self._held.clear()
 
 
-def _die_on_rows(exit_on_rows: frozenset[int], chunk: ledger.LeasedChunk, rows: list) -> None:
+def _die_on_rows(exit_on_rows: frozenset[int], chunk: LeasedChunk, rows: list) -> None:
     if any(chunk.first_row <= row <= chunk.last_row for row in exit_on_rows):
         hit = sorted(exit_on_rows & {row["row_no"] for row in rows})
         if hit:

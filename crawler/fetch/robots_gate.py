@@ -23,12 +23,9 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from crawler import ledger, registry
-from crawler.database import LedgerConnection
-from crawler.fetcher import Fetcher
-from crawler.ledger import RobotsRecord
-from crawler.retry import RetryPolicy, backoff
-from crawler.robots import (
+from crawler.fetch.fetcher import Fetcher
+from crawler.fetch.retry import RetryPolicy, backoff
+from crawler.fetch.robots import (
     BODY_LIMIT,
     MAX_REDIRECTS,
     RobotsOutcome,
@@ -39,6 +36,15 @@ from crawler.robots import (
     product_token,
     robots_url,
     unreachable,
+)
+from crawler.ledger import registry
+from crawler.ledger.database import LedgerConnection
+from crawler.ledger.robots_claims import (
+    RobotsRecord,
+    claim_robots,
+    decide_robots,
+    release_robots_claims,
+    renew_robots_claims,
 )
 from crawler.settings import Settings
 
@@ -118,7 +124,7 @@ class RobotsGate:
 
     async def _ask(self, hosts: list[str]) -> None:
         claims = await self._ledger(
-            ledger.claim_robots, hosts, self.owner, claim_seconds=self._claim_seconds,
+            claim_robots, hosts, self.owner, claim_seconds=self._claim_seconds,
             live_seconds=self._live_seconds, reuse_ttl=0.0 if self.settings.no_cache else self.settings.cache_ttl,
         )
         for host in claims.claimed:
@@ -208,7 +214,7 @@ class RobotsGate:
                 return
             outcome = unreachable(failure, attempts)
         # Stored even while draining: a fetch made is a fetch the resume need not make again.
-        record = await self._ledger(ledger.decide_robots, host,
+        record = await self._ledger(decide_robots, host,
                                     RobotsRecord(outcome.verdict.value, outcome.text, outcome.reason), attempts)
         self._attempts.pop(host, None)
         self.claimed.discard(host)
@@ -255,12 +261,12 @@ class RobotsGate:
     async def renew(self, db: LedgerConnection) -> None:
         """With the heartbeat: our claims stay ours while we live."""
         if self.claimed:
-            await db.run(ledger.renew_robots_claims, self.job_id, self.owner, self._claim_seconds)
+            await db.run(renew_robots_claims, self.job_id, self.owner, self._claim_seconds)
 
     async def aclose(self) -> None:
         """Give unfinished claims back (another worker or a resume takes them at once), and close."""
         try:
             if self.claimed:
-                await self._ledger(ledger.release_robots_claims, self.owner)
+                await self._ledger(release_robots_claims, self.owner)
         finally:
             await self.db.close()

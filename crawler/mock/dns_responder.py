@@ -171,7 +171,7 @@ async def _serve(zone: str, address: str, ttl: int, host: str, port: int) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m crawler.dns_responder", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m crawler.mock.dns_responder", description=__doc__)
     parser.add_argument("--zone", default="bench.test", help="answer every name under this zone")
     parser.add_argument("--address", default="127.0.0.1", help="the address every name has")
     parser.add_argument("--ttl", type=int, default=300)

@@ -17,14 +17,12 @@ import orjson
 from aiohttp import hdrs
 from yarl import URL
 
-from crawler.addresses import AddressPolicy
-from crawler.connections import HostConnector
 from crawler.errors import UsageError
-from crawler.failures import BodyTooLarge, classify, transient
-from crawler.kinds import ErrorKind
-from crawler.resolver import CachingResolver
-from crawler.settings import Settings
-from crawler.storable import (
+from crawler.fetch.addresses import AddressPolicy
+from crawler.fetch.connections import HostConnector
+from crawler.fetch.failures import BodyTooLarge, classify, transient
+from crawler.fetch.resolver import CachingResolver
+from crawler.fetch.storable import (
     CONTENT_TYPE_CAP,
     ERROR_CAP,
     ETAG_CAP,
@@ -34,6 +32,8 @@ from crawler.storable import (
     marked,
     storable,
 )
+from crawler.kinds import ErrorKind
+from crawler.settings import Settings
 
 READ_SIZE = 64 * 1024
 # Requests in flight, at most, as a multiple of `concurrency`: the worker adds fetch tasks while
@@ -90,7 +90,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext | bool:
 
 
 def _made_storable(result: Attempt, made: list[str] | None, redirected: bool) -> None:
-    """Every string of the answer made storable and printable (crawler.storable) before it
+    """Every string of the answer made storable and printable (crawler.fetch.storable) before it
     reaches the writer: one NUL in a reason phrase used to fail its whole batch's COPY, and the
     worker with it. The error (made storable where it was made) names the fields that were
     changed."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from crawler import ledger
+from crawler.ledger.quarantine import quarantined_chunks
+from crawler.ledger.robots_claims import robots_counts
 from crawler.states import JobState
 from crawler.urls import mask_password
 
@@ -52,8 +53,8 @@ async def job_summary(conn: asyncpg.Connection, job_id: int, *, elapsed_s: float
         " ORDER BY k.n DESC",
         job_id,
     )
-    quarantined = await ledger.quarantined_chunks(conn, job_id)
-    robots = await ledger.robots_counts(conn, job_id)
+    quarantined = await quarantined_chunks(conn, job_id)
+    robots = await robots_counts(conn, job_id)
     elapsed = float(job["age"]) if elapsed_s is None else elapsed_s
     latency = totals["latency"] or [None, None, None]
     return {

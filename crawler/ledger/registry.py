@@ -9,7 +9,7 @@ import resource
 
 import asyncpg
 
-from crawler.ledger import Job, find_job
+from crawler.ledger.jobs import Job, find_job
 
 # A worker is live while its heartbeats keep coming: it beats every heartbeat_seconds, so three
 # missed beats mean it is gone (killed, frozen or cut off), whatever its row says.

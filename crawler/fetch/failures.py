@@ -13,9 +13,9 @@ import ssl
 
 import aiohttp
 
-from crawler.addresses import BlockedAddress
+from crawler.fetch.addresses import BlockedAddress
+from crawler.fetch.resolver import DNSFailure
 from crawler.kinds import ErrorKind
-from crawler.resolver import DNSFailure
 
 
 class BodyTooLarge(Exception):

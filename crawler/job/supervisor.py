@@ -19,15 +19,24 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from crawler import ledger, registry
-from crawler.database import LedgerConnection, mask_dsn
 from crawler.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, DatabaseError
-from crawler.inputs import RowReader
-from crawler.ledger import Job
-from crawler.processes import POLL, WorkerProcesses
-from crawler.progress import ProgressView
+from crawler.job.inputs import RowReader
+from crawler.job.processes import POLL, WorkerProcesses
+from crawler.job.progress import ProgressView
+from crawler.job.standby import Standby
+from crawler.ledger import registry
+from crawler.ledger.chunks import (
+    analyze_chunks,
+    ingest_position,
+    lease_owners,
+    mark_ingested,
+    release_leases_of,
+    store_chunk,
+)
+from crawler.ledger.database import LedgerConnection, mask_dsn
+from crawler.ledger.jobs import Job, job_counts, set_job_state
+from crawler.ledger.results import finish_job
 from crawler.settings import Settings
-from crawler.standby import Standby
 from crawler.states import JobState
 
 log = logging.getLogger(__name__)
@@ -87,7 +96,7 @@ class Supervisor:
                     # the end, so that the last progress shown is the job's final state.
                     if time.monotonic() >= next_look or finished:
                         next_look = time.monotonic() + LOOK_EVERY
-                        counts = await db.try_run(ledger.job_counts, job.id)
+                        counts = await db.try_run(job_counts, job.id)
                         self._check_outage(counts is None, job)
                     if counts is not None:
                         counts.ingest_done = ingest is None or ingest.done()
@@ -112,16 +121,16 @@ class Supervisor:
                 self.stopping.set()
                 self.pool.signal(signal.SIGTERM)
                 await self.pool.join()
-                await db.try_run(ledger.set_job_state, job.id, JobState.INTERRUPTED)
+                await db.try_run(set_job_state, job.id, JobState.INTERRUPTED)
                 raise
             finally:
                 if ingest is not None:
                     if not ingest.done():
                         ingest.cancel()
                     await asyncio.gather(ingest, return_exceptions=True)  # its error is retrieved, or raised above
-            if not self.stopping.is_set() and await db.run(ledger.finish_job, job.id):
+            if not self.stopping.is_set() and await db.run(finish_job, job.id):
                 return CrawlOutcome(job, EXIT_OK)
-            await db.run(ledger.set_job_state, job.id, JobState.INTERRUPTED)
+            await db.run(set_job_state, job.id, JobState.INTERRUPTED)
         ref = job.name or job.id
         if broken:
             return CrawlOutcome(job, EXIT_INFRA,
@@ -149,7 +158,7 @@ class Supervisor:
         reads = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="input")
         try:
             async with LedgerConnection(self.dsn, outage_limit=limit, job=job.name or job.id) as db:
-                chunk_no, last_row = await db.run(ledger.ingest_position, job.id)
+                chunk_no, last_row = await db.run(ingest_position, job.id)
                 batches = reader.batches(self.settings.chunk_size)
                 while not self.stopping.is_set():
                     # Reading blocks, so it runs in a thread; the reader is closed only after the
@@ -166,12 +175,12 @@ class Supervisor:
                         batch = [row for row in batch if row.row > last_row]
                         if not batch:
                             continue
-                    await db.run(ledger.store_chunk, job.id, chunk_no, batch, dedup=not self.settings.no_cache)
+                    await db.run(store_chunk, job.id, chunk_no, batch, dedup=not self.settings.no_cache)
                     chunk_no += 1
                     if chunk_no in ANALYZE_AT:
-                        await db.run(ledger.analyze_chunks)
+                        await db.run(analyze_chunks)
                 if not self.stopping.is_set():
-                    await db.run(ledger.mark_ingested, job.id)
+                    await db.run(mark_ingested, job.id)
         finally:
             reader.close()
             reads.shutdown(wait=False)
@@ -182,11 +191,11 @@ async def release_dead_local_leases(conn, job_id: int) -> int:
     was killed with its workers) go back at once instead of waiting for their expiry."""
     host = socket.gethostname()
     dead = []
-    for owner in await ledger.lease_owners(conn, job_id):
+    for owner in await lease_owners(conn, job_id):
         owner_host, _, pid = owner.rpartition(":")
         if owner_host == host and pid.isdigit() and not _alive(int(pid)):
             dead.append(owner)
-    return await ledger.release_leases_of(conn, job_id, dead) if dead else 0
+    return await release_leases_of(conn, job_id, dead) if dead else 0
 
 
 def _alive(pid: int) -> bool:

@@ -31,13 +31,14 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from crawler import ledger, registry
-from crawler.crawl import crawl
-from crawler.database import connection
 from crawler.errors import CrawlerError
-from crawler.mock_tls import BENCH_ZONE
+from crawler.job.crawl import crawl
+from crawler.job.standby import Standby
+from crawler.ledger import registry
+from crawler.ledger.database import connection
+from crawler.ledger.jobs import fetch_timing
+from crawler.mock.tls import BENCH_ZONE
 from crawler.settings import Settings
-from crawler.standby import Standby
 
 
 def duplicate_rows(count: int, duplicates: float) -> int:
@@ -145,7 +146,7 @@ class MockServerProcess(LoopbackProcess):
         self.robots = robots
         self.ca_file = ca_file
         tls = ["--tls", "--ca-out", str(ca_file)] if ca_file is not None else []
-        super().__init__(["-m", "crawler.mock_server", "--port", "0", "--processes", str(processes),
+        super().__init__(["-m", "crawler.mock.server", "--port", "0", "--processes", str(processes),
                           "--no-path-hits", "--report", "--robots", robots, *tls])
 
     def hits(self) -> dict:
@@ -168,7 +169,7 @@ class DNSResponderProcess(LoopbackProcess):
     name = "DNS responder"
 
     def __init__(self) -> None:
-        super().__init__(["-m", "crawler.dns_responder", "--zone", BENCH_ZONE, "--port", "0"])
+        super().__init__(["-m", "crawler.mock.dns_responder", "--zone", BENCH_ZONE, "--port", "0"])
 
 
 def _cpu(usage: resource.struct_rusage) -> float:
@@ -179,7 +180,7 @@ async def measure(dsn: str, job_id: int, *, elapsed_s: float, supervisor_cpu_s: 
                   supervisor_peak_rss: int) -> dict:
     """The bench figures of a finished job, from the ledger and the supervisor's own usage."""
     async with connection(dsn) as conn:
-        job, results = await ledger.fetch_timing(conn, job_id)
+        job, results = await fetch_timing(conn, job_id)
         workers = await registry.worker_usage(conn, job_id)
     fetched = results["fetched"]
     worker_cpu = sum(float(w["cpu_seconds"] or 0.0) for w in workers)

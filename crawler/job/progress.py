@@ -18,11 +18,11 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from crawler.fetch.storable import printable
 from crawler.kinds import ErrorKind
-from crawler.storable import printable
 
 if TYPE_CHECKING:
-    from crawler.ledger import JobCounts
+    from crawler.ledger.jobs import JobCounts
 
 RATE_WINDOW_S = 10.0  # requests/s is measured over this much recent time, not since the start
 WORKER_WINDOW_S = 20.0  # workers report every heartbeat (5 s): a wider window for their rates
@@ -123,7 +123,7 @@ def live_display(snap: Snapshot) -> RenderableType:
 
 
 class ProgressView:
-    """Fed by the supervisor with ledger.job_counts (plus ingest_done, bytes_read, bytes_total)
+    """Fed by the supervisor with job_counts (plus ingest_done, bytes_read, bytes_total)
     and registry.live_workers rows, a few times a second; a context manager around the job."""
 
     def __init__(self, *, quiet: bool = False, interval: float = 5.0, stream=None) -> None:
@@ -205,7 +205,7 @@ class ProgressView:
         )
 
     def update(self, counts: JobCounts, workers: list[dict]) -> None:
-        """counts: ledger.job_counts with ingest_done (and bytes_read/bytes_total for a file);
+        """counts: job_counts with ingest_done (and bytes_read/bytes_total for a file);
         workers: registry.live_workers rows as dicts."""
         if self.quiet:
             return

@@ -1,7 +1,7 @@
 """The mock HTTP server that tests and load tests crawl: every answer is decided by the path alone.
 
 It listens on loopback by default and must never make an outbound request of its own. What each
-path answers is in mock_behaviours; this module counts and limits the load, and serves the app.
+path answers is in crawler/mock/behaviours.py; this module counts and limits the load, and serves the app.
 
 Path                 Answer
 GET /__hits          {"total": n, "paths": {path: hits}}: requests per path, counted on arrival
@@ -20,7 +20,7 @@ proportion to the distinct paths (about 110 bytes each, over 300 MiB at 3 M): a 
 millions of URLs turns it off (--no-path-hits) and keeps the total. A served process answers
 the load test's /ok and /delay paths without routing them, the same answer for less CPU.
 
-With --tls every process serves HTTPS with one certificate made at start (crawler/mock_tls.py),
+With --tls every process serves HTTPS with one certificate made at start (crawler/mock/tls.py),
 its CA written for the crawler's --ca-file. With --report each process prints one JSON line
 when it stops: the connections it accepted (with TLS, the handshakes completed).
 """
@@ -49,8 +49,8 @@ import orjson
 import uvloop
 from aiohttp import hdrs, web
 
-from crawler import mock_behaviours
-from crawler.mock_behaviours import (
+from crawler.mock import behaviours
+from crawler.mock.behaviours import (
     COUNTED_PREFIXES,
     HITS,
     MAX_DELAY_MS,
@@ -63,7 +63,7 @@ from crawler.mock_behaviours import (
     answer_after,
     robots_knob,
 )
-from crawler.mock_tls import ServerCertificate, generate_certificate
+from crawler.mock.tls import ServerCertificate, generate_certificate
 
 _STATS_PATHS = frozenset({"/__hits", "/__hits/reset", "/__stats", "/__stats/reset", "/__arrivals"})
 ARRIVALS_KEPT = 10_000
@@ -444,8 +444,8 @@ def serve(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m crawler.mock_server",
-        description=f"{__doc__}\n{mock_behaviours.__doc__}",
+        prog="python -m crawler.mock.server",
+        description=f"{__doc__}\n{behaviours.__doc__}",
         formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the path tables as written
     )
     parser.add_argument("--host", default="127.0.0.1")

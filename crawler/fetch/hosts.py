@@ -90,7 +90,7 @@ class HostScheduler:
         self.max_idle_hosts = max_idle_hosts
         self._idle_hosts = 0  # an upper estimate: hosts that went idle since they were counted
         # Called with a host the moment it has nothing pending, in flight or paused: the fetcher
-        # closes its idle connections then (crawler/connections.py says why).
+        # closes its idle connections then (crawler/fetch/connections.py says why).
         self.on_idle = on_idle
 
     def _state(self, host: str) -> HostState:

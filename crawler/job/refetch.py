@@ -1,5 +1,5 @@
 """Which rows of a finished job `crawler retry` fetches again: the selection that its --kinds and
---status flags make. Pure: parses and decides, never touches the ledger (ledger.reopen_for_retry
+--status flags make. Pure: parses and decides, never touches the ledger (reopen_for_retry
 applies the selection)."""
 
 from __future__ import annotations

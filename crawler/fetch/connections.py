@@ -45,7 +45,7 @@ class HostConnector(aiohttp.TCPConnector):
 
     def close_idle(self, origin: str) -> int:
         """Close the idle connections to `origin` ('https://example.com:8443', as
-        crawler.hosts.host_of gives it); connections in use are left alone. Returns how many."""
+        crawler.fetch.hosts.host_of gives it); connections in use are left alone. Returns how many."""
         if not self._conns:
             return 0
         url = URL(origin)

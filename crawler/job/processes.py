@@ -1,6 +1,6 @@
 """Worker processes on this machine: start them (standby.py), restart one that dies within a
 budget, tell which died so their leases can go back at once (and a chunk that keeps killing them
-is quarantined, ledger.release_dead_workers), and turn Ctrl-C or SIGTERM into a drain.
+is quarantined, release_dead_workers), and turn Ctrl-C or SIGTERM into a drain.
 
 Used by the supervisor of `crawler crawl` and by `crawler worker --workers N`, which joins a job
 from another machine and leaves when the job has nothing left for it.
@@ -18,12 +18,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from crawler import ledger
-from crawler.database import LedgerConnection
 from crawler.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK
-from crawler.ledger import Job
+from crawler.job.standby import Standby, send_order, spawn_worker
+from crawler.ledger.chunks import release_leases_of
+from crawler.ledger.database import LedgerConnection
+from crawler.ledger.jobs import Job
+from crawler.ledger.quarantine import Released, release_dead_workers
 from crawler.settings import Settings
-from crawler.standby import Standby, send_order, spawn_worker
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +178,14 @@ class WorkerProcesses:
             self.signal(signal.SIGTERM)
         return broken
 
-    async def _release(self, conn, job_id: int, dead: list[str]) -> ledger.Released:
+    async def _release(self, conn, job_id: int, dead: list[str]) -> Released:
         blameless = [owner for owner in dead if owner in self._blameless]
         if blameless:
-            await ledger.release_leases_of(conn, job_id, blameless)
+            await release_leases_of(conn, job_id, blameless)
         blamed = [owner for owner in dead if owner not in self._blameless]
-        return await ledger.release_dead_workers(conn, job_id, blamed) if blamed else ledger.Released({}, [])
+        return await release_dead_workers(conn, job_id, blamed) if blamed else Released({}, [])
 
-    def _count_deaths(self, released: ledger.Released) -> None:
+    def _count_deaths(self, released: Released) -> None:
         """Note which chunks each dead worker held. A death is explained (the chunk killed it, not
         the worker) and leaves its slot's restart budget when every chunk it held had killed a
         worker before, or once one of them is quarantined: the order in which two workers meet

@@ -11,9 +11,10 @@ import logging
 import time
 import zlib
 
-from crawler import ledger, metrics
-from crawler.database import LedgerConnection
-from crawler.ledger import BodyRow, Lease, ResultRow
+from crawler import metrics
+from crawler.ledger.chunks import Lease
+from crawler.ledger.database import LedgerConnection
+from crawler.ledger.results import BodyRow, ResultRow, prepare_writer, write_results
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class ResultWriter:
         self._room = asyncio.Event()
         self._room.set()
         self._closing = False
-        self._db = LedgerConnection(dsn, outage_limit=outage_limit, setup=ledger.prepare_writer, job=job_id)
+        self._db = LedgerConnection(dsn, outage_limit=outage_limit, setup=prepare_writer, job=job_id)
         self.max_buffer = batch_size * 8
         self.metrics = metrics.for_worker()
 
@@ -120,7 +121,7 @@ class ResultWriter:
         count = sum(len(records) for records in batches.values())
         try:
             refused = await self._db.run(
-                ledger.write_results, self.job_id, batches, completed, self.lease_seconds, bodies,
+                write_results, self.job_id, batches, completed, self.lease_seconds, bodies,
                 cache_rows, cache_touch,
             )
         except BaseException:
