@@ -15,15 +15,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
-
-import platformdirs
 
 from crawler import __version__
 from crawler.errors import UsageError
@@ -76,12 +73,18 @@ def setting(default: Any, help: str, *, scope: Scope = Scope.POLICY, flag: Flag 
             choices: tuple[str, ...] = (), factory: Any = None) -> Any:
     """A field of Settings and its declaration. `help` is one line, as the flag's help shows it;
     config/default.toml gives the reasons behind the default."""
-    metadata = {"help": help, "scope": scope, "flag": flag, "choices": choices}
+    metadata = {"help": help, "scope": scope, "flag": flag, "choices": choices, "default": default}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     if isinstance(default, list):
         return field(default_factory=default.copy, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _user_data_dir() -> str:
+    import platformdirs  # when settings are made, not when `crawler --help` reads the declarations
+
+    return platformdirs.user_data_dir("crawler")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +96,7 @@ class Settings:
     dsn: str | None = setting(None, "PostgreSQL URL (else CRAWLER_DSN, else DATABASE_URL, else the embedded server)",
                               scope=Scope.MACHINE, flag=Flag(reach=Reach.EVERY))
     home: str = setting(None, "where the embedded PostgreSQL keeps its data", scope=Scope.MACHINE,
-                        factory=lambda: platformdirs.user_data_dir("crawler"))
+                        factory=_user_data_dir)
     # Processes and concurrency.
     workers: int | str = setting("auto", "worker processes here: auto = one per core; 0 = only ingest and"
                                  " supervise, `crawler worker` on other machines fetches",
@@ -202,7 +205,7 @@ class Declaration(NamedTuple):
     name: str
     kind: type  # int, float, bool, str or list (dsn: str or None; workers: "auto" or an int)
     item: type | None  # a list's items
-    default: Any
+    default: Any  # None for `home`, the platform's data directory, decided when settings are made
     help: str
     scope: Scope
     flag: Flag | None
@@ -214,13 +217,12 @@ class Declaration(NamedTuple):
 
 
 def _declare(f: dataclasses.Field, hint: Any) -> Declaration:
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    meta = f.metadata
     kind = typing.get_origin(hint) or hint
     if kind is not list:
-        kind = type(default) if default is not None else str
+        kind = type(meta["default"]) if meta["default"] is not None else str
     item = typing.get_args(hint)[0] if kind is list else None
-    meta = f.metadata
-    return Declaration(f.name, kind, item, default, meta["help"], meta["scope"], meta["flag"], meta["choices"])
+    return Declaration(f.name, kind, item, meta["default"], meta["help"], meta["scope"], meta["flag"], meta["choices"])
 
 
 _HINTS = typing.get_type_hints(Settings)
@@ -364,6 +366,8 @@ def _validate(settings: Settings) -> None:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib  # when settings are loaded, not when `crawler --help` reads the declarations
+
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
