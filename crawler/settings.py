@@ -54,7 +54,7 @@ class Reach(StrEnum):
     """Which commands take a setting's flag."""
 
     EVERY = "every"  # every command that reads settings
-    RUN = "run"  # crawl, resume, retry and bench; `crawler worker` too, for a machine's own setting
+    RUN = "run"  # crawl, resume, retry and bench; `crawler worker` too, unless the setting is the job's alone
     START = "start"  # crawl and bench only: decided when a job starts, not by a resume
 
 
@@ -213,7 +213,7 @@ class Declaration(NamedTuple):
 
     @property
     def flag_name(self) -> str:
-        return (self.flag.name if self.flag is not None and self.flag.name else "--" + self.name.replace("_", "-"))
+        return self.flag.name if self.flag is not None and self.flag.name else "--" + self.name.replace("_", "-")
 
 
 def _declare(f: dataclasses.Field, hint: Any) -> Declaration:
@@ -228,6 +228,7 @@ def _declare(f: dataclasses.Field, hint: Any) -> Declaration:
 _HINTS = typing.get_type_hints(Settings)
 DECLARATIONS: dict[str, Declaration] = {f.name: _declare(f, _HINTS[f.name]) for f in fields(Settings)}
 KEYS = frozenset(DECLARATIONS)
+_MAY_BE_NONE = frozenset(name for name, hint in _HINTS.items() if type(None) in typing.get_args(hint))  # dsn
 # What a machine decides for itself when it joins another machine's job: how much it runs, where
 # it finds the database, what it serves. Everything else is the job's policy.
 MACHINE_KEYS = frozenset(name for name, d in DECLARATIONS.items() if d.scope is Scope.MACHINE)
@@ -291,7 +292,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return [item_kind(item) if from_text else _checked(item, item_kind) for item in value]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
-        if kind is not type(value) and not (value is None and declared.default is None):
+        if kind is not type(value) and not (value is None and name in _MAY_BE_NONE):
             raise ValueError(value)
         return value
     except ValueError:
