@@ -288,8 +288,9 @@ def test_each_command_keeps_its_setting_flags(command):
 
 
 def _shown(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(
-        value)
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @pytest.mark.parametrize("command", ["crawl", "worker"])
