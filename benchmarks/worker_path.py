@@ -107,11 +107,9 @@ def job_settings(args: argparse.Namespace) -> dict:
     """What the job stores (as `crawler crawl` does: the settings minus the DSN)."""
     from crawler.settings import Settings
 
+    timers = {} if args.real_timers else STEADY_TIMERS
     settings = Settings(allow_net=["127.0.0.1/32"], concurrency=args.concurrency, workers=1,
-                        chunk_size=CHUNK_SIZE, home="/nonexistent")
-    if not args.real_timers:
-        for key, value in STEADY_TIMERS.items():
-            setattr(settings, key, value)
+                        chunk_size=CHUNK_SIZE, home="/nonexistent", **timers)
     return {k: v for k, v in settings.as_dict().items() if k != "dsn"}
 
 

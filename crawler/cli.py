@@ -15,7 +15,7 @@ from crawler.errors import EXIT_INTERRUPTED, CrawlerError, UsageError
 
 if TYPE_CHECKING:  # imported where used: `crawler --help` stays quick
     from crawler.job.standby import Standby
-    from crawler.settings import Settings
+    from crawler.settings import Declaration, Reach, Settings
 
 EXAMPLES = {  # each `crawler ...` line must parse: tests/test_cli.py checks every one
     "crawler": (
@@ -58,7 +58,7 @@ EXAMPLES = {  # each `crawler ...` line must parse: tests/test_cli.py checks eve
         "  crawler retry weekly --kinds internal             # rows of a quarantined chunk\n"
         "\n"
         "Default: the transient failures, the kinds timeout, connect, reset and dns, and http_status answers\n"
-        "whose status the job retries (its retry_statuses: 429, 502, 503, 504 unless set otherwise). Only a\n"
+        "whose status the job retries (its retry_statuses: {retry_statuses} unless set otherwise). Only a\n"
         "finished job; its policy applies; interrupted, `crawler resume JOB` finishes it."
     ),
     "worker": (
@@ -152,66 +152,82 @@ def _workers(text: str) -> int | str:
     return "auto" if text.strip().lower() == "auto" else _positive(text)
 
 
+def _add_setting_flags(parser: argparse.ArgumentParser, reach: Reach, *, machine_only: bool = False) -> None:
+    """The flags of the settings that `reach` these commands, each as Settings declares it: its
+    name, its help with the dataclass's default, a switch for a bool, repeated for a list.
+    `machine_only`: a joining worker's, whose policy is the job's (a merged list adds to it)."""
+    from crawler.settings import DECLARATIONS, Scope
+
+    for declared in DECLARATIONS.values():
+        flag = declared.flag
+        if flag is None or flag.reach != reach or (machine_only and declared.scope is Scope.POLICY):
+            continue
+        shown = _shown_default(declared)
+        help_text = declared.help if shown is None else f"{declared.help} (default: {shown})"
+        options: dict[str, Any] = {"dest": declared.name, "help": help_text.replace("%", "%%")}
+        if declared.kind is bool:  # a switch: it turns the setting to the opposite of its default
+            options.update(action="store_false" if declared.default else "store_true", default=None)
+        else:
+            options.update(metavar=flag.metavar, choices=declared.choices or None)
+            if declared.kind is list:
+                options["action"] = "append"
+            elif declared.name == "workers":
+                options["type"] = _workers
+            elif not flag.text:  # text is parsed by the settings (a duration); numbers here, in argparse's words
+                options["type"] = {int: _positive, float: float}.get(declared.kind)
+        parser.add_argument(declared.flag_name, **options)
+
+
+def _shown_default(declared: Declaration) -> str | None:
+    """A flag's default as its help shows it; none for a switch or for nothing set."""
+    value = declared.default
+    if declared.kind is bool or value in (None, "", []):
+        return None
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def build_parser() -> Parser:
+    from crawler.settings import DECLARATIONS, Reach
+
     common = Parser(add_help=False)
-    common.add_argument("--dsn", help="PostgreSQL URL (else CRAWLER_DSN, else DATABASE_URL, else the embedded server)")
+    _add_setting_flags(common, Reach.EVERY)
     common.add_argument("--config", metavar="FILE", help="a TOML file layered over config/default.toml")
     common.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     common.add_argument("--log-format", default="text", choices=["text", "json"])
 
-    tuning = Parser(add_help=False)
-    tuning.add_argument("--workers", type=_workers, metavar="N",
-                        help="worker processes here (default auto: one per core; 0: only ingest and supervise,"
-                             " `crawler worker` on other machines fetches)")
-    tuning.add_argument("--concurrency", type=_positive, help="fetch tasks per worker (default 200)")
-    tuning.add_argument("--allow-net", action="append", metavar="CIDR",
-                        help="allow fetching this loopback/private network (repeatable)")
-    tuning.add_argument("--max-attempts", type=_positive, help="attempts per request, the first included (default 3)")
-    tuning.add_argument("--per-host-concurrency", type=_positive, metavar="N",
-                        help="requests in flight per host to start with (adapts; 0 = no limit)")
-    tuning.add_argument("--no-adaptive", dest="adaptive_concurrency", action="store_false", default=None,
-                        help="keep each host's limit fixed instead of adapting it to the host's answers")
-    tuning.add_argument("--per-host-rate", type=float, metavar="R", help="new requests per second per host (0 = none)")
-    tuning.add_argument("--max-body-bytes", type=_positive, metavar="N",
-                        help="body cap after decompression (0 = read none)")
-    tuning.add_argument("--store-bodies", action="store_true", default=None, help="keep response bodies, compressed")
-    tuning.add_argument("--insecure", action="store_true", default=None, help="do not verify TLS certificates")
-    tuning.add_argument("--ca-file", metavar="PEM", help="also trust the CA certificates in this file")
-    tuning.add_argument("--dns-server", dest="dns_servers", action="append", metavar="HOST[:PORT]",
-                        help="resolve names with this DNS server (repeatable; default: the system's)")
-    tuning.add_argument("--cache-ttl", metavar="DURATION",
-                        help="reuse earlier jobs' responses this fresh (90s, 2h, 1d)")
-    tuning.add_argument("--no-cache", action="store_true", default=None, help="fetch every row, duplicates included")
-    tuning.add_argument("--metrics-port", type=_positive, metavar="PORT",
-                        help="serve Prometheus metrics on this port (all worker processes together)")
+    tuning = Parser(add_help=False)  # what every command that runs a job takes
+    _add_setting_flags(tuning, Reach.RUN)
     tuning.add_argument("--quiet", action="store_true", help="no progress and no summary table")
     tuning.add_argument("--summary-json", metavar="PATH", help="write the job's summary as JSON to PATH")
+    starting = Parser(add_help=False)  # what only a new job decides
+    _add_setting_flags(starting, Reach.START)
+    joining = Parser(add_help=False)  # what a worker joining a job decides for this machine
+    _add_setting_flags(joining, Reach.RUN, machine_only=True)
 
     parser = Parser(prog="crawler", description="A massive asynchronous HTTP crawler: every outcome in PostgreSQL.",
                     epilog=EXAMPLES["crawler"], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     fmt = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("crawl", parents=[common, tuning], help="crawl a CSV, text or gzip file of URLs",
+    p = sub.add_parser("crawl", parents=[common, tuning, starting], help="crawl a CSV, text or gzip file of URLs",
                        epilog=EXAMPLES["crawl"], formatter_class=fmt)
     p.add_argument("input", help="CSV with a header, a text file of URLs, either gzipped, or - for stdin")
-    p.add_argument("--chunk-size", type=_positive, help="rows per chunk, the unit of leasing (default 1000)")
     p.add_argument("--url-column", metavar="NAME", help="the CSV column holding the URL (default: url)")
     p.add_argument("--job-name", type=_job_name, metavar="NAME",
                    help="a unique name to refer to the job by (not all digits: those are job ids)")
     p.add_argument("--resume", action="store_true",
                    help="if this input (or --job-name) has an unfinished job, finish it instead of starting anew,"
                         " with its own policy (as `crawler resume`: a flag that would change it is refused)")
-    p.add_argument("--robots", choices=["obey", "ignore"],
-                   help="obey each host's robots.txt (read once per host per job), or ignore it (default:"
-                        " for URLs you own or may fetch); kept by resume and by `crawler worker`")
 
     p = sub.add_parser("resume", parents=[common, tuning], help="finish an interrupted job",
                        epilog=EXAMPLES["resume"], formatter_class=fmt)
     p.add_argument("job", help="the job's id or name")
 
+    retry_statuses = ", ".join(map(str, DECLARATIONS["retry_statuses"].default))
     p = sub.add_parser("retry", parents=[common, tuning], help="fetch again the failed rows of a finished job",
-                       epilog=EXAMPLES["retry"], formatter_class=fmt)
+                       epilog=EXAMPLES["retry"].format(retry_statuses=retry_statuses), formatter_class=fmt)
     p.add_argument("job", help="the job's id or name")
     p.add_argument("--kinds", metavar="K,...",
                    help="error kinds to fetch again (default: timeout,connect,reset,dns,http_status)")
@@ -219,18 +235,10 @@ def build_parser() -> Parser:
                    help="http_status answers to fetch again, by code or class: 503,5xx (default: the job's"
                         " retry_statuses, when http_status is among the kinds by default)")
 
-    p = sub.add_parser("worker", parents=[common],
+    p = sub.add_parser("worker", parents=[common, joining],
                        help="fetch a job's chunks from this machine (or wait for the next job)",
                        epilog=EXAMPLES["worker"], formatter_class=fmt)
     p.add_argument("--job", help="the job's id or name (default: the oldest unfinished job, waiting for one)")
-    p.add_argument("--workers", type=_workers, metavar="N", help="worker processes here (default auto: one per core)")
-    p.add_argument("--concurrency", type=_positive, help="fetch tasks per worker (default 200)")
-    p.add_argument("--allow-net", action="append", metavar="CIDR",
-                   help="also allow this network from here (the job's own --allow-net list applies)")
-    p.add_argument("--metrics-port", type=_positive, metavar="PORT", help="serve Prometheus metrics on this port")
-    p.add_argument("--ca-file", metavar="PEM", help="also trust the CA certificates in this file (from here)")
-    p.add_argument("--dns-server", dest="dns_servers", action="append", metavar="HOST[:PORT]",
-                   help="resolve names with this DNS server from here (repeatable)")
 
     p = sub.add_parser("export", parents=[common], help="write a job's outcomes, one record per input row",
                        epilog=EXAMPLES["export"], formatter_class=fmt)
@@ -261,18 +269,17 @@ def build_parser() -> Parser:
     dbsub.add_parser("stop", parents=[common], help="stop the embedded PostgreSQL",
                      epilog=EXAMPLES["db stop"], formatter_class=fmt)
 
-    p = sub.add_parser("bench", parents=[common, tuning], help="load-test the whole path against the mock server",
+    p = sub.add_parser("bench", parents=[common, tuning, starting],
+                       help="load-test the whole path against the mock server",
                        epilog=EXAMPLES["bench"], formatter_class=fmt)
     p.add_argument("--urls", type=_positive, default=10000, help="how many URLs to generate (default 10000)")
     p.add_argument("--duplicates", type=float, default=0.0, help="fraction of repeated URLs (default 0)")
     p.add_argument("--latency-ms", type=_positive, default=0, help="mock server latency per request (default 0)")
     p.add_argument("--server-processes", type=_positive, default=1, help="mock server processes (default 1)")
-    p.add_argument("--robots", choices=["obey", "ignore"], help="as for crawl: obey or ignore robots.txt")
     p.add_argument("--hosts", type=_positive, default=1, metavar="N",
                    help="spread the URLs over N host names (h<i>.bench.test), resolved by a DNS responder on"
                         " loopback (default 1: 127.0.0.1 itself)")
     p.add_argument("--tls", action="store_true", help="HTTPS: the mock server's certificate, trusted with --ca-file")
-    p.add_argument("--chunk-size", type=_positive)
 
     p = sub.add_parser("mock-server", help="a local HTTP server for tests and load tests",
                        epilog=EXAMPLES["mock-server"], formatter_class=fmt)
@@ -298,10 +305,10 @@ def build_parser() -> Parser:
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("dsn", "workers", "concurrency", "chunk_size", "allow_net", "max_attempts", "per_host_concurrency",
-             "per_host_rate", "max_body_bytes", "store_bodies", "insecure", "cache_ttl", "no_cache",
-             "adaptive_concurrency", "metrics_port", "robots", "ca_file", "dns_servers")
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    """The settings given as flags: every flag of a setting has the setting's name as its dest."""
+    from crawler.settings import KEYS
+
+    return {name: value for name in KEYS if (value := getattr(args, name, None)) is not None}
 
 
 def _run(coro) -> int:

@@ -45,6 +45,10 @@ def test_unreachable_database_is_exit_2_with_the_password_masked(tmp_path):
     (["frobnicate"], "frobnicate"),
     (["bench", "--workers", "0"], "--workers must be auto or at least 1"),
     (["worker", "--workers", "some"], "--workers"),
+    (["crawl", "x.csv", "--per-host-rate", "fast"], "--per-host-rate"),
+    (["crawl", "x.csv", "--robots", "sometimes"], "--robots"),
+    (["crawl", "x.csv", "--cache-ttl", "soon"], "soon"),
+    (["resume", "weekly", "--chunk-size", "5"], "--chunk-size"),  # a job's chunks are decided when it starts
     # A job name that is all digits would hide the job with that id; blank or with control
     # characters, it would not print as itself in `status`, `jobs` or the summary.
     (["crawl", "x.csv", "--job-name", "42"], "all digits"),
@@ -245,3 +249,110 @@ async def test_status_and_jobs_on_a_database_without_jobs_then_with_two(fresh_ds
     assert json.loads(latest.stdout)["job_name"] == "second-job"  # with no job named, the newest
     listed = run_cli("jobs", "--dsn", fresh_dsn).stdout.decode()
     assert listed.index("first-job") < listed.index("second-job")  # oldest first
+
+
+# --- the flags of the settings, generated from their declarations -----------------------------------
+
+RUN_FLAGS = {"--dsn", "--workers", "--concurrency", "--allow-net", "--max-attempts", "--per-host-concurrency",
+             "--no-adaptive", "--per-host-rate", "--max-body-bytes", "--store-bodies", "--insecure", "--ca-file",
+             "--dns-server", "--cache-ttl", "--no-cache", "--metrics-port"}
+SETTING_FLAGS = {  # as the README and scripts use them: none may go or change its name
+    "crawl": RUN_FLAGS | {"--chunk-size", "--robots"},
+    "bench": RUN_FLAGS | {"--chunk-size", "--robots"},
+    "resume": RUN_FLAGS,
+    "retry": RUN_FLAGS,
+    "worker": {"--dsn", "--workers", "--concurrency", "--allow-net", "--metrics-port", "--ca-file", "--dns-server"},
+    "export": {"--dsn"}, "status": {"--dsn"}, "jobs": {"--dsn"}, "migrate": {"--dsn"}, "config": {"--dsn"},
+    "db": {"--dsn"},
+}
+
+
+def _subparser(command: str):
+    import argparse
+
+    from crawler.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
+def _setting_actions(parser) -> dict:
+    from crawler.settings import KEYS
+
+    return {action.option_strings[0]: action for action in parser._actions if action.dest in KEYS}
+
+
+@pytest.mark.parametrize("command", sorted(SETTING_FLAGS))
+def test_each_command_keeps_its_setting_flags(command):
+    assert set(_setting_actions(_subparser(command))) == SETTING_FLAGS[command]
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@pytest.mark.parametrize("command", ["crawl", "worker"])
+def test_each_setting_flag_has_help_with_the_dataclass_default(command):
+    from crawler.settings import Settings
+
+    defaults = Settings()
+    for flag, action in _setting_actions(_subparser(command)).items():
+        default = getattr(defaults, action.dest)
+        assert action.help and action.help.strip(), flag
+        assert action.default is None, flag  # unset, the file and the environment decide
+        if isinstance(default, bool) or default in (None, "", []):
+            assert "(default: " not in action.help, flag
+        else:
+            assert action.help.endswith(f" (default: {_shown(default)})"), flag
+
+
+def test_crawl_help_shows_each_default_from_the_dataclass(capsys):
+    from crawler.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["crawl", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help: compare it unwrapped
+    for shown in ("--concurrency N fetch tasks per worker (default: 200)",
+                  "--chunk-size N rows per chunk, the unit of leasing (default: 1000)",
+                  "--max-body-bytes N body cap in bytes after decompression; 0 = read none (default: 10485760)",
+                  "--robots {obey,ignore}", "--no-adaptive keep each host's limit fixed",
+                  "--dns-server HOST[:PORT] resolve names with this DNS server"):
+        assert shown in out
+
+
+def _argument(dest: str, kind: type, tmp_path) -> tuple[list[str], object]:
+    """Words that give a setting's flag a value, and the value the setting then has."""
+    special = {
+        "dsn": ("postgresql://u@127.0.0.1/db", "postgresql://u@127.0.0.1/db"), "workers": ("3", 3),
+        "allow_net": ("10.0.0.0/8", ["10.0.0.0/8"]), "dns_servers": ("127.0.0.1:5353", ["127.0.0.1:5353"]),
+        "cache_ttl": ("2h", 7200.0), "robots": ("obey", "obey"),
+    }
+    if dest == "ca_file":
+        path = tmp_path / "ca.pem"
+        path.write_text("")
+        return [str(path)], str(path)
+    if dest in special:
+        text, value = special[dest]
+        return [text], value
+    return {int: (["7"], 7), float: (["2.5"], 2.5)}[kind]
+
+
+@pytest.mark.parametrize("command", ["crawl", "worker", "retry"])
+def test_every_setting_flag_sets_its_setting(command, tmp_path):
+    from crawler.cli import _flags, build_parser
+    from crawler.settings import Settings, load_settings
+
+    defaults = Settings()
+    positional = {"crawl": ["x.csv"], "retry": ["weekly"], "worker": []}[command]
+    for flag, action in _setting_actions(_subparser(command)).items():
+        default = getattr(defaults, action.dest)
+        if isinstance(default, bool):
+            words, expected = [flag], not default  # a switch turns its setting away from the default
+        else:
+            words, expected = _argument(action.dest, type(default), tmp_path)
+            words = [flag, *words]
+        args = build_parser().parse_args([command, *positional, *words])
+        settings, sources = load_settings(environ={}, flags=_flags(args))
+        assert getattr(settings, action.dest) == expected and sources[action.dest] == "flag", flag

@@ -12,11 +12,30 @@ from hypothesis import strategies as st
 
 from crawler.fetch.retry import Decision, RetryPolicy, backoff, decide, parse_retry_after
 from crawler.kinds import OVERLOAD_KINDS
+from crawler.settings import Settings
 
 pytestmark = pytest.mark.one_server
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
-POLICY = RetryPolicy()  # max_attempts=3, base 0.5, cap 30, statuses 429/502/503/504, Retry-After cap 120
+POLICY = Settings().retry_policy  # max_attempts=3, base 0.5, cap 30, statuses 429/502/503/504, Retry-After cap 120
+
+# --- the policy from the settings -------------------------------------------------------------
+
+
+def test_the_policys_defaults_are_the_settings_defaults() -> None:
+    assert RetryPolicy() == POLICY
+    assert POLICY == RetryPolicy(max_attempts=3, backoff_base=0.5, backoff_max=30.0,
+                                 retry_statuses=frozenset({429, 502, 503, 504}), retry_after_max=120.0)
+
+
+@given(st.integers(1, 20), st.floats(0.0, 10.0), st.floats(0.0, 600.0), st.lists(st.integers(100, 599)),
+       st.floats(0.0, 3600.0))
+def test_the_settings_retry_policy_carries_each_retry_setting(attempts, base, cap, statuses, retry_after) -> None:
+    settings = Settings(max_attempts=attempts, backoff_base=base, backoff_max=cap, retry_statuses=statuses,
+                        retry_after_max=retry_after)
+    assert settings.retry_policy == RetryPolicy(max_attempts=attempts, backoff_base=base, backoff_max=cap,
+                                                retry_statuses=frozenset(statuses), retry_after_max=retry_after)
+
 
 # --- parse_retry_after ------------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ equal to the dataclass defaults."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -12,8 +14,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import ROOT
 from crawler.errors import UsageError
-from crawler.settings import DEFAULT_CONFIG, KEYS, Settings, for_job, load_settings
+from crawler.settings import (
+    DECLARATIONS,
+    DEFAULT_CONFIG,
+    KEYS,
+    MACHINE_KEYS,
+    Scope,
+    Settings,
+    flag_name,
+    for_job,
+    load_settings,
+)
 
 DOCUMENTED_ELSEWHERE = {"dsn", "home"}  # commented out in default.toml: no value is the default
 
@@ -39,13 +52,48 @@ def assert_one_sentence(message: str) -> None:
 # --- config/default.toml never drifts from the code -------------------------------------------
 
 
-def test_default_toml_lists_every_setting_with_the_dataclass_default() -> None:
-    documented = tomllib.loads(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+def toml_disagreements(text: str) -> list[str]:
+    """The keys where a configuration text and the dataclass part: a key missing or extra, or a
+    value (or its type) other than the field's default."""
+    documented = tomllib.loads(text)
     defaults = Settings()
-    expected = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(Settings)}
-    for name in DOCUMENTED_ELSEWHERE:
-        del expected[name]
-    assert documented == expected
+    expected = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(Settings)
+                if f.name not in DOCUMENTED_ELSEWHERE}
+    return sorted(
+        name for name in documented.keys() | expected.keys()
+        if name not in documented or name not in expected or documented[name] != expected[name]
+        or type(documented[name]) is not type(expected[name])
+    )
+
+
+def test_default_toml_lists_every_setting_with_the_dataclass_default() -> None:
+    assert toml_disagreements(DEFAULT_CONFIG.read_text(encoding="utf-8")) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (("concurrency = 200", "concurrency = 201"), "concurrency"),  # a default changed in one place only
+        (("connect_timeout = 10.0", "connect_timeout = 10"), "connect_timeout"),  # the field's type lost
+        (("retry_statuses = [429, 502, 503, 504]", "retry_statuses = [429, 503]"), "retry_statuses"),
+        (("\nsort_query = false", "\n# sort_query = false"), "sort_query"),  # a setting left out
+        (("\nmetrics_host", "\nmetrics_hots = 0\nmetrics_host"), "metrics_hots"),  # a key no field has
+    ],
+)
+def test_the_documentation_check_names_a_default_that_disagrees(change: tuple[str, str], key: str) -> None:
+    text = DEFAULT_CONFIG.read_text(encoding="utf-8")
+    assert change[0] in text
+    assert toml_disagreements(text.replace(change[0], change[1], 1)) == [key]
+
+
+def test_each_declaration_is_the_dataclass_field_it_describes() -> None:
+    defaults = Settings(home="/srv/crawler")
+    assert list(DECLARATIONS) == [f.name for f in dataclasses.fields(Settings)]
+    for name, declared in DECLARATIONS.items():
+        if name != "home":  # the platform's data directory
+            assert declared.default == getattr(defaults, name), name
+        assert declared.help.strip() and "\n" not in declared.help, name
+        assert declared.kind in (int, float, bool, str, list), name
 
 
 def test_default_toml_documents_dsn_and_home_commented_out() -> None:
@@ -404,3 +452,73 @@ def test_a_joining_worker_keeps_its_own_networks_when_the_job_stored_none() -> N
 
     merged = for_job({"max_attempts": 5}, Settings(allow_net=["10.0.0.0/8"]))
     assert merged.allow_net == ["10.0.0.0/8"] and merged.max_attempts == 5
+
+
+# --- frozen, and validated however it is made -----------------------------------------------------
+
+
+def test_settings_are_frozen_and_a_change_is_a_new_object() -> None:
+    settings = Settings(concurrency=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.concurrency = 6  # type: ignore[misc]
+    changed = dataclasses.replace(settings, concurrency=6)
+    assert (settings.concurrency, changed.concurrency) == (5, 6)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Settings(concurrency=0), "setting 'concurrency' must be at least 1, not 0."),
+        (lambda: dataclasses.replace(Settings(), metrics_port=70000),
+         "setting 'metrics_port' must be a port number (0 = off), not 70000."),
+        (lambda: Settings(robots="sometimes"), "setting 'robots' must be 'obey' or 'ignore', not 'sometimes'."),
+        (lambda: for_job({"max_attempts": "five"}, Settings()),
+         "setting 'max_attempts' from the job's stored settings must be a whole number, not 'five'."),
+        (lambda: for_job({"max_attempts": 0}, Settings()), "setting 'max_attempts' must be at least 1, not 0."),
+        (lambda: Settings.from_values({"concurrency": "many"}, "the worker's orders"),
+         "setting 'concurrency' from the worker's orders must be a whole number, not 'many'."),
+        (lambda: Settings.from_values({"concurrency": 0}, "the worker's orders"),
+         "setting 'concurrency' must be at least 1, not 0."),
+        (lambda: Settings.from_values({"concurrancy": 5}, "the worker's orders"),
+         "unknown setting 'concurrancy' from the worker's orders."),
+        (lambda: Settings.from_values({"ca_file": None}, "the worker's orders"),
+         "setting 'ca_file' from the worker's orders must be a string, not None."),
+    ],
+)
+def test_every_way_of_making_settings_validates_them(make, message: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        make()
+    assert str(caught.value) == message
+
+
+def test_settings_handed_over_whole_come_back_equal() -> None:
+    settings = Settings(workers=3, concurrency=7, cache_ttl=90.0, allow_net=["10.0.0.0/8"], retry_statuses=[503],
+                        dsn="postgresql://u@127.0.0.1/db", home="/srv/crawler")
+    assert Settings.from_values(settings.as_dict(), "the worker's orders") == settings
+    assert Settings.from_values({"connect_timeout": 3}, "x").connect_timeout == 3.0  # JSON may drop the .0
+
+
+def test_a_worker_handed_a_bad_setting_stops_with_the_sentence_before_it_connects() -> None:
+    # Unchecked, the worker would start and wait out the unreachable database (0.1 s), exit 2.
+    orders = {"concurrency": "many", "db_outage_limit": 0.1}
+    code = f"from crawler.fetch.worker import run_worker; run_worker('postgresql://127.0.0.1:1/none', 1, {orders!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, cwd=ROOT)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert "setting 'concurrency' from the worker's orders must be a whole number, not 'many'." in err
+
+
+# --- the scope of each setting --------------------------------------------------------------------
+
+
+def test_the_machine_keys_are_the_settings_declared_as_each_machines_own() -> None:
+    # docs/SCALING.md lists these: what a machine joining a job keeps of its own.
+    assert MACHINE_KEYS == {"dsn", "home", "workers", "concurrency", "idle_hosts", "metrics_port", "metrics_host",
+                            "progress_interval", "db_outage_limit", "ca_file", "dns_servers"}
+    assert {name for name, d in DECLARATIONS.items() if d.scope is Scope.MERGED} == {"allow_net"}
+
+
+def test_a_flag_is_named_for_its_setting_unless_declared_otherwise() -> None:
+    assert flag_name("per_host_rate") == "--per-host-rate"
+    assert flag_name("adaptive_concurrency") == "--no-adaptive"
+    assert flag_name("dns_servers") == "--dns-server"

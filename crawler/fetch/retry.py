@@ -12,15 +12,22 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
 from crawler.kinds import ANSWERED_KINDS, OVERLOAD_KINDS, ErrorKind
+from crawler.settings import DECLARATIONS
+
+_DEFAULT = {name: DECLARATIONS[name].default for name in
+            ("max_attempts", "backoff_base", "backoff_max", "retry_statuses", "retry_after_max")}
 
 
 @dataclass(slots=True, frozen=True)
 class RetryPolicy:
-    max_attempts: int = 3
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
-    retry_statuses: frozenset[int] = frozenset({429, 502, 503, 504})
-    retry_after_max: float = 120.0
+    """A job's retry settings, as `Settings.retry_policy` gives them. The defaults are the
+    settings' own, declared there once, so that a test names only what it changes."""
+
+    max_attempts: int = _DEFAULT["max_attempts"]
+    backoff_base: float = _DEFAULT["backoff_base"]
+    backoff_max: float = _DEFAULT["backoff_max"]
+    retry_statuses: frozenset[int] = frozenset(_DEFAULT["retry_statuses"])
+    retry_after_max: float = _DEFAULT["retry_after_max"]
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

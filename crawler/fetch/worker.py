@@ -507,7 +507,7 @@ def run_worker(dsn: str, job_id: int, settings: dict) -> None:
     os.setpgrp()  # as standby.worker_main does first: Ctrl-C is the supervisor's to turn into a drain
     setup_worker_logging()
     tune_gc()
-    worker = Worker(dsn, job_id, Settings(**settings))
+    worker = Worker(dsn, job_id, Settings.from_values(settings, "the worker's orders"))
     parent = os.getppid()
 
     async def main() -> None:

@@ -16,6 +16,7 @@ It only ever targets the mock server it started, on loopback.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import resource
@@ -253,7 +254,8 @@ async def bench(dsn: str, settings: Settings, *, urls: int, duplicates: float, l
         raise CrawlerError("--urls must be at least 1.")
     if hosts is not None and hosts <= 1:
         hosts = None  # one host: 127.0.0.1 itself, no name to resolve
-    settings.allow_net = sorted(set(settings.allow_net) | {"127.0.0.1/32"})
+    # The caller's settings stay as they are: the bench's own (its servers on loopback) are a new object.
+    settings = dataclasses.replace(settings, allow_net=sorted(set(settings.allow_net) | {"127.0.0.1/32"}))
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="crawler-bench-")))
         ca_file = tmp / "mock-ca.pem" if tls else None
@@ -261,9 +263,9 @@ async def bench(dsn: str, settings: Settings, *, urls: int, duplicates: float, l
         server = stack.enter_context(MockServerProcess(server_processes, ca_file, robots="disallow"))
         responder = stack.enter_context(DNSResponderProcess()) if hosts else None
         if ca_file is not None:
-            settings.ca_file = str(ca_file)
+            settings = dataclasses.replace(settings, ca_file=str(ca_file))
         if responder is not None:
-            settings.dns_servers = [responder.url]
+            settings = dataclasses.replace(settings, dns_servers=[responder.url])
         path = tmp / "urls.csv"
         write_urls(path, server.url, urls, duplicates, latency_ms, hosts=hosts)
         if not quiet:
