@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from crawler.errors import EXIT_INTERRUPTED, CrawlerError, UsageError
+from crawler.mock.options import add_server_flags
 
 if TYPE_CHECKING:  # imported where used: `crawler --help` stays quick
     from crawler.job.standby import Standby
@@ -283,20 +284,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("mock-server", help="a local HTTP server for tests and load tests",
                        epilog=EXAMPLES["mock-server"], formatter_class=fmt)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_positive, default=8080)
-    p.add_argument("--processes", type=_positive, default=1)
-    p.add_argument("--seed", type=int, default=0, help="seed for the /random/.. paths")
-    p.add_argument("--capacity", type=_positive, help="answer 503 above this many requests in flight per process")
-    p.add_argument("--no-path-hits", dest="count_paths", action="store_false",
-                   help="count only the total of hits, not each path's: for load tests of millions of paths")
-    p.add_argument("--robots", default="none", metavar="KNOB",
-                   help="what /robots.txt answers: none (404), allow, disallow, wildcard, agent, huge, delay:S,"
-                        " status:N, redirect, redirects:N, slow:MS, flaky:N, reset")
-    p.add_argument("--tls", action="store_true",
-                   help="serve HTTPS with a certificate made at start (loopback and *.bench.test)")
-    p.add_argument("--ca-out", metavar="PATH",
-                   help="with --tls, write the CA certificate here (default: a temporary file named on start)")
+    add_server_flags(p)
 
     p = sub.add_parser("config", parents=[common], help="the effective configuration",
                        epilog=EXAMPLES["config"], formatter_class=fmt)
@@ -332,7 +320,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         serve(host=args.host, port=args.port, processes=max(1, args.processes), seed=args.seed,
               capacity=args.capacity, count_paths=args.count_paths, robots=args.robots, tls=args.tls,
-              ca_file=args.ca_out)
+              ca_file=args.ca_out, report=args.report)
         return 0
     settings, sources = load_settings(config_file=args.config, flags=_flags(args))
     if args.command == "bench" and settings.effective_workers() == 0:

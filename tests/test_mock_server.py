@@ -416,3 +416,23 @@ async def test_the_cli_can_turn_path_counts_off():
         if proc.returncode is None:
             kill_tree(psutil.Process(proc.pid))
             await asyncio.wait_for(proc.wait(), 10)
+
+
+def test_both_ways_of_starting_the_mock_server_take_the_same_flags() -> None:
+    """`crawler mock-server` and `python -m crawler.mock.server` read one declaration of the flags:
+    the same option strings, defaults and help."""
+    import argparse
+
+    from crawler.cli import build_parser
+    from crawler.mock.options import add_server_flags
+
+    cli = build_parser()
+    [sub] = [a for a in cli._actions if isinstance(a, argparse._SubParsersAction)]
+    module = argparse.ArgumentParser()
+    add_server_flags(module)
+
+    def flags(parser: argparse.ArgumentParser) -> dict:
+        return {tuple(a.option_strings): (a.dest, a.default, a.help) for a in parser._actions if a.dest != "help"}
+
+    assert flags(sub.choices["mock-server"]) == flags(module)
+    assert ("--report",) in flags(module) and ("--ca-out",) in flags(module)

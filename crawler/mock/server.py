@@ -63,6 +63,7 @@ from crawler.mock.behaviours import (
     answer_after,
     robots_knob,
 )
+from crawler.mock.options import add_server_flags
 from crawler.mock.tls import ServerCertificate, generate_certificate
 
 _STATS_PATHS = frozenset({"/__hits", "/__hits/reset", "/__stats", "/__stats/reset", "/__arrivals"})
@@ -448,28 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         description=f"{__doc__}\n{behaviours.__doc__}",
         formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the path tables as written
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    parser.add_argument("--processes", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0, help="decides /random and other seeded answers")
-    parser.add_argument(
-        "--capacity", type=int, default=None, metavar="N",
-        help="answer 503 to a request that arrives while N are in flight (per process)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--no-path-hits", dest="count_paths", action="store_false",
-        help="count only the total of hits, not each path's (the flaky paths excepted): for load"
-        " tests of millions of distinct paths, whose counts would grow the server's memory",
-    )  # fmt: skip
-    parser.add_argument("--robots", default="none", metavar="KNOB",
-                        help="what /robots.txt answers: none (404), allow, disallow, delay:S, ... (see the table)")
-    parser.add_argument("--tls", action="store_true",
-                        help="serve HTTPS with a certificate made at start (for loopback and *.bench.test)")
-    parser.add_argument("--ca-out", metavar="PATH",
-                        help="with --tls, write the CA certificate here (default: a temporary file, named"
-                        " on the first line, removed at exit): give it to the crawler's --ca-file")
-    parser.add_argument("--report", action="store_true",
-                        help="when stopped, print one JSON line per process: the connections it accepted")
+    add_server_flags(parser)
     args = parser.parse_args(argv)
     try:
         robots_knob(args.robots)
