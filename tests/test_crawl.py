@@ -16,7 +16,8 @@ import pytest
 
 from conftest import test_settings
 from crawler.errors import EXIT_OK
-from crawler.job.crawl import crawl, unless_signalled
+from crawler.job.crawl import crawl
+from crawler.job.signals import unless_signalled
 
 
 async def hits(mock_url: str) -> dict:

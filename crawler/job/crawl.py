@@ -5,14 +5,12 @@ The processes, their tasks and what each owns: docs/ARCHITECTURE.md."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import signal
 import sys
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import orjson
 from rich.console import Console
@@ -21,6 +19,7 @@ from crawler.errors import EXIT_OK, InputError, UsageError
 from crawler.job import refetch
 from crawler.job.inputs import open_input
 from crawler.job.progress import ProgressView, render_summary
+from crawler.job.signals import unless_signalled
 from crawler.job.standby import Standby
 from crawler.job.supervisor import Supervisor
 from crawler.ledger.database import connection
@@ -176,12 +175,9 @@ async def _supervise(dsn, settings, job, reader, *, summary_json, quiet, started
         ProgressView(quiet=quiet, interval=settings.progress_interval) as view,
     ):
         supervisor = Supervisor(dsn, settings, progress=view, exporter=exporter, standby=standby)
-        supervisor.install_signals()
-        try:
+        with supervisor.on_signals():
             outcome = await supervisor.run(job, reader)
             summary = await unless_signalled(_read_summary(dsn, job.id, started))
-        finally:
-            supervisor.remove_signals()
     if summary is not None and fetching is not None and outcome.exit_code == EXIT_OK:
         summary["requests_per_s"] = round(fetching / summary["elapsed_s"], 1) if summary["elapsed_s"] > 0 else 0.0
     return _report(outcome, summary, summary_json=summary_json, quiet=quiet, console=console)
@@ -190,23 +186,3 @@ async def _supervise(dsn, settings, job, reader, *, summary_json, quiet, started
 async def _read_summary(dsn: str, job_id: int, started: float) -> dict:
     async with connection(dsn) as conn:
         return await job_summary(conn, job_id, elapsed_s=time.monotonic() - started)
-
-
-async def unless_signalled(work: Coroutine[Any, Any, T]) -> T | None:
-    """`work`'s result, or None once SIGINT or SIGTERM comes first. For what follows a crawl:
-    the summary scans the whole job, and Ctrl-C then skips it, where the interpreter's own
-    handler would end the process without saying how the job stands."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(work)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)  # replaces the supervisor's, with no gap between
-    try:
-        return await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise  # this coroutine was cancelled, not just the work
-        return None
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)

@@ -9,6 +9,7 @@ from another machine and leaves when the job has nothing left for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from crawler.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK
+from crawler.job.signals import on_stop
 from crawler.job.standby import Standby, send_order, spawn_worker
 from crawler.ledger.chunks import release_leases_of
 from crawler.ledger.database import LedgerConnection
@@ -65,15 +67,9 @@ class WorkerProcesses:
 
     # --- signals ---------------------------------------------------------------------------
 
-    def install_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal)
-
-    def remove_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    def on_signals(self) -> contextlib.AbstractContextManager[None]:
+        """For the block: the first SIGINT or SIGTERM drains the workers, a second kills them."""
+        return on_stop(self._on_signal)
 
     def _on_signal(self) -> None:
         self._signals += 1
@@ -238,9 +234,8 @@ async def join_job(dsn: str, job: Job, settings: Settings, *, exporter=None) -> 
     """`crawler worker`: fetch the job's chunks with this machine's worker processes until the
     job has nothing left for them. The job's own supervisor ingests and finishes it."""
     pool = WorkerProcesses(dsn, settings, exporter=exporter)
-    pool.install_signals()
     broken = None
-    try:
+    with pool.on_signals():
         async with LedgerConnection(dsn, outage_limit=settings.db_outage_limit) as db:
             pool.start(job, max(1, settings.effective_workers()))
             try:
@@ -253,8 +248,6 @@ async def join_job(dsn: str, job: Job, settings: Settings, *, exporter=None) -> 
                 await pool.join()
                 raise
             pool.reap()
-    finally:
-        pool.remove_signals()
     if broken:
         print(f"crawler: {broken}; this machine stops fetching (the job goes on elsewhere).", file=sys.stderr)
         return EXIT_INFRA

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import signal
 import socket
@@ -67,11 +68,9 @@ class Supervisor:
         self.stopping = self.pool.stopping
         self._outage_since: float | None = None
 
-    def install_signals(self) -> None:
-        self.pool.install_signals()
-
-    def remove_signals(self) -> None:
-        self.pool.remove_signals()
+    def on_signals(self) -> contextlib.AbstractContextManager[None]:
+        """For the block: the first SIGINT or SIGTERM drains the workers, a second kills them."""
+        return self.pool.on_signals()
 
     async def run(self, job: Job, reader: RowReader | None) -> CrawlOutcome:
         limit = self.settings.db_outage_limit
