@@ -21,7 +21,7 @@ import logging
 import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crawler import ledger, registry
 from crawler.database import LedgerConnection
@@ -41,6 +41,9 @@ from crawler.robots import (
     unreachable,
 )
 from crawler.settings import Settings
+
+if TYPE_CHECKING:
+    from crawler.worker_ledger import WorkerLedger
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +255,10 @@ class RobotsGate:
             self._queue.put_nowait(None)
         self._awaiting.set()
 
-    async def renew(self, db: LedgerConnection) -> None:
-        """With the heartbeat: our claims stay ours while we live."""
+    async def renew(self, db: WorkerLedger) -> None:
+        """With the heartbeat, on its ledger: our claims stay ours while we live."""
         if self.claimed:
-            await db.run(ledger.renew_robots_claims, self.job_id, self.owner, self._claim_seconds)
+            await db.renew_robots_claims(self.owner, self._claim_seconds)
 
     async def aclose(self) -> None:
         """Give unfinished claims back (another worker or a resume takes them at once), and close."""
