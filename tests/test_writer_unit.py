@@ -12,7 +12,7 @@ import pytest
 from crawler.errors import DatabaseError
 from crawler.ledger import Lease, ResultRow
 from crawler.writer import ResultWriter
-from tests.fake_ledger import FakeStore
+from fake_ledger import FakeStore
 
 DEADLINE = 60.0  # seconds a condition may take on a loaded machine before the test fails
 
@@ -128,7 +128,7 @@ async def test_terminate_stops_a_writer_stuck_on_an_outage_at_once():
     store, lease = store_with_chunk(5)
     store.writes_down = True
     writer = ResultWriter(store.ledger(), batch_size=1, interval=0.05, lease_seconds=60)
-    async with asyncio.TaskGroup() as tg:
+    async with asyncio.timeout(DEADLINE), asyncio.TaskGroup() as tg:
         writer.start(tg)
         writer.add(lease, result(store.job_id, 1))
         await eventually(lambda: store.write_attempts >= 1, "the writer tries to write")
@@ -140,7 +140,7 @@ async def test_close_cancelled_while_it_waits_terminates_the_writer():
     store, lease = store_with_chunk(5)
     store.writes_down = True
     writer = ResultWriter(store.ledger(), batch_size=1, interval=0.05, lease_seconds=60)
-    async with asyncio.TaskGroup() as tg:
+    async with asyncio.timeout(DEADLINE), asyncio.TaskGroup() as tg:
         writer.start(tg)
         writer.add(lease, result(store.job_id, 1))
         closing = tg.create_task(writer.close())
