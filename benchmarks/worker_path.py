@@ -88,10 +88,14 @@ def child(dsn: str, job_id: int) -> None:
         if hasattr(worker_module, "tune_gc"):  # as run_worker does, where this revision has it
             worker_module.tune_gc()
         known = {f.name for f in dataclasses.fields(Settings)}
-        worker = Worker(dsn, job_id, Settings(**{k: v for k, v in job.settings.items() if k in known}))
+        settings = Settings(**{k: v for k, v in job.settings.items() if k in known})
         gc0 = [g["collections"] for g in gc.get_stats()]
         cpu0, t0 = _cpu(), time.perf_counter()
-        stats = await worker.run()
+        if hasattr(worker_module, "open_worker"):  # a revision whose Worker is given its collaborators
+            async with worker_module.open_worker(dsn, job_id, settings) as worker:
+                stats = await worker.run()
+        else:
+            stats = await Worker(dsn, job_id, settings).run()
         cpu, wall = _cpu() - cpu0, time.perf_counter() - t0
         gc_runs = [g["collections"] - n for g, n in zip(gc.get_stats(), gc0, strict=True)]
         return {"cpu_s": cpu, "wall_s": wall, "fetched": stats.fetched, "chunks": stats.chunks,

@@ -8,9 +8,11 @@ import asyncio
 import zlib
 
 from crawler.fetch.storable import storable
+from crawler.fetch.worker_ledger import LedgerAccess
 from crawler.fetch.writer import ResultWriter
 from crawler.job.inputs import RequestRow
 from crawler.ledger.chunks import Lease, lease_chunk, mark_ingested, release_chunk, store_chunk
+from crawler.ledger.database import LedgerConnection
 from crawler.ledger.jobs import create_job
 from crawler.ledger.results import ResultRow, prepare_writer, write_results
 from crawler.urls import fingerprint
@@ -26,6 +28,12 @@ async def job_with_chunk(db, name: str, count: int = ROWS) -> tuple[int, Lease]:
     await mark_ingested(db, job.id)
     chunk = await lease_chunk(db, job.id, "w1", 60)
     return job.id, chunk.lease
+
+
+def writer_on(dsn: str, job_id: int, batch_size: int) -> tuple[LedgerConnection, ResultWriter]:
+    """A ResultWriter on a connection of its own, set up as a worker's writer's is."""
+    conn = LedgerConnection(dsn, setup=prepare_writer, job=job_id)
+    return conn, ResultWriter(LedgerAccess(conn, job_id), batch_size=batch_size, interval=60, lease_seconds=60)
 
 
 def ok(job_id: int, row_no: int, **changes) -> ResultRow:
@@ -47,7 +55,7 @@ async def chunk_counts(db, job_id: int) -> tuple:
 
 async def test_one_refused_row_of_a_thousand_is_stored_as_internal_and_the_rest_as_sent(session_dsn, db):
     job_id, lease = await job_with_chunk(db, "poison-nul")
-    writer = ResultWriter(session_dsn, job_id, batch_size=ROWS, interval=60, lease_seconds=60)
+    conn, writer = writer_on(session_dsn, job_id, ROWS)
     try:
         for row in range(1, ROWS + 1):
             # What an unprotected fetcher would hand over: a reason phrase with a NUL.
@@ -57,7 +65,7 @@ async def test_one_refused_row_of_a_thousand_is_stored_as_internal_and_the_rest_
         writer.complete(lease)
         await writer.flush()
     finally:
-        await writer.aclose()
+        await conn.close()
     stored = await outcomes(db, job_id)
     assert len(stored) == ROWS
     assert sum(1 for status, kind, _ in stored.values() if status == 200 and kind is None) == ROWS - 1
@@ -73,7 +81,7 @@ async def test_refused_text_bodies_and_cache_entries_are_isolated_too(session_ds
     """A lone surrogate (what aiohttp makes of bytes that are not UTF-8) fails on the client, in
     asyncpg's encoder; a NUL in a content type fails in the server, for the bodies table."""
     job_id, lease = await job_with_chunk(db, "poison-mixed", 200)
-    writer = ResultWriter(session_dsn, job_id, batch_size=1000, interval=60, lease_seconds=60)
+    conn, writer = writer_on(session_dsn, job_id, 1000)
     fps = [bytes([i]) * 32 for i in range(3)]
     try:
         for row in range(1, 201):
@@ -87,7 +95,7 @@ async def test_refused_text_bodies_and_cache_entries_are_isolated_too(session_ds
         writer.complete(lease)
         await writer.flush()
     finally:
-        await writer.aclose()
+        await conn.close()
     stored = await outcomes(db, job_id)
     assert len(stored) == 200
     assert stored[7][1] == "internal" and "UnicodeEncodeError" in stored[7][2]

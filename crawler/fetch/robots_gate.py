@@ -21,7 +21,7 @@ import logging
 import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crawler.fetch.fetcher import Fetcher
 from crawler.fetch.retry import RetryPolicy, backoff
@@ -39,14 +39,11 @@ from crawler.fetch.robots import (
 )
 from crawler.ledger import registry
 from crawler.ledger.database import LedgerConnection
-from crawler.ledger.robots_claims import (
-    RobotsRecord,
-    claim_robots,
-    decide_robots,
-    release_robots_claims,
-    renew_robots_claims,
-)
+from crawler.ledger.robots_claims import RobotsRecord, claim_robots, decide_robots, release_robots_claims
 from crawler.settings import Settings
+
+if TYPE_CHECKING:
+    from crawler.fetch.worker_ledger import WorkerLedger
 
 log = logging.getLogger(__name__)
 
@@ -258,10 +255,10 @@ class RobotsGate:
             self._queue.put_nowait(None)
         self._awaiting.set()
 
-    async def renew(self, db: LedgerConnection) -> None:
-        """With the heartbeat: our claims stay ours while we live."""
+    async def renew(self, db: WorkerLedger) -> None:
+        """With the heartbeat, on its ledger: our claims stay ours while we live."""
         if self.claimed:
-            await db.run(renew_robots_claims, self.job_id, self.owner, self._claim_seconds)
+            await db.renew_robots_claims(self.owner, self._claim_seconds)
 
     async def aclose(self) -> None:
         """Give unfinished claims back (another worker or a resume takes them at once), and close."""

@@ -5,12 +5,17 @@ aiohttp session. Runs the same under the local supervisor or on another machine.
 A retry waits on a timer, not in a fetch slot. A drain stops leasing, lets in-flight requests
 finish within a grace period, flushes, and gives unfinished chunks back.
 
+A Worker is given its collaborators (its ledger access, writer, fetcher, host scheduler);
+`open_worker` opens and wires the real ones for a process, and closes them.
+
 The processes, their tasks and what each owns: docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import gc
 import logging
 import operator
@@ -18,34 +23,27 @@ import os
 import random
 import signal
 import socket
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-
-import asyncpg
+from typing import TYPE_CHECKING
 
 from crawler import metrics
 from crawler.errors import CrawlerError
 from crawler.fetch.fetcher import MAX_WIDTH, Attempt, Fetcher
 from crawler.fetch.hosts import HostScheduler, host_of
 from crawler.fetch.retry import RetryPolicy, decide, parse_retry_after
+from crawler.fetch.worker_ledger import LedgerAccess, WorkerLedger
 from crawler.fetch.writer import ResultWriter
 from crawler.kinds import ErrorKind
 from crawler.ledger import cache, registry
 from crawler.ledger.cache import CachedResponse
-from crawler.ledger.chunks import (
-    Lease,
-    LeasedChunk,
-    chunk_requests,
-    lease_chunk,
-    mark_first_fetch,
-    open_chunks,
-    release_chunk,
-    renew_leases,
-)
+from crawler.ledger.chunks import Lease, LeasedChunk
 from crawler.ledger.database import LedgerConnection
-from crawler.ledger.jobs import job_phase
-from crawler.ledger.results import ResultRow
+from crawler.ledger.results import ResultRow, prepare_writer
 from crawler.settings import Settings
-from crawler.states import JobState
+
+if TYPE_CHECKING:
+    from crawler.fetch.robots_gate import RobotsGate
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +89,53 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def host_budget(settings: Settings, share: int) -> dict:
+    """A host's budget (HostScheduler's initial, maximum and rate) for one of `share` workers."""
+    s = settings
+    return {
+        "initial": max(1, s.per_host_concurrency // share) if s.per_host_concurrency else s.concurrency,
+        "maximum": max(1, s.per_host_max // share) if s.per_host_max else s.concurrency,
+        "rate": s.per_host_rate / share,
+    }
+
+
+def first_share(settings: Settings) -> int:
+    # A host's budget is shared by every live worker of the job, on every machine, not
+    # multiplied by them: until the registry has been read, by this machine's workers.
+    return max(1, settings.effective_workers())
+
+
+def host_scheduler(settings: Settings) -> HostScheduler:
+    """The per-host scheduler of a worker that has not yet counted who shares the job."""
+    return HostScheduler(**host_budget(settings, first_share(settings)), adaptive=settings.adaptive_concurrency,
+                         key=operator.attrgetter("host"))
+
+
+# What a worker asks of --robots obey's gate maker: (worker id, settings, retry policy, and the
+# worker's release / refuse / pace / fetching callbacks as keywords) -> a RobotsGate.
+RobotsGateMaker = Callable[..., "RobotsGate"]
+
+
 class Worker:
-    def __init__(self, dsn: str, job_id: int, settings: Settings, *, grace: float | None = None) -> None:
-        self.dsn = dsn
+    """Leases, fetches and hands results on for one job, with what it is given: `ledger` for the
+    feed and the end, `beat` (a second connection, so a slow write never delays the heartbeat),
+    `writer` (on a third), an open `fetcher`, the `hosts` scheduler (host_scheduler(settings)),
+    and with --robots obey a `robots` gate maker. It owns none of them but the robots gate.
+    Setting `stop` (made here unless given) drains it."""
+
+    def __init__(self, settings: Settings, job_id: int, *, ledger: WorkerLedger, beat: WorkerLedger,
+                 writer: ResultWriter, fetcher: Fetcher, hosts: HostScheduler, robots: RobotsGateMaker | None = None,
+                 stop: asyncio.Event | None = None, grace: float | None = None) -> None:
         self.job_id = job_id
         self.settings = settings
+        self.ledger = ledger
+        self.beat = beat
+        self.writer = writer
+        self.fetcher = fetcher
+        self.hosts = hosts
         self.grace = settings.drain_grace if grace is None else grace
         self.id = worker_id()
-        self.stop = asyncio.Event()
+        self.stop = asyncio.Event() if stop is None else stop
         self.stats = WorkerStats()
         self.policy = RetryPolicy(
             max_attempts=settings.max_attempts,
@@ -107,11 +144,7 @@ class Worker:
             retry_statuses=frozenset(settings.retry_statuses),
             retry_after_max=settings.retry_after_max,
         )
-        # A host's budget is shared by every live worker of the job, on every machine, not
-        # multiplied by them: until the registry has been read, by this machine's workers.
-        self.share = max(1, settings.effective_workers())
-        self.hosts = HostScheduler(**self._host_budget(self.share), adaptive=settings.adaptive_concurrency,
-                                   key=operator.attrgetter("host"))
+        self.share = first_share(settings)  # as `hosts` was made for
         self._in_flight = 0
         self._slow = 0  # requests in flight longer than slow_after (at the last look)
         self._surplus = 0  # fetch tasks to end, the slow requests they replaced having ended
@@ -138,74 +171,54 @@ class Worker:
         # workers would make it. Read once; checked once per chunk, never per request.
         hook = os.environ.get("CRAWLER_TEST_EXIT_ON_ROW") or ""
         self.exit_on_rows = frozenset(int(row) for row in hook.split(",") if row.strip())
-        self.robots = None  # --robots obey: rows wait at the gate for their host's robots.txt
-        if settings.robots == "obey":
-            from crawler.fetch.robots_gate import RobotsGate
+        self.robots: RobotsGate | None = None  # --robots obey: rows wait at the gate for their host's robots.txt
+        if robots is not None:
+            self.robots = robots(self.id, settings, self.policy, release=self.hosts.put, refuse=self._refuse,
+                                 pace=self._pace, fetching=self._robots_fetching)
 
-            self.robots = RobotsGate(dsn, job_id, self.id, settings, self.policy, release=self.hosts.put,
-                                     refuse=self._refuse, pace=self._pace, fetching=self._robots_fetching)
-
-    def _host_budget(self, share: int) -> dict:
-        s = self.settings
-        return {
-            "initial": max(1, s.per_host_concurrency // share) if s.per_host_concurrency else s.concurrency,
-            "maximum": max(1, s.per_host_max // share) if s.per_host_max else s.concurrency,
-            "rate": s.per_host_rate / share,
-        }
-
-    async def _count_workers(self, db: LedgerConnection, *, floor: int = 1) -> None:
+    async def _count_workers(self, db: WorkerLedger, *, floor: int = 1) -> None:
         window = registry.LIVE_BEATS * self.settings.heartbeat_seconds
-        share = max(floor, await db.run(registry.live_worker_count, self.job_id, window))
+        share = max(floor, await db.live_workers(window))
         if share != self.share:
             log.info("%d workers share the job: per-host budgets divided by %d", share, share)
             self.share = share
-            self.hosts.rescale(**self._host_budget(share))
+            self.hosts.rescale(**host_budget(self.settings, share))
 
     async def run(self) -> WorkerStats:
         s = self.settings
-        self.writer = ResultWriter(
-            self.dsn, self.job_id, batch_size=s.write_batch, interval=s.write_interval,
-            lease_seconds=s.lease_seconds, outage_limit=s.db_outage_limit,
-        )
-        async with (
-            LedgerConnection(self.dsn, outage_limit=s.db_outage_limit, job=self.job_id) as db,
-            LedgerConnection(self.dsn, outage_limit=s.db_outage_limit, job=self.job_id) as beat_db,
-        ):
-            host, pid = self.id.rsplit(":", 1)
-            await db.run(registry.register_worker, self.job_id, self.id, host, int(pid))
+        db = self.ledger
+        host, pid = self.id.rsplit(":", 1)
+        try:
+            await db.register_worker(self.id, host, int(pid))
             await self._count_workers(db, floor=self.share)  # siblings may not have registered yet
-            try:
-                async with Fetcher(s) as fetcher, asyncio.TaskGroup() as tg:
-                    if s.idle_hosts == 0:  # a host with nothing left: its connections go at once
-                        self.hosts.on_idle = fetcher.release_host
-                    writer_task = tg.create_task(self.writer.run())
-                    beat = tg.create_task(self._heartbeat(beat_db))
-                    for _ in range(s.concurrency):
-                        self._start_fetcher(tg, fetcher)
-                    widen = tg.create_task(self._widen(tg, fetcher))
-                    gate = tg.create_task(self.robots.run(fetcher)) if self.robots is not None else None
-                    await self._feed(db)
-                    await self._finish(widen)
-                    if gate is not None and self.robots is not None:
-                        self.robots.close()  # robots.txt fetches under way get the drain's grace
-                        if not (await asyncio.wait([gate], timeout=self.grace))[0]:
-                            gate.cancel()
-                    beat.cancel()
-                    self.writer.close()
-                    await writer_task
-                await self._release_unfinished(db)
-                await db.run(registry.worker_heartbeat, self.job_id, self.id, self.stats.fetched, stopped=True)
-            finally:
-                await self.writer.aclose()
-                if self.robots is not None:
-                    await self.robots.aclose()
+            async with asyncio.TaskGroup() as tg:
+                self.writer.start(tg)
+                beat = tg.create_task(self._heartbeat())
+                for _ in range(s.concurrency):
+                    self._start_fetcher(tg)
+                widen = tg.create_task(self._widen(tg))
+                gate = tg.create_task(self.robots.run(self.fetcher)) if self.robots is not None else None
+                await self._feed()
+                await self._finish(widen)
+                if gate is not None and self.robots is not None:
+                    self.robots.close()  # robots.txt fetches under way get the drain's grace
+                    if not (await asyncio.wait([gate], timeout=self.grace))[0]:
+                        gate.cancel()
+                beat.cancel()
+                await self.writer.close()
+            await self._release_unfinished()
+            await db.worker_heartbeat(self.id, self.stats.fetched, stopped=True)
+        finally:
+            if self.robots is not None:
+                await self.robots.aclose()
         self.stats.lost_leases = len(self.writer.lost)
         return self.stats
 
     # --- leasing ---------------------------------------------------------------------------
 
-    async def _feed(self, db: LedgerConnection) -> None:
+    async def _feed(self) -> None:
         """Lease chunks while there is room, until the job has nothing left for us or we stop."""
+        db = self.ledger
         first = True
         while not self.stop.is_set():
             if not self._wants_more():
@@ -214,17 +227,17 @@ class Worker:
                 # arriving to wake us.
                 await self._wait_stop_or(self._low_water.wait(), timeout=0.5)
                 continue
-            chunk = await db.run(lease_chunk, self.job_id, self.id, self.settings.lease_seconds)
+            chunk = await db.lease_chunk(self.id, self.settings.lease_seconds)
             if chunk is None:
-                if await db.run(self._nothing_left):
+                if await db.nothing_left(len(self._held)):
                     return
                 await self._wait_stop_or(asyncio.sleep(IDLE_POLL))
                 continue
             if first:
-                await db.run(mark_first_fetch, self.job_id)
+                await db.mark_first_fetch()
                 first = False
             lease = chunk.lease
-            rows = await db.run(chunk_requests, self.job_id, chunk)
+            rows = await db.chunk_requests(chunk)
             if self.exit_on_rows:
                 _die_on_rows(self.exit_on_rows, chunk, rows)
             self.stats.chunks += 1
@@ -238,7 +251,7 @@ class Worker:
             admitted: list[WorkItem] | None = [] if self.robots is not None else None
             stored = {}
             if self.caching:
-                stored = await db.run(cache.lookup, [row["fingerprint"] for row in rows], self.settings.cache_ttl)
+                stored = await db.cached([row["fingerprint"] for row in rows], self.settings.cache_ttl)
             for row in rows:
                 url = row["url"]
                 # Positional: a dataclass's __init__ called with keywords costs a row 1.8 k instructions more.
@@ -265,16 +278,6 @@ class Worker:
         starving = self.hosts.ready.qsize() == 0 and self._in_flight - self._slow < self.settings.concurrency
         return self._in_system - self._slow < self.high_water or starving
 
-    async def _nothing_left(self, conn: asyncpg.Connection) -> bool:
-        """True when ingest is over and every open chunk is one of ours (being finished), or the
-        job was stopped (its `crawler resume` starts workers anew)."""
-        state, ingest_done = await job_phase(conn, self.job_id)
-        if state in (JobState.DONE, JobState.INTERRUPTED):
-            return True
-        if not ingest_done:
-            return False
-        return await open_chunks(conn, self.job_id) <= len(self._held)
-
     async def _wait_stop_or(self, aw, timeout: float | None = None) -> None:
         task = asyncio.ensure_future(aw)
         stopper = asyncio.ensure_future(self.stop.wait())
@@ -284,15 +287,16 @@ class Worker:
             task.cancel()
             stopper.cancel()
 
-    async def _heartbeat(self, db: LedgerConnection) -> None:
+    async def _heartbeat(self) -> None:
         """Renew our leases well before they expire, so a long chunk is not taken from us, tell
         the registry we are alive (what `crawler status` shows), and count who shares the job."""
+        db = self.beat
         interval = min(self.settings.heartbeat_seconds, self.settings.lease_seconds / 3)
         while True:
             await asyncio.sleep(interval)
             leases = [h.lease for h in self._held.values()]
-            kept = await db.run(renew_leases, self.job_id, leases, self.settings.lease_seconds)
-            await db.run(registry.worker_heartbeat, self.job_id, self.id, self.stats.fetched)
+            kept = await db.renew_leases(leases, self.settings.lease_seconds)
+            await db.worker_heartbeat(self.id, self.stats.fetched)
             if self.robots is not None:
                 await self.robots.renew(db)
             await self._count_workers(db)
@@ -307,22 +311,22 @@ class Worker:
 
     # --- fetching --------------------------------------------------------------------------
 
-    def _start_fetcher(self, tg: asyncio.TaskGroup, fetcher: Fetcher) -> None:
-        task = tg.create_task(self._fetch_loop(fetcher))
+    def _start_fetcher(self, tg: asyncio.TaskGroup) -> None:
+        task = tg.create_task(self._fetch_loop(self.fetcher))
         self._fetchers.add(task)
         task.add_done_callback(self._fetchers.discard)
 
-    async def _widen(self, tg: asyncio.TaskGroup, fetcher: Fetcher) -> None:
+    async def _widen(self, tg: asyncio.TaskGroup) -> None:
         """Keep `concurrency` fetch tasks free of slow requests: one more task per request in
         flight longer than slow_after, up to MAX_WIDTH x concurrency; the extra tasks end once
         the slow requests have."""
         s = self.settings
         while True:
             await asyncio.sleep(WIDEN_EVERY)
-            self._slow = fetcher.slow_requests(s.slow_after)
+            self._slow = self.fetcher.slow_requests(s.slow_after)
             want = min(s.concurrency + self._slow, MAX_WIDTH * s.concurrency)
             while len(self._fetchers) < want:
-                self._start_fetcher(tg, fetcher)
+                self._start_fetcher(tg)
             self._surplus = len(self._fetchers) - want
             if self._slow and self._wants_more():
                 self._low_water.set()
@@ -467,9 +471,9 @@ class Worker:
         for task in pending:
             task.cancel()
 
-    async def _release_unfinished(self, db: LedgerConnection) -> None:
+    async def _release_unfinished(self) -> None:
         for held in list(self._held.values()):
-            await db.run(release_chunk, self.job_id, held.lease)
+            await self.ledger.release_chunk(held.lease)
         self._held.clear()
 
 
@@ -486,6 +490,33 @@ def _from_cache(entry: CachedResponse) -> Attempt:
     return Attempt(status=entry.status, final_url=entry.final_url, error_kind=error_kind,
                    error=f"HTTP {entry.status} (stored)" if error_kind else None,
                    body_bytes=entry.body_bytes, body_sha256=entry.body_sha256)
+
+
+@contextlib.asynccontextmanager
+async def open_worker(dsn: str, job_id: int, settings: Settings, *,
+                      stop: asyncio.Event | None = None) -> AsyncIterator[Worker]:
+    """A Worker for a real process: three ledger connections (the feed's, the heartbeat's, the
+    writer's), the fetcher's session, the host scheduler and, with --robots obey, the robots gate,
+    opened here and closed at the block's end, whatever ends it."""
+    limit = settings.db_outage_limit
+    async with (
+        LedgerConnection(dsn, outage_limit=limit, job=job_id) as db,
+        LedgerConnection(dsn, outage_limit=limit, job=job_id) as beat_db,
+        LedgerConnection(dsn, outage_limit=limit, setup=prepare_writer, job=job_id) as writer_db,
+        Fetcher(settings) as fetcher,
+    ):
+        hosts = host_scheduler(settings)
+        if settings.idle_hosts == 0:  # a host with nothing left: its connections go at once
+            hosts.on_idle = fetcher.release_host
+        writer = ResultWriter(LedgerAccess(writer_db, job_id), batch_size=settings.write_batch,
+                              interval=settings.write_interval, lease_seconds=settings.lease_seconds)
+        robots = None
+        if settings.robots == "obey":
+            from crawler.fetch.robots_gate import RobotsGate
+
+            robots = functools.partial(RobotsGate, dsn, job_id)
+        yield Worker(settings, job_id, ledger=LedgerAccess(db, job_id), beat=LedgerAccess(beat_db, job_id),
+                     writer=writer, fetcher=fetcher, hosts=hosts, robots=robots, stop=stop)
 
 
 def tune_gc() -> None:
@@ -507,38 +538,17 @@ def run_worker(dsn: str, job_id: int, settings: dict) -> None:
     os.setpgrp()  # as standby.worker_main does first: Ctrl-C is the supervisor's to turn into a drain
     setup_worker_logging()
     tune_gc()
-    worker = Worker(dsn, job_id, Settings.from_values(settings, "the worker's orders"))
+    worker_settings = Settings.from_values(settings, "the worker's orders")
+    name = worker_id()
     parent = os.getppid()
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        presses = 0
-
-        def on_signal() -> None:
-            nonlocal presses
-            presses += 1
-            worker.stop.set()
-            if presses > 1:  # a second Ctrl-C: stop at once; committed results are safe
-                os._exit(130)
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
-
-        async def orphan_watch() -> None:
-            # A supervisor killed with SIGKILL cannot tell us: drain when we are orphaned.
-            # noqa reason: nothing tells a process its parent died, so it looks once a second.
-            while os.getppid() == parent:  # noqa: ASYNC110
-                await asyncio.sleep(1.0)
-            worker.stop.set()
-
-        watch = asyncio.create_task(orphan_watch())
-        try:
+        stop = asyncio.Event()
+        async with drain_on_signals(stop, parent), open_worker(dsn, job_id, worker_settings, stop=stop) as worker:
             await worker.run()
-        finally:
-            watch.cancel()
 
     try:
-        with log_context(job=job_id, worker=worker.id):  # every record of this process carries both
+        with log_context(job=job_id, worker=name):  # every record of this process carries both
             uvloop.run(main())
     except (CrawlerError, BaseExceptionGroup) as exc:
         # e.g. the database gone past its outage limit: one line, no traceback. From inside the
@@ -546,8 +556,39 @@ def run_worker(dsn: str, job_id: int, settings: dict) -> None:
         found = exc if isinstance(exc, CrawlerError) else _first_crawler_error(exc)
         if found is None:
             raise
-        log.error("worker %s stops: %s", worker.id, found)
+        log.error("worker %s stops: %s", name, found)
         raise SystemExit(found.exit_code) from None
+
+
+@contextlib.asynccontextmanager
+async def drain_on_signals(stop: asyncio.Event, parent: int) -> AsyncIterator[None]:
+    """Within the block, SIGINT / SIGTERM and the parent's death set `stop` (the worker's drain);
+    a second signal ends the process at once."""
+    loop = asyncio.get_running_loop()
+    presses = 0
+
+    def on_signal() -> None:
+        nonlocal presses
+        presses += 1
+        stop.set()
+        if presses > 1:  # a second Ctrl-C: stop at once; committed results are safe
+            os._exit(130)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+
+    async def orphan_watch() -> None:
+        # A supervisor killed with SIGKILL cannot tell us: drain when we are orphaned.
+        # noqa reason: nothing tells a process its parent died, so it looks once a second.
+        while os.getppid() == parent:  # noqa: ASYNC110
+            await asyncio.sleep(1.0)
+        stop.set()
+
+    watch = asyncio.create_task(orphan_watch())
+    try:
+        yield
+    finally:
+        watch.cancel()
 
 
 def _first_crawler_error(group: BaseExceptionGroup) -> CrawlerError | None:

@@ -2,6 +2,7 @@
 each chunk's last results together with its completion, retrying while the database is away.
 
 It never drops a buffered result; when its buffer is full, `add` waits (backpressure on fetching).
+It writes through a WorkerLedger it is given (worker_ledger.py), which waits out outages.
 """
 
 from __future__ import annotations
@@ -12,30 +13,24 @@ import time
 import zlib
 
 from crawler import metrics
+from crawler.errors import CrawlerError
+from crawler.fetch.worker_ledger import WorkerLedger
 from crawler.ledger.chunks import Lease
-from crawler.ledger.database import LedgerConnection
-from crawler.ledger.results import BodyRow, ResultRow, prepare_writer, write_results
+from crawler.ledger.results import BodyRow, ResultRow
 
 log = logging.getLogger(__name__)
 
 
 class ResultWriter:
-    def __init__(
-        self,
-        dsn: str,
-        job_id: int,
-        *,
-        batch_size: int,
-        interval: float,
-        lease_seconds: float,
-        outage_limit: float = 300.0,
-    ) -> None:
-        self.dsn = dsn
-        self.job_id = job_id
+    """`start(tg)` runs the writer in the worker's task group (its failure, the database gone past
+    the outage limit, stops the worker); `await close()` flushes what is left and waits for it,
+    `terminate()` stops at once, leaving what is buffered to whoever leases its chunks next."""
+
+    def __init__(self, ledger: WorkerLedger, *, batch_size: int, interval: float, lease_seconds: float) -> None:
+        self.ledger = ledger
         self.batch_size = batch_size
         self.interval = interval
         self.lease_seconds = lease_seconds
-        self.outage_limit = outage_limit
         self._buffer: dict[Lease, list[ResultRow]] = {}
         self._bodies: dict[Lease, list[BodyRow]] = {}
         self._handed: dict[Lease, list[float]] = {}  # when each buffered result came: its write lag
@@ -48,7 +43,7 @@ class ResultWriter:
         self._room = asyncio.Event()
         self._room.set()
         self._closing = False
-        self._db = LedgerConnection(dsn, outage_limit=outage_limit, setup=prepare_writer, job=job_id)
+        self._task: asyncio.Task | None = None
         self.max_buffer = batch_size * 8
         self.metrics = metrics.for_worker()
 
@@ -93,6 +88,11 @@ class ResultWriter:
         self._completed.add(lease)
         self._wake.set()
 
+    def start(self, tg: asyncio.TaskGroup) -> None:
+        if self._task is not None:
+            raise CrawlerError("the result writer was started twice.")
+        self._task = tg.create_task(self.run())
+
     async def run(self) -> None:
         """Flush on size, on a chunk's completion or every `interval`, until closed and empty."""
         while True:
@@ -106,10 +106,26 @@ class ResultWriter:
             if self._closing and not self._buffered and not self._completed:
                 return
 
-    def close(self) -> None:
-        """Ask run() to flush what is left and return."""
+    async def close(self) -> None:
+        """Flush what is left and wait until it is written (or the writer failed: its error
+        stops the task group). Cancelled meanwhile, it terminates: the wait is what was cancelled,
+        and a writer left running would outlive its owner."""
         self._closing = True
         self._wake.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait([self._task])
+        except asyncio.CancelledError:
+            self.terminate()
+            raise
+
+    def terminate(self) -> None:
+        """Stop now: a write under way is abandoned (its transaction rolls back), what is buffered
+        is dropped, and the chunks it belonged to are redone by whoever leases them next."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
 
     async def flush(self) -> None:
         """Commit what is buffered. While the database is away this waits and retries (the
@@ -120,10 +136,8 @@ class ResultWriter:
         self._cache_rows, self._cache_touch = [], []
         count = sum(len(records) for records in batches.values())
         try:
-            refused = await self._db.run(
-                write_results, self.job_id, batches, completed, self.lease_seconds, bodies,
-                cache_rows, cache_touch,
-            )
+            refused = await self.ledger.write_results(batches, completed, self.lease_seconds, bodies,
+                                                      cache_rows, cache_touch)
         except BaseException:
             # Keep the results for the caller's last attempt (or for nobody, if the worker dies:
             # the chunk is then redone by whoever leases it next).
@@ -143,6 +157,3 @@ class ResultWriter:
         self.metrics.results_written(t for lease, times in handed.items() if lease not in refused for t in times)
         self._buffered -= count
         self._room.set()
-
-    async def aclose(self) -> None:
-        await self._db.close()

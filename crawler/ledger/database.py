@@ -18,7 +18,7 @@ import socket
 import stat
 import tempfile
 import warnings
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from urllib.parse import urlsplit
@@ -281,12 +281,14 @@ class LedgerConnection:
     """One connection that comes back. A call that fails because the database went away waits
     (exponential backoff with jitter), reconnects and tries again, for up to `outage_limit`
     seconds; then the last error is raised, naming `job` (its name or id) in the resume hint.
-    Calls must be safe to repeat."""
+    Calls must be safe to repeat. `connect` replaces asyncpg's (an in-memory ledger in tests)."""
 
-    def __init__(self, dsn: str, *, outage_limit: float = 300.0, setup=None, job: str | int | None = None) -> None:
+    def __init__(self, dsn: str, *, outage_limit: float = 300.0, setup=None, job: str | int | None = None,
+                 connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None) -> None:
         self.dsn = dsn
         self.outage_limit = outage_limit
         self._setup = setup
+        self._connect = connect
         self.job = job
         self._conn: asyncpg.Connection | None = None
 
@@ -340,7 +342,10 @@ class LedgerConnection:
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.dsn, timeout=10, server_settings=SESSION_SETTINGS)
+            if self._connect is not None:
+                self._conn = await self._connect()
+            else:
+                self._conn = await asyncpg.connect(self.dsn, timeout=10, server_settings=SESSION_SETTINGS)
             _keep_alive(self._conn)
             if self._setup is not None:
                 await self._setup(self._conn)
