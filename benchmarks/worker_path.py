@@ -73,9 +73,17 @@ def child(dsn: str, job_id: int) -> None:
     import uvloop
 
     import crawler
-    from crawler.fetch.worker import Worker
-    from crawler.ledger.jobs import find_job
     from crawler.settings import Settings
+
+    try:  # the package's layout since it has subpackages
+        from crawler.fetch import process as worker_module
+        from crawler.fetch.worker import Worker
+        from crawler.ledger.jobs import find_job
+    except ImportError:  # a revision before them
+        import crawler.worker as worker_module  # type: ignore[no-redef]
+        from crawler.worker import Worker  # type: ignore[no-redef]
+
+        from crawler.ledger import find_job  # type: ignore[no-redef]
 
     async def main() -> dict:
         conn = await asyncpg.connect(dsn)
@@ -83,8 +91,6 @@ def child(dsn: str, job_id: int) -> None:
             job = await find_job(conn, job_id)
         finally:
             await conn.close()
-        import crawler.fetch.worker as worker_module
-
         if hasattr(worker_module, "tune_gc"):  # as run_worker does, where this revision has it
             worker_module.tune_gc()
         known = {f.name for f in dataclasses.fields(Settings)}

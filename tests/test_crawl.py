@@ -186,7 +186,7 @@ async def test_a_corrupt_gzip_stops_with_one_sentence_and_keeps_what_was_read(se
 def test_a_worker_collects_garbage_rarely_and_never_scans_its_start_up_objects() -> None:
     # In a process of its own, as a worker would: pytest's collector stays as it is.
     code = (
-        "import gc, json; from crawler.fetch.worker import tune_gc; tune_gc();"
+        "import gc, json; from crawler.fetch.process import tune_gc; tune_gc();"
         " print(json.dumps([gc.get_threshold(), gc.get_freeze_count()]))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import ROOT, test_settings
 from crawler import metrics
 from crawler.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
-from crawler.fetch.worker import run_worker
+from crawler.fetch.process import run_worker
 from crawler.job.crawl import crawl
 from crawler.job.inputs import RequestRow
 from crawler.ledger.chunks import mark_ingested, store_chunk

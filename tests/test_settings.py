@@ -501,7 +501,7 @@ def test_settings_handed_over_whole_come_back_equal() -> None:
 def test_a_worker_handed_a_bad_setting_stops_with_the_sentence_before_it_connects() -> None:
     # Unchecked, the worker would start and wait out the unreachable database (0.1 s), exit 2.
     orders = {"concurrency": "many", "db_outage_limit": 0.1}
-    code = f"from crawler.fetch.worker import run_worker; run_worker('postgresql://127.0.0.1:1/none', 1, {orders!r})"
+    code = f"from crawler.fetch.process import run_worker; run_worker('postgresql://127.0.0.1:1/none', 1, {orders!r})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, cwd=ROOT)
     err = proc.stderr.decode()
     assert proc.returncode == 1, err

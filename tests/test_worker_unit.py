@@ -16,7 +16,8 @@ from aiohttp import web
 from conftest import test_settings
 from crawler.errors import DatabaseError
 from crawler.fetch.fetcher import Fetcher
-from crawler.fetch.worker import Worker, _first_crawler_error, host_scheduler
+from crawler.fetch.process import _first_crawler_error
+from crawler.fetch.worker import Worker, host_scheduler
 from crawler.fetch.worker_ledger import LedgerAccess, WorkerLedger
 from crawler.fetch.writer import ResultWriter
 from crawler.ledger.chunks import Lease

@@ -1,5 +1,5 @@
 """The supervisor process's signal handlers: installed here and nowhere else in that process (a
-worker's are installed by fetch/worker.py's run_worker, the mock servers' by their own main). What
+worker's are installed by fetch/process.py's run_worker, the mock servers' by their own main). What
 each signal does in each process: docs/ARCHITECTURE.md.
 
 Handlers are the event loop's (add_signal_handler), set for a block and removed at its end, when

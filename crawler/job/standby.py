@@ -24,7 +24,7 @@ def worker_main(orders: Connection) -> None:
     # Our own process group from the start: a Ctrl-C at the terminal reaches the supervisor
     # alone, which turns it into one orderly drain signal per worker.
     os.setpgrp()
-    from crawler.fetch.worker import run_worker
+    from crawler.fetch.process import run_worker
 
     try:
         dsn, job_id, settings, environ = orders.recv()
