@@ -130,7 +130,7 @@ async def _ingest(dsn: str, path: Path, settings: dict) -> int:
     from crawler.ledger.database import LedgerConnection
     from crawler.ledger.jobs import create_job
 
-    async with LedgerConnection(dsn) as db:
+    async with LedgerConnection(dsn, outage_limit=300.0) as db:
         job = await db.run(create_job, name=None, input=str(path), settings=settings)
         chunk_no, last_row = await db.run(ingest_position, job.id)
         with open_input(str(path), url_column=None, sort_query=False) as reader:

@@ -74,7 +74,7 @@ async def export(dsn: str, job_ref: str, *, fmt: str, path: str | None, only: st
     return EXIT_OK
 
 
-async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seconds: float = 5.0) -> int:
+async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seconds: float) -> int:
     await prepare_database(dsn)
     async with database.connection(dsn) as conn:
         if job_ref is None:

@@ -32,7 +32,7 @@ async def job_with_chunk(db, name: str, count: int = ROWS) -> tuple[int, Lease]:
 
 def writer_on(dsn: str, job_id: int, batch_size: int) -> tuple[LedgerConnection, ResultWriter]:
     """A ResultWriter on a connection of its own, set up as a worker's writer's is."""
-    conn = LedgerConnection(dsn, setup=prepare_writer, job=job_id)
+    conn = LedgerConnection(dsn, outage_limit=300.0, setup=prepare_writer, job=job_id)
     return conn, ResultWriter(LedgerAccess(conn, job_id), batch_size=batch_size, interval=60, lease_seconds=60)
 
 

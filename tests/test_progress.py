@@ -67,7 +67,7 @@ def test_total_is_unknown_for_stdin_or_before_the_first_bytes():
 
 
 def test_rate_covers_the_last_ten_seconds_and_gives_the_eta():
-    view = ProgressView(stream=io.StringIO())
+    view = ProgressView(interval=5.0, stream=io.StringIO())
     c = counts(rows_read=10_000, to_fetch=10_000)
     for t, fetched in [(0, 0), (5, 500), (10, 1000), (20, 1500)]:
         snap = view.snapshot(dataclasses.replace(c, fetched=fetched), [], now=view._started + t)
@@ -77,7 +77,7 @@ def test_rate_covers_the_last_ten_seconds_and_gives_the_eta():
 
 
 def test_rows_done_count_fetched_cached_and_invalid_rows_and_the_eta_scales_while_ingesting():
-    view = ProgressView(stream=io.StringIO())
+    view = ProgressView(interval=5.0, stream=io.StringIO())
     c = counts(rows_read=1000, to_fetch=800, fetched=0, invalid=50, duplicates=150, ingest_done=False,
                bytes_read=1000, bytes_total=4000)
     view.snapshot(c, [], now=view._started)
@@ -89,7 +89,7 @@ def test_rows_done_count_fetched_cached_and_invalid_rows_and_the_eta_scales_whil
 
 
 def test_worker_rates_come_from_their_recent_heartbeats():
-    view = ProgressView(stream=io.StringIO())
+    view = ProgressView(interval=5.0, stream=io.StringIO())
     start = datetime(2024, 1, 1, tzinfo=UTC)
     worker = dict(worker_id="box:1", host="box", pid=1, fetched=0, rate=0, started_at=start, heartbeat_at=start)
     view.snapshot(counts(), [worker])

@@ -126,7 +126,7 @@ class ProgressView:
     """Fed by the supervisor with job_counts (plus ingest_done, bytes_read, bytes_total)
     and registry.live_workers rows, a few times a second; a context manager around the job."""
 
-    def __init__(self, *, quiet: bool = False, interval: float = 5.0, stream=None) -> None:
+    def __init__(self, *, interval: float, quiet: bool = False, stream=None) -> None:
         self.stream = stream or sys.stderr
         self.console = Console(file=self.stream)
         self.quiet = quiet

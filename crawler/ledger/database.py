@@ -283,7 +283,7 @@ class LedgerConnection:
     seconds; then the last error is raised, naming `job` (its name or id) in the resume hint.
     Calls must be safe to repeat. `connect` replaces asyncpg's (an in-memory ledger in tests)."""
 
-    def __init__(self, dsn: str, *, outage_limit: float = 300.0, setup=None, job: str | int | None = None,
+    def __init__(self, dsn: str, *, outage_limit: float, setup=None, job: str | int | None = None,
                  connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None) -> None:
         self.dsn = dsn
         self.outage_limit = outage_limit
