@@ -60,7 +60,7 @@ def worker_part(frames: list[tuple[str, str]]) -> str:
         if leaf_file.startswith("crawler/"):
             return "fetch: our code inside Fetcher.attempt (body hashing, address policy)"
         return "fetch: aiohttp request path inside Fetcher.attempt"
-    if any(file.startswith(("crawler/fetch/writer.py", "crawler/ledger.py", "crawler/ledger/database.py", "asyncpg/"))
+    if any(file.startswith(("crawler/fetch/writer.py", "crawler/ledger/", "asyncpg/"))
            for file in files):
         return "database: ResultWriter, ledger, asyncpg"
     root = _loop_root(frames)
@@ -86,7 +86,7 @@ def supervisor_part(frames: list[tuple[str, str]]) -> str:
         return "ingest: storing chunks (COPY, asyncpg)"
     if any(file.startswith(("crawler/job/progress.py", "rich/")) for file in files):
         return "progress display (rich)"
-    if any(file.startswith(("asyncpg/", "crawler/ledger.py")) for file in files):
+    if any(file.startswith(("asyncpg/", "crawler/ledger/")) for file in files):
         return "polling the ledger (job counts, live workers)"
     if any(file.startswith(("concurrent/futures/", "threading.py")) for file in files) or any(
             f == "_chain_future.<locals>._call_set_state" for f in funcs):
