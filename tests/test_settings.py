@@ -433,6 +433,13 @@ def test_a_setting_that_may_be_absent_takes_none_from_a_flag() -> None:
         ({"CRAWLER_DRAIN_GRACE": "-1"}, "setting 'drain_grace' cannot be negative."),
         ({"CRAWLER_MAX_REDIRECTS": "-1"}, "settings 'max_body_bytes' and 'max_redirects' cannot be negative."),
         ({"CRAWLER_MAX_BODY_BYTES": "-1"}, "settings 'max_body_bytes' and 'max_redirects' cannot be negative."),
+        ({"CRAWLER_ROBOTS_MAX_DELAY": "-0.5"}, "setting 'robots_max_delay' cannot be negative."),
+        ({"CRAWLER_IDLE_HOSTS": "-1"}, "setting 'idle_hosts' cannot be negative"
+                                       " (0 means: close a host's connections once it has nothing pending)."),
+        ({"CRAWLER_DNS_CACHE_SIZE": "-1"}, "setting 'dns_cache_size' cannot be negative (0 means: no cache)."),
+        ({"CRAWLER_DNS_SERVERS": "127.0.0.1:53,resolver.example"},
+         "DNS server 'resolver.example' must be an IP address with an optional port, e.g. 127.0.0.1:5353 or [::1]:53."),
+        ({"CRAWLER_CA_FILE": "/nonexistent/ca.pem"}, "the CA file '/nonexistent/ca.pem' does not exist."),
     ],
 )
 def test_each_bound_says_which_setting_and_why(environ, message) -> None:
@@ -445,6 +452,19 @@ def test_the_edges_of_each_bound_are_allowed() -> None:
     settings, _ = load_settings(environ=edges)
     assert (settings.metrics_port, settings.worker_restarts, settings.max_body_bytes, settings.max_redirects) == (
         65535, 0, 0, 0)
+    zeros = {"CRAWLER_ROBOTS_MAX_DELAY": "0", "CRAWLER_IDLE_HOSTS": "0", "CRAWLER_DNS_CACHE_SIZE": "0",
+             "CRAWLER_DNS_SERVERS": "127.0.0.1:5353,[::1]"}
+    settings, _ = load_settings(environ=zeros)
+    assert (settings.robots_max_delay, settings.idle_hosts, settings.dns_cache_size) == (0, 0, 0)
+    assert settings.dns_servers == ["127.0.0.1:5353", "[::1]"]
+
+
+def test_the_embedded_database_lives_under_the_users_data_directory_for_the_crawler() -> None:
+    import platformdirs
+
+    from crawler.settings import Settings
+
+    assert Settings().home == platformdirs.user_data_dir("crawler")
 
 
 def test_a_joining_worker_keeps_its_own_networks_when_the_job_stored_none() -> None:
@@ -522,3 +542,10 @@ def test_a_flag_is_named_for_its_setting_unless_declared_otherwise() -> None:
     assert flag_name("per_host_rate") == "--per-host-rate"
     assert flag_name("adaptive_concurrency") == "--no-adaptive"
     assert flag_name("dns_servers") == "--dns-server"
+
+
+def test_a_ca_file_that_exists_is_taken(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")  # read by the fetcher, not here: here only found
+    settings, _ = load_settings(environ={"CRAWLER_CA_FILE": str(ca)})
+    assert settings.ca_file == str(ca)
