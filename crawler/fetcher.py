@@ -21,6 +21,7 @@ from crawler.addresses import AddressPolicy
 from crawler.connections import HostConnector
 from crawler.errors import UsageError
 from crawler.failures import BodyTooLarge, classify, transient
+from crawler.heap import HeapTrimmer
 from crawler.kinds import ErrorKind
 from crawler.resolver import CachingResolver
 from crawler.settings import Settings
@@ -39,6 +40,9 @@ READ_SIZE = 64 * 1024
 # Requests in flight, at most, as a multiple of `concurrency`: the worker adds fetch tasks while
 # some requests are slow (worker._widen), and the connector's limit must let them through.
 MAX_WIDTH = 4
+# How often the freed heap goes back to the system (crawler/heap.py says why): between two trims
+# a worker touches at most what it frees in this long; a trim costs milliseconds.
+HEAP_TRIM_INTERVAL = 5.0
 
 
 @dataclass(slots=True)
@@ -162,6 +166,7 @@ class Fetcher:
         self.resolver: CachingResolver | None = None
         # How often the watchdog looks: a read or total timeout fires up to this much late.
         self.sweep = min(1.0, max(0.05, min(settings.read_timeout, settings.total_timeout) / 20))
+        self.heap = HeapTrimmer(HEAP_TRIM_INTERVAL)
 
     async def __aenter__(self) -> Fetcher:
         s = self.settings
@@ -225,11 +230,14 @@ class Fetcher:
     async def _watch(self) -> None:
         """End attempts that overran the total timeout, or read nothing for the read timeout
         (counted from the attempt's start until the first body bytes, then between reads), by
-        cancelling their task: what aiohttp's own timers do, with one sweep for all of them."""
+        cancelling their task: what aiohttp's own timers do, with one sweep for all of them. Every
+        HEAP_TRIM_INTERVAL seconds, the sweep also gives the freed heap back (crawler/heap.py)."""
         total, read = self.settings.total_timeout, self.settings.read_timeout
         while True:
             await asyncio.sleep(self.sweep)
             now = time.perf_counter()
+            if self.heap.due(now):
+                self.heap.trim(now)
             for flight in self._flights:
                 if flight.expired is not None:
                     continue
