@@ -76,7 +76,7 @@ class Settings:
     dns_servers: list[str] = field(default_factory=list)  # HOST[:PORT]; none = the system's resolvers
     dns_timeout: float = 5.0
     dns_concurrency: int = 64
-    dns_cache_size: int = 10_000
+    dns_cache_size: int = 100_000
     # Persistence and leases.
     write_batch: int = 1000
     write_interval: float = 0.5
