@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -18,7 +21,7 @@ from aiohttp import hdrs
 from yarl import URL
 
 from crawler.addresses import AddressPolicy
-from crawler.connections import HostConnector
+from crawler.connections import HostConnector, closed_mid_handshake
 from crawler.errors import UsageError
 from crawler.failures import BodyTooLarge, classify, transient
 from crawler.heap import HeapTrimmer
@@ -35,6 +38,8 @@ from crawler.storable import (
     marked,
     storable,
 )
+
+log = logging.getLogger(__name__)
 
 READ_SIZE = 64 * 1024
 # Requests in flight, at most, as a multiple of `concurrency`: the worker adds fetch tasks while
@@ -167,6 +172,9 @@ class Fetcher:
         # How often the watchdog looks: a read or total timeout fires up to this much late.
         self.sweep = min(1.0, max(0.05, min(settings.read_timeout, settings.total_timeout) / 20))
         self.heap = HeapTrimmer(HEAP_TRIM_INTERVAL)
+        self.handshakes_cut = 0  # TLS handshakes a connect timeout ended as they completed
+        # The event loop's handler of errors before ours (None: its default).
+        self._loop_errors: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None = None
 
     async def __aenter__(self) -> Fetcher:
         s = self.settings
@@ -198,6 +206,9 @@ class Fetcher:
             raise_for_status=False,
         )
         self._watchdog = asyncio.create_task(self._watch())
+        loop = asyncio.get_running_loop()
+        self._loop_errors = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_error)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -214,8 +225,22 @@ class Fetcher:
                 if session is not None:
                     await session.close()
             finally:
-                if resolver is not None:
-                    await resolver.close()  # not the connector's to close: it was given one
+                try:
+                    if resolver is not None:
+                        await resolver.close()  # not the connector's to close: it was given one
+                finally:
+                    asyncio.get_running_loop().set_exception_handler(self._loop_errors)
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """The event loop's errors, as before, but for uvloop's report of a TLS handshake that a
+        connect timeout ended (connections.closed_mid_handshake): the request's outcome says it."""
+        if closed_mid_handshake(context):
+            self.handshakes_cut += 1
+            log.debug("a connect timeout ended a TLS handshake as it completed (%s)", context.get("exception"))
+        elif self._loop_errors is not None:
+            self._loop_errors(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
     def slow_requests(self, after: float) -> int:
         """Attempts under way for longer than `after` seconds."""
