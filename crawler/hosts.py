@@ -63,6 +63,7 @@ class HostState:
     rtt: float = 0.1
     delay: float = 0.0  # seconds between starts that the host itself asked for (robots.txt Crawl-delay)
     idle: bool = False  # kept while idle, and counted so (HostScheduler._idle)
+    busiest: int = 0  # the most requests it has had in flight at once
 
 
 class HostScheduler:
@@ -143,10 +144,12 @@ class HostScheduler:
         learnt of others (an overload's lower limit, a pause, a crawl delay), but only so many:
         memory is per host with work, not per host ever seen."""
         state = self.hosts[host]
-        if state.limit.slow_start and not state.delay and (not state.next_start or state.next_start <= self.clock()):
-            # Never overloaded, nothing to wait out: it starts again from `initial` in slow start,
-            # as TCP restarts its window after an idle period (RFC 5681, 4.1). A crawl over
+        if (state.busiest <= self.initial and state.limit.slow_start and not state.delay
+                and (not state.next_start or state.next_start <= self.clock())):
+            # Never overloaded, nothing to wait out, never more in flight than a fresh start
+            # allows: met again, it starts from `initial` as it would have gone on. A crawl over
             # 100 000 hosts kept 10 000 such states per worker, about 1 KiB each (their deque).
+            # A host that was busier keeps the limit it grew to while it is remembered.
             del self.hosts[host]
             if state.idle:  # kept for a crawl delay that is now 0
                 self._idle_hosts -= 1
@@ -220,6 +223,8 @@ class HostScheduler:
                 if self.interval or state.delay:
                     state.next_start = max(state.next_start, now) + max(self.interval, state.delay)
             state.active += 1
+            if state.active > state.busiest:
+                state.busiest = state.active
             self.ready.put_nowait(state.pending.popleft())
 
     def _wake(self, host: str) -> None:

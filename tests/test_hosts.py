@@ -155,6 +155,14 @@ async def test_a_host_that_learnt_something_is_kept_while_idle():
         s.done(item, error_kind=None, elapsed=0.01, **answers[item.url])
     assert sorted(s.hosts) == ["http://overloaded", "http://paced", "http://paused"]
     assert s.limit_of("http://overloaded") == 2.0
+    for i in range(6):  # more in flight at once than a fresh start allows: its grown limit is kept
+        s.put(Item(f"http://busy/{i}"))
+    for item in drain(s):
+        s.done(item, error_kind=None, status=200, elapsed=0.01)
+    while items := drain(s):
+        for item in items:
+            s.done(item, error_kind=None, status=200, elapsed=0.01)
+    assert s.limit_of("http://busy") == 8.0  # grown from 4 to the maximum, one per answer
     s.hosts["http://paused"].timer = None  # (no timer was armed: nothing was pending)
 
 
