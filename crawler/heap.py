@@ -6,8 +6,9 @@ a 256 KiB bytes object that is then shrunk. glibc serves such blocks from its he
 been freed (its mmap threshold rises), and never gives a freed block's pages back unless they are
 at the heap's top. Over a crawl of one connection per request the freed blocks land all over the
 heap, and pages that a buffer touched stay resident after it is freed: one worker, 75 000 URLs over
-30 000 TLS hosts, grew from 250 to 375 MiB while what it held stayed at ~380 MiB of mostly
-untouched buffers (benchmarks/worker_memory.py). malloc_trim(0) returns every free page of every
+30 000 TLS hosts, grew from 250 to 375 MiB while what malloc had handed out stayed flat (~380 MiB,
+mostly buffers' untouched pages; benchmarks/worker_memory.py), and held 150-170 MiB with a trim
+every 5 s. malloc_trim(0) returns every free page of every
 arena (madvise), not only the top; the worker calls it now and then (fetcher.Fetcher's watchdog).
 
 Only glibc has it: elsewhere trim() does nothing and says so.
@@ -46,7 +47,7 @@ def trim() -> bool:
 
 class HeapTrimmer:
     """Trims at most once per `interval` seconds, when `due(now)` is asked; counts its trims and
-    the time they took (a trim of a heap with ~200 MiB free takes a few milliseconds)."""
+    the time they took (5-20 ms for a heap with 200-350 MiB free, measured in that worker)."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
