@@ -74,6 +74,7 @@ def test_the_loops_error_for_a_handshake_cut_short_is_recognised_and_no_other():
     assert not closed_mid_handshake({"message": "Task exception was never retrieved"})
 
 
+@pytest.mark.slow  # about 1 000 attempts, 10 s here
 def test_a_connect_timeout_that_ends_a_tls_handshake_as_it_completes_is_a_timeout_row_and_no_loop_error(
         tmp_path, caplog):
     certificate = generate_certificate()
