@@ -29,6 +29,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import harness
@@ -93,6 +94,9 @@ def run_once(tool: str, hosts: int, tls: bool, args, db: harness.ScratchDatabase
         row = {"tool": tool, "hosts": hosts, "tls": tls, "urls": rows, "slow": slow, "returncode": timed.returncode,
                "wall_s": round(timed.wall_s, 3), "cpu_s": round(timed.cpu_s, 3), "load_1m": timed.load_1m,
                "largest_rss": max((rss for _, rss in timed.peaks.values()), default=0),
+               # Which process it was: the supervisor ("main") or a worker, each role's largest.
+               "largest_rss_by_role": {role: max(rss for name, rss in timed.peaks.values() if name == role)
+                                       for role in {name for name, _ in timed.peaks.values()}},
                "connections": server.connections(),
                "dns_questions": responder.reports[0]["queries"] if responder and responder.reports else None}
         if tool == "ours" and summary.exists():
@@ -102,6 +106,10 @@ def run_once(tool: str, hosts: int, tls: bool, args, db: harness.ScratchDatabase
                 row["ok"] = json.loads(timed.stdout.strip().splitlines()[-1])["ok"]
             except (IndexError, ValueError, KeyError):
                 pass
+    if args.stderr_dir is not None:  # e.g. the event loop's callback errors, with their tracebacks
+        args.stderr_dir.mkdir(parents=True, exist_ok=True)
+        (args.stderr_dir / f"{tool}-{hosts}-{'tls' if tls else 'http'}-{args.urls}-{int(time.time())}.txt").write_text(
+            timed.stderr)
     if timed.returncode != 0 or row.get("ok") != row["urls"]:
         row["problem"] = (timed.stderr.strip().splitlines() or ["?"])[-1][:300]
     row["requests_per_s"] = round(row["urls"] / timed.wall_s, 1)
@@ -169,6 +177,7 @@ def main() -> None:
     parser.add_argument("--dsn", help="a PostgreSQL server to create a scratch database on (default: the crawler's)")
     parser.add_argument("--keep-db", action="store_true")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
+    parser.add_argument("--stderr-dir", type=Path, help="keep each run's stderr in a file here")
     parser.add_argument("--tools", default="ours,bare",
                         help="which tools run: 'ours' alone measures the crawler's rate and memory at sizes"
                              " where the bare script's idle connections would take the machine's memory")
@@ -200,6 +209,7 @@ def main() -> None:
                     print(f"  {hosts} hosts {'TLS' if tls else 'HTTP'} run {run + 1} {tool}: "
                           f"{row['requests_per_s']:,.0f}/s, largest process {harness.mib(row['largest_rss'])} MiB,"
                           f" connections {row['connections']}, DNS questions {row['dns_questions']},"
+                          f" by role {({k: harness.mib(v) for k, v in row['largest_rss_by_role'].items()})},"
                           f" load {row['load_1m']:.1f}" + (f"  PROBLEM: {row['problem']}" if "problem" in row else ""),
                           flush=True)
             table.append((rows, hosts, tls))

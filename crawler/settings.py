@@ -147,7 +147,7 @@ class Settings:
                                      scope=Scope.MACHINE, flag=Flag(name="--dns-server", metavar="HOST[:PORT]"))
     dns_timeout: float = setting(5.0, "seconds before a lookup fails as a transient dns error")
     dns_concurrency: int = setting(64, "lookups in flight at once, per worker")
-    dns_cache_size: int = setting(10_000, "names whose answers a worker keeps; 0 = no cache")
+    dns_cache_size: int = setting(100_000, "names whose answers a worker keeps; 0 = no cache")
     # Persistence and leases.
     write_batch: int = setting(1000, "results written with one COPY")
     write_interval: float = setting(0.5, "seconds: the longest a result waits for its batch")

@@ -118,11 +118,52 @@ async def test_clear_drops_what_has_not_started():
 
 
 async def test_idle_hosts_are_forgotten_beyond_a_bound():
-    s = HostScheduler(initial=1, maximum=1, adaptive=False, max_idle_hosts=10)
+    s = HostScheduler(initial=1, maximum=1, max_idle_hosts=10)
     for i in range(50):
         s.put(Item(f"http://h{i}/"))
-        s.done(drain(s)[0], error_kind=None, status=200, elapsed=0.01)
+        s.done(drain(s)[0], error_kind=None, status=503, elapsed=0.01)  # overloaded: worth remembering
     assert len(s.hosts) <= 11
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+async def test_a_host_that_learnt_nothing_is_forgotten_once_it_has_nothing_pending(adaptive):
+    """Per-host state follows the work in flight: a crawl over many hosts that answer keeps none
+    of them once they are done, however many it met."""
+    s = HostScheduler(initial=2, maximum=8, adaptive=adaptive)
+    for i in range(1000):
+        for j in range(3):
+            s.put(Item(f"http://h{i}/{j}"))
+    assert len(s.hosts) == 1000
+    while items := drain(s):
+        for item in items:
+            s.done(item, error_kind=None if item.url.endswith("/0") else "http_status", status=200 if
+                   item.url.endswith("/0") else 404, elapsed=0.01)
+    assert len(s.hosts) == 0
+    s.put(Item("http://h7/again"))  # met again: a fresh start, at `initial`
+    assert s.limit_of("http://h7") == 2.0
+
+
+async def test_a_host_that_learnt_something_is_kept_while_idle():
+    clock = Clock()
+    s = HostScheduler(initial=4, maximum=8, clock=clock)
+    for name in ("overloaded", "paused", "paced", "fine"):
+        s.put(Item(f"http://{name}/"))
+    s.pace("http://paced", 2.0)
+    answers = {"http://overloaded/": dict(status=503), "http://paused/": dict(status=200, pause=30.0),
+               "http://paced/": dict(status=200), "http://fine/": dict(status=200)}
+    for item in drain(s):
+        s.done(item, error_kind=None, elapsed=0.01, **answers[item.url])
+    assert sorted(s.hosts) == ["http://overloaded", "http://paced", "http://paused"]
+    assert s.limit_of("http://overloaded") == 2.0
+    for i in range(6):  # more in flight at once than a fresh start allows: its grown limit is kept
+        s.put(Item(f"http://busy/{i}"))
+    for item in drain(s):
+        s.done(item, error_kind=None, status=200, elapsed=0.01)
+    while items := drain(s):
+        for item in items:
+            s.done(item, error_kind=None, status=200, elapsed=0.01)
+    assert s.limit_of("http://busy") == 8.0  # grown from 4 to the maximum, one per answer
+    s.hosts["http://paused"].timer = None  # (no timer was armed: nothing was pending)
 
 
 async def test_rescale_shares_a_fixed_budget_when_workers_join_and_leave():
@@ -144,8 +185,9 @@ async def test_rescale_shares_a_fixed_budget_when_workers_join_and_leave():
 
 async def test_rescale_keeps_what_an_adaptive_host_learnt_within_the_new_maximum():
     s = HostScheduler(initial=2, maximum=40, adaptive=True)
+    s.put(Item("http://h/held"))  # in flight throughout: the host stays busy, its state kept
     s.put(Item("http://h/0"))
-    (item,) = drain(s)
+    _, item = drain(s)
     for _ in range(20):
         s.done(item, error_kind=None, status=200, elapsed=0.01)
         s.put(item)
@@ -237,31 +279,29 @@ async def test_a_rate_below_one_per_second_spaces_starts_by_its_inverse():
 
 
 async def test_by_default_ten_thousand_idle_hosts_are_remembered():
-    s = HostScheduler(initial=1, maximum=1, adaptive=False)
+    s = HostScheduler(initial=1, maximum=1)
     for i in range(10_001):
         s.put(Item(f"http://h{i}/"))
-        s.done(drain(s)[0], error_kind=None, status=200, elapsed=0.01)
+        s.done(drain(s)[0], error_kind=None, status=503, elapsed=0.01)
     assert len(s.hosts) == 10_000 and "http://h0" not in s.hosts and "http://h1" in s.hosts
 
 
 async def test_the_idle_bound_keeps_exactly_the_latest_and_every_busy_host():
-    s = HostScheduler(initial=1, maximum=1, adaptive=False, max_idle_hosts=2)
+    s = HostScheduler(initial=1, maximum=1, max_idle_hosts=2)
     s.put(Item("http://busy/"))
     (busy,) = drain(s)  # in flight the whole time: never forgotten
-    for name in ("b", "c"):
+    for name in ("b", "c"):  # each overloaded: worth remembering while idle
         s.put(Item(f"http://{name}/"))
-        s.done(drain(s)[0], error_kind=None, status=200, elapsed=0.01)
+        s.done(drain(s)[0], error_kind=None, status=503, elapsed=0.01)
     assert list(s.hosts) == ["http://busy", "http://b", "http://c"]  # two idle: both kept
     for name in ("d", "e"):
         s.put(Item(f"http://{name}/"))
-        s.done(drain(s)[0], error_kind=None, status=200, elapsed=0.01)
-    # The count of idle hosts is an upper estimate (a busy host met first counts once): at most one
-    # idle host over the bound per busy host, never the busy host itself.
-    assert "http://busy" in s.hosts and "http://e" in s.hosts and len(s.hosts) <= 2 + 1 + 1
-    s.done(busy, error_kind=None, status=200, elapsed=0.01)  # its state was kept: the answer lands
+        s.done(drain(s)[0], error_kind=None, status=503, elapsed=0.01)
+    assert sorted(s.hosts) == ["http://busy", "http://d", "http://e"]  # the two latest idle, and the busy one
+    s.done(busy, error_kind=None, status=503, elapsed=0.01)  # its state was kept: the answer lands
     for name in ("f", "g", "h"):
         s.put(Item(f"http://{name}/"))
-        s.done(drain(s)[0], error_kind=None, status=200, elapsed=0.01)
+        s.done(drain(s)[0], error_kind=None, status=503, elapsed=0.01)
     assert list(s.hosts)[-2:] == ["http://g", "http://h"] and len(s.hosts) <= 3  # the latest, bounded
 
 
@@ -269,9 +309,12 @@ async def test_a_cancel_that_leaves_a_host_idle_forgets_it_like_an_answer():
     s = HostScheduler(initial=1, maximum=1, adaptive=False, max_idle_hosts=1)
     s.put(Item("http://a/"))
     s.cancel(drain(s)[0])
+    assert list(s.hosts) == []  # nothing learnt: forgotten at once
+    s.pace("http://b", 1.0)  # a crawl delay is worth remembering, within the bound
     s.put(Item("http://b/"))
     s.cancel(drain(s)[0])
-    assert list(s.hosts) == ["http://b"]
+    s.pace("http://c", 1.0)
+    assert list(s.hosts) == ["http://c"]  # one idle host kept: the latest
     s.put(Item("http://b/again"))
     assert len(drain(s)) == 1  # its slot was given back
 
@@ -279,6 +322,8 @@ async def test_a_cancel_that_leaves_a_host_idle_forgets_it_like_an_answer():
 async def test_adaptive_growth_stops_at_the_schedulers_maximum_and_a_fixed_limit_never_grows():
     for adaptive, expected in ((True, 3.0), (False, 2.0)):
         s = HostScheduler(initial=2, maximum=3, adaptive=adaptive)
+        s.put(Item("http://h/held"))  # in flight throughout: the host stays busy, its state kept
+        drain(s)
         for i in range(10):
             s.put(Item(f"http://h/{i}"))
             for item in drain(s):
@@ -303,9 +348,9 @@ async def test_what_counts_as_an_answer_and_what_as_overload():
 
 async def test_the_round_trip_estimate_is_a_moving_average_of_answer_times():
     s = HostScheduler(initial=4, maximum=4)
-    for i in range(2):
+    for i in range(3):
         s.put(Item(f"http://h/{i}"))
-    a, b = drain(s)
+    a, b, _ = drain(s)  # the third in flight throughout: the host stays busy, its state kept
     s.done(a, error_kind=None, status=200, elapsed=0.5)
     assert s.hosts["http://h"].rtt == pytest.approx(0.8 * 0.1 + 0.2 * 0.5)
     s.done(b, error_kind=None, status=200, elapsed=0.0)  # counted as 1 ms, never zero

@@ -67,6 +67,7 @@ OUTCOMES = st.sampled_from([
 STEPS = st.lists(st.one_of(
     st.tuples(st.just("put"), st.sampled_from(HOSTS), st.integers(1, 6)),
     st.tuples(st.just("take"), st.integers(1, 8)),
+    st.tuples(st.just("pace"), st.sampled_from(HOSTS), st.sampled_from([0.0, 1.0]), st.booleans()),
     st.tuples(st.just("answer"), st.integers(0, 20), OUTCOMES, st.sampled_from([0.0, 0.0, 0.5, 2.0])),
     st.tuples(st.just("cancel"), st.integers(0, 20)),
     st.tuples(st.just("tick"), st.sampled_from([0.1, 0.5, 3.0])),
@@ -91,6 +92,8 @@ def play(steps: list[tuple], *, adaptive: bool, rate: float, max_idle_hosts: int
                     run.scheduler.put(item)
             elif step[0] == "take":
                 run.take(step[1])
+            elif step[0] == "pace":  # a robots.txt Crawl-delay (hold: its fetch was just made)
+                run.scheduler.pace(step[1], step[2], hold=step[3])
             elif step[0] == "answer" and run.started:
                 item = run.started.pop(step[1] % len(run.started))
                 run.scheduler.done(item, elapsed=0.05, pause=step[3], **step[2])
@@ -104,6 +107,9 @@ def play(steps: list[tuple], *, adaptive: bool, rate: float, max_idle_hosts: int
             elif step[0] == "clear":  # a drain: the worker stops using the scheduler after it
                 run.dropped += run.scheduler.clear()
                 break
+            # Idle hosts are kept to the bound, and counted exactly.
+            idle = sum(state.idle for state in run.scheduler.hosts.values())
+            assert idle == run.scheduler._idle_hosts <= max_idle_hosts, (idle, run.scheduler._idle_hosts, step)
             for host in HOSTS:
                 now = run.dispatched(host)
                 limit = run.scheduler.limit_of(host)
@@ -131,7 +137,9 @@ def play(steps: list[tuple], *, adaptive: bool, rate: float, max_idle_hosts: int
 
 @settings(max_examples=200, deadline=None)
 @given(STEPS, st.booleans(), st.sampled_from([0.0, 0.0, 4.0]), st.sampled_from([1, 2, 10_000]))
-# A cancelled start gives its slot back; a pause holds the host until the clock passes it.
+# A cancelled start gives its slot back; a pause holds the host until the clock passes it; a host
+# kept idle for its crawl delay is forgotten, and uncounted, once the delay is 0.
+@example([("pace", HOSTS[0], 1.0, False), ("pace", HOSTS[0], 0.0, False)], True, 0.0, 10_000)
 @example([("put", HOSTS[0], 4), ("take", 2), ("cancel", 0), ("cancel", 0), ("take", 2)], False, 0.0, 1)
 @example([("put", HOSTS[1], 3), ("take", 1), ("answer", 0, dict(error_kind="http_status", status=503), 2.0),
           ("take", 3), ("tick", 0.5), ("take", 3), ("tick", 3.0), ("take", 3)], True, 0.0, 2)

@@ -262,9 +262,9 @@ def test_the_name_cache_is_bounded_and_never_answers_past_a_ttl(operations, size
     cache = NameCache(size, clock)
     expires: dict = {}
     for op, name, ttl in operations:
-        key = (f"n{name}.test", 0)
+        key = f"n{name}.test"
         if op == "put":
-            cache.put(key, ((2, "127.0.0.1"),), float(ttl))
+            cache.put(key, ("127.0.0.1",), float(ttl))
             if size and ttl > 0:
                 expires[key] = clock.now + ttl
         elif op == "get":
@@ -274,3 +274,18 @@ def test_the_name_cache_is_bounded_and_never_answers_past_a_ttl(operations, size
         else:
             clock.now += ttl
         assert len(cache) <= size
+
+
+def test_expired_answers_leave_the_cache_as_new_ones_come_in_without_being_asked_for():
+    """A crawl's many names shrink back with their TTLs: the cache's memory follows the names
+    met within a TTL, not its size."""
+    clock = Clock()
+    cache = NameCache(100_000, clock)
+    for i in range(1000):
+        cache.put(f"early-{i}.test", ("127.0.0.1",), 30.0)
+    clock.now += 10
+    cache.put("middle.test", ("127.0.0.1",), 300.0)
+    clock.now += 25  # the early names' TTL is over, the middle one's is not
+    cache.put("late.test", ("127.0.0.1",), 300.0)
+    assert len(cache) == 2
+    assert cache.get("middle.test") is not None and cache.get("early-0.test") is None

@@ -62,6 +62,8 @@ class HostState:
     timer: asyncio.TimerHandle | None = None
     rtt: float = 0.1
     delay: float = 0.0  # seconds between starts that the host itself asked for (robots.txt Crawl-delay)
+    idle: bool = False  # kept while idle, and counted so (HostScheduler._idle)
+    busiest: int = 0  # the most requests it has had in flight at once
 
 
 class HostScheduler:
@@ -88,7 +90,7 @@ class HostScheduler:
         self.ready: asyncio.Queue = asyncio.Queue()
         self.hosts: OrderedDict[str, HostState] = OrderedDict()
         self.max_idle_hosts = max_idle_hosts
-        self._idle_hosts = 0  # an upper estimate: hosts that went idle since they were counted
+        self._idle_hosts = 0  # hosts kept while idle
         # Called with a host the moment it has nothing pending, in flight or paused: the fetcher
         # closes its idle connections then (crawler/fetch/connections.py says why).
         self.on_idle = on_idle
@@ -104,6 +106,9 @@ class HostScheduler:
     def put(self, item: Any) -> None:
         host = self.key(item)
         state = self._state(host)
+        if state.idle:
+            state.idle = False
+            self._idle_hosts -= 1
         state.pending.append(item)
         self._pump(host, state)
 
@@ -135,15 +140,29 @@ class HostScheduler:
                 self.on_idle(host)
 
     def _idle(self, host: str) -> None:
-        """Keep what was learnt of recently idle hosts (their limit, a pause), but only so many:
+        """Forget an idle host that learnt nothing a fresh start would not relearn; keep what was
+        learnt of others (an overload's lower limit, a pause, a crawl delay), but only so many:
         memory is per host with work, not per host ever seen."""
+        state = self.hosts[host]
+        if (state.busiest <= self.initial and state.limit.slow_start and not state.delay
+                and (not state.next_start or state.next_start <= self.clock())):
+            # Never overloaded, nothing to wait out, never more in flight than a fresh start
+            # allows: met again, it starts from `initial` as it would have gone on. A crawl over
+            # 100 000 hosts kept 10 000 such states per worker, about 1 KiB each (their deque).
+            # A host that was busier keeps the limit it grew to while it is remembered.
+            del self.hosts[host]
+            if state.idle:  # kept for a crawl delay that is now 0
+                self._idle_hosts -= 1
+            return
         self.hosts.move_to_end(host)
+        if state.idle:
+            return  # counted already (paced, then idle again)
+        state.idle = True
         self._idle_hosts += 1
         while self._idle_hosts > self.max_idle_hosts:
             oldest, state = next(iter(self.hosts.items()))
-            if state.pending or state.active or state.timer is not None:
-                self.hosts.move_to_end(oldest)  # busy: not idle after all
-                self._idle_hosts -= 1
+            if not state.idle:
+                self.hosts.move_to_end(oldest)  # busy: its turn comes when it is idle
                 continue
             del self.hosts[oldest]
             self._idle_hosts -= 1
@@ -204,6 +223,8 @@ class HostScheduler:
                 if self.interval or state.delay:
                     state.next_start = max(state.next_start, now) + max(self.interval, state.delay)
             state.active += 1
+            if state.active > state.busiest:
+                state.busiest = state.active
             self.ready.put_nowait(state.pending.popleft())
 
     def _wake(self, host: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -58,27 +59,43 @@ class DNSFailure(OSError):
 
 @dataclass(slots=True, frozen=True)
 class Answer:
-    """A name's addresses as (family, address) pairs, or the permanent failure that stands for
-    it (a NXDOMAIN), until `expires` (on the cache's clock)."""
+    """A name's addresses (IPv4 and IPv6 as text, the family told by a ':'), or the permanent
+    failure that stands for it (a NXDOMAIN), until `expires` (on the cache's clock)."""
 
-    addresses: tuple[tuple[int, str], ...]
+    addresses: tuple[str, ...]
     expires: float
     failure: DNSFailure | None = None
 
 
+def cache_key(host: str, family: int) -> str:
+    """The name itself for the connector's own lookups (any family, 0): a key of one string, not
+    a tuple, is 72 bytes less per cached name; '%' is in no host name."""
+    return host if family == 0 else f"{host}%{family}"
+
+
+def address_family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 class NameCache:
     """name -> Answer, at most `size` of them, the least recently used dropped first; an answer
-    is dropped once it expires. Pure: the clock is given."""
+    is dropped once it expires: when asked for, or when it is the least recently used as a new
+    one comes in, so that a cache met by a crawl's many names shrinks back with their TTLs. Pure:
+    the clock is given.
+
+    An entry costs about 290 bytes with its name, 380 when no other name shares its address
+    (tracemalloc over 100 000 names of 15-17 characters, one IPv4 address each).
+    """
 
     def __init__(self, size: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.size = max(0, size)
         self.clock = clock
-        self._answers: OrderedDict[tuple[str, int], Answer] = OrderedDict()
+        self._answers: OrderedDict[str, Answer] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._answers)
 
-    def get(self, key: tuple[str, int]) -> Answer | None:
+    def get(self, key: str) -> Answer | None:
         answer = self._answers.get(key)
         if answer is None:
             return None
@@ -88,15 +105,19 @@ class NameCache:
         self._answers.move_to_end(key)
         return answer
 
-    def put(self, key: tuple[str, int], addresses: tuple[tuple[int, str], ...], ttl: float,
-            failure: DNSFailure | None = None) -> Answer:
-        answer = Answer(addresses, self.clock() + ttl, failure)
+    def put(self, key: str, addresses: tuple[str, ...], ttl: float, failure: DNSFailure | None = None) -> Answer:
+        now = self.clock()
+        answer = Answer(addresses, now + ttl, failure)
         if self.size == 0 or ttl <= 0:
             return answer
-        self._answers[key] = answer
-        self._answers.move_to_end(key)
-        while len(self._answers) > self.size:
-            self._answers.popitem(last=False)
+        answers = self._answers
+        answers[key] = answer
+        answers.move_to_end(key)
+        while len(answers) > self.size:
+            answers.popitem(last=False)
+        # The least recently used that have expired go too (the oldest first, while they have).
+        while (oldest := next(iter(answers.values()))).expires <= now and oldest is not answer:
+            answers.popitem(last=False)
         return answer
 
 
@@ -129,14 +150,14 @@ class CachingResolver(AbstractResolver):
     """aiohttp's resolver for the worker's connector (which keeps no cache of its own)."""
 
     def __init__(self, *, servers: list[str] | tuple[str, ...] = (), timeout: float = 5.0, concurrency: int = 64,
-                 cache_size: int = 10_000, max_ttl: float = 300.0,
+                 cache_size: int = 100_000, max_ttl: float = 300.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.servers = [parse_server(server) for server in servers]
         self.timeout = timeout
         self.max_ttl = max_ttl
         self.cache = NameCache(cache_size, clock)
         self._limit = asyncio.Semaphore(max(1, concurrency))
-        self._asking: dict[tuple[str, int], asyncio.Future[Answer]] = {}
+        self._asking: dict[str, asyncio.Future[Answer]] = {}
         self.lookups = 0  # questions sent to a resolver (each name once per TTL, cache permitting)
         # Search domains are not applied: a URL names its host in full, and a name that does
         # not exist would otherwise be asked again under each of resolv.conf's domains. c-ares
@@ -173,29 +194,29 @@ class CachingResolver(AbstractResolver):
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
                       ) -> list[ResolveResult]:
-        key = (host, int(family))
+        key = cache_key(host, int(family))
         answer = self.cache.get(key)
         if answer is None:
             asking = self._asking.get(key)
             if asking is None:  # the first to ask: everyone else waits for this answer
-                asking = self._asking[key] = asyncio.ensure_future(self._ask(key))
+                asking = self._asking[key] = asyncio.ensure_future(self._ask(key, host, int(family)))
                 asking.add_done_callback(partial(self._asked, key))
             # Shielded: one request giving up (its timeout) must not cancel the others' answer.
             answer = await asyncio.shield(asking)
         if answer.failure is not None:
             raise answer.failure
         return [
-            ResolveResult(hostname=host, host=address, port=port, family=af, proto=0, flags=NUMERIC_FLAGS)
-            for af, address in answer.addresses
+            ResolveResult(hostname=host, host=address, port=port, family=address_family(address), proto=0,
+                          flags=NUMERIC_FLAGS)
+            for address in answer.addresses
         ]
 
-    def _asked(self, key: tuple[str, int], asking: asyncio.Future[Answer]) -> None:
+    def _asked(self, key: str, asking: asyncio.Future[Answer]) -> None:
         self._asking.pop(key, None)
         if not asking.cancelled():
             asking.exception()  # seen here, so a failure nobody waits for any more is not reported
 
-    async def _ask(self, key: tuple[str, int]) -> Answer:
-        host, family = key
+    async def _ask(self, key: str, host: str, family: int) -> Answer:
         async with self._limit:
             self.lookups += 1
             dns = self._next_channel()
@@ -220,7 +241,9 @@ class CachingResolver(AbstractResolver):
         ttl = self.max_ttl
         for node in reply.nodes:
             raw = node.addr[0]
-            addresses.append((node.family, raw.decode("ascii") if isinstance(raw, bytes) else raw))
+            # Interned: the names of one site or CDN share their addresses, and a cache of many
+            # names keeps each address once (58 bytes an IPv4 address).
+            addresses.append(sys.intern(raw.decode("ascii") if isinstance(raw, bytes) else raw))
             ttl = min(ttl, node.ttl)
         if not addresses:
             failure = DNSFailure(host, "the name has no address", transient=False)
