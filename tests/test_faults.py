@@ -26,7 +26,7 @@ import pytest
 
 from conftest import ROOT
 from crawler.errors import DatabaseError
-from crawler.ledger.database import LedgerConnection
+from crawler.ledger.database import LedgerConnection, session_settings, session_timeout
 from crawler.ledger.migrate import apply_migrations
 
 URLS = 20_000
@@ -560,6 +560,28 @@ async def test_a_database_gone_for_good_names_the_job_to_resume(tmp_path):
             await db.run(lambda conn: conn.fetchval("SELECT 1"))
     message = str(caught.value)
     assert message.startswith("PostgreSQL at") and "`crawler resume weekly`" in message
+
+
+@pytest.mark.parametrize("hook, expected", [
+    (None, {"idle_in_transaction_session_timeout": "30s", "tcp_keepalives_idle": "10",
+            "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3", "tcp_user_timeout": "30000"}),
+    ("10", {"idle_in_transaction_session_timeout": "10s", "tcp_keepalives_idle": "3",
+            "tcp_keepalives_interval": "1", "tcp_keepalives_count": "3", "tcp_user_timeout": "10000"}),
+    ("1", {"idle_in_transaction_session_timeout": "6s", "tcp_keepalives_idle": "2",
+           "tcp_keepalives_interval": "1", "tcp_keepalives_count": "3", "tcp_user_timeout": "6000"}),
+], ids=["default", "hook", "hook-floor"])
+async def test_the_server_ends_a_vanished_clients_session_within_the_session_timeout(
+        session_dsn, monkeypatch, hook, expected):
+    """What the server is told of the crawl's sessions: 30 s (a dead peer found by keepalives in
+    10 + 3 x 5 s), or the test hook's limit, never under 6 s (tests/test_netns.py cuts machines off)."""
+    if hook is None:
+        monkeypatch.delenv("CRAWLER_TEST_SESSION_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("CRAWLER_TEST_SESSION_TIMEOUT", hook)
+    assert session_settings(session_timeout()) == expected
+    async with LedgerConnection(session_dsn, outage_limit=10.0) as db:
+        idle = await db.run(lambda conn: conn.fetchval("SHOW idle_in_transaction_session_timeout"))
+    assert idle == expected["idle_in_transaction_session_timeout"]  # what a real connection was given
 
 
 async def test_a_database_outage_while_the_input_is_read_pauses_ingest_and_loses_no_row(

@@ -252,17 +252,35 @@ def is_outage(exc: BaseException) -> bool:
 # the hours it takes TCP to notice. Our transactions are a few statements back to back, so 30 s
 # idle inside one means the client is gone; keepalives and the user timeout end a session whose
 # client vanished while the server waited on it (mid-COPY). Unix-socket sessions ignore the TCP ones.
-SESSION_SETTINGS = {
-    "idle_in_transaction_session_timeout": "30s",
-    "tcp_keepalives_idle": "10",
-    "tcp_keepalives_interval": "5",
-    "tcp_keepalives_count": "3",
-    "tcp_user_timeout": "30000",
-}
+# For tests, CRAWLER_TEST_SESSION_TIMEOUT=SECONDS in a crawl's environment puts another number of
+# seconds in place of the 30, the keepalives scaled with it: a test of a cut-off machine waits the
+# limit out, and what it checks does not depend on the limit's length.
+SESSION_TIMEOUT = 30
 
 
-def _keep_alive(conn: asyncpg.Connection) -> None:
-    """The client's side of SESSION_SETTINGS: a machine whose link came back after the server
+def session_timeout() -> int:
+    """SESSION_TIMEOUT, or the test hook's number of seconds (at least 6: keepalives of 1 s)."""
+    hook = os.environ.get("CRAWLER_TEST_SESSION_TIMEOUT")
+    return max(6, int(hook)) if hook else SESSION_TIMEOUT
+
+
+def session_settings(timeout: int) -> dict[str, str]:
+    """The server's side: idle `timeout / 3` before the first probe, then 3 probes `timeout / 6`
+    apart, so a vanished client's session ends within `timeout` whatever it was doing."""
+    return {
+        "idle_in_transaction_session_timeout": f"{timeout}s",
+        "tcp_keepalives_idle": str(timeout // 3),
+        "tcp_keepalives_interval": str(timeout // 6),
+        "tcp_keepalives_count": "3",
+        "tcp_user_timeout": str(timeout * 1000),
+    }
+
+
+SESSION_SETTINGS = session_settings(SESSION_TIMEOUT)
+
+
+def _keep_alive(conn: asyncpg.Connection, timeout: int) -> None:
+    """The client's side of session_settings: a machine whose link came back after the server
     dropped its session would otherwise wait forever for an answer that is not coming; with
     keepalives the next probe meets a reset and the call is retried on a new connection.
     asyncpg has no option for it, so it is set on the transport's socket."""
@@ -271,8 +289,8 @@ def _keep_alive(conn: asyncpg.Connection) -> None:
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return  # a Unix socket: the server is on this machine
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3),
-                          ("TCP_USER_TIMEOUT", 30_000)):
+    for option, value in (("TCP_KEEPIDLE", timeout // 3), ("TCP_KEEPINTVL", timeout // 6), ("TCP_KEEPCNT", 3),
+                          ("TCP_USER_TIMEOUT", timeout * 1000)):
         if hasattr(socket, option):  # Linux names; other systems keep their defaults
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
@@ -342,11 +360,12 @@ class LedgerConnection:
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
+            timeout = session_timeout()
             if self._connect is not None:
                 self._conn = await self._connect()
             else:
-                self._conn = await asyncpg.connect(self.dsn, timeout=10, server_settings=SESSION_SETTINGS)
-            _keep_alive(self._conn)
+                self._conn = await asyncpg.connect(self.dsn, timeout=10, server_settings=session_settings(timeout))
+            _keep_alive(self._conn, timeout)
             if self._setup is not None:
                 await self._setup(self._conn)
         return self._conn
