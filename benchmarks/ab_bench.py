@@ -31,8 +31,23 @@ def run(variant: str, args, db: harness.ScratchDatabase, pg: harness.PostgresCPU
         env["PYTHONPATH"] = base_tree + os.pathsep + env.get("PYTHONPATH", "")
     summary_path = Path(tmp) / "summary.json"
     summary_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "crawler", "bench", "--urls", str(args.urls), "--workers", str(args.workers),
-           "--concurrency", str(args.concurrency), "--dsn", db.dsn, "--summary-json", str(summary_path), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "crawler",
+        "bench",
+        "--urls",
+        str(args.urls),
+        "--workers",
+        str(args.workers),
+        "--concurrency",
+        str(args.concurrency),
+        "--dsn",
+        db.dsn,
+        "--summary-json",
+        str(summary_path),
+        "--quiet",
+    ]
     pg_before = pg.seconds()
     timed = harness.run_timed(cmd, timeout=args.timeout, env=env, cwd=Path(tmp))  # not the checkout: no stray import
     pg_after = pg.seconds()
@@ -46,10 +61,12 @@ def run(variant: str, args, db: harness.ScratchDatabase, pg: harness.PostgresCPU
         "crawler_cpu": bench["cpu_s_per_1000_requests"],
         "supervisor_cpu": 1000 * bench["cpu_s"]["supervisor"] / fetched,
         "workers_cpu": 1000 * bench["cpu_s"]["workers"] / fetched,
-        "postgres_cpu": (1000 * (pg_after - pg_before) / fetched
-                         if pg_before is not None and pg_after is not None else None),
-        "server_cpu": (1000 * bench["mock_server_cpu_s"] / fetched
-                       if bench.get("mock_server_cpu_s") is not None else None),
+        "postgres_cpu": (
+            1000 * (pg_after - pg_before) / fetched if pg_before is not None and pg_after is not None else None
+        ),
+        "server_cpu": (
+            1000 * bench["mock_server_cpu_s"] / fetched if bench.get("mock_server_cpu_s") is not None else None
+        ),
         "load": os.getloadavg()[0],
     }
 
@@ -73,27 +90,36 @@ def main() -> None:
         os.mkdir(base_tree)
         harness.export_revision(args.baseline, base_tree)
         pg = harness.PostgresCPU(server_dsn)
-        print(f"baseline {args.baseline}; {args.urls} URLs, {args.workers} workers, concurrency {args.concurrency},"
-              f" {args.runs} runs", flush=True)
+        print(
+            f"baseline {args.baseline}; {args.urls} URLs, {args.workers} workers, concurrency {args.concurrency},"
+            f" {args.runs} runs",
+            flush=True,
+        )
         for index in range(args.runs):
-            for variant in (VARIANTS if index % 2 == 0 else VARIANTS[::-1]):
+            for variant in VARIANTS if index % 2 == 0 else VARIANTS[::-1]:
                 r = run(variant, args, db, pg, tmp, base_tree)
                 rows[variant].append(r)
-                print(f"  {variant}: {r['elapsed_s']:.1f} s, {r['requests_per_s']:,.0f}/s, CPU s/1 000: crawler"
-                      f" {r['crawler_cpu']:.3f} (supervisor {r['supervisor_cpu']:.3f}), PostgreSQL"
-                      f" {r['postgres_cpu'] or 0:.3f}, mock server {r['server_cpu'] or 0:.3f}; load {r['load']:.1f}",
-                      flush=True)
+                print(
+                    f"  {variant}: {r['elapsed_s']:.1f} s, {r['requests_per_s']:,.0f}/s, CPU s/1 000: crawler"
+                    f" {r['crawler_cpu']:.3f} (supervisor {r['supervisor_cpu']:.3f}), PostgreSQL"
+                    f" {r['postgres_cpu'] or 0:.3f}, mock server {r['server_cpu'] or 0:.3f}; load {r['load']:.1f}",
+                    flush=True,
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     keys = ("elapsed_s", "requests_per_s", "crawler_cpu", "supervisor_cpu", "workers_cpu", "postgres_cpu", "server_cpu")
-    print("\n| variant | elapsed s | requests/s | CPU s / 1 000: crawler | supervisor | workers | PostgreSQL |"
-          " mock server | crawler + PostgreSQL |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| variant | elapsed s | requests/s | CPU s / 1 000: crawler | supervisor | workers | PostgreSQL |"
+        " mock server | crawler + PostgreSQL |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for variant in VARIANTS:
         m = {k: harness.median([r[k] for r in rows[variant]]) for k in keys}
         both = harness.median([r["crawler_cpu"] + (r["postgres_cpu"] or 0) for r in rows[variant]])
-        print(f"| {variant} | {m['elapsed_s']:.1f} | {m['requests_per_s']:,.0f} | {m['crawler_cpu']:.3f} |"
-              f" {m['supervisor_cpu']:.3f} | {m['workers_cpu']:.3f} | {m['postgres_cpu'] or 0:.3f} |"
-              f" {m['server_cpu'] or 0:.3f} | {both:.3f} |")
+        print(
+            f"| {variant} | {m['elapsed_s']:.1f} | {m['requests_per_s']:,.0f} | {m['crawler_cpu']:.3f} |"
+            f" {m['supervisor_cpu']:.3f} | {m['workers_cpu']:.3f} | {m['postgres_cpu'] or 0:.3f} |"
+            f" {m['server_cpu'] or 0:.3f} | {both:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,11 @@ CASES = {
 
 
 def mock_server(capacity: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "crawler.mock.server", "--port", "0", "--capacity", str(capacity)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crawler.mock.server", "--port", "0", "--capacity", str(capacity)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     return proc, line.split("listening on ", 1)[1].split()[0]
 
@@ -49,28 +52,53 @@ def main() -> None:
     args = parser.parse_args()
     server, base = mock_server(args.capacity)
     bound = args.capacity / (args.latency_ms / 1000)
-    print(f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()},"
-          f" Python {platform.python_version()}")
+    print(
+        f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()},"
+        f" Python {platform.python_version()}"
+    )
     print(f"server capacity {args.capacity} in flight x {args.latency_ms} ms -> at most {bound:.0f} requests/s")
     print(f"{'case':24} {'req/s':>8} {'of bound':>9} {'turned away':>12} {'failed rows':>12} {'peak in flight':>15}")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for name, flags in CASES.items():
                 path = Path(tmp) / f"{len(name)}.txt"
-                path.write_text("".join(f"{base}/capacity-delay/{args.latency_ms}/{name[:3]}{i}\n"
-                                        for i in range(args.urls)))
+                path.write_text(
+                    "".join(f"{base}/capacity-delay/{args.latency_ms}/{name[:3]}{i}\n" for i in range(args.urls))
+                )
                 stats(base, reset=True)
                 summary = Path(tmp) / "summary.json"
                 dsn = ["--dsn", args.dsn] if args.dsn else []
                 started = time.monotonic()
-                subprocess.run([sys.executable, "-m", "crawler", "crawl", str(path), *dsn, "--workers", "2",
-                                "--concurrency", "100", "--allow-net", "127.0.0.1/32", "--quiet", "--max-attempts", "5",
-                                "--summary-json", str(summary), *flags], check=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "crawler",
+                        "crawl",
+                        str(path),
+                        *dsn,
+                        "--workers",
+                        "2",
+                        "--concurrency",
+                        "100",
+                        "--allow-net",
+                        "127.0.0.1/32",
+                        "--quiet",
+                        "--max-attempts",
+                        "5",
+                        "--summary-json",
+                        str(summary),
+                        *flags,
+                    ],
+                    check=True,
+                )
                 elapsed = time.monotonic() - started
                 seen, result = stats(base), json.loads(summary.read_text())
                 rate = args.urls / elapsed
-                print(f"{name:24} {rate:8.0f} {rate / bound:9.0%} {seen['rejected']:12d} {result['failed']:12d}"
-                      f" {seen['max_in_flight']:15d}")
+                print(
+                    f"{name:24} {rate:8.0f} {rate / bound:9.0%} {seen['rejected']:12d} {result['failed']:12d}"
+                    f" {seen['max_in_flight']:15d}"
+                )
     finally:
         server.terminate()
         server.wait(10)

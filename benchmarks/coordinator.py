@@ -77,14 +77,20 @@ class Probe:
         self.client = time.process_time() - self.client0
         server1 = self.pg.seconds()
         self.server = None if server1 is None or self.server0 is None else server1 - self.server0
-        self.wal = int(await self.conn.fetchval(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)", self.lsn))
+        self.wal = int(
+            await self.conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)", self.lsn)
+        )
 
     def figures(self, n: int) -> dict:
         per_k = lambda s: None if s is None else round(s / n * 1000, 4)  # noqa: E731
-        return {"n": n, "wall_s": round(self.wall, 2), "per_s": round(n / self.wall, 1),
-                "client_cpu_s_per_1000": per_k(self.client), "server_cpu_s_per_1000": per_k(self.server),
-                "wal_bytes_per_item": round(self.wal / n, 1)}
+        return {
+            "n": n,
+            "wall_s": round(self.wall, 2),
+            "per_s": round(n / self.wall, 1),
+            "client_cpu_s_per_1000": per_k(self.client),
+            "server_cpu_s_per_1000": per_k(self.server),
+            "wal_bytes_per_item": round(self.wal / n, 1),
+        }
 
 
 def url_for(n: int) -> str:
@@ -100,27 +106,56 @@ def result_record(job_id: int, row: asyncpg.Record) -> ResultRow:
     """What a worker writes (RESULT_COLUMNS): 1 in 20 a timeout after 3 attempts, the rest 200 OK."""
     n = row["row_no"]
     if n % 20 == 0:
-        return ResultRow(job_id, n, None, None, "timeout", "no answer within 60s (total timeout)", 3, False,
-                                60000.0, None, None, None)
-    return ResultRow(job_id, n, 200, row["url"], None, None, 1, False, 12.5 + n % 50, 5120 + n % 4096,
-                            hashlib.sha256(row["url"].encode()).digest(), None)
+        return ResultRow(
+            job_id,
+            n,
+            None,
+            None,
+            "timeout",
+            "no answer within 60s (total timeout)",
+            3,
+            False,
+            60000.0,
+            None,
+            None,
+            None,
+        )
+    return ResultRow(
+        job_id,
+        n,
+        200,
+        row["url"],
+        None,
+        None,
+        1,
+        False,
+        12.5 + n % 50,
+        5120 + n % 4096,
+        hashlib.sha256(row["url"].encode()).digest(),
+        None,
+    )
 
 
 async def sizes(conn: asyncpg.Connection) -> dict:
     rows = await conn.fetch(
         "SELECT t, pg_relation_size(t::regclass) AS heap, pg_indexes_size(t::regclass) AS indexes,"
-        " pg_total_relation_size(t::regclass) AS total FROM unnest($1::text[]) AS t", list(TABLES))
+        " pg_total_relation_size(t::regclass) AS total FROM unnest($1::text[]) AS t",
+        list(TABLES),
+    )
     return {r["t"]: {"heap": r["heap"], "indexes": r["indexes"], "total": r["total"]} for r in rows}
 
 
 # --- phases ---------------------------------------------------------------------------------------
 
+
 async def commit_baseline(dsn: str, seconds: float) -> float:
     """Autocommitted one-row UPDATEs per second on one connection: the disk's flush rate, mostly."""
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("CREATE TABLE IF NOT EXISTS tick_probe (id int PRIMARY KEY, n bigint);"
-                           " INSERT INTO tick_probe VALUES (1, 0) ON CONFLICT DO NOTHING")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS tick_probe (id int PRIMARY KEY, n bigint);"
+            " INSERT INTO tick_probe VALUES (1, 0) ON CONFLICT DO NOTHING"
+        )
         n, deadline = 0, time.perf_counter() + seconds
         started = time.perf_counter()
         while time.perf_counter() < deadline:
@@ -173,8 +208,10 @@ async def sink(dsn: str, conn: asyncpg.Connection, pg, job_id: int, writers: int
     finally:
         for c in conns:
             await c.close()
-    return probe.figures(written[0]) | {"writers": writers,
-                                         "write_results_ms_p50": round(statistics.median(batch_s) * 1000, 1)}
+    return probe.figures(written[0]) | {
+        "writers": writers,
+        "write_results_ms_p50": round(statistics.median(batch_s) * 1000, 1),
+    }
 
 
 async def add_chunks(conn: asyncpg.Connection, name: str, count: int) -> int:
@@ -184,13 +221,16 @@ async def add_chunks(conn: asyncpg.Connection, name: str, count: int) -> int:
     await conn.execute(
         "INSERT INTO chunks (job_id, chunk_no, first_row, last_row, fetch_rows, input_rows)"
         " SELECT $1, g, g::bigint * 1000 + 1, g::bigint * 1000 + 1000, 1000, 1000 FROM generate_series(0, $2 - 1) g",
-        job.id, count)
+        job.id,
+        count,
+    )
     await mark_ingested(conn, job.id)
     return job.id
 
 
-async def lease_traffic(dsn: str, conn: asyncpg.Connection, pg, lessees: int, seconds: float, pool: int,
-                        *, analyzed: bool) -> dict:
+async def lease_traffic(
+    dsn: str, conn: asyncpg.Connection, pg, lessees: int, seconds: float, pool: int, *, analyzed: bool
+) -> dict:
     """Lease + complete cycles for `seconds`. `analyzed`: the table's statistics know the job (as
     after autovacuum's ANALYZE); else the job is newer than them, and the planner takes it for one
     row."""
@@ -223,18 +263,26 @@ async def lease_traffic(dsn: str, conn: asyncpg.Connection, pg, lessees: int, se
             await c.close()
     check = await conn.fetchrow(
         "SELECT count(*) FILTER (WHERE state = 'done') AS done, max(fence) AS max_fence,"
-        " count(*) FILTER (WHERE state = 'leased') AS leased FROM chunks WHERE job_id = $1", job_id)
+        " count(*) FILTER (WHERE state = 'leased') AS leased FROM chunks WHERE job_id = $1",
+        job_id,
+    )
     if check["done"] != len(ends) or check["max_fence"] > 1 or check["leased"]:
-        raise SystemExit(f"coordinator: the ledger leased a chunk twice or lost one: {dict(check)},"
-                         f" {len(ends)} cycles completed")
+        raise SystemExit(
+            f"coordinator: the ledger leased a chunk twice or lost one: {dict(check)}, {len(ends)} cycles completed"
+        )
     start = probe.wall0
-    thirds = [sum(1 for e in ends if start + seconds * i / 3 <= e < start + seconds * (i + 1) / 3) / (seconds / 3)
-              for i in range(3)]
+    thirds = [
+        sum(1 for e in ends if start + seconds * i / 3 <= e < start + seconds * (i + 1) / 3) / (seconds / 3)
+        for i in range(3)
+    ]
     return probe.figures(len(ends)) | {
-        "lessees": lessees, "analyzed": analyzed, "open_chunks": pool,
+        "lessees": lessees,
+        "analyzed": analyzed,
+        "open_chunks": pool,
         "cycle_ms_p50": round(statistics.median(cycle_s) * 1000, 2),
         "cycle_ms_p99": round(statistics.quantiles(cycle_s, n=100)[98] * 1000, 2) if len(cycle_s) > 100 else None,
-        "per_s_by_third": [round(x) for x in thirds], "ran_out": ran_out[0],
+        "per_s_by_third": [round(x) for x in thirds],
+        "ran_out": ran_out[0],
     }
 
 
@@ -267,8 +315,12 @@ async def big_job(conn: asyncpg.Connection, chunks: int, open_left: int) -> dict
     known = await timed(50, cycle)
     counts_ms = statistics.median(await timed(5, job_counts, conn, job_id))
     t = time.perf_counter()
-    await conn.execute("UPDATE chunks SET state = 'done', done_rows = fetch_rows, ok_rows = fetch_rows"
-                       " WHERE job_id = $1 AND chunk_no < $2 AND state = 'pending'", job_id, chunks - open_left)
+    await conn.execute(
+        "UPDATE chunks SET state = 'done', done_rows = fetch_rows, ok_rows = fetch_rows"
+        " WHERE job_id = $1 AND chunk_no < $2 AND state = 'pending'",
+        job_id,
+        chunks - open_left,
+    )
     done_s = time.perf_counter() - t
     take = min(200, open_left // 2)
     unvacuumed = await timed(take, cycle)
@@ -277,10 +329,14 @@ async def big_job(conn: asyncpg.Connection, chunks: int, open_left: int) -> dict
     vacuum_s = time.perf_counter() - t
     vacuumed = await timed(take, cycle)
     return {
-        "chunks": chunks, "insert_s": round(insert_s, 2), "bytes_per_chunk_row": round(chunk_bytes, 1),
+        "chunks": chunks,
+        "insert_s": round(insert_s, 2),
+        "bytes_per_chunk_row": round(chunk_bytes, 1),
         "cycle_ms_p50_job_unknown_to_statistics": round(statistics.median(unknown), 1),
         "cycle_ms_p50_analyzed": round(statistics.median(known), 2),
-        "job_counts_ms": round(counts_ms, 1), "mark_done_s": round(done_s, 2), "vacuum_s": round(vacuum_s, 2),
+        "job_counts_ms": round(counts_ms, 1),
+        "mark_done_s": round(done_s, 2),
+        "vacuum_s": round(vacuum_s, 2),
         "first_cycle_unvacuumed_ms": round(unvacuumed[0], 1),
         "cycle_ms_p50_unvacuumed": round(statistics.median(unvacuumed[1:]), 2),
         "cycle_ms_p50_vacuumed": round(statistics.median(vacuumed), 2),
@@ -292,9 +348,13 @@ async def run_all(dsn: str, pg: harness.PostgresCPU, args) -> dict:
     out: dict = {}
     conn = await asyncpg.connect(dsn)
     try:
-        out["server"] = {r["name"]: r["setting"] for r in await conn.fetch(
-            "SELECT name, current_setting(name) AS setting FROM pg_settings WHERE name IN"
-            " ('fsync', 'synchronous_commit', 'shared_buffers', 'max_connections', 'max_wal_size', 'wal_level')")}
+        out["server"] = {
+            r["name"]: r["setting"]
+            for r in await conn.fetch(
+                "SELECT name, current_setting(name) AS setting FROM pg_settings WHERE name IN"
+                " ('fsync', 'synchronous_commit', 'shared_buffers', 'max_connections', 'max_wal_size', 'wal_level')"
+            )
+        }
         print("server settings:", ", ".join(f"{k}={v}" for k, v in sorted(out["server"].items())), flush=True)
         out["commits_per_s_one_connection"] = round(await commit_baseline(dsn, min(3.0, args.seconds)))
         print(f"bare commits, one connection: {out['commits_per_s_one_connection']}/s", flush=True)
@@ -315,10 +375,14 @@ async def run_all(dsn: str, pg: harness.PostgresCPU, args) -> dict:
 
         out["lease"] = []
         for lessees, analyzed in ((1, True), (4, True), (16, True), (1, False), (16, False)):
-            print(f"lease traffic: {lessees} lessee(s), {args.seconds:g}s"
-                  f"{'' if analyzed else ', job unknown to the statistics'} ...", flush=True)
-            out["lease"].append(await lease_traffic(dsn, conn, pg, lessees, args.seconds, args.lease_pool,
-                                                    analyzed=analyzed))
+            print(
+                f"lease traffic: {lessees} lessee(s), {args.seconds:g}s"
+                f"{'' if analyzed else ', job unknown to the statistics'} ...",
+                flush=True,
+            )
+            out["lease"].append(
+                await lease_traffic(dsn, conn, pg, lessees, args.seconds, args.lease_pool, analyzed=analyzed)
+            )
 
         print(f"big job: {args.big_chunks:,} chunks ...", flush=True)
         out["big_job"] = await big_job(conn, args.big_chunks, min(2000, args.big_chunks // 4))
@@ -329,15 +393,23 @@ async def run_all(dsn: str, pg: harness.PostgresCPU, args) -> dict:
 
 # --- the report -----------------------------------------------------------------------------------
 
+
 def growth(out: dict, rows: int) -> dict:
     a, b = out["sizes_after_ingest"], out["sizes_after_results"]
     per = lambda t, part, s=b: s[t][part] / rows  # noqa: E731
-    request_side = {part: sum(per(t, part, a) for t in ("requests", "fingerprints", "chunks"))
-                    for part in ("heap", "indexes", "total")}
+    request_side = {
+        part: sum(per(t, part, a) for t in ("requests", "fingerprints", "chunks"))
+        for part in ("heap", "indexes", "total")
+    }
     result_side = {part: per("results", part) for part in ("heap", "indexes", "total")}
-    return {"request_row": request_side, "result_row": result_side,
-            "detail": {t: {p: round(per(t, p, a if t != "results" else b), 1) for p in ("heap", "indexes", "total")}
-                       for t in TABLES}}
+    return {
+        "request_row": request_side,
+        "result_row": result_side,
+        "detail": {
+            t: {p: round(per(t, p, a if t != "results" else b), 1) for p in ("heap", "indexes", "total")}
+            for t in TABLES
+        },
+    }
 
 
 def gib(n: float) -> str:
@@ -349,17 +421,23 @@ def report(out: dict, args) -> None:
     ing = out["ingest"]
     print(f"\n## Ingest ({rows:,} rows, store_chunk, one connection, {CHUNK}-row chunks, no duplicates)\n")
     quarters = ", ".join(f"{q:,}" for q in ing["per_s_by_quarter"])
-    print(f"{ing['per_s']:,.0f} rows/s (by quarter of the rows: {quarters});"
-          f" CPU s per 1 000 rows: client {ing['client_cpu_s_per_1000']},"
-          f" PostgreSQL {ing['server_cpu_s_per_1000']}; WAL {ing['wal_bytes_per_item']:,.0f} bytes per row")
+    print(
+        f"{ing['per_s']:,.0f} rows/s (by quarter of the rows: {quarters});"
+        f" CPU s per 1 000 rows: client {ing['client_cpu_s_per_1000']},"
+        f" PostgreSQL {ing['server_cpu_s_per_1000']}; WAL {ing['wal_bytes_per_item']:,.0f} bytes per row"
+    )
 
     print("\n## Sink: per chunk lease + chunk_requests + write_results (1 000 rows, fenced, completing)\n")
-    print("| writers | rows/s | write_results p50 ms per 1 000 | CPU s / 1 000 rows: client | PostgreSQL"
-          " | WAL bytes/row |")
+    print(
+        "| writers | rows/s | write_results p50 ms per 1 000 | CPU s / 1 000 rows: client | PostgreSQL"
+        " | WAL bytes/row |"
+    )
     print("|---|---|---|---|---|---|")
     for s in out["sink"]:
-        print(f"| {s['writers']} | {s['per_s']:,.0f} | {s['write_results_ms_p50']} | {s['client_cpu_s_per_1000']}"
-              f" | {s['server_cpu_s_per_1000']} | {s['wal_bytes_per_item']:,.0f} |")
+        print(
+            f"| {s['writers']} | {s['per_s']:,.0f} | {s['write_results_ms_p50']} | {s['client_cpu_s_per_1000']}"
+            f" | {s['server_cpu_s_per_1000']} | {s['wal_bytes_per_item']:,.0f} |"
+        )
 
     g = out["growth"] = growth(out, rows)
     print(f"\n## Growth (bytes per row after {rows:,} rows; URLs ~{len(url_for(rows // 2))} characters)\n")
@@ -370,35 +448,49 @@ def report(out: dict, args) -> None:
     wal_req, wal_res = ing["wal_bytes_per_item"], statistics.mean(s["wal_bytes_per_item"] for s in out["sink"])
     print("\n| per request (one row in, one result out) | 1 M | 100 M | 1 B |")
     print("|---|---|---|---|")
-    for label, per in (("request side: requests + fingerprints + chunks", g["request_row"]["total"]),
-                       ("result side: results", g["result_row"]["total"]),
-                       ("both, on disk", g["request_row"]["total"] + g["result_row"]["total"]),
-                       ("WAL written (ingest + results)", wal_req + wal_res)):
+    for label, per in (
+        ("request side: requests + fingerprints + chunks", g["request_row"]["total"]),
+        ("result side: results", g["result_row"]["total"]),
+        ("both, on disk", g["request_row"]["total"] + g["result_row"]["total"]),
+        ("WAL written (ingest + results)", wal_req + wal_res),
+    ):
         print(f"| {label} ({per:,.0f} B) | " + " | ".join(gib(per * n) for n in (1e6, 1e8, 1e9)) + " |")
 
-    print(f"\n## Lease traffic (lease_chunk + completion, {args.seconds:g}s each, {args.lease_pool:,} open chunks;"
-          f" bare commits on one connection: {out['commits_per_s_one_connection']}/s)\n")
-    print("| lessees | statistics | cycles/s | by third of the run | cycle p50 / p99 ms | CPU ms per cycle: client |"
-          " PostgreSQL | requests/s coordinated at chunk 100 / 1 000 / 10 000 |")
+    print(
+        f"\n## Lease traffic (lease_chunk + completion, {args.seconds:g}s each, {args.lease_pool:,} open chunks;"
+        f" bare commits on one connection: {out['commits_per_s_one_connection']}/s)\n"
+    )
+    print(
+        "| lessees | statistics | cycles/s | by third of the run | cycle p50 / p99 ms | CPU ms per cycle: client |"
+        " PostgreSQL | requests/s coordinated at chunk 100 / 1 000 / 10 000 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in out["lease"]:
         ceil = " / ".join(f"{r['per_s'] * size:,.0f}" for size in (100, 1000, 10000))
-        print(f"| {r['lessees']} | {'know the job' if r['analyzed'] else 'older than the job'} | {r['per_s']:,.0f} |"
-              f" {', '.join(map(str, r['per_s_by_third']))} | {r['cycle_ms_p50']} / {r['cycle_ms_p99']} |"
-              f" {r['client_cpu_s_per_1000']} | {r['server_cpu_s_per_1000']} | {ceil} |"
-              + (" ran out of chunks" if r["ran_out"] else ""))
+        print(
+            f"| {r['lessees']} | {'know the job' if r['analyzed'] else 'older than the job'} | {r['per_s']:,.0f} |"
+            f" {', '.join(map(str, r['per_s_by_third']))} | {r['cycle_ms_p50']} / {r['cycle_ms_p99']} |"
+            f" {r['client_cpu_s_per_1000']} | {r['server_cpu_s_per_1000']} | {ceil} |"
+            + (" ran out of chunks" if r["ran_out"] else "")
+        )
     print("\nEvery chunk ended with fence 1 and state done: none leased twice, none lost.")
 
     b = out["big_job"]
     print(f"\n## A job of {b['chunks']:,} chunks (one lessee)\n")
     print(f"- chunk row: {b['bytes_per_chunk_row']:.0f} bytes with its indexes (inserted in {b['insert_s']}s)")
-    print(f"- lease + complete while the job is newer than the statistics:"
-          f" {b['cycle_ms_p50_job_unknown_to_statistics']} ms; after ANALYZE: {b['cycle_ms_p50_analyzed']} ms")
-    print(f"- job_counts (what progress polls every 0.25 s): {b['job_counts_ms']} ms;"
-          f" {b['job_counts_ms_after']} ms when nearly done")
-    print(f"- all but the last chunks marked done in {b['mark_done_s']}s; lease + complete before VACUUM: first"
-          f" {b['first_cycle_unvacuumed_ms']} ms, then p50 {b['cycle_ms_p50_unvacuumed']} ms;"
-          f" VACUUM {b['vacuum_s']}s; after, with statistics from before: p50 {b['cycle_ms_p50_vacuumed']} ms")
+    print(
+        f"- lease + complete while the job is newer than the statistics:"
+        f" {b['cycle_ms_p50_job_unknown_to_statistics']} ms; after ANALYZE: {b['cycle_ms_p50_analyzed']} ms"
+    )
+    print(
+        f"- job_counts (what progress polls every 0.25 s): {b['job_counts_ms']} ms;"
+        f" {b['job_counts_ms_after']} ms when nearly done"
+    )
+    print(
+        f"- all but the last chunks marked done in {b['mark_done_s']}s; lease + complete before VACUUM: first"
+        f" {b['first_cycle_unvacuumed_ms']} ms, then p50 {b['cycle_ms_p50_unvacuumed']} ms;"
+        f" VACUUM {b['vacuum_s']}s; after, with statistics from before: p50 {b['cycle_ms_p50_vacuumed']} ms"
+    )
 
 
 def main() -> None:
@@ -407,11 +499,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each lease-traffic run")
     parser.add_argument("--lease-pool", type=int, default=60_000, help="pending chunks per lease-traffic run")
     parser.add_argument("--big-chunks", type=int, default=1_000_000)
-    parser.add_argument("--ingest-sql", help="run on the ingest connection first, e.g. 'SET enable_hashjoin = off'"
-                                             " (plan experiments)")
+    parser.add_argument(
+        "--ingest-sql", help="run on the ingest connection first, e.g. 'SET enable_hashjoin = off' (plan experiments)"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 000 rows, 1.5 s runs, 20 000 chunks")
-    parser.add_argument("--dsn", help="a PostgreSQL server to create a scratch database on"
-                                      " (default: a private embedded server, removed at the end)")
+    parser.add_argument(
+        "--dsn",
+        help="a PostgreSQL server to create a scratch database on"
+        " (default: a private embedded server, removed at the end)",
+    )
     parser.add_argument("--keep-db", action="store_true", help="with --dsn: keep the scratch database")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -420,7 +516,7 @@ def main() -> None:
 
     import uvloop
 
-    with (OwnServer() if args.dsn is None else contextlib.nullcontext(args.dsn)) as server_dsn:
+    with OwnServer() if args.dsn is None else contextlib.nullcontext(args.dsn) as server_dsn:
         info = harness.machine(server_dsn)
         harness.print_machine(info)
         print("server: " + ("a private embedded PostgreSQL" if args.dsn is None else database.mask_dsn(server_dsn)))
@@ -431,8 +527,9 @@ def main() -> None:
             report(out, args)
             print(f"\n{time.perf_counter() - started:.0f}s in all; load average {os.getloadavg()[0]:.1f}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "args": vars(args) | {"json": str(args.json)}, **out},
-                                        indent=2, default=str))
+        args.json.write_text(
+            json.dumps({"machine": info, "args": vars(args) | {"json": str(args.json)}, **out}, indent=2, default=str)
+        )
 
 
 if __name__ == "__main__":

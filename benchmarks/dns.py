@@ -37,8 +37,9 @@ async def run(names: int, concurrency: int, cache_size: int, rotate: bool) -> di
         before = me.memory_info().rss
         started = time.perf_counter()
         for start in range(0, names, 1000):  # 1 000 names asked at once, as a burst of new hosts would
-            await asyncio.gather(*(r.resolve(f"h{i}.bench.test", 443, socket.AF_UNSPEC)
-                                   for i in range(start, min(names, start + 1000))))
+            await asyncio.gather(
+                *(r.resolve(f"h{i}.bench.test", 443, socket.AF_UNSPEC) for i in range(start, min(names, start + 1000)))
+            )
         elapsed = time.perf_counter() - started
         for i in range(0, names, max(1, names // 1000)):  # asked again: answered from the cache
             await r.resolve(f"h{i}.bench.test", 443, socket.AF_UNSPEC)
@@ -46,9 +47,15 @@ async def run(names: int, concurrency: int, cache_size: int, rotate: bool) -> di
         grown = me.memory_info().rss - before
         await r.close()
     questions = responder.reports[0]["queries"] - 1000  # the warm-up's 500 names, A and AAAA
-    return {"rotate": rotate, "names": names, "names_per_s": round(names / elapsed), "questions": questions,
-            "questions_per_name": round(questions / names, 2), "rss_growth_mib": round(grown / 2**20, 1),
-            "channels": r.channels}
+    return {
+        "rotate": rotate,
+        "names": names,
+        "names_per_s": round(names / elapsed),
+        "questions": questions,
+        "questions_per_name": round(questions / names, 2),
+        "rss_growth_mib": round(grown / 2**20, 1),
+        "channels": r.channels,
+    }
 
 
 def main() -> None:
@@ -64,9 +71,12 @@ def main() -> None:
 
     for rotate in (True, False):
         row = uvloop.run(run(args.names, args.concurrency, args.cache_size, rotate))
-        print(f"| {'a fresh one every 1 000 lookups' if rotate else 'one, kept'} | {row['names']:,} |"
-              f" {row['names_per_s']:,} | {row['questions_per_name']} | {row['rss_growth_mib']} MiB |"
-              f" {row['channels']} |", flush=True)
+        print(
+            f"| {'a fresh one every 1 000 lookups' if rotate else 'one, kept'} | {row['names']:,} |"
+            f" {row['names_per_s']:,} | {row['questions_per_name']} | {row['rss_growth_mib']} MiB |"
+            f" {row['channels']} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ HITS_TOTAL = re.compile(rb'\{\s*"total":\s*(\d+)\s*,')
 
 # Every chunk of the job is done: every request has had its answer. (The database is emptied
 # before each run, so the one job there is this run's.)
-FETCHED_ALL = ("SELECT j.ingest_done"
-               " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.job_id = j.id AND c.state <> 'done') FROM jobs j")
+FETCHED_ALL = (
+    "SELECT j.ingest_done"
+    " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.job_id = j.id AND c.state <> 'done') FROM jobs j"
+)
 
 
 def mock_server_url() -> str | None:
@@ -115,16 +117,36 @@ def run_case(duplicates: float, args, db: harness.ScratchDatabase) -> dict:
     db.empty()
     with tempfile.TemporaryDirectory(prefix="crawler-duplicates-") as tmp:
         summary_path = Path(tmp) / "summary.json"
-        cmd = [sys.executable, "-m", "crawler", "bench", "--urls", str(args.urls), "--duplicates", str(duplicates),
-               "--workers", str(args.workers), "--concurrency", str(args.concurrency), "--server-processes", "1",
-               "--dsn", db.dsn, "--summary-json", str(summary_path), "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "crawler",
+            "bench",
+            "--urls",
+            str(args.urls),
+            "--duplicates",
+            str(duplicates),
+            "--workers",
+            str(args.workers),
+            "--concurrency",
+            str(args.concurrency),
+            "--server-processes",
+            "1",
+            "--dsn",
+            db.dsn,
+            "--summary-json",
+            str(summary_path),
+            "--quiet",
+        ]
         if args.chunk_size:
             cmd += ["--chunk-size", str(args.chunk_size)]
         with ServerHits(db.dsn) as hits:
             timed = harness.run_timed(FRESH_START + cmd, timeout=args.timeout, sample_exclude=("crawler.mock.server",))
         if timed.returncode != 0 or not summary_path.exists():
-            raise SystemExit(f"duplicates: the bench with {duplicates:.0%} duplicates failed ({timed.returncode}):"
-                             f" {timed.stderr[-2000:]}")
+            raise SystemExit(
+                f"duplicates: the bench with {duplicates:.0%} duplicates failed ({timed.returncode}):"
+                f" {timed.stderr[-2000:]}"
+            )
         summary = json.loads(summary_path.read_text())
     bench = summary["bench"]
     supervisor = bench["peak_rss_bytes"]["supervisor"]
@@ -146,8 +168,9 @@ def run_case(duplicates: float, args, db: harness.ScratchDatabase) -> dict:
         "fetch_rate_per_s": bench["fetch_rate_per_s"],
         "time_to_first_request_s": bench["time_to_first_request_s"],
         # From the last request to the end: workers exit, duplicates get their first row's outcome.
-        "after_last_request_s": round(summary["elapsed_s"] - bench["time_to_first_request_s"]
-                                      - summary["fetched"] / bench["fetch_rate_per_s"], 2),
+        "after_last_request_s": round(
+            summary["elapsed_s"] - bench["time_to_first_request_s"] - summary["fetched"] / bench["fetch_rate_per_s"], 2
+        ),
         "supervisor_peak_rss": supervisor,
         "worker_peak_rss": workers,
         "largest_worker_peak_rss": max(workers),
@@ -158,9 +181,23 @@ def run_case(duplicates: float, args, db: harness.ScratchDatabase) -> dict:
 
 
 def medians(runs: list[dict]) -> dict:
-    keys = ["rows", "fetched", "retries", "server_received", "from_cache", "failed", "elapsed_s", "requests_per_s",
-            "rows_per_s", "fetch_rate_per_s", "after_last_request_s", "supervisor_peak_rss", "largest_worker_peak_rss",
-            "supervisor_and_largest_worker_peak_rss", "sampled_peak_rss_total"]
+    keys = [
+        "rows",
+        "fetched",
+        "retries",
+        "server_received",
+        "from_cache",
+        "failed",
+        "elapsed_s",
+        "requests_per_s",
+        "rows_per_s",
+        "fetch_rate_per_s",
+        "after_last_request_s",
+        "supervisor_peak_rss",
+        "largest_worker_peak_rss",
+        "supervisor_and_largest_worker_peak_rss",
+        "sampled_peak_rss_total",
+    ]
     return {key: harness.median([r[key] for r in runs]) for key in keys}
 
 
@@ -193,13 +230,20 @@ def report(with_dups: dict, without: dict, runs: int, fraction: float) -> dict:
     for name, fmt, key in lines:
         print(f"| {name} | {fmt(with_dups[key])} | {fmt(without[key])} |")
 
-    ratios = {key: with_dups[key] / without[key] for key in
-              ("supervisor_peak_rss", "largest_worker_peak_rss", "supervisor_and_largest_worker_peak_rss")}
+    ratios = {
+        key: with_dups[key] / without[key]
+        for key in ("supervisor_peak_rss", "largest_worker_peak_rss", "supervisor_and_largest_worker_peak_rss")
+    }
     total = ratios["supervisor_and_largest_worker_peak_rss"]
-    verdict = (f"within the {TARGET - 1:.0%} target" if total <= TARGET
-               else f"{total - 1:.1%} above: outside the {TARGET - 1:.0%} target")
-    print(f"\npeak RSS with / without duplicates: supervisor {ratios['supervisor_peak_rss']:.3f}x, largest worker"
-          f" {ratios['largest_worker_peak_rss']:.3f}x, supervisor + largest worker {total:.3f}x ({verdict})")
+    verdict = (
+        f"within the {TARGET - 1:.0%} target"
+        if total <= TARGET
+        else f"{total - 1:.1%} above: outside the {TARGET - 1:.0%} target"
+    )
+    print(
+        f"\npeak RSS with / without duplicates: supervisor {ratios['supervisor_peak_rss']:.3f}x, largest worker"
+        f" {ratios['largest_worker_peak_rss']:.3f}x, supervisor + largest worker {total:.3f}x ({verdict})"
+    )
     return ratios
 
 
@@ -210,11 +254,17 @@ def check(run: dict, urls: int, fraction: float) -> None:
     if run["server_received"] is None:
         print(f"  warning: the mock server's count is unknown ({run['server_received_error']})", flush=True)
     elif run["server_received"] != sent:
-        print(f"  warning: the mock server received {run['server_received']:,} requests, the crawler counts"
-              f" {sent:,} (fetched + retries)", flush=True)
+        print(
+            f"  warning: the mock server received {run['server_received']:,} requests, the crawler counts"
+            f" {sent:,} (fetched + retries)",
+            flush=True,
+        )
     if run["from_cache"] != expected_dups or run["fetched"] != urls - expected_dups:
-        print(f"  warning: expected {urls - expected_dups:,} fetched and {expected_dups:,} from cache,"
-              f" got {run['fetched']:,} and {run['from_cache']:,}", flush=True)
+        print(
+            f"  warning: expected {urls - expected_dups:,} fetched and {expected_dups:,} from cache,"
+            f" got {run['fetched']:,} and {run['from_cache']:,}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -236,31 +286,45 @@ def main() -> None:
     server_dsn = harness.resolve_dsn(args.dsn)
     info = harness.machine(server_dsn)
     harness.print_machine(info)
-    print(f"settings: {args.urls:,} URLs, {args.workers} workers, concurrency {args.concurrency}, mock server"
-          f" 1 process, chunk size {args.chunk_size or 'default'}", flush=True)
+    print(
+        f"settings: {args.urls:,} URLs, {args.workers} workers, concurrency {args.concurrency}, mock server"
+        f" 1 process, chunk size {args.chunk_size or 'default'}",
+        flush=True,
+    )
     runs: dict[float, list[dict]] = {args.duplicates: [], 0.0: []}
     with harness.ScratchDatabase(server_dsn, keep=args.keep_db) as db:
         for i in range(args.runs):
             # Alternating which case goes first evens out what the first run of a pair pays (a cold
             # cache, a table just truncated).
-            for fraction in ([args.duplicates, 0.0] if i % 2 == 0 else [0.0, args.duplicates]):
+            for fraction in [args.duplicates, 0.0] if i % 2 == 0 else [0.0, args.duplicates]:
                 print(f"run {i + 1}: {fraction:.0%} duplicates ...", flush=True)
                 run = run_case(fraction, args, db)
                 runs[fraction].append(run)
-                print(f"  {run['elapsed_s']:.1f} s, {run['requests_per_s']:,.0f} requests/s,"
-                      f" {run['fetched']:,} fetched, server received {count(run['server_received'])},"
-                      f" {run['from_cache']:,} from cache; supervisor {harness.mib(run['supervisor_peak_rss'])} MiB,"
-                      f" workers {', '.join(harness.mib(n) for n in run['worker_peak_rss'])} MiB;"
-                      f" load average {run['load_1m']:.1f}", flush=True)
+                print(
+                    f"  {run['elapsed_s']:.1f} s, {run['requests_per_s']:,.0f} requests/s,"
+                    f" {run['fetched']:,} fetched, server received {count(run['server_received'])},"
+                    f" {run['from_cache']:,} from cache; supervisor {harness.mib(run['supervisor_peak_rss'])} MiB,"
+                    f" workers {', '.join(harness.mib(n) for n in run['worker_peak_rss'])} MiB;"
+                    f" load average {run['load_1m']:.1f}",
+                    flush=True,
+                )
                 check(run, args.urls, fraction)
     with_dups, without = medians(runs[args.duplicates]), medians(runs[0.0])
     ratios = report(with_dups, without, args.runs, args.duplicates)
     if args.json:
-        args.json.write_text(json.dumps({
-            "machine": info, "args": vars(args) | {"json": str(args.json)},
-            "runs": {"duplicates": runs[args.duplicates], "none": runs[0.0]},
-            "medians": {"duplicates": with_dups, "none": without}, "rss_ratios": ratios,
-        }, indent=2, default=str))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "args": vars(args) | {"json": str(args.json)},
+                    "runs": {"duplicates": runs[args.duplicates], "none": runs[0.0]},
+                    "medians": {"duplicates": with_dups, "none": without},
+                    "rss_ratios": ratios,
+                },
+                indent=2,
+                default=str,
+            )
+        )
 
 
 if __name__ == "__main__":

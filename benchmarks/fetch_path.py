@@ -46,8 +46,9 @@ def _baseline_fetcher(revision: str) -> type:
     import types
 
     root = Path(__file__).resolve().parent.parent
-    source = subprocess.run(["git", "show", f"{revision}:crawler/fetch/fetcher.py"], cwd=root, check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{revision}:crawler/fetch/fetcher.py"], cwd=root, check=True, capture_output=True, text=True
+    ).stdout
     module = types.ModuleType("crawler_fetcher_baseline")
     sys.modules[module.__name__] = module  # dataclasses look their module up
     exec(compile(source, f"{revision}:crawler/fetch/fetcher.py", "exec"), module.__dict__)
@@ -76,6 +77,7 @@ async def _run(variant: str, urls: list[str], concurrency: int, baseline: str = 
             from crawler.fetch.fetcher import Fetcher
 
         async with Fetcher(s) as fetcher:
+
             async def one() -> None:
                 nonlocal ok
                 for url in pending:
@@ -88,12 +90,18 @@ async def _run(variant: str, urls: list[str], concurrency: int, baseline: str = 
 
     kwargs: dict = {"connector": aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)}
     if level >= 1:
-        kwargs["timeout"] = aiohttp.ClientTimeout(total=s.total_timeout, sock_connect=s.connect_timeout,
-                                                  sock_read=s.read_timeout)
+        kwargs["timeout"] = aiohttp.ClientTimeout(
+            total=s.total_timeout, sock_connect=s.connect_timeout, sock_read=s.read_timeout
+        )
     if level >= 3:
-        kwargs.update(headers={"User-Agent": s.user_agent}, cookie_jar=aiohttp.DummyCookieJar(),
-                      max_field_size=16384, raise_for_status=False)
+        kwargs.update(
+            headers={"User-Agent": s.user_agent},
+            cookie_jar=aiohttp.DummyCookieJar(),
+            max_field_size=16384,
+            raise_for_status=False,
+        )
     async with aiohttp.ClientSession(**kwargs) as session:
+
         async def one() -> None:
             nonlocal ok
             for url in pending:
@@ -130,9 +138,25 @@ def child(variant: str, path: str, concurrency: int, baseline: str) -> None:
 def callgrind(variant: str, path: Path, args: argparse.Namespace, tmp: str) -> int:
     """Instructions the child executed (all of it: start-up, fetching, exit) under callgrind."""
     out = Path(tmp) / "callgrind.out"
-    done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
-                           "--concurrency", str(args.concurrency), "--baseline", args.baseline,
-                           "--child", variant, str(path)], capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            __file__,
+            "--concurrency",
+            str(args.concurrency),
+            "--baseline",
+            args.baseline,
+            "--child",
+            variant,
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     import harness  # the parent's side only: children import no harness
 
     collected = harness.callgrind_instructions(done.stderr)
@@ -150,8 +174,11 @@ def main() -> None:
     parser.add_argument("--server", choices=["nginx", "mock"], default="nginx")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--baseline", default="HEAD", help=f"git revision of the {BASELINE} variant")
-    parser.add_argument("--callgrind", action="store_true",
-                        help="instructions per request under callgrind, from --urls and 3 x --urls URLs")
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="instructions per request under callgrind, from --urls and 3 x --urls URLs",
+    )
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -169,11 +196,14 @@ def main() -> None:
             small, large = Path(tmp) / "small.csv", Path(tmp) / "large.csv"
             harness.write_urls(small, server.url, args.urls)
             harness.write_urls(large, server.url, 3 * args.urls)
-            print(f"server: {server.describe()}; callgrind, {args.urls} and {3 * args.urls} URLs,"
-                  f" concurrency {args.concurrency}, {args.runs} runs", flush=True)
+            print(
+                f"server: {server.describe()}; callgrind, {args.urls} and {3 * args.urls} URLs,"
+                f" concurrency {args.concurrency}, {args.runs} runs",
+                flush=True,
+            )
             per_request: dict[str, list[float]] = {v: [] for v in variants}
             for run in range(args.runs):
-                for variant in variants[run % len(variants):] + variants[:run % len(variants)]:
+                for variant in variants[run % len(variants) :] + variants[: run % len(variants)]:
                     ir = callgrind(variant, large, args, tmp) - callgrind(variant, small, args, tmp)
                     per_request[variant].append(ir / (2 * args.urls))
                     print(f"  {variant}: {per_request[variant][-1]:,.0f} instructions per request", flush=True)
@@ -188,13 +218,29 @@ def main() -> None:
     with server, tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "urls.csv"
         harness.write_urls(path, server.url, args.urls)
-        print(f"server: {server.describe()}; {args.urls} URLs, concurrency {args.concurrency}, {args.runs} runs",
-              flush=True)
+        print(
+            f"server: {server.describe()}; {args.urls} URLs, concurrency {args.concurrency}, {args.runs} runs",
+            flush=True,
+        )
         for run in range(args.runs):
-            for variant in variants[run % len(variants):] + variants[:run % len(variants)]:
-                done = subprocess.run([sys.executable, __file__, "--concurrency", str(args.concurrency),
-                                       "--baseline", args.baseline, "--child", variant, str(path)],
-                                      capture_output=True, text=True, timeout=900, cwd=harness.ROOT)
+            for variant in variants[run % len(variants) :] + variants[: run % len(variants)]:
+                done = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--concurrency",
+                        str(args.concurrency),
+                        "--baseline",
+                        args.baseline,
+                        "--child",
+                        variant,
+                        str(path),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
+                    cwd=harness.ROOT,
+                )
                 if done.returncode != 0:
                     raise SystemExit(f"fetch_path: {variant} failed: {done.stderr[-2000:]}")
                 rows[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))

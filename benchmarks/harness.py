@@ -51,6 +51,7 @@ compile_package()
 
 # --- the machine ----------------------------------------------------------------------------
 
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -91,20 +92,29 @@ def machine(dsn: str | None = None) -> dict:
 
 
 def print_machine(info: dict) -> None:
-    print(f"machine: {info['cores']} cores ({info['cpu']}), {info['memory_gib']} GiB, {info['os']};"
-          f" Python {info['python']}, aiohttp {info['aiohttp']}, uvloop {info['uvloop']}"
-          + (f"; PostgreSQL {info['postgresql']}" if "postgresql" in info else "")
-          + f"; {info['date']}; load average {info['load_average_1m']:.1f}", flush=True)
+    print(
+        f"machine: {info['cores']} cores ({info['cpu']}), {info['memory_gib']} GiB, {info['os']};"
+        f" Python {info['python']}, aiohttp {info['aiohttp']}, uvloop {info['uvloop']}"
+        + (f"; PostgreSQL {info['postgresql']}" if "postgresql" in info else "")
+        + f"; {info['date']}; load average {info['load_average_1m']:.1f}",
+        flush=True,
+    )
 
 
 # --- the database ---------------------------------------------------------------------------
+
 
 def resolve_dsn(dsn: str | None) -> str:
     """--dsn, else what the crawler itself would use (CRAWLER_DSN, DATABASE_URL, the embedded server)."""
     if dsn:
         return dsn
-    done = subprocess.run([sys.executable, "-m", "crawler", "db", "url", "--show-password"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "crawler", "db", "url", "--show-password"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     if done.returncode != 0:
         raise SystemExit(f"benchmarks: cannot find a PostgreSQL: {done.stderr.strip()}")
     return done.stdout.strip()
@@ -157,28 +167,36 @@ class ScratchDatabase:
 
     def empty(self) -> None:
         """Drop every job (between runs, so each starts from empty tables)."""
+
         async def run() -> None:
             conn = await asyncpg.connect(self.dsn)
             try:
                 # Every ledger table (the response cache included), whatever the migrations made.
-                tables = [r["t"] for r in await conn.fetch(
-                    "SELECT quote_ident(tablename) AS t FROM pg_tables"
-                    " WHERE schemaname = current_schema() AND tablename <> 'schema_migrations'")]
+                tables = [
+                    r["t"]
+                    for r in await conn.fetch(
+                        "SELECT quote_ident(tablename) AS t FROM pg_tables"
+                        " WHERE schemaname = current_schema() AND tablename <> 'schema_migrations'"
+                    )
+                ]
                 if tables:
                     await conn.execute(f"TRUNCATE {', '.join(tables)}")
                 await conn.execute("CHECKPOINT")
             finally:
                 await conn.close()
+
         asyncio.run(run())
 
     def execute(self, sql: str) -> None:
         """Run one or more statements (no parameters)."""
+
         async def run() -> None:
             conn = await asyncpg.connect(self.dsn)
             try:
                 await conn.execute(sql)
             finally:
                 await conn.close()
+
         asyncio.run(run())
 
     def query(self, sql: str, *args):
@@ -188,6 +206,7 @@ class ScratchDatabase:
                 return await conn.fetch(sql, *args)
             finally:
                 await conn.close()
+
         return asyncio.run(run())
 
 
@@ -231,6 +250,7 @@ class PostgresCPU:
 
 
 # --- servers under test ---------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -316,8 +336,9 @@ class Nginx:
         port = free_port()
         conf = tmp / "nginx.conf"
         conf.write_text(NGINX_CONF.format(processes=self.processes, tmp=tmp, port=port))
-        self.proc = subprocess.Popen([self.binary, "-c", str(conf), "-p", str(tmp)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         try:
             wait_listening(port)
         except SystemExit:
@@ -374,6 +395,7 @@ def stop(proc: subprocess.Popen | None) -> None:
 
 
 # --- running and measuring --------------------------------------------------------------------
+
 
 class Watcher:
     """A daemon thread that runs `_run` from entering the block until leaving it, when `_stop` is
@@ -493,8 +515,14 @@ class Timed:
     load_1m: float = 0.0  # the machine's load average when the run ended
 
 
-def run_timed(cmd: list[str], *, timeout: float, env: dict | None = None, sample_exclude: tuple[str, ...] | None = None,
-              cwd: Path = ROOT) -> Timed:
+def run_timed(
+    cmd: list[str],
+    *,
+    timeout: float,
+    env: dict | None = None,
+    sample_exclude: tuple[str, ...] | None = None,
+    cwd: Path = ROOT,
+) -> Timed:
     """Run a command to its end (killed after `timeout`), with its wall time and resource usage;
     with `sample_exclude` set, also the sampled peak RSS of its process tree."""
     out = tempfile.TemporaryFile(mode="w+")
@@ -522,9 +550,17 @@ def run_timed(cmd: list[str], *, timeout: float, env: dict | None = None, sample
     proc.returncode = os.waitstatus_to_exitcode(status)
     out.seek(0)
     err.seek(0)
-    return Timed(proc.returncode, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024,
-                 out.read(), err.read(), dict(sampler.peaks) if sampler else {},
-                 sampler.peak_total if sampler else 0, os.getloadavg()[0])
+    return Timed(
+        proc.returncode,
+        wall,
+        usage.ru_utime + usage.ru_stime,
+        usage.ru_maxrss * 1024,
+        out.read(),
+        err.read(),
+        dict(sampler.peaks) if sampler else {},
+        sampler.peak_total if sampler else 0,
+        os.getloadavg()[0],
+    )
 
 
 def kill_tree(pid: int) -> None:

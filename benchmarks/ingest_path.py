@@ -110,12 +110,20 @@ async def _store(path: str, dsn: str) -> dict:
                 fetch += await store_chunk(conn, job.id, chunk_no, batch)
                 rows += len(batch)
                 invalid += sum(isinstance(row, InvalidRow) for row in batch)
-        figures = {"cpu_s": time.process_time() - cpu0, "pg_cpu_s": _backend_cpu(backend) - pg0,
-                   "wall_s": time.perf_counter() - t0, "rows": rows, "invalid": invalid, "fetch": fetch}
+        figures = {
+            "cpu_s": time.process_time() - cpu0,
+            "pg_cpu_s": _backend_cpu(backend) - pg0,
+            "wall_s": time.perf_counter() - t0,
+            "rows": rows,
+            "invalid": invalid,
+            "fetch": fetch,
+        }
         # What was stored, to compare variants by: every request row's dup_of.
         figures["stored"] = await conn.fetchval(
             "SELECT md5(string_agg(row_no || ':' || coalesce(dup_of, 0), ',' ORDER BY row_no))"
-            " FROM requests WHERE job_id = $1", job.id)
+            " FROM requests WHERE job_id = $1",
+            job.id,
+        )
         return figures
     finally:
         await conn.close()
@@ -139,13 +147,18 @@ def child(path: str, dsn: str | None) -> None:
             for batch in reader.batches(1000):
                 rows += len(batch)
                 invalid += sum(isinstance(row, InvalidRow) for row in batch)
-        figures = {"cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - t0,
-                   "rows": rows, "invalid": invalid}
+        figures = {
+            "cpu_s": time.process_time() - cpu0,
+            "wall_s": time.perf_counter() - t0,
+            "rows": rows,
+            "invalid": invalid,
+        }
     print(json.dumps(figures | {"package": str(Path(crawler.__file__).parent)}))
 
 
-def run_child(path: Path, variant: str, base_tree: str, *, callgrind: str | None = None,
-              dsn: str | None = None) -> dict | int:
+def run_child(
+    path: Path, variant: str, base_tree: str, *, callgrind: str | None = None, dsn: str | None = None
+) -> dict | int:
     env = dict(os.environ)
     if variant == "base":
         env["PYTHONPATH"] = base_tree + os.pathsep + env.get("PYTHONPATH", "")
@@ -179,8 +192,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--baseline", default="HEAD", help="git revision of the `base` variant")
     parser.add_argument("--inputs", help=f"default {','.join(INPUTS)}; with --store {','.join(STORE_INPUTS)}")
-    parser.add_argument("--callgrind", action="store_true",
-                        help="instructions per row under callgrind, from --rows and 3 x --rows rows")
+    parser.add_argument(
+        "--callgrind", action="store_true", help="instructions per row under callgrind, from --rows and 3 x --rows rows"
+    )
     parser.add_argument("--store", action="store_true", help="store the chunks too; PostgreSQL CPU per row")
     parser.add_argument("--dsn", help="PostgreSQL server for --store (default: the crawler's own)")
     parser.add_argument("--duplicates", type=float, default=0.3, help="share of repeated rows in `dups`")
@@ -215,19 +229,19 @@ def main() -> None:
                     write_urls(files[name, size], "http://127.0.0.1:8080", size, args.duplicates, 0)
                 else:
                     (write_bench if name == "bench" else write_mixed)(files[name, size], size)
-        what = (f"callgrind, {args.rows} and {3 * args.rows} rows" if args.callgrind
-                else f"{args.rows} rows")
+        what = f"callgrind, {args.rows} and {3 * args.rows} rows" if args.callgrind else f"{args.rows} rows"
         print(f"baseline {args.baseline}; {what}, {args.runs} runs", flush=True)
         figures: dict[tuple[str, str], list[float]] = {(i, v): [] for i in inputs for v in VARIANTS}
         pg: dict[tuple[str, str], list[float]] = {(i, v): [] for i in inputs for v in VARIANTS}
         invalid: dict[str, set] = {name: set() for name in inputs}
         for run in range(args.runs):
             for name in inputs:
-                for variant in (VARIANTS if run % 2 == 0 else VARIANTS[::-1]):
+                for variant in VARIANTS if run % 2 == 0 else VARIANTS[::-1]:
                     if args.callgrind:
                         out = str(Path(tmp) / "callgrind.out")
-                        ir = (run_child(files[name, sizes[1]], variant, base_tree, callgrind=out)
-                              - run_child(files[name, sizes[0]], variant, base_tree, callgrind=out))
+                        ir = run_child(files[name, sizes[1]], variant, base_tree, callgrind=out) - run_child(
+                            files[name, sizes[0]], variant, base_tree, callgrind=out
+                        )
                         figures[name, variant].append(ir / (sizes[1] - sizes[0]))
                     elif args.store:
                         db.empty()
@@ -235,9 +249,12 @@ def main() -> None:
                         figures[name, variant].append(1000 * result["cpu_s"] / result["rows"])
                         pg[name, variant].append(1000 * result["pg_cpu_s"] / result["rows"])
                         invalid[name].add((variant, (result["invalid"], result["fetch"], result["stored"])))
-                        print(f"  {name} {variant}: client {figures[name, variant][-1]:.4f},"
-                              f" PostgreSQL {pg[name, variant][-1]:.4f} CPU s per 1 000 rows;"
-                              f" wall {result['wall_s']:.1f} s", flush=True)
+                        print(
+                            f"  {name} {variant}: client {figures[name, variant][-1]:.4f},"
+                            f" PostgreSQL {pg[name, variant][-1]:.4f} CPU s per 1 000 rows;"
+                            f" wall {result['wall_s']:.1f} s",
+                            flush=True,
+                        )
                         continue
                     else:
                         result = run_child(files[name, sizes[0]], variant, base_tree)
@@ -245,14 +262,26 @@ def main() -> None:
                         invalid[name].add((variant, result["invalid"]))
                     print(f"  {name} {variant}: {figures[name, variant][-1]:,.2f}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps([
-            {"input": name, "variant": variant,
-             "per_row" if not args.store else "client_cpu_s_per_1000": figures[name, variant],
-             **({"postgres_cpu_s_per_1000": pg[name, variant]} if args.store else {})}
-            for name in inputs for variant in VARIANTS], indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                [
+                    {
+                        "input": name,
+                        "variant": variant,
+                        "per_row" if not args.store else "client_cpu_s_per_1000": figures[name, variant],
+                        **({"postgres_cpu_s_per_1000": pg[name, variant]} if args.store else {}),
+                    }
+                    for name in inputs
+                    for variant in VARIANTS
+                ],
+                indent=2,
+            )
+        )
     if args.store:
-        print("\n| input | CPU s per 1 000 rows | base | current | current / base | runs (base; current) |"
-              "\n|---|---|---|---|---|---|")
+        print(
+            "\n| input | CPU s per 1 000 rows | base | current | current / base | runs (base; current) |"
+            "\n|---|---|---|---|---|---|"
+        )
         for name in inputs:
             for what, series in (("client (parse + store)", figures), ("PostgreSQL backend", pg)):
                 base, current = median(series[name, "base"]), median(series[name, "current"])

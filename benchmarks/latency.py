@@ -40,10 +40,27 @@ def run_one(concurrency: int, args, db: harness.ScratchDatabase) -> dict:
     db.empty()
     with tempfile.TemporaryDirectory(prefix="crawler-latency-") as tmp:
         summary_path = Path(tmp) / "summary.json"
-        cmd = [sys.executable, "-m", "crawler", "bench", "--urls", str(urls), "--latency-ms", str(args.latency_ms),
-               "--workers", str(args.workers), "--concurrency", str(concurrency),
-               "--server-processes", str(args.server_processes), "--dsn", db.dsn,
-               "--summary-json", str(summary_path), "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "crawler",
+            "bench",
+            "--urls",
+            str(urls),
+            "--latency-ms",
+            str(args.latency_ms),
+            "--workers",
+            str(args.workers),
+            "--concurrency",
+            str(concurrency),
+            "--server-processes",
+            str(args.server_processes),
+            "--dsn",
+            db.dsn,
+            "--summary-json",
+            str(summary_path),
+            "--quiet",
+        ]
         timed = harness.run_timed(cmd, timeout=args.timeout)
         if timed.returncode != 0 or not summary_path.exists():
             raise SystemExit(f"latency: the bench failed ({timed.returncode}): {timed.stderr[-2000:]}")
@@ -51,27 +68,38 @@ def run_one(concurrency: int, args, db: harness.ScratchDatabase) -> dict:
     bench = summary["bench"]
     steady = steady_rate(db, summary["job_id"])
     return {
-        "concurrency": concurrency, "urls": urls, "bound_per_s": bound,
-        "end_to_end_per_s": summary["requests_per_s"], "fetching_per_s": bench["fetch_rate_per_s"],
+        "concurrency": concurrency,
+        "urls": urls,
+        "bound_per_s": bound,
+        "end_to_end_per_s": summary["requests_per_s"],
+        "fetching_per_s": bench["fetch_rate_per_s"],
         "steady_per_s": round(steady, 1) if steady else None,
-        "latency_ms": bench["latency_ms"], "ok": summary["ok"],
+        "latency_ms": bench["latency_ms"],
+        "ok": summary["ok"],
         "cpu_s_per_1000_requests": bench["cpu_s_per_1000_requests"],
-        "time_to_first_request_s": bench["time_to_first_request_s"], "elapsed_s": summary["elapsed_s"],
+        "time_to_first_request_s": bench["time_to_first_request_s"],
+        "elapsed_s": summary["elapsed_s"],
     }
 
 
 def report(rows: list[dict], args) -> None:
     print(f"\n{args.workers} workers, {args.latency_ms} ms per request; bound = workers × concurrency / latency\n")
-    print("| concurrency | URLs | bound /s | end to end /s (ratio) | while fetching /s (ratio) | steady /s (ratio) |"
-          " p50 / p99 ms | CPU s/1k |")
+    print(
+        "| concurrency | URLs | bound /s | end to end /s (ratio) | while fetching /s (ratio) | steady /s (ratio) |"
+        " p50 / p99 ms | CPU s/1k |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = r["bound_per_s"]
-        cells = [f"{v:,.0f} ({v / b:.0%})" if v else "?" for v in
-                 (r["end_to_end_per_s"], r["fetching_per_s"], r["steady_per_s"])]
+        cells = [
+            f"{v:,.0f} ({v / b:.0%})" if v else "?"
+            for v in (r["end_to_end_per_s"], r["fetching_per_s"], r["steady_per_s"])
+        ]
         lat = r["latency_ms"]
-        print(f"| {r['concurrency']} | {r['urls']:,} | {b:,.0f} | {' | '.join(cells)} |"
-              f" {lat['p50']:.0f} / {lat['p99']:.0f} | {r['cpu_s_per_1000_requests']:.3f} |")
+        print(
+            f"| {r['concurrency']} | {r['urls']:,} | {b:,.0f} | {' | '.join(cells)} |"
+            f" {lat['p50']:.0f} / {lat['p99']:.0f} | {r['cpu_s_per_1000_requests']:.3f} |"
+        )
     print("\ntarget: ≥ 90 % of the bound")
 
 
@@ -99,8 +127,11 @@ def main() -> None:
             rows.append(run_one(c, args, db))
     report(rows, args)
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "args": vars(args) | {"json": str(args.json)}, "rows": rows},
-                                        indent=2, default=str))
+        args.json.write_text(
+            json.dumps(
+                {"machine": info, "args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2, default=str
+            )
+        )
 
 
 if __name__ == "__main__":

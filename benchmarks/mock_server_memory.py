@@ -31,6 +31,7 @@ async def send(url: str, paths: int, concurrency: int = 100) -> int:
     pending = iter(range(paths))
     ok = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
         async def one() -> None:
             nonlocal ok
             for i in pending:
@@ -43,8 +44,12 @@ async def send(url: str, paths: int, concurrency: int = 100) -> int:
 
 
 def run(flags: list[str], paths: int) -> dict:
-    proc = subprocess.Popen([sys.executable, "-m", "crawler.mock.server", "--port", "0", *flags],
-                            stdout=subprocess.PIPE, text=True, cwd=harness.ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crawler.mock.server", "--port", "0", *flags],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=harness.ROOT,
+    )
     try:
         url = proc.stdout.readline().split("listening on ", 1)[1].split()[0]
         server = psutil.Process(proc.pid)
@@ -66,21 +71,26 @@ def main() -> None:
     print(f"{args.paths} distinct paths, {args.runs} runs", flush=True)
     results: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for index in range(args.runs):
-        for mode in (list(MODES) if index % 2 == 0 else list(MODES)[::-1]):
+        for mode in list(MODES) if index % 2 == 0 else list(MODES)[::-1]:
             results[mode].append(run(MODES[mode], args.paths))
             r = results[mode][-1]
-            print(f"  {mode}: RSS +{r['rss_growth'] / 2**20:.1f} MiB, {r['cpu_per_1000']:.3f} CPU s / 1 000",
-                  flush=True)
+            print(
+                f"  {mode}: RSS +{r['rss_growth'] / 2**20:.1f} MiB, {r['cpu_per_1000']:.3f} CPU s / 1 000", flush=True
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    print("\n| mode | server RSS growth (MiB) | bytes per path | server RSS after (MiB)"
-          " | server CPU s / 1 000 requests |"
-          "\n|---|---|---|---|---|")
+    print(
+        "\n| mode | server RSS growth (MiB) | bytes per path | server RSS after (MiB)"
+        " | server CPU s / 1 000 requests |"
+        "\n|---|---|---|---|---|"
+    )
     for mode, rows in results.items():
         growth = harness.median([r["rss_growth"] for r in rows])
-        print(f"| {mode} | {growth / 2**20:.1f} | {growth / args.paths:.0f} |"
-              f" {harness.median([r['rss_after'] for r in rows]) / 2**20:.0f} |"
-              f" {harness.median([r['cpu_per_1000'] for r in rows]):.3f} |")
+        print(
+            f"| {mode} | {growth / 2**20:.1f} | {growth / args.paths:.0f} |"
+            f" {harness.median([r['rss_after'] for r in rows]) / 2**20:.0f} |"
+            f" {harness.median([r['cpu_per_1000'] for r in rows]):.3f} |"
+        )
         if any(r["ok"] != args.paths for r in rows):
             print(f"WARNING: {mode}: not every request got 200")
 

@@ -72,8 +72,14 @@ def scratch_copy(module: str, tests: list[str]) -> Path:
 
 def results(work: Path, env: dict) -> dict[str, str]:
     """mutant name -> status, from `mutmut results --all true`."""
-    done = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work, env=env,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "mutmut", "results", "--all", "true"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     statuses = {}
     for line in done.stdout.splitlines():
         name, sep, status = line.strip().rpartition(": ")
@@ -95,18 +101,23 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(work / "mutants"), "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("CI", None)
     try:
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs)],
-                       cwd=work, env=env, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs)], cwd=work, env=env, check=True
+        )
         statuses = results(work, env)
         killed = sorted(n for n, s in statuses.items() if s in KILLED)
         survived = sorted(n for n, s in statuses.items() if s in SURVIVED)
-        at_import = {n for n in statuses if any(n.split(".")[-1].startswith(f"x_{f}__mutmut_")
-                                                for f in IMPORT_TIME.get(args.module, ()))}
+        at_import = {
+            n
+            for n in statuses
+            if any(n.split(".")[-1].startswith(f"x_{f}__mutmut_") for f in IMPORT_TIME.get(args.module, ()))
+        }
         killed = [n for n in killed if n not in at_import]
         survived = [n for n in survived if n not in at_import]
         if at_import:
-            print(f"  run only at import, not counted: {len(at_import)} mutants of "
-                  f"{', '.join(IMPORT_TIME[args.module])}")
+            print(
+                f"  run only at import, not counted: {len(at_import)} mutants of {', '.join(IMPORT_TIME[args.module])}"
+            )
         other = sorted(f"{n}: {s}" for n, s in statuses.items() if s not in KILLED | SURVIVED)
         total = len(killed) + len(survived)
         score = 100.0 * len(killed) / total if total else 100.0
@@ -116,8 +127,9 @@ def main() -> int:
         for name in survived:
             print(f"  survived: {name}")
             if args.survivors:
-                diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=work, env=env,
-                                      capture_output=True, text=True)
+                diff = subprocess.run(
+                    [sys.executable, "-m", "mutmut", "show", name], cwd=work, env=env, capture_output=True, text=True
+                )
                 print("    " + diff.stdout.strip().replace("\n", "\n    "))
         return 0
     finally:

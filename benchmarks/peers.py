@@ -45,9 +45,13 @@ def venv_python(venv: Path) -> Path:
 def ensure_peers(venv: Path) -> dict[str, str]:
     """Create the peers' virtual environment and install them there (once); their versions."""
     python = venv_python(venv)
-    probe = [str(python), "-c", "import scrapy, httpx, uvloop, twisted, json;"
-             " print(json.dumps({'scrapy': scrapy.__version__, 'httpx': httpx.__version__,"
-             " 'twisted': twisted.__version__, 'uvloop (peers)': uvloop.__version__}))"]
+    probe = [
+        str(python),
+        "-c",
+        "import scrapy, httpx, uvloop, twisted, json;"
+        " print(json.dumps({'scrapy': scrapy.__version__, 'httpx': httpx.__version__,"
+        " 'twisted': twisted.__version__, 'uvloop (peers)': uvloop.__version__}))",
+    ]
     if python.exists():
         done = subprocess.run(probe, capture_output=True, text=True)
         if done.returncode == 0:
@@ -62,8 +66,24 @@ def command(tool: str, urls: Path, args, dsn: str, summary: Path) -> list[str]:
     peers_python = str(venv_python(args.venv))
     c = str(args.concurrency)
     if tool == "ours":
-        cmd = [sys.executable, "-m", "crawler", "crawl", str(urls), "--dsn", dsn, "--workers", str(args.workers),
-               "--concurrency", c, "--allow-net", "127.0.0.1/32", "--quiet", "--summary-json", str(summary)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "crawler",
+            "crawl",
+            str(urls),
+            "--dsn",
+            dsn,
+            "--workers",
+            str(args.workers),
+            "--concurrency",
+            c,
+            "--allow-net",
+            "127.0.0.1/32",
+            "--quiet",
+            "--summary-json",
+            str(summary),
+        ]
         return cmd + (["--chunk-size", str(args.chunk_size)] if args.chunk_size else [])
     if tool == "aiohttp-1":
         return [sys.executable, str(PEERS / "aiohttp_floor.py"), str(urls), "--concurrency", c, "--processes", "1"]
@@ -76,24 +96,35 @@ def command(tool: str, urls: Path, args, dsn: str, summary: Path) -> list[str]:
     raise SystemExit(f"unknown tool {tool}")
 
 
-def run_tool(tool: str, urls: Path, count: int, args, db: harness.ScratchDatabase, pg: harness.PostgresCPU,
-             server) -> dict:
+def run_tool(
+    tool: str, urls: Path, count: int, args, db: harness.ScratchDatabase, pg: harness.PostgresCPU, server
+) -> dict:
     with tempfile.TemporaryDirectory(prefix="crawler-peers-") as tmp:
         summary_path = Path(tmp) / "summary.json"
         pg_before, server_before = pg.seconds(), server.cpu_seconds()
         with harness.SpeedProbe() as probe:
             timed = harness.run_timed(command(tool, urls, args, db.dsn, summary_path), timeout=args.timeout)
         pg_after, server_after = pg.seconds(), server.cpu_seconds()
-        row = {"tool": tool, "returncode": timed.returncode, "wall_s": round(timed.wall_s, 3),
-               "cpu_s": round(timed.cpu_s, 3), "maxrss_bytes": timed.maxrss_bytes,
-               "load_1m": timed.load_1m, "probe_ms": round(probe.median_ms or 0, 3)}
+        row = {
+            "tool": tool,
+            "returncode": timed.returncode,
+            "wall_s": round(timed.wall_s, 3),
+            "cpu_s": round(timed.cpu_s, 3),
+            "maxrss_bytes": timed.maxrss_bytes,
+            "load_1m": timed.load_1m,
+            "probe_ms": round(probe.median_ms or 0, 3),
+        }
         if server_before is not None and server_after is not None:
             row["server_cpu_s"] = round(server_after - server_before, 3)
         if tool == "ours":
             if summary_path.exists():
                 summary = json.loads(summary_path.read_text())
-                row.update(ok=summary["ok"], requests=summary["fetched"], crawl_elapsed_s=summary["elapsed_s"],
-                           time_to_first_fetch_s=summary["time_to_first_fetch_s"])
+                row.update(
+                    ok=summary["ok"],
+                    requests=summary["fetched"],
+                    crawl_elapsed_s=summary["elapsed_s"],
+                    time_to_first_fetch_s=summary["time_to_first_fetch_s"],
+                )
             if pg_before is not None and pg_after is not None:
                 row["postgres_cpu_s"] = round(pg_after - pg_before, 3)
         else:
@@ -112,8 +143,10 @@ def run_tool(tool: str, urls: Path, count: int, args, db: harness.ScratchDatabas
 
 def report(server_name: str, rows: list[dict], tools: list[str], urls: int) -> dict:
     print(f"\n### {server_name}: {urls} URLs, medians of {max(1, len(rows) // max(1, len(tools)))} interleaved runs\n")
-    print("| tool | wall s | requests/s | CPU s per 1 000 requests | server's CPU s per 1 000 | speed probe ms"
-          " | each run's requests/s | all ok |")
+    print(
+        "| tool | wall s | requests/s | CPU s per 1 000 requests | server's CPU s per 1 000 | speed probe ms"
+        " | each run's requests/s | all ok |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     medians = {}
     for tool in tools:
@@ -124,8 +157,14 @@ def report(server_name: str, rows: list[dict], tools: list[str], urls: int) -> d
         rate = harness.median([r["requests_per_s"] for r in mine])
         server_cpu = harness.median([r.get("server_cpu_s") for r in mine])
         probe = harness.median([r["probe_ms"] for r in mine])
-        medians[tool] = {"wall_s": wall, "requests_per_s": rate, "cpu_s": cpu, "postgres_cpu_s": pg,
-                         "server_cpu_s": server_cpu, "probe_ms": probe}
+        medians[tool] = {
+            "wall_s": wall,
+            "requests_per_s": rate,
+            "cpu_s": cpu,
+            "postgres_cpu_s": pg,
+            "server_cpu_s": server_cpu,
+            "probe_ms": probe,
+        }
         count = mine[0]["urls"]
         medians[tool]["urls"] = count
         cpu_k = f"{1000 * cpu / count:.3f}" if cpu is not None else "?"
@@ -134,9 +173,11 @@ def report(server_name: str, rows: list[dict], tools: list[str], urls: int) -> d
         ok = all(r.get("ok") == count and r["returncode"] == 0 for r in mine)
         server_k = f"{1000 * server_cpu / count:.4f}" if server_cpu is not None else "?"
         shown_urls = "" if count == urls else f" ({count:,} URLs)"
-        print(f"| {tool}{shown_urls} | {wall:.2f} | {rate:,.0f} | {cpu_k} | {server_k}"
-              f" | {probe:.2f} | {', '.join(format(r['requests_per_s'], ',.0f') for r in mine)}"
-              f" | {'yes' if ok else 'NO: ' + next((r.get('problem', '') for r in mine if 'problem' in r), '')} |")
+        print(
+            f"| {tool}{shown_urls} | {wall:.2f} | {rate:,.0f} | {cpu_k} | {server_k}"
+            f" | {probe:.2f} | {', '.join(format(r['requests_per_s'], ',.0f') for r in mine)}"
+            f" | {'yes' if ok else 'NO: ' + next((r.get('problem', '') for r in mine if 'problem' in r), '')} |"
+        )
     ours = medians.get("ours", {}).get("requests_per_s")
     if ours:
         print()
@@ -159,8 +200,11 @@ def paired(rows: list[dict], peer: str) -> str:
     ratios = sorted(o["requests_per_s"] / p["requests_per_s"] for o, p in pairs)
     if len(ratios) < 2:
         return ""
-    alike = [o["requests_per_s"] / p["requests_per_s"] for o, p in pairs
-             if o["probe_ms"] and p["probe_ms"] and abs(o["probe_ms"] / p["probe_ms"] - 1) <= 0.10]
+    alike = [
+        o["requests_per_s"] / p["requests_per_s"]
+        for o, p in pairs
+        if o["probe_ms"] and p["probe_ms"] and abs(o["probe_ms"] / p["probe_ms"] - 1) <= 0.10
+    ]
     text = f"; per round: median {harness.median(ratios):.2f} ({ratios[0]:.2f}–{ratios[-1]:.2f}, {len(ratios)} rounds)"
     if alike:
         text += f"; rounds at the same speed: median {harness.median(alike):.2f} ({len(alike)} rounds)"
@@ -171,8 +215,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--urls", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--httpx-urls", type=int,
-                        help="httpx fetches only the first N URLs (it is slow; its rate is of its own count)")
+    parser.add_argument(
+        "--httpx-urls", type=int, help="httpx fetches only the first N URLs (it is slow; its rate is of its own count)"
+    )
     parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, of {', '.join(TOOLS)}")
     parser.add_argument("--servers", default="mock,nginx", help="mock and/or nginx (nginx only if on PATH)")
     parser.add_argument("--server-processes", type=int, default=1, help="processes of each server (default 1)")
@@ -182,9 +227,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before one tool's run is killed")
     parser.add_argument("--dsn", help="a PostgreSQL server to create a scratch database on (default: the crawler's)")
     parser.add_argument("--keep-db", action="store_true")
-    parser.add_argument("--keep-jobs", action="store_true",
-                        help="keep each run's job in the scratch database"
-                             " (by default it is emptied after each of our runs)")
+    parser.add_argument(
+        "--keep-jobs",
+        action="store_true",
+        help="keep each run's job in the scratch database (by default it is emptied after each of our runs)",
+    )
     parser.add_argument("--venv", type=Path, default=VENV)
     parser.add_argument("--json", type=Path, help="write every run's figures here")
     args = parser.parse_args()
@@ -200,8 +247,11 @@ def main() -> None:
     harness.print_machine(info)
     if versions:
         print("peers: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"settings: {args.urls} URLs, {args.runs} runs, concurrency {args.concurrency} per process,"
-          f" ours with {args.workers} workers", flush=True)
+    print(
+        f"settings: {args.urls} URLs, {args.runs} runs, concurrency {args.concurrency} per process,"
+        f" ours with {args.workers} workers",
+        flush=True,
+    )
 
     servers = []
     for name in args.servers.split(","):
@@ -228,16 +278,19 @@ def main() -> None:
                 print(f"\nserver: {server.describe()} at {server.url}", flush=True)
                 rows = []
                 for run in range(args.runs):
-                    order = tools[run % len(tools):] + tools[:run % len(tools)]
+                    order = tools[run % len(tools) :] + tools[: run % len(tools)]
                     for tool in order:
                         row = run_tool(tool, *files[tool], args, db, pg, server)
                         row["run"] = run
                         rows.append(row)
-                        print(f"  run {run + 1} {tool}: {row['wall_s']:.2f} s, {row['requests_per_s']:,.0f}/s,"
-                              f" CPU {row['cpu_s']:.1f} s" + (f", PostgreSQL CPU {row['postgres_cpu_s']:.1f} s"
-                                                             if "postgres_cpu_s" in row else "")
-                              + f", load {row['load_1m']:.1f}, probe {row['probe_ms']:.2f} ms"
-                              + (f"  PROBLEM: {row['problem']}" if "problem" in row else ""), flush=True)
+                        print(
+                            f"  run {run + 1} {tool}: {row['wall_s']:.2f} s, {row['requests_per_s']:,.0f}/s,"
+                            f" CPU {row['cpu_s']:.1f} s"
+                            + (f", PostgreSQL CPU {row['postgres_cpu_s']:.1f} s" if "postgres_cpu_s" in row else "")
+                            + f", load {row['load_1m']:.1f}, probe {row['probe_ms']:.2f} ms"
+                            + (f"  PROBLEM: {row['problem']}" if "problem" in row else ""),
+                            flush=True,
+                        )
                 medians = report(server.describe(), rows, tools, args.urls)
                 results["servers"][server.name] = {"describe": server.describe(), "runs": rows, "medians": medians}
     if args.json:

@@ -60,8 +60,7 @@ def worker_part(frames: list[tuple[str, str]]) -> str:
         if leaf_file.startswith("crawler/"):
             return "fetch: our code inside Fetcher.attempt (body hashing, address policy)"
         return "fetch: aiohttp request path inside Fetcher.attempt"
-    if any(file.startswith(("crawler/fetch/writer.py", "crawler/ledger/", "asyncpg/"))
-           for file in files):
+    if any(file.startswith(("crawler/fetch/writer.py", "crawler/ledger/", "asyncpg/")) for file in files):
         return "database: ResultWriter, ledger, asyncpg"
     root = _loop_root(frames)
     root_file = files[root] if root < len(files) else leaf_file
@@ -81,15 +80,19 @@ def supervisor_part(frames: list[tuple[str, str]]) -> str:
         return "input: URL normalization and fingerprints (urls.py)"
     if any(file.startswith("crawler/job/inputs.py") for file in files):
         return "input: reading and parsing rows (inputs.py, csv)"
-    if any(f in ("store_chunk",) for f in funcs) or any(file.startswith("asyncpg/") for file in files) and any(
-            f == "Supervisor._ingest" for f in funcs):
+    if (
+        any(f in ("store_chunk",) for f in funcs)
+        or any(file.startswith("asyncpg/") for file in files)
+        and any(f == "Supervisor._ingest" for f in funcs)
+    ):
         return "ingest: storing chunks (COPY, asyncpg)"
     if any(file.startswith(("crawler/job/progress.py", "rich/")) for file in files):
         return "progress display (rich)"
     if any(file.startswith(("asyncpg/", "crawler/ledger/")) for file in files):
         return "polling the ledger (job counts, live workers)"
     if any(file.startswith(("concurrent/futures/", "threading.py")) for file in files) or any(
-            f == "_chain_future.<locals>._call_set_state" for f in funcs):
+        f == "_chain_future.<locals>._call_set_state" for f in funcs
+    ):
         return "input thread hand-off (thread pool, futures)"
     if _loop_root(frames) >= len(frames):
         return "event loop (uvloop, between callbacks)"
@@ -116,8 +119,21 @@ def summarise(path: Path, role: str, top: int = 12) -> dict:
     for part, n in parts.most_common():
         print(f"| {part} | {n / total:.0%} |")
     print(f"\nself time, top {top}: " + "; ".join(f"{k} {n / total:.1%}" for k, n in leaves.most_common(top)))
-    skip = ("<module>", "spawn_main", "_main", "BaseProcess", "run (uvloop", "Runner.run", "run.<locals>",
-            "run_worker", "main (crawler/cli", "dispatch", "_run (crawler", "Worker.run ", "Handle._run")
+    skip = (
+        "<module>",
+        "spawn_main",
+        "_main",
+        "BaseProcess",
+        "run (uvloop",
+        "Runner.run",
+        "run.<locals>",
+        "run_worker",
+        "main (crawler/cli",
+        "dispatch",
+        "_run (crawler",
+        "Worker.run ",
+        "Handle._run",
+    )
     incl = [(k, n) for k, n in inclusive.most_common(60) if not k.startswith(skip)][:top]
     print(f"\ninclusive, top {top}: " + "; ".join(f"{k} {n / total:.0%}" for k, n in incl))
     return {"samples": total, "parts": {k: round(n / total, 4) for k, n in parts.most_common()}}
@@ -131,31 +147,63 @@ def record(args) -> None:
     server_dsn = harness.resolve_dsn(args.dsn)
     harness.print_machine(harness.machine(server_dsn))
     with harness.ScratchDatabase(server_dsn) as db:
-        cmd = [sys.executable, "-m", "crawler", "bench", "--urls", str(args.urls), "--workers", str(args.workers),
-               "--concurrency", str(args.concurrency), "--dsn", db.dsn, "--summary-json", str(out / "summary.json"),
-               "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "crawler",
+            "bench",
+            "--urls",
+            str(args.urls),
+            "--workers",
+            str(args.workers),
+            "--concurrency",
+            str(args.concurrency),
+            "--dsn",
+            db.dsn,
+            "--summary-json",
+            str(out / "summary.json"),
+            "--quiet",
+        ]
         bench = subprocess.Popen(cmd, cwd=harness.ROOT)
         try:
             workers = []
             deadline = time.monotonic() + 30
             while len(workers) < args.workers and time.monotonic() < deadline and bench.poll() is None:
                 time.sleep(0.2)
-                workers = [p for p in psutil.Process(bench.pid).children()
-                           if "spawn_main" in " ".join(p.cmdline())]
+                workers = [p for p in psutil.Process(bench.pid).children() if "spawn_main" in " ".join(p.cmdline())]
             time.sleep(args.delay)
-            spies = [subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(args.seconds), "-r", "100",
-                                       "-f", "raw", "-o", str(out / f"{name}.txt"), "--nonblocking"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                     for name, pid in [("supervisor", bench.pid)]
-                     + [(f"worker-{i}", p.pid) for i, p in enumerate(workers)]]
+            spies = [
+                subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "-p",
+                        str(pid),
+                        "-d",
+                        str(args.seconds),
+                        "-r",
+                        "100",
+                        "-f",
+                        "raw",
+                        "-o",
+                        str(out / f"{name}.txt"),
+                        "--nonblocking",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for name, pid in [("supervisor", bench.pid)] + [(f"worker-{i}", p.pid) for i, p in enumerate(workers)]
+            ]
             for spy in spies:
                 spy.wait(args.seconds + 60)
             bench.wait(args.timeout)
         finally:
             harness.kill_tree(bench.pid) if bench.poll() is None else None
     summary = json.loads((out / "summary.json").read_text())
-    print(f"bench: {summary['fetched']} fetched in {summary['elapsed_s']} s, {summary['requests_per_s']}/s;"
-          f" profiles in {out}")
+    print(
+        f"bench: {summary['fetched']} fetched in {summary['elapsed_s']} s, {summary['requests_per_s']}/s;"
+        f" profiles in {out}"
+    )
     for path in sorted(out.glob("*.txt")):
         summarise(path, "supervisor" if path.name.startswith("supervisor") else "worker")
 

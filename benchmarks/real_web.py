@@ -40,15 +40,38 @@ from crawler.mock.bench import DNSResponderProcess, MockServerProcess, write_url
 TOOLS = ("ours", "bare")
 
 
-def command(tool: str, urls: Path, args, dsn: str, summary: Path, dns: str | None, ca_file: Path | None
-            ) -> list[str]:
+def command(tool: str, urls: Path, args, dsn: str, summary: Path, dns: str | None, ca_file: Path | None) -> list[str]:
     extra = (["--dns-server", dns] if dns else []) + (["--ca-file", str(ca_file)] if ca_file else [])
     if tool == "ours":
-        return [sys.executable, "-m", "crawler", "crawl", str(urls), "--dsn", dsn, "--workers", str(args.workers),
-                "--concurrency", str(args.concurrency), "--allow-net", "127.0.0.1/32", "--quiet",
-                "--summary-json", str(summary), *extra]
-    return [sys.executable, str(harness.BENCHMARKS / "peers" / "aiohttp_floor.py"), str(urls),
-            "--concurrency", str(args.concurrency), "--processes", str(args.workers), *extra]
+        return [
+            sys.executable,
+            "-m",
+            "crawler",
+            "crawl",
+            str(urls),
+            "--dsn",
+            dsn,
+            "--workers",
+            str(args.workers),
+            "--concurrency",
+            str(args.concurrency),
+            "--allow-net",
+            "127.0.0.1/32",
+            "--quiet",
+            "--summary-json",
+            str(summary),
+            *extra,
+        ]
+    return [
+        sys.executable,
+        str(harness.BENCHMARKS / "peers" / "aiohttp_floor.py"),
+        str(urls),
+        "--concurrency",
+        str(args.concurrency),
+        "--processes",
+        str(args.workers),
+        *extra,
+    ]
 
 
 def write_rows(path: Path, base: str, args, hosts: int, slow: bool) -> None:
@@ -85,20 +108,32 @@ def run_once(tool: str, hosts: int, tls: bool, args, db: harness.ScratchDatabase
                 urls = tmp / "urls.csv"
                 write_rows(urls, server.url, args, hosts, slow)
                 cmd = command(tool, urls, args, db.dsn, summary, responder.url if responder else None, ca_file)
-                timed = harness.run_timed(cmd, timeout=args.timeout,
-                                          sample_exclude=("crawler.mock.server", "crawler.mock.dns_responder"))
+                timed = harness.run_timed(
+                    cmd, timeout=args.timeout, sample_exclude=("crawler.mock.server", "crawler.mock.dns_responder")
+                )
             finally:
                 if responder is not None:
                     responder.__exit__()
         rows = sum(1 for _ in urls.open()) - 1 if slow else args.urls
-        row = {"tool": tool, "hosts": hosts, "tls": tls, "urls": rows, "slow": slow, "returncode": timed.returncode,
-               "wall_s": round(timed.wall_s, 3), "cpu_s": round(timed.cpu_s, 3), "load_1m": timed.load_1m,
-               "largest_rss": max((rss for _, rss in timed.peaks.values()), default=0),
-               # Which process it was: the supervisor ("main") or a worker, each role's largest.
-               "largest_rss_by_role": {role: max(rss for name, rss in timed.peaks.values() if name == role)
-                                       for role in {name for name, _ in timed.peaks.values()}},
-               "connections": server.connections(),
-               "dns_questions": responder.reports[0]["queries"] if responder and responder.reports else None}
+        row = {
+            "tool": tool,
+            "hosts": hosts,
+            "tls": tls,
+            "urls": rows,
+            "slow": slow,
+            "returncode": timed.returncode,
+            "wall_s": round(timed.wall_s, 3),
+            "cpu_s": round(timed.cpu_s, 3),
+            "load_1m": timed.load_1m,
+            "largest_rss": max((rss for _, rss in timed.peaks.values()), default=0),
+            # Which process it was: the supervisor ("main") or a worker, each role's largest.
+            "largest_rss_by_role": {
+                role: max(rss for name, rss in timed.peaks.values() if name == role)
+                for role in {name for name, _ in timed.peaks.values()}
+            },
+            "connections": server.connections(),
+            "dns_questions": responder.reports[0]["queries"] if responder and responder.reports else None,
+        }
         if tool == "ours" and summary.exists():
             row["ok"] = json.loads(summary.read_text())["ok"]
         elif tool == "bare":
@@ -109,7 +144,8 @@ def run_once(tool: str, hosts: int, tls: bool, args, db: harness.ScratchDatabase
     if args.stderr_dir is not None:  # e.g. the event loop's callback errors, with their tracebacks
         args.stderr_dir.mkdir(parents=True, exist_ok=True)
         (args.stderr_dir / f"{tool}-{hosts}-{'tls' if tls else 'http'}-{args.urls}-{int(time.time())}.txt").write_text(
-            timed.stderr)
+            timed.stderr
+        )
     if timed.returncode != 0 or row.get("ok") != row["urls"]:
         row["problem"] = (timed.stderr.strip().splitlines() or ["?"])[-1][:300]
     row["requests_per_s"] = round(row["urls"] / timed.wall_s, 1)
@@ -132,35 +168,47 @@ def report(rows: list[dict], hosts: int, tls: bool, urls: int) -> dict:
         }
     ours, bare = medians["ours"], medians["bare"]
     if not bare["requests_per_s"]:  # --tools ours
-        print(f"| {shape} | – | {ours['requests_per_s']:,.0f}/s | – | – | {harness.mib(ours['largest_rss'])} MiB | "
-              f"– / {ours['connections'] or 0:,.0f} | – / {ours['dns_questions'] or 0:,.0f} | "
-              f"{'yes' if ours['all_ok'] else 'NO'} |", flush=True)
+        print(
+            f"| {shape} | – | {ours['requests_per_s']:,.0f}/s | – | – | {harness.mib(ours['largest_rss'])} MiB | "
+            f"– / {ours['connections'] or 0:,.0f} | – / {ours['dns_questions'] or 0:,.0f} | "
+            f"{'yes' if ours['all_ok'] else 'NO'} |",
+            flush=True,
+        )
         return {"shape": shape, **{f"ours_{k}": v for k, v in ours.items()}}
-    ratio = (ours["requests_per_s"] / bare["requests_per_s"]
-             if ours["requests_per_s"] and bare["requests_per_s"] else None)
-    print(f"| {shape} | {bare['requests_per_s']:,.0f}/s | {ours['requests_per_s']:,.0f}/s | "
-          f"{ratio:.2f} | {harness.mib(bare['largest_rss'])} MiB | {harness.mib(ours['largest_rss'])} MiB | "
-          f"{bare['connections'] or 0:,.0f} / {ours['connections'] or 0:,.0f} | "
-          f"{bare['dns_questions'] or 0:,.0f} / {ours['dns_questions'] or 0:,.0f} | "
-          f"{'yes' if bare['all_ok'] and ours['all_ok'] else 'NO'} |", flush=True)
+    ratio = (
+        ours["requests_per_s"] / bare["requests_per_s"] if ours["requests_per_s"] and bare["requests_per_s"] else None
+    )
+    print(
+        f"| {shape} | {bare['requests_per_s']:,.0f}/s | {ours['requests_per_s']:,.0f}/s | "
+        f"{ratio:.2f} | {harness.mib(bare['largest_rss'])} MiB | {harness.mib(ours['largest_rss'])} MiB | "
+        f"{bare['connections'] or 0:,.0f} / {ours['connections'] or 0:,.0f} | "
+        f"{bare['dns_questions'] or 0:,.0f} / {ours['dns_questions'] or 0:,.0f} | "
+        f"{'yes' if bare['all_ok'] and ours['all_ok'] else 'NO'} |",
+        flush=True,
+    )
     return {"shape": shape, "ratio": ratio, **{f"{t}_{k}": v for t in TOOLS for k, v in medians[t].items()}}
 
 
 def slow_case(hosts: int, tls: bool, args, db: harness.ScratchDatabase) -> dict:
     rows = []
     for run in range(args.runs):
-        for slow in ((False, True) if run % 2 == 0 else (True, False)):
+        for slow in (False, True) if run % 2 == 0 else (True, False):
             row = run_once("ours", hosts, tls, args, db, slow=slow)
             row["run"] = run
             rows.append(row)
             problem = f"  PROBLEM: {row['problem']}" if "problem" in row else ""
-            print(f"  run {run + 1} {'with' if slow else 'without'} slow rows: {row['urls']} rows"
-                  f" in {row['wall_s']:.1f} s, load {row['load_1m']:.1f}{problem}", flush=True)
+            print(
+                f"  run {run + 1} {'with' if slow else 'without'} slow rows: {row['urls']} rows"
+                f" in {row['wall_s']:.1f} s, load {row['load_1m']:.1f}{problem}",
+                flush=True,
+            )
     alone = harness.median([r["wall_s"] for r in rows if not r["slow"]])
     mixed = harness.median([r["wall_s"] for r in rows if r["slow"]])
-    print(f"\nslow-host case, {hosts:,} hosts {'TLS' if tls else 'HTTP'}: {args.urls:,} fast rows"
-          f" alone in {alone:.1f} s, with {args.slow_share:.0%} slow rows ({args.slow_ms} ms) in {mixed:.1f} s:"
-          f" the fast rows' rate with the slow ones among them is {alone / mixed:.2f} of their rate alone")
+    print(
+        f"\nslow-host case, {hosts:,} hosts {'TLS' if tls else 'HTTP'}: {args.urls:,} fast rows"
+        f" alone in {alone:.1f} s, with {args.slow_share:.0%} slow rows ({args.slow_ms} ms) in {mixed:.1f} s:"
+        f" the fast rows' rate with the slow ones among them is {alone / mixed:.2f} of their rate alone"
+    )
     return {"runs": rows, "fast_rate_ratio": alone / mixed}
 
 
@@ -178,9 +226,12 @@ def main() -> None:
     parser.add_argument("--keep-db", action="store_true")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
     parser.add_argument("--stderr-dir", type=Path, help="keep each run's stderr in a file here")
-    parser.add_argument("--tools", default="ours,bare",
-                        help="which tools run: 'ours' alone measures the crawler's rate and memory at sizes"
-                             " where the bare script's idle connections would take the machine's memory")
+    parser.add_argument(
+        "--tools",
+        default="ours,bare",
+        help="which tools run: 'ours' alone measures the crawler's rate and memory at sizes"
+        " where the bare script's idle connections would take the machine's memory",
+    )
     parser.add_argument("--slow-share", type=float, default=0.0, help="the slow-host case: this share of slow rows")
     parser.add_argument("--slow-ms", type=int, default=2000, help="how long a slow host takes to answer")
     args = parser.parse_args()
@@ -202,20 +253,24 @@ def main() -> None:
             rows = []
             for run in range(args.runs):
                 tools = [t for t in TOOLS if t in args.tools.split(",")]
-                for tool in (tools if run % 2 == 0 else tools[::-1]):
+                for tool in tools if run % 2 == 0 else tools[::-1]:
                     row = run_once(tool, hosts, tls, args, db)
                     row["run"] = run
                     rows.append(row)
-                    print(f"  {hosts} hosts {'TLS' if tls else 'HTTP'} run {run + 1} {tool}: "
-                          f"{row['requests_per_s']:,.0f}/s, largest process {harness.mib(row['largest_rss'])} MiB,"
-                          f" connections {row['connections']}, DNS questions {row['dns_questions']},"
-                          f" by role {({k: harness.mib(v) for k, v in row['largest_rss_by_role'].items()})},"
-                          f" load {row['load_1m']:.1f}" + (f"  PROBLEM: {row['problem']}" if "problem" in row else ""),
-                          flush=True)
+                    print(
+                        f"  {hosts} hosts {'TLS' if tls else 'HTTP'} run {run + 1} {tool}: "
+                        f"{row['requests_per_s']:,.0f}/s, largest process {harness.mib(row['largest_rss'])} MiB,"
+                        f" connections {row['connections']}, DNS questions {row['dns_questions']},"
+                        f" by role { ({k: harness.mib(v) for k, v in row['largest_rss_by_role'].items()}) },"
+                        f" load {row['load_1m']:.1f}" + (f"  PROBLEM: {row['problem']}" if "problem" in row else ""),
+                        flush=True,
+                    )
             table.append((rows, hosts, tls))
             results["shapes"].append({"hosts": hosts, "tls": tls, "runs": rows})
-    print(f"\n| shape ({args.urls:,} URLs) | bare script | ours | ratio | bare: largest process | ours: largest process"
-          " | connections bare / ours | DNS questions bare / ours | all ok |")
+    print(
+        f"\n| shape ({args.urls:,} URLs) | bare script | ours | ratio | bare: largest process | ours: largest process"
+        " | connections bare / ours | DNS questions bare / ours | all ok |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for rows, hosts, tls in table:
         results.setdefault("medians", []).append(report(rows, hosts, tls, args.urls))

@@ -25,9 +25,25 @@ def run_size(urls: int, args, db: harness.ScratchDatabase, pg: harness.PostgresC
     db.empty()
     with tempfile.TemporaryDirectory(prefix="crawler-scale-") as tmp:
         summary_path = Path(tmp) / "summary.json"
-        cmd = [sys.executable, "-m", "crawler", "bench", "--urls", str(urls), "--workers", str(args.workers),
-               "--concurrency", str(args.concurrency), "--server-processes", str(args.server_processes),
-               "--dsn", db.dsn, "--summary-json", str(summary_path), "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "crawler",
+            "bench",
+            "--urls",
+            str(urls),
+            "--workers",
+            str(args.workers),
+            "--concurrency",
+            str(args.concurrency),
+            "--server-processes",
+            str(args.server_processes),
+            "--dsn",
+            db.dsn,
+            "--summary-json",
+            str(summary_path),
+            "--quiet",
+        ]
         if args.chunk_size:
             cmd += ["--chunk-size", str(args.chunk_size)]
         pg_before = pg.seconds()
@@ -51,8 +67,11 @@ def run_size(urls: int, args, db: harness.ScratchDatabase, pg: harness.PostgresC
         "ok": summary["ok"],
         "latency_ms": bench["latency_ms"],
         "cpu_s_per_1000_requests": bench["cpu_s_per_1000_requests"],
-        "postgres_cpu_s_per_1000_requests": (round(1000 * (pg_after - pg_before) / summary["fetched"], 4)
-                                             if pg_before is not None and pg_after is not None else None),
+        "postgres_cpu_s_per_1000_requests": (
+            round(1000 * (pg_after - pg_before) / summary["fetched"], 4)
+            if pg_before is not None and pg_after is not None
+            else None
+        ),
         "mock_server_cpu_s": bench.get("mock_server_cpu_s"),
         "supervisor_peak_rss": bench["peak_rss_bytes"]["supervisor"],
         "worker_peak_rss": bench["peak_rss_bytes"]["workers"],
@@ -65,27 +84,35 @@ def run_size(urls: int, args, db: harness.ScratchDatabase, pg: harness.PostgresC
 
 
 def report(rows: list[dict]) -> None:
-    print("\n| URLs | elapsed s | requests/s | while fetching /s | p50/p95/p99 ms | CPU s/1k (+PG) |"
-          " supervisor RSS MiB | workers RSS MiB | all crawler processes MiB | rows/s written |"
-          " first request s | database MiB |")
+    print(
+        "\n| URLs | elapsed s | requests/s | while fetching /s | p50/p95/p99 ms | CPU s/1k (+PG) |"
+        " supervisor RSS MiB | workers RSS MiB | all crawler processes MiB | rows/s written |"
+        " first request s | database MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lat = r["latency_ms"]
         pg = r["postgres_cpu_s_per_1000_requests"]
-        print(f"| {r['urls']:,} | {r['elapsed_s']:.1f} | {r['requests_per_s']:,.0f} | {r['fetch_rate_per_s']:,.0f} |"
-              f" {lat['p50']:.0f} / {lat['p95']:.0f} / {lat['p99']:.0f} |"
-              f" {r['cpu_s_per_1000_requests']:.3f}" + (f" (+{pg:.3f})" if pg is not None else "") + " |"
-              f" {harness.mib(r['supervisor_peak_rss'])} | {', '.join(harness.mib(n) for n in r['worker_peak_rss'])} |"
-              f" {harness.mib(r['sampled_peak_rss_total'])} | {r['rows_written_per_s']:,.0f} |"
-              f" {r['time_to_first_request_s']:.2f} | {harness.mib(r['database_bytes'])} |")
+        print(
+            f"| {r['urls']:,} | {r['elapsed_s']:.1f} | {r['requests_per_s']:,.0f} | {r['fetch_rate_per_s']:,.0f} |"
+            f" {lat['p50']:.0f} / {lat['p95']:.0f} / {lat['p99']:.0f} |"
+            f" {r['cpu_s_per_1000_requests']:.3f}" + (f" (+{pg:.3f})" if pg is not None else "") + " |"
+            f" {harness.mib(r['supervisor_peak_rss'])} | {', '.join(harness.mib(n) for n in r['worker_peak_rss'])} |"
+            f" {harness.mib(r['sampled_peak_rss_total'])} | {r['rows_written_per_s']:,.0f} |"
+            f" {r['time_to_first_request_s']:.2f} | {harness.mib(r['database_bytes'])} |"
+        )
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
+
         def peak(r):  # exact getrusage peaks, summed over the supervisor and the workers
             return r["supervisor_peak_rss"] + sum(r["worker_peak_rss"])
-        print(f"\nRSS at {last['urls']:,} vs {first['urls']:,} URLs: supervisor"
-              f" {last['supervisor_peak_rss'] / first['supervisor_peak_rss']:.2f}x, largest worker"
-              f" {max(last['worker_peak_rss']) / max(first['worker_peak_rss']):.2f}x, supervisor + workers"
-              f" {peak(last) / peak(first):.2f}x (target: within 1.10x)")
+
+        print(
+            f"\nRSS at {last['urls']:,} vs {first['urls']:,} URLs: supervisor"
+            f" {last['supervisor_peak_rss'] / first['supervisor_peak_rss']:.2f}x, largest worker"
+            f" {max(last['worker_peak_rss']) / max(first['worker_peak_rss']):.2f}x, supervisor + workers"
+            f" {peak(last) / peak(first):.2f}x (target: within 1.10x)"
+        )
 
 
 def main() -> None:
@@ -107,8 +134,11 @@ def main() -> None:
     server_dsn = harness.resolve_dsn(args.dsn)
     info = harness.machine(server_dsn)
     harness.print_machine(info)
-    print(f"settings: {args.workers} workers, concurrency {args.concurrency}, mock server"
-          f" {args.server_processes} process(es), chunk size {args.chunk_size or 'default'}", flush=True)
+    print(
+        f"settings: {args.workers} workers, concurrency {args.concurrency}, mock server"
+        f" {args.server_processes} process(es), chunk size {args.chunk_size or 'default'}",
+        flush=True,
+    )
     rows = []
     with harness.ScratchDatabase(server_dsn, keep=args.keep_db) as db:
         pg = harness.PostgresCPU(db.dsn)
@@ -118,13 +148,19 @@ def main() -> None:
             print(f"running {urls:,} URLs ...", flush=True)
             rows.append(run_size(urls, args, db, pg))
             r = rows[-1]
-            print(f"  {r['elapsed_s']:.1f} s, {r['requests_per_s']:,.0f}/s, supervisor"
-                  f" {harness.mib(r['supervisor_peak_rss'])} MiB, workers"
-                  f" {', '.join(harness.mib(n) for n in r['worker_peak_rss'])} MiB", flush=True)
+            print(
+                f"  {r['elapsed_s']:.1f} s, {r['requests_per_s']:,.0f}/s, supervisor"
+                f" {harness.mib(r['supervisor_peak_rss'])} MiB, workers"
+                f" {', '.join(harness.mib(n) for n in r['worker_peak_rss'])} MiB",
+                flush=True,
+            )
     report(rows)
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "args": vars(args) | {"json": str(args.json)}, "rows": rows},
-                                        indent=2, default=str))
+        args.json.write_text(
+            json.dumps(
+                {"machine": info, "args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2, default=str
+            )
+        )
 
 
 if __name__ == "__main__":

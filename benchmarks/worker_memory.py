@@ -38,9 +38,21 @@ CHUNK_SIZE = 1000
 
 
 class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _libc():
@@ -67,6 +79,7 @@ def _sizes(obj: object, names: tuple[str, ...]) -> dict:
 
 
 # --- the child: one worker on one job -------------------------------------------------------------
+
 
 def child(dsn: str, job_id: int, every: float, frames: int, trim: bool, out: str) -> None:
     import dataclasses
@@ -101,22 +114,35 @@ def child(dsn: str, job_id: int, every: float, frames: int, trim: bool, out: str
 
     def sample(worker: Worker, t0: float) -> dict:
         info = libc.mallinfo2()
-        row = {"t": round(time.perf_counter() - t0, 1), "fetched": worker.stats.fetched, "rss": _rss(),
-               "malloc_in_use": info.uordblks, "malloc_free": info.fordblks, "malloc_mmapped": info.hblkhd,
-               "malloc_arena": info.arena, "threads": len(os.listdir("/proc/self/task")),
-               "objects": len(gc.get_objects()), "hosts": len(worker.hosts.hosts),
-               "worker": _sizes(worker, ("_held", "_lost", "_fetchers", "_timers"))}
+        row = {
+            "t": round(time.perf_counter() - t0, 1),
+            "fetched": worker.stats.fetched,
+            "rss": _rss(),
+            "malloc_in_use": info.uordblks,
+            "malloc_free": info.fordblks,
+            "malloc_mmapped": info.hblkhd,
+            "malloc_arena": info.arena,
+            "threads": len(os.listdir("/proc/self/task")),
+            "objects": len(gc.get_objects()),
+            "hosts": len(worker.hosts.hosts),
+            "worker": _sizes(worker, ("_held", "_lost", "_fetchers", "_timers")),
+        }
         if fetchers and fetchers[0].connector is not None:
             f = fetchers[0]
-            row["connector"] = _sizes(f.connector, ("_conns", "_acquired", "_acquired_per_host", "_waiters",
-                                                    "_cleanup_closed_transports"))
+            row["connector"] = _sizes(
+                f.connector, ("_conns", "_acquired", "_acquired_per_host", "_waiters", "_cleanup_closed_transports")
+            )
             row["connector"]["closed_idle"] = f.connector.closed_idle
             row["flights"] = len(f._flights)
             row["heap_trims"] = {"trims": f.heap.trims, "seconds": round(f.heap.seconds, 4)}
             if f.resolver is not None:
-                row["resolver"] = {"cache": len(f.resolver.cache), "asking": len(f.resolver._asking),
-                                   "channels_open": len(f.resolver._in_flight), "channels": f.resolver.channels,
-                                   "lookups": f.resolver.lookups}
+                row["resolver"] = {
+                    "cache": len(f.resolver.cache),
+                    "asking": len(f.resolver._asking),
+                    "channels_open": len(f.resolver._in_flight),
+                    "channels": f.resolver.channels,
+                    "lookups": f.resolver.lookups,
+                }
         writer = getattr(worker, "writer", None)
         if writer is not None:
             row["writer"] = {k: len(v) for k, v in vars(writer).items() if isinstance(v, (list, dict, set))}
@@ -136,11 +162,14 @@ def child(dsn: str, job_id: int, every: float, frames: int, trim: bool, out: str
                 if frames:
                     snapshots.append(tracemalloc.take_snapshot())
             s = samples[-1]
-            print(f"t={s['t']:>6} fetched={s['fetched']:>7} rss={s['rss'] >> 20} MiB malloc in use"
-                  f" {s['malloc_in_use'] >> 20} free {s['malloc_free'] >> 20} mmapped {s['malloc_mmapped'] >> 20}"
-                  f" threads={s['threads']} objects={s['objects']} hosts={s['hosts']}"
-                  f" conns={s.get('connector')} resolver={s.get('resolver')} trims={s.get('heap_trims')}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"t={s['t']:>6} fetched={s['fetched']:>7} rss={s['rss'] >> 20} MiB malloc in use"
+                f" {s['malloc_in_use'] >> 20} free {s['malloc_free'] >> 20} mmapped {s['malloc_mmapped'] >> 20}"
+                f" threads={s['threads']} objects={s['objects']} hosts={s['hosts']}"
+                f" conns={s.get('connector')} resolver={s.get('resolver')} trims={s.get('heap_trims')}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     async def main() -> dict:
         conn = await asyncpg.connect(dsn)
@@ -164,19 +193,26 @@ def child(dsn: str, job_id: int, every: float, frames: int, trim: bool, out: str
     grew = []
     if len(types) >= 3:
         first, last = types[len(types) // 4], types[-1]
-        grew = sorted(((name, last[name] - first.get(name, 0), last[name]) for name in last),
-                      key=lambda x: -x[1])[:25]
+        grew = sorted(((name, last[name] - first.get(name, 0), last[name]) for name in last), key=lambda x: -x[1])[:25]
     sites = []
     if len(snapshots) >= 3:
         diff = snapshots[-1].compare_to(snapshots[len(snapshots) // 4], "traceback")
         for stat in diff[:25]:
-            sites.append({"size_diff": stat.size_diff, "count_diff": stat.count_diff, "size": stat.size,
-                          "where": [f"{f.filename}:{f.lineno}" for f in stat.traceback][:frames]})
-    Path(out).write_text(json.dumps({"figures": figures, "samples": samples, "types_grown": grew,
-                                     "sites_grown": sites}, indent=1))
+            sites.append(
+                {
+                    "size_diff": stat.size_diff,
+                    "count_diff": stat.count_diff,
+                    "size": stat.size,
+                    "where": [f"{f.filename}:{f.lineno}" for f in stat.traceback][:frames],
+                }
+            )
+    Path(out).write_text(
+        json.dumps({"figures": figures, "samples": samples, "types_grown": grew, "sites_grown": sites}, indent=1)
+    )
 
 
 # --- the parent -----------------------------------------------------------------------------------
+
 
 async def _ingest(dsn: str, path: Path, settings: dict) -> int:
     from crawler.job.inputs import open_input
@@ -204,8 +240,13 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES")
     parser.add_argument("--trim", action="store_true", help="malloc_trim(0) after every sample (an experiment)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a setting of the job (JSON value), e.g. idle_hosts=0 or dns_cache_size=50000")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the job (JSON value), e.g. idle_hosts=0 or dns_cache_size=50000",
+    )
     parser.add_argument("--server-processes", type=int, default=1)
     parser.add_argument("--dsn")
     parser.add_argument("--json", help="keep the samples here")
@@ -226,13 +267,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="crawler-worker-memory-") as tmp:
         tmp = Path(tmp)
         ca_file = tmp / "ca.pem" if args.tls else None
-        with (MockServerProcess(args.server_processes, ca_file) as server, DNSResponderProcess() as responder,
-              harness.ScratchDatabase(server_dsn) as db):
+        with (
+            MockServerProcess(args.server_processes, ca_file) as server,
+            DNSResponderProcess() as responder,
+            harness.ScratchDatabase(server_dsn) as db,
+        ):
             urls = tmp / "urls.csv"
             write_urls(urls, server.url, args.urls, 0.0, 0, hosts=args.hosts)
-            settings = Settings(allow_net=["127.0.0.1/32"], concurrency=args.concurrency, workers=1,
-                                chunk_size=CHUNK_SIZE, home="/nonexistent", dns_servers=[responder.url],
-                                ca_file=str(ca_file) if ca_file else "")
+            settings = Settings(
+                allow_net=["127.0.0.1/32"],
+                concurrency=args.concurrency,
+                workers=1,
+                chunk_size=CHUNK_SIZE,
+                home="/nonexistent",
+                dns_servers=[responder.url],
+                ca_file=str(ca_file) if ca_file else "",
+            )
             for item in args.set:
                 key, _, value = item.partition("=")
                 setattr(settings, key, json.loads(value))
@@ -241,8 +291,19 @@ def main() -> None:
             env = dict(os.environ)
             env.pop("PROMETHEUS_MULTIPROC_DIR", None)
             env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", db.dsn, str(job_id),
-                   "--every", str(args.every), "--tracemalloc", str(args.tracemalloc), "--out", str(out)]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                db.dsn,
+                str(job_id),
+                "--every",
+                str(args.every),
+                "--tracemalloc",
+                str(args.tracemalloc),
+                "--out",
+                str(out),
+            ]
             if args.trim:
                 cmd.append("--trim")
             started = time.perf_counter()
@@ -258,15 +319,19 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     samples = result["samples"]
-    print(f"\n{args.urls} URLs over {args.hosts} {'TLS ' if args.tls else ''}hosts, one worker:"
-          f" {result['figures']['fetched']} fetched in {result['figures']['wall_s']:.0f} s;"
-          f" connections {result['connections']}, DNS questions {result['dns_questions']}")
+    print(
+        f"\n{args.urls} URLs over {args.hosts} {'TLS ' if args.tls else ''}hosts, one worker:"
+        f" {result['figures']['fetched']} fetched in {result['figures']['wall_s']:.0f} s;"
+        f" connections {result['connections']}, DNS questions {result['dns_questions']}"
+    )
     print("| fetched | RSS MiB | malloc in use | malloc free | mmapped | objects | hosts | threads |")
     print("|---|---|---|---|---|---|---|---|")
     step = max(1, len(samples) // 12)
     for s in samples[::step] + samples[-1:]:
-        print(f"| {s['fetched']} | {s['rss'] >> 20} | {s['malloc_in_use'] >> 20} | {s['malloc_free'] >> 20} |"
-              f" {s['malloc_mmapped'] >> 20} | {s['objects']} | {s['hosts']} | {s['threads']} |")
+        print(
+            f"| {s['fetched']} | {s['rss'] >> 20} | {s['malloc_in_use'] >> 20} | {s['malloc_free'] >> 20} |"
+            f" {s['malloc_mmapped'] >> 20} | {s['objects']} | {s['hosts']} | {s['threads']} |"
+        )
     print("types grown:", result["types_grown"][:15])
     for site in result["sites_grown"][:15]:
         print(f"  {site['size_diff'] / 1024:+.0f} KiB ({site['count_diff']:+}) {site['where']}")

@@ -58,6 +58,7 @@ STEADY_TIMERS = {"write_interval": 3600.0, "heartbeat_seconds": 3600.0, "lease_s
 
 # --- the child: one worker on one job -------------------------------------------------------------
 
+
 def _cpu() -> float:
     u = resource.getrusage(resource.RUSAGE_SELF)
     return u.ru_utime + u.ru_stime
@@ -104,8 +105,15 @@ def child(dsn: str, job_id: int) -> None:
             stats = await Worker(dsn, job_id, settings).run()
         cpu, wall = _cpu() - cpu0, time.perf_counter() - t0
         gc_runs = [g["collections"] - n for g, n in zip(gc.get_stats(), gc0, strict=True)]
-        return {"cpu_s": cpu, "wall_s": wall, "fetched": stats.fetched, "chunks": stats.chunks,
-                "retries": stats.retries, "lost_leases": stats.lost_leases, "gc_collections": gc_runs}
+        return {
+            "cpu_s": cpu,
+            "wall_s": wall,
+            "fetched": stats.fetched,
+            "chunks": stats.chunks,
+            "retries": stats.retries,
+            "lost_leases": stats.lost_leases,
+            "gc_collections": gc_runs,
+        }
 
     figures = uvloop.run(main())
     print(json.dumps(figures | {"package": str(Path(crawler.__file__).resolve().parent)}), flush=True)
@@ -113,13 +121,20 @@ def child(dsn: str, job_id: int) -> None:
 
 # --- the parent -----------------------------------------------------------------------------------
 
+
 def job_settings(args: argparse.Namespace) -> dict:
     """What the job stores (as `crawler crawl` does: the settings minus the DSN)."""
     from crawler.settings import Settings
 
     timers = {} if args.real_timers else STEADY_TIMERS
-    settings = Settings(allow_net=["127.0.0.1/32"], concurrency=args.concurrency, workers=1,
-                        chunk_size=CHUNK_SIZE, home="/nonexistent", **timers)
+    settings = Settings(
+        allow_net=["127.0.0.1/32"],
+        concurrency=args.concurrency,
+        workers=1,
+        chunk_size=CHUNK_SIZE,
+        home="/nonexistent",
+        **timers,
+    )
     return {k: v for k, v in settings.as_dict().items() if k != "dsn"}
 
 
@@ -144,8 +159,17 @@ async def _ingest(dsn: str, path: Path, settings: dict) -> int:
     return job.id
 
 
-def run_child(variant: str, size: int, args: argparse.Namespace, db, files: dict[int, Path], trees: dict[str, str],
-              settings: dict, *, callgrind: str | None = None) -> dict:
+def run_child(
+    variant: str,
+    size: int,
+    args: argparse.Namespace,
+    db,
+    files: dict[int, Path],
+    trees: dict[str, str],
+    settings: dict,
+    *,
+    callgrind: str | None = None,
+) -> dict:
     """Empty the scratch database, ingest a fresh job of `size` rows, run one worker on it in a
     child process (under callgrind if asked); the child's figures, with `ir` under callgrind."""
     import asyncio
@@ -173,15 +197,21 @@ def run_child(variant: str, size: int, args: argparse.Namespace, db, files: dict
     expected = trees[variant]
     if not figures["package"].startswith(expected):
         raise SystemExit(f"{where} imported {figures['package']}, not a package under {expected}")
-    rows = db.query("SELECT count(*) AS n, count(*) FILTER (WHERE error_kind IS NULL) AS ok"
-                    " FROM results WHERE job_id = $1", job_id)[0]
+    rows = db.query(
+        "SELECT count(*) AS n, count(*) FILTER (WHERE error_kind IS NULL) AS ok FROM results WHERE job_id = $1", job_id
+    )[0]
     if rows["n"] != size or figures["fetched"] != size:
-        raise SystemExit(f"{where}: the job has {rows['n']} results (the worker fetched {figures['fetched']}),"
-                         f" not {size}; the child's stderr ends with:\n{done.stderr[-3000:]}")
+        raise SystemExit(
+            f"{where}: the job has {rows['n']} results (the worker fetched {figures['fetched']}),"
+            f" not {size}; the child's stderr ends with:\n{done.stderr[-3000:]}"
+        )
     figures["ok"] = rows["ok"]
     if rows["ok"] != size:
-        print(f"  WARNING: {variant} at {size} URLs: only {rows['ok']} of {size} results are ok"
-              f" ({figures['retries']} retries): the figures include failures", flush=True)
+        print(
+            f"  WARNING: {variant} at {size} URLs: only {rows['ok']} of {size} results are ok"
+            f" ({figures['retries']} retries): the figures include failures",
+            flush=True,
+        )
     if callgrind:
         import harness  # the parent's side only: children import no harness
 
@@ -200,11 +230,17 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="in this order; ratios are to the first")
     parser.add_argument("--dsn", help="PostgreSQL server (default: the crawler's own)")
     parser.add_argument("--server", choices=["nginx", "mock"], default="nginx")
-    parser.add_argument("--callgrind", action="store_true",
-                        help="instructions per request under callgrind, from --urls and 3 x --urls rows")
-    parser.add_argument("--real-timers", action="store_true",
-                        help="keep the default write_interval (0.5 s) and heartbeat (5 s): the callgrind"
-                             " figure then depends on how fast the child ran")
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="instructions per request under callgrind, from --urls and 3 x --urls rows",
+    )
+    parser.add_argument(
+        "--real-timers",
+        action="store_true",
+        help="keep the default write_interval (0.5 s) and heartbeat (5 s): the callgrind"
+        " figure then depends on how fast the child ran",
+    )
     parser.add_argument("--json", help="keep every run's figures here")
     parser.add_argument("--child", nargs=2, metavar=("DSN", "JOB_ID"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,39 +261,52 @@ def main() -> None:
     sizes = (urls, 3 * urls) if args.callgrind else (urls,)
     settings = job_settings(args)
     rows: dict[str, list[dict]] = {v: [] for v in variants}
-    with (tempfile.TemporaryDirectory(prefix="crawler-worker-path-") as tmp, server,
-          harness.ScratchDatabase(server_dsn) as db):
+    with (
+        tempfile.TemporaryDirectory(prefix="crawler-worker-path-") as tmp,
+        server,
+        harness.ScratchDatabase(server_dsn) as db,
+    ):
         trees = {v: str(Path(tmp).resolve() / v) for v in VARIANTS}
         if "base" in variants:
             os.mkdir(trees["base"])
             harness.export_revision(args.baseline, trees["base"])
         # The working tree as it is now: others' edits during the run do not mix into its figures.
         for name in ("crawler", "migrations", "config"):
-            shutil.copytree(ROOT / name, Path(trees["current"]) / name,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(
+                ROOT / name, Path(trees["current"]) / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            )
         files = {size: Path(tmp) / f"urls-{size}.csv" for size in sizes}
         for size, path in files.items():
             harness.write_urls(path, server.url, size)
         what = f"callgrind, {urls} and {3 * urls} URLs" if args.callgrind else f"{urls} URLs"
-        print(f"server: {server.describe()}; baseline {args.baseline}; {what}, one worker, concurrency"
-              f" {args.concurrency}, {args.runs} runs", flush=True)
+        print(
+            f"server: {server.describe()}; baseline {args.baseline}; {what}, one worker, concurrency"
+            f" {args.concurrency}, {args.runs} runs",
+            flush=True,
+        )
         for run in range(args.runs):
-            for variant in variants[run % len(variants):] + variants[:run % len(variants)]:
+            for variant in variants[run % len(variants) :] + variants[: run % len(variants)]:
                 if args.callgrind:
                     out = str(Path(tmp) / "callgrind.out")
                     small = run_child(variant, sizes[0], args, db, files, trees, settings, callgrind=out)
                     large = run_child(variant, sizes[1], args, db, files, trees, settings, callgrind=out)
                     per_request = (large["ir"] - small["ir"]) / (sizes[1] - sizes[0])
                     rows[variant].append({"per_request": per_request, "small": small, "large": large})
-                    print(f"  {variant}: {per_request:,.0f} instructions per request ({small['ir']:,} at"
-                          f" {sizes[0]}, {large['ir']:,} at {sizes[1]}; {small['wall_s'] + large['wall_s']:.0f} s"
-                          f" under callgrind); load {os.getloadavg()[0]:.1f}", flush=True)
+                    print(
+                        f"  {variant}: {per_request:,.0f} instructions per request ({small['ir']:,} at"
+                        f" {sizes[0]}, {large['ir']:,} at {sizes[1]}; {small['wall_s'] + large['wall_s']:.0f} s"
+                        f" under callgrind); load {os.getloadavg()[0]:.1f}",
+                        flush=True,
+                    )
                 else:
                     r = run_child(variant, urls, args, db, files, trees, settings)
                     r["cpu_k"], r["rate"] = 1000 * r["cpu_s"] / urls, urls / r["wall_s"]
                     rows[variant].append(r)
-                    print(f"  {variant}: {r['cpu_k']:.3f} CPU s per 1 000 requests, {r['rate']:,.0f}/s"
-                          f" ({r['wall_s']:.1f} s); load {os.getloadavg()[0]:.1f}", flush=True)
+                    print(
+                        f"  {variant}: {r['cpu_k']:.3f} CPU s per 1 000 requests, {r['rate']:,.0f}/s"
+                        f" ({r['wall_s']:.1f} s); load {os.getloadavg()[0]:.1f}",
+                        flush=True,
+                    )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     first = None
@@ -269,8 +318,10 @@ def main() -> None:
             runs = ", ".join(f"{r['per_request'] / 1000:,.1f} k" for r in rows[variant])
             print(f"| {variant} | {ir:,.0f} | {ir / first:.3f}x | {runs} |")
         return
-    print("\n| variant | CPU s per 1 000 requests (median) | vs first | requests/s | runs (CPU s per 1 000) |"
-          "\n|---|---|---|---|---|")
+    print(
+        "\n| variant | CPU s per 1 000 requests (median) | vs first | requests/s | runs (CPU s per 1 000) |"
+        "\n|---|---|---|---|---|"
+    )
     for variant in variants:
         cpu_k = harness.median([r["cpu_k"] for r in rows[variant]])
         rate = harness.median([r["rate"] for r in rows[variant]])

@@ -87,11 +87,11 @@ EXAMPLES = {  # each `crawler ...` line must parse: tests/test_cli.py checks eve
         "  crawler migrate                                   # the embedded database\n"
         "  crawler migrate --dsn postgresql://crawler@db.internal/crawler   # an external server"
     ),
-    "db": "examples:\n  crawler db url\n  psql \"$(crawler db url --show-password)\"\n  crawler db stop",
+    "db": 'examples:\n  crawler db url\n  psql "$(crawler db url --show-password)"\n  crawler db stop',
     "db url": (
         "examples:\n"
         "  crawler db url                                    # the DSN in use, password masked\n"
-        "  psql \"$(crawler db url --show-password)\"          # query the results directly"
+        '  psql "$(crawler db url --show-password)"          # query the results directly'
     ),
     "db stop": "example:\n  crawler db stop                                   # the next command starts it again",
     "bench": (
@@ -207,87 +207,164 @@ def build_parser() -> Parser:
     joining = Parser(add_help=False)  # what a worker joining a job decides for this machine
     _add_setting_flags(joining, Reach.RUN, machine_only=True)
 
-    parser = Parser(prog="crawler", description="A massive asynchronous HTTP crawler: every outcome in PostgreSQL.",
-                    epilog=EXAMPLES["crawler"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog="crawler",
+        description="A massive asynchronous HTTP crawler: every outcome in PostgreSQL.",
+        epilog=EXAMPLES["crawler"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     fmt = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("crawl", parents=[common, tuning, starting], help="crawl a CSV, text or gzip file of URLs",
-                       epilog=EXAMPLES["crawl"], formatter_class=fmt)
+    p = sub.add_parser(
+        "crawl",
+        parents=[common, tuning, starting],
+        help="crawl a CSV, text or gzip file of URLs",
+        epilog=EXAMPLES["crawl"],
+        formatter_class=fmt,
+    )
     p.add_argument("input", help="CSV with a header, a text file of URLs, either gzipped, or - for stdin")
     p.add_argument("--url-column", metavar="NAME", help="the CSV column holding the URL (default: url)")
-    p.add_argument("--job-name", type=_job_name, metavar="NAME",
-                   help="a unique name to refer to the job by (not all digits: those are job ids)")
-    p.add_argument("--resume", action="store_true",
-                   help="if this input (or --job-name) has an unfinished job, finish it instead of starting anew,"
-                        " with its own policy (as `crawler resume`: a flag that would change it is refused)")
+    p.add_argument(
+        "--job-name",
+        type=_job_name,
+        metavar="NAME",
+        help="a unique name to refer to the job by (not all digits: those are job ids)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="if this input (or --job-name) has an unfinished job, finish it instead of starting anew,"
+        " with its own policy (as `crawler resume`: a flag that would change it is refused)",
+    )
 
-    p = sub.add_parser("resume", parents=[common, tuning], help="finish an interrupted job",
-                       epilog=EXAMPLES["resume"], formatter_class=fmt)
+    p = sub.add_parser(
+        "resume",
+        parents=[common, tuning],
+        help="finish an interrupted job",
+        epilog=EXAMPLES["resume"],
+        formatter_class=fmt,
+    )
     p.add_argument("job", help="the job's id or name")
 
     retry_statuses = ", ".join(map(str, DECLARATIONS["retry_statuses"].default))
-    p = sub.add_parser("retry", parents=[common, tuning], help="fetch again the failed rows of a finished job",
-                       epilog=EXAMPLES["retry"].format(retry_statuses=retry_statuses), formatter_class=fmt)
+    p = sub.add_parser(
+        "retry",
+        parents=[common, tuning],
+        help="fetch again the failed rows of a finished job",
+        epilog=EXAMPLES["retry"].format(retry_statuses=retry_statuses),
+        formatter_class=fmt,
+    )
     p.add_argument("job", help="the job's id or name")
-    p.add_argument("--kinds", metavar="K,...",
-                   help="error kinds to fetch again (default: timeout,connect,reset,dns,http_status)")
-    p.add_argument("--status", metavar="S,...",
-                   help="http_status answers to fetch again, by code or class: 503,5xx (default: the job's"
-                        " retry_statuses, when http_status is among the kinds by default)")
+    p.add_argument(
+        "--kinds", metavar="K,...", help="error kinds to fetch again (default: timeout,connect,reset,dns,http_status)"
+    )
+    p.add_argument(
+        "--status",
+        metavar="S,...",
+        help="http_status answers to fetch again, by code or class: 503,5xx (default: the job's"
+        " retry_statuses, when http_status is among the kinds by default)",
+    )
 
-    p = sub.add_parser("worker", parents=[common, joining],
-                       help="fetch a job's chunks from this machine (or wait for the next job)",
-                       epilog=EXAMPLES["worker"], formatter_class=fmt)
+    p = sub.add_parser(
+        "worker",
+        parents=[common, joining],
+        help="fetch a job's chunks from this machine (or wait for the next job)",
+        epilog=EXAMPLES["worker"],
+        formatter_class=fmt,
+    )
     p.add_argument("--job", help="the job's id or name (default: the oldest unfinished job, waiting for one)")
 
-    p = sub.add_parser("export", parents=[common], help="write a job's outcomes, one record per input row",
-                       epilog=EXAMPLES["export"], formatter_class=fmt)
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write a job's outcomes, one record per input row",
+        epilog=EXAMPLES["export"],
+        formatter_class=fmt,
+    )
     p.add_argument("job", help="the job's id or name")
-    p.add_argument("--format", choices=["jsonl", "csv", "parquet"], default="jsonl",
-                   help="jsonl (default), csv, or parquet (needs pyarrow and -o PATH)")
+    p.add_argument(
+        "--format",
+        choices=["jsonl", "csv", "parquet"],
+        default="jsonl",
+        help="jsonl (default), csv, or parquet (needs pyarrow and -o PATH)",
+    )
     p.add_argument("-o", "--output", metavar="PATH", help="file to write (default: stdout; parquet needs a file)")
     p.add_argument("--only", choices=["ok", "failed", "invalid"], help="export only these rows")
-    p.add_argument("--csv-raw", action="store_true",
-                   help="csv: write every cell as stored, for programs; by default a cell starting with"
-                        " = + - @ tab or CR is prefixed with ' so that a spreadsheet shows it, not runs it")
+    p.add_argument(
+        "--csv-raw",
+        action="store_true",
+        help="csv: write every cell as stored, for programs; by default a cell starting with"
+        " = + - @ tab or CR is prefixed with ' so that a spreadsheet shows it, not runs it",
+    )
 
-    p = sub.add_parser("status", parents=[common], help="a job's state and counts",
-                       epilog=EXAMPLES["status"], formatter_class=fmt)
+    p = sub.add_parser(
+        "status", parents=[common], help="a job's state and counts", epilog=EXAMPLES["status"], formatter_class=fmt
+    )
     p.add_argument("job", nargs="?", help="the job's id or name (default: the latest job)")
     p.add_argument("--json", action="store_true")
 
-    sub.add_parser("jobs", parents=[common], help="list jobs with their state and counts",
-                   epilog=EXAMPLES["jobs"], formatter_class=fmt)
-    sub.add_parser("migrate", parents=[common], help="apply database migrations (also done automatically)",
-                   epilog=EXAMPLES["migrate"], formatter_class=fmt)
+    sub.add_parser(
+        "jobs",
+        parents=[common],
+        help="list jobs with their state and counts",
+        epilog=EXAMPLES["jobs"],
+        formatter_class=fmt,
+    )
+    sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="apply database migrations (also done automatically)",
+        epilog=EXAMPLES["migrate"],
+        formatter_class=fmt,
+    )
 
     p = sub.add_parser("db", parents=[common], help="the database in use", epilog=EXAMPLES["db"], formatter_class=fmt)
     dbsub = p.add_subparsers(dest="db_command", required=True, parser_class=Parser)
-    q = dbsub.add_parser("url", parents=[common], help="print the DSN in use (password masked)",
-                          epilog=EXAMPLES["db url"], formatter_class=fmt)
+    q = dbsub.add_parser(
+        "url",
+        parents=[common],
+        help="print the DSN in use (password masked)",
+        epilog=EXAMPLES["db url"],
+        formatter_class=fmt,
+    )
     q.add_argument("--show-password", action="store_true")
-    dbsub.add_parser("stop", parents=[common], help="stop the embedded PostgreSQL",
-                     epilog=EXAMPLES["db stop"], formatter_class=fmt)
+    dbsub.add_parser(
+        "stop", parents=[common], help="stop the embedded PostgreSQL", epilog=EXAMPLES["db stop"], formatter_class=fmt
+    )
 
-    p = sub.add_parser("bench", parents=[common, tuning, starting],
-                       help="load-test the whole path against the mock server",
-                       epilog=EXAMPLES["bench"], formatter_class=fmt)
+    p = sub.add_parser(
+        "bench",
+        parents=[common, tuning, starting],
+        help="load-test the whole path against the mock server",
+        epilog=EXAMPLES["bench"],
+        formatter_class=fmt,
+    )
     p.add_argument("--urls", type=_positive, default=10000, help="how many URLs to generate (default 10000)")
     p.add_argument("--duplicates", type=float, default=0.0, help="fraction of repeated URLs (default 0)")
     p.add_argument("--latency-ms", type=_positive, default=0, help="mock server latency per request (default 0)")
     p.add_argument("--server-processes", type=_positive, default=1, help="mock server processes (default 1)")
-    p.add_argument("--hosts", type=_positive, default=1, metavar="N",
-                   help="spread the URLs over N host names (h<i>.bench.test), resolved by a DNS responder on"
-                        " loopback (default 1: 127.0.0.1 itself)")
+    p.add_argument(
+        "--hosts",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="spread the URLs over N host names (h<i>.bench.test), resolved by a DNS responder on"
+        " loopback (default 1: 127.0.0.1 itself)",
+    )
     p.add_argument("--tls", action="store_true", help="HTTPS: the mock server's certificate, trusted with --ca-file")
 
-    p = sub.add_parser("mock-server", help="a local HTTP server for tests and load tests",
-                       epilog=EXAMPLES["mock-server"], formatter_class=fmt)
+    p = sub.add_parser(
+        "mock-server",
+        help="a local HTTP server for tests and load tests",
+        epilog=EXAMPLES["mock-server"],
+        formatter_class=fmt,
+    )
     add_server_flags(p)
 
-    p = sub.add_parser("config", parents=[common], help="the effective configuration",
-                       epilog=EXAMPLES["config"], formatter_class=fmt)
+    p = sub.add_parser(
+        "config", parents=[common], help="the effective configuration", epilog=EXAMPLES["config"], formatter_class=fmt
+    )
     p.add_argument("action", choices=["show"])
     return parser
 
@@ -318,9 +395,18 @@ def dispatch(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(f"{exc}.") from None
 
-        serve(host=args.host, port=args.port, processes=max(1, args.processes), seed=args.seed,
-              capacity=args.capacity, count_paths=args.count_paths, robots=args.robots, tls=args.tls,
-              ca_file=args.ca_out, report=args.report)
+        serve(
+            host=args.host,
+            port=args.port,
+            processes=max(1, args.processes),
+            seed=args.seed,
+            capacity=args.capacity,
+            count_paths=args.count_paths,
+            robots=args.robots,
+            tls=args.tls,
+            ca_file=args.ca_out,
+            report=args.report,
+        )
         return 0
     settings, sources = load_settings(config_file=args.config, flags=_flags(args))
     if args.command == "bench" and settings.effective_workers() == 0:
@@ -349,30 +435,74 @@ def _dispatch(args: argparse.Namespace, settings: Settings, sources: dict[str, s
     if args.command == "crawl":
         from crawler.job.crawl import crawl
 
-        return _run(crawl(dsn, settings, input_path=args.input, url_column=args.url_column, job_name=args.job_name,
-                          summary_json=args.summary_json, quiet=args.quiet, resume_existing=args.resume,
-                          standby=standby, sources=sources))
+        return _run(
+            crawl(
+                dsn,
+                settings,
+                input_path=args.input,
+                url_column=args.url_column,
+                job_name=args.job_name,
+                summary_json=args.summary_json,
+                quiet=args.quiet,
+                resume_existing=args.resume,
+                standby=standby,
+                sources=sources,
+            )
+        )
     if args.command == "bench":
         from crawler.mock.bench import bench
 
-        return _run(bench(dsn, settings, urls=args.urls, duplicates=args.duplicates, latency_ms=args.latency_ms,
-                          server_processes=max(1, args.server_processes), summary_json=args.summary_json,
-                          quiet=args.quiet, standby=standby, hosts=max(1, args.hosts), tls=args.tls))
+        return _run(
+            bench(
+                dsn,
+                settings,
+                urls=args.urls,
+                duplicates=args.duplicates,
+                latency_ms=args.latency_ms,
+                server_processes=max(1, args.server_processes),
+                summary_json=args.summary_json,
+                quiet=args.quiet,
+                standby=standby,
+                hosts=max(1, args.hosts),
+                tls=args.tls,
+            )
+        )
     if args.command == "resume":
         from crawler.job.crawl import resume
 
-        return _run(resume(dsn, settings, job_ref=args.job, summary_json=args.summary_json, quiet=args.quiet,
-                           standby=standby, sources=sources))
+        return _run(
+            resume(
+                dsn,
+                settings,
+                job_ref=args.job,
+                summary_json=args.summary_json,
+                quiet=args.quiet,
+                standby=standby,
+                sources=sources,
+            )
+        )
     if args.command == "retry":
         from crawler.job.crawl import retry
 
-        return _run(retry(dsn, settings, job_ref=args.job, kinds=args.kinds, statuses=args.status,
-                          summary_json=args.summary_json, quiet=args.quiet, standby=standby, sources=sources))
+        return _run(
+            retry(
+                dsn,
+                settings,
+                job_ref=args.job,
+                kinds=args.kinds,
+                statuses=args.status,
+                summary_json=args.summary_json,
+                quiet=args.quiet,
+                standby=standby,
+                sources=sources,
+            )
+        )
     if args.command == "worker":
         return commands.worker(dsn, settings, args.job)
     if args.command == "export":
-        return _run(commands.export(dsn, args.job, fmt=args.format, path=args.output, only=args.only,
-                                    csv_raw=args.csv_raw))
+        return _run(
+            commands.export(dsn, args.job, fmt=args.format, path=args.output, only=args.only, csv_raw=args.csv_raw)
+        )
     if args.command == "status":
         return _run(commands.status(dsn, args.job, as_json=args.json, heartbeat_seconds=settings.heartbeat_seconds))
     if args.command == "jobs":
@@ -387,8 +517,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         from crawler.logs import setup_logging
 
-        setup_logging(args.log_level if hasattr(args, "log_level") else "WARNING",
-                      args.log_format if hasattr(args, "log_format") else "text")
+        setup_logging(
+            args.log_level if hasattr(args, "log_level") else "WARNING",
+            args.log_format if hasattr(args, "log_format") else "text",
+        )
         return dispatch(args)
     except CrawlerError as exc:
         sentence = str(exc).rstrip()

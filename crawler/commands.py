@@ -57,8 +57,7 @@ async def migrate(dsn: str) -> int:
     return EXIT_OK
 
 
-async def export(dsn: str, job_ref: str, *, fmt: str, path: str | None, only: str | None,
-                 csv_raw: bool = False) -> int:
+async def export(dsn: str, job_ref: str, *, fmt: str, path: str | None, only: str | None, csv_raw: bool = False) -> int:
     out = export_file(path, fmt)  # a bad -o fails before the database is touched
     try:
         await prepare_database(dsn)
@@ -91,14 +90,23 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seco
     rate = sum(float(w["rate"]) for w in workers)
     remaining = counts.to_fetch - counts.fetched
     summary["progress"] = {
-        "rows_read": counts.rows_read, "to_fetch": counts.to_fetch, "fetched": counts.fetched,
-        "ingest_done": job.ingest_done, "rate_per_s": round(rate, 1),
+        "rows_read": counts.rows_read,
+        "to_fetch": counts.to_fetch,
+        "fetched": counts.fetched,
+        "ingest_done": job.ingest_done,
+        "rate_per_s": round(rate, 1),
         "eta_s": round(remaining / rate) if rate > 0 and job.ingest_done else None,
     }
     summary["hosts"] = registry.by_host([dict(w) for w in workers])
     summary["workers"] = [
-        {"worker": w["worker_id"], "host": w["host"], "pid": w["pid"], "fetched": w["fetched"],
-         "rate_per_s": round(float(w["rate"]), 1), "last_seen": w["heartbeat_at"].isoformat()}
+        {
+            "worker": w["worker_id"],
+            "host": w["host"],
+            "pid": w["pid"],
+            "fetched": w["fetched"],
+            "rate_per_s": round(float(w["rate"]), 1),
+            "last_seen": w["heartbeat_at"].isoformat(),
+        }
         for w in workers
     ]
     if as_json:
@@ -110,14 +118,18 @@ async def status(dsn: str, job_ref: str | None, *, as_json: bool, heartbeat_seco
         c, p = summary["chunks"], summary["progress"]
         print(f"chunks: {c['pending']} pending, {c['leased']} leased, {c['done']} done")
         eta = f", eta {p['eta_s']}s" if p["eta_s"] is not None else ""
-        print(f"progress: {p['fetched']}/{p['to_fetch']} fetched of {p['rows_read']} rows read,"
-              f" {p['rate_per_s']}/s{eta}")
+        print(
+            f"progress: {p['fetched']}/{p['to_fetch']} fetched of {p['rows_read']} rows read, {p['rate_per_s']}/s{eta}"
+        )
         for h in summary["hosts"]:  # names a machine gave itself: printed, never acted on
-            print(f"host {printable(str(h['host']))}: {h['workers']} workers, {h['fetched']} fetched,"
-                  f" {h['rate_per_s']}/s")
+            print(
+                f"host {printable(str(h['host']))}: {h['workers']} workers, {h['fetched']} fetched, {h['rate_per_s']}/s"
+            )
         for w in summary["workers"]:
-            print(f"worker {printable(str(w['worker']))}: {w['fetched']} fetched, {w['rate_per_s']}/s,"
-                  f" last seen {w['last_seen']}")
+            print(
+                f"worker {printable(str(w['worker']))}: {w['fetched']} fetched, {w['rate_per_s']}/s,"
+                f" last seen {w['last_seen']}"
+            )
     return EXIT_OK
 
 
@@ -129,8 +141,14 @@ async def jobs(dsn: str) -> int:
 
     table = Table("id", "name", "state", "rows read", "results", "created")
     for r in rows:
-        table.add_row(str(r["id"]), shown(r["name"]), shown(r["state"]), str(r["rows_read"]), str(r["results"]),
-                      r["created_at"].strftime("%Y-%m-%d %H:%M:%S"))
+        table.add_row(
+            str(r["id"]),
+            shown(r["name"]),
+            shown(r["state"]),
+            str(r["rows_read"]),
+            str(r["results"]),
+            r["created_at"].strftime("%Y-%m-%d %H:%M:%S"),
+        )
     Console().print(table)
     return EXIT_OK
 
@@ -149,8 +167,11 @@ def worker(dsn: str, settings: Settings, job_ref: str | None) -> int:
         print(f"crawler: job {ref} is already complete.", file=sys.stderr)
         return EXIT_OK
     joined = for_job(job.settings, settings)
-    print(f"crawler: joining job {ref} with {joined.effective_workers()} worker processes"
-          f" of {joined.concurrency} fetch tasks each.", file=sys.stderr)
+    print(
+        f"crawler: joining job {ref} with {joined.effective_workers()} worker processes"
+        f" of {joined.concurrency} fetch tasks each.",
+        file=sys.stderr,
+    )
     with Exporter.start(joined) or contextlib.nullcontext() as exporter:
         return uvloop.run(join_job(dsn, job, joined, exporter=exporter))
 

@@ -25,8 +25,18 @@ from crawler.urls import mask_password
 # url: the row's URL as written (an invalid row's text); normalized_url: the form duplicates
 # share (none for an invalid row). A URL's password is shown as *** in every field.
 FIELDS = (
-    "row", "url", "normalized_url", "status", "final_url", "error_kind", "error", "attempts", "from_cache",
-    "elapsed_ms", "body_bytes", "body_sha256",
+    "row",
+    "url",
+    "normalized_url",
+    "status",
+    "final_url",
+    "error_kind",
+    "error",
+    "attempts",
+    "from_cache",
+    "elapsed_ms",
+    "body_bytes",
+    "body_sha256",
 )
 _MASKED = tuple(i for i, name in enumerate(FIELDS) if name in ("url", "normalized_url", "final_url", "error"))
 # OWASP's CSV injection rule: a spreadsheet runs a cell that starts with one of these as a formula.
@@ -34,8 +44,17 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 FORMATS = ("jsonl", "csv", "parquet")
 PARQUET_BATCH_ROWS = 10_000  # rows per record batch (and row group): a few MB, whatever the job's size
 
-_RESULT_FIELDS = ("status", "final_url", "error_kind", "error", "attempts", "from_cache", "elapsed_ms",
-                  "body_bytes", "body_sha256")
+_RESULT_FIELDS = (
+    "status",
+    "final_url",
+    "error_kind",
+    "error",
+    "attempts",
+    "from_cache",
+    "elapsed_ms",
+    "body_bytes",
+    "body_sha256",
+)
 _NO_RESULT = dict.fromkeys(_RESULT_FIELDS)  # a row not fetched yet
 
 # A row is ok when it was fetched (or served from the cache) without an error; failed when its
@@ -43,8 +62,9 @@ _NO_RESULT = dict.fromkeys(_RESULT_FIELDS)  # a row not fetched yet
 ONLY = ("ok", "failed", "invalid")
 
 
-def valid_outcomes(requests: list[asyncpg.Record], results: list[asyncpg.Record],
-                   only: str | None = None) -> list[dict]:
+def valid_outcomes(
+    requests: list[asyncpg.Record], results: list[asyncpg.Record], only: str | None = None
+) -> list[dict]:
     """One export record per request, in the requests' order, each with its result if it has
     one, its keys in FIELDS order; with `only`, just the ok or the failed ones."""
     by_row = {r["row_no"]: r for r in results}
@@ -66,9 +86,20 @@ def valid_outcomes(requests: list[asyncpg.Record], results: list[asyncpg.Record]
 
 
 def invalid_outcome(row: asyncpg.Record) -> dict:
-    return {"row": row["row_no"], "url": row["raw"], "normalized_url": None, "status": None, "final_url": None,
-            "error_kind": ErrorKind.INVALID_URL.value, "error": row["reason"], "attempts": 0, "from_cache": False,
-            "elapsed_ms": None, "body_bytes": None, "body_sha256": None}
+    return {
+        "row": row["row_no"],
+        "url": row["raw"],
+        "normalized_url": None,
+        "status": None,
+        "final_url": None,
+        "error_kind": ErrorKind.INVALID_URL.value,
+        "error": row["reason"],
+        "attempts": 0,
+        "from_cache": False,
+        "elapsed_ms": None,
+        "body_bytes": None,
+        "body_sha256": None,
+    }
 
 
 async def _valid_records(conn: asyncpg.Connection, job_id: int, only: str | None) -> AsyncIterator[dict]:
@@ -83,8 +114,7 @@ async def _invalid_records(conn: asyncpg.Connection, job_id: int) -> AsyncIterat
             yield invalid_outcome(row)
 
 
-async def _merge_by_row(valid: AsyncIterator[dict] | None,
-                        invalid: AsyncIterator[dict] | None) -> AsyncIterator[dict]:
+async def _merge_by_row(valid: AsyncIterator[dict] | None, invalid: AsyncIterator[dict] | None) -> AsyncIterator[dict]:
     """Merge two streams, each in row order, into one in row order (row numbers are unique)."""
     if valid is None or invalid is None:
         only = valid or invalid
@@ -107,8 +137,9 @@ async def _merge_by_row(valid: AsyncIterator[dict] | None,
             yield record
 
 
-async def export_records(conn: asyncpg.Connection, job_id: int, *,
-                         only: str | None = None) -> AsyncGenerator[dict, None]:
+async def export_records(
+    conn: asyncpg.Connection, job_id: int, *, only: str | None = None
+) -> AsyncGenerator[dict, None]:
     """Every input row of the job in row order (or only the ok, failed or invalid ones), as dicts
     with the keys of FIELDS; ledger.outcomes.BATCH_ROWS rows of each table at a time."""
     if only is not None and only not in ONLY:
@@ -170,20 +201,22 @@ def _pyarrow() -> Any:
 def parquet_schema(pa: Any) -> Any:
     """The export's columns with the database's types: every one nullable but row and url (a row
     not yet fetched has no result; an invalid row has no status)."""
-    return pa.schema([
-        pa.field("row", pa.int64(), nullable=False),
-        pa.field("url", pa.string(), nullable=False),
-        pa.field("normalized_url", pa.string()),  # none for an invalid row
-        pa.field("status", pa.int16()),
-        pa.field("final_url", pa.string()),
-        pa.field("error_kind", pa.string()),
-        pa.field("error", pa.string()),
-        pa.field("attempts", pa.int16()),
-        pa.field("from_cache", pa.bool_()),
-        pa.field("elapsed_ms", pa.float32()),  # `real` in PostgreSQL
-        pa.field("body_bytes", pa.int64()),
-        pa.field("body_sha256", pa.string()),  # hex, as in the other formats
-    ])
+    return pa.schema(
+        [
+            pa.field("row", pa.int64(), nullable=False),
+            pa.field("url", pa.string(), nullable=False),
+            pa.field("normalized_url", pa.string()),  # none for an invalid row
+            pa.field("status", pa.int16()),
+            pa.field("final_url", pa.string()),
+            pa.field("error_kind", pa.string()),
+            pa.field("error", pa.string()),
+            pa.field("attempts", pa.int16()),
+            pa.field("from_cache", pa.bool_()),
+            pa.field("elapsed_ms", pa.float32()),  # `real` in PostgreSQL
+            pa.field("body_bytes", pa.int64()),
+            pa.field("body_sha256", pa.string()),  # hex, as in the other formats
+        ]
+    )
 
 
 async def _export_parquet(conn: asyncpg.Connection, job_id: int, out: ExportFile, only: str | None) -> int:
@@ -226,8 +259,16 @@ def export_file(path: str | None, fmt: str) -> ExportFile | None:
     return None if path is None or path == "-" else ExportFile(path)
 
 
-async def export_job(conn: asyncpg.Connection, job_id: int, *, fmt: str, path: str | None,
-                     only: str | None = None, out: ExportFile | None = None, csv_raw: bool = False) -> int:
+async def export_job(
+    conn: asyncpg.Connection,
+    job_id: int,
+    *,
+    fmt: str,
+    path: str | None,
+    only: str | None = None,
+    out: ExportFile | None = None,
+    csv_raw: bool = False,
+) -> int:
     """Write the export to `path` (or stdout, for jsonl and csv); return the number of records.
     A failed export leaves no file behind (`out`: the file as export_file() checked it). A CSV
     cell that a spreadsheet would run as a formula is prefixed with "'", unless csv_raw."""
@@ -246,8 +287,9 @@ async def export_job(conn: asyncpg.Connection, job_id: int, *, fmt: str, path: s
         return await _export_text(conn, job_id, out, line=line, fmt=fmt, only=only)
 
 
-async def _export_stdout(conn: asyncpg.Connection, job_id: int, *, line: Callable[[dict], str],
-                         fmt: str, only: str | None) -> int:
+async def _export_stdout(
+    conn: asyncpg.Connection, job_id: int, *, line: Callable[[dict], str], fmt: str, only: str | None
+) -> int:
     count = 0
     out = sys.stdout
     # Each write is guarded on its own: the stream between them may raise the database's own
@@ -278,8 +320,9 @@ def _stdout_error(exc: OSError) -> Exception:
     return OutputError(f"cannot write the export to standard output: {exc.strerror or type(exc).__name__}.")
 
 
-async def _export_text(conn: asyncpg.Connection, job_id: int, file: ExportFile, *,
-                       line: Callable[[dict], str], fmt: str, only: str | None) -> int:
+async def _export_text(
+    conn: asyncpg.Connection, job_id: int, file: ExportFile, *, line: Callable[[dict], str], fmt: str, only: str | None
+) -> int:
     count = 0
     with file.errors():
         out = await aiofiles.open(file.name, "w", encoding="utf-8", newline="")

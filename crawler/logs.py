@@ -62,7 +62,8 @@ class SecretFilter(logging.Filter):
 # context it was created in, so log_context once at the top of a worker tags everything below.
 # The default is read-only: it is shared by every context that has set nothing.
 _context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
-    "crawler_log_ids", default=MappingProxyType({}))
+    "crawler_log_ids", default=MappingProxyType({})
+)
 
 
 class ContextFilter(logging.Filter):

@@ -28,8 +28,10 @@ MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # how prometheus_client finds the fi
 # Seconds, from a loopback answer to the default total timeout; write lag (one flush interval,
 # longer during a database outage) fits the same scale.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-CACHE_HITS_HELP = ("Rows served from the cache: duplicate (of an earlier row of the job, counted at ingest),"
-                   " fresh (an earlier job's response), revalidated (an earlier job's response, confirmed by a 304)")
+CACHE_HITS_HELP = (
+    "Rows served from the cache: duplicate (of an earlier row of the job, counted at ingest),"
+    " fresh (an earlier job's response), revalidated (an earlier job's response, confirmed by a 304)"
+)
 
 
 class WorkerMetrics:
@@ -45,20 +47,29 @@ class WorkerMetrics:
         from prometheus_client import Counter, Gauge, Histogram
 
         # registry=None: a worker never serves; the parent reads the files.
-        self.requests = Counter("crawler_requests_total", "HTTP attempts by status and error kind",
-                                ["status", "error_kind"], registry=None)
+        self.requests = Counter(
+            "crawler_requests_total", "HTTP attempts by status and error kind", ["status", "error_kind"], registry=None
+        )
         # labels() costs as much as the increment itself: look each pair up once.
         self._requests_of = functools.cache(lambda status, kind: self.requests.labels(str(status or ""), kind or ""))
-        self.duration = Histogram("crawler_request_duration_seconds", "Time of one HTTP attempt, body included",
-                                  buckets=BUCKETS, registry=None)
-        self.in_flight = Gauge("crawler_in_flight", "HTTP attempts under way", multiprocess_mode="livesum",
-                               registry=None)
+        self.duration = Histogram(
+            "crawler_request_duration_seconds",
+            "Time of one HTTP attempt, body included",
+            buckets=BUCKETS,
+            registry=None,
+        )
+        self.in_flight = Gauge(
+            "crawler_in_flight", "HTTP attempts under way", multiprocess_mode="livesum", registry=None
+        )
         self.cache_hits = Counter("crawler_cache_hits_total", CACHE_HITS_HELP, ["kind"], registry=None)
-        self.retries = Counter("crawler_retries_total", "Attempts that failed and were scheduled again",
-                               registry=None)
+        self.retries = Counter("crawler_retries_total", "Attempts that failed and were scheduled again", registry=None)
         self.written = Counter("crawler_results_written_total", "Results committed to the ledger", registry=None)
-        self.write_lag = Histogram("crawler_write_lag_seconds", "Time from a result handed to the writer to its commit",
-                                   buckets=BUCKETS, registry=None)
+        self.write_lag = Histogram(
+            "crawler_write_lag_seconds",
+            "Time from a result handed to the writer to its commit",
+            buckets=BUCKETS,
+            registry=None,
+        )
 
     def fetch_started(self) -> None:
         self.in_flight.inc()
@@ -146,11 +157,13 @@ class _Collector:
         # Called on the HTTP server's thread; the fields above are only ever replaced whole.
         families = {family.name: family for family in MultiProcessCollector.merge(self._files())}
         if self.duplicates is not None:
-            hits = families.setdefault("crawler_cache_hits",
-                                       CounterMetricFamily("crawler_cache_hits", CACHE_HITS_HELP, labels=["kind"]))
+            hits = families.setdefault(
+                "crawler_cache_hits", CounterMetricFamily("crawler_cache_hits", CACHE_HITS_HELP, labels=["kind"])
+            )
             hits.add_sample("crawler_cache_hits_total", {"kind": "duplicate"}, self.duplicates)
         families["crawler_worker_restarts"] = CounterMetricFamily(
-            "crawler_worker_restarts", "Worker processes started again after one died", value=self.restarts)
+            "crawler_worker_restarts", "Worker processes started again after one died", value=self.restarts
+        )
         chunks = GaugeMetricFamily("crawler_chunks", "The job's chunks by state", labels=["state"])
         for state, count in self.chunks.items():
             chunks.add_metric([state], count)
@@ -193,8 +206,9 @@ class Exporter:
             self._server, self._thread = start_http_server(port, host, registry)
         except OSError as exc:
             shutil.rmtree(self.directory, ignore_errors=True)
-            raise UsageError(f"cannot serve metrics on {host}:{port} ({exc.strerror or exc});"
-                             f" choose another --metrics-port.") from None
+            raise UsageError(
+                f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); choose another --metrics-port."
+            ) from None
         self.port: int = self._server.server_port
         self._previous = os.environ.get(MULTIPROC_DIR)
         os.environ[MULTIPROC_DIR] = self.directory

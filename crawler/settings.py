@@ -69,8 +69,15 @@ class Flag:
     text: bool = False  # the value is text the settings parse (a duration), not the field's type
 
 
-def setting(default: Any, help: str, *, scope: Scope = Scope.POLICY, flag: Flag | None = None,
-            choices: tuple[str, ...] = (), factory: Any = None) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    scope: Scope = Scope.POLICY,
+    flag: Flag | None = None,
+    choices: tuple[str, ...] = (),
+    factory: Any = None,
+) -> Any:
     """A field of Settings and its declaration. `help` is one line, as the flag's help shows it;
     config/default.toml gives the reasons behind the default."""
     metadata = {"help": help, "scope": scope, "flag": flag, "choices": choices, "default": default}
@@ -93,14 +100,23 @@ class Settings:
     config/default.toml documents each with its reason (a test holds the two equal)."""
 
     # Database: an external server's DSN, or none for the embedded server under `home`.
-    dsn: str | None = setting(None, "PostgreSQL URL (else CRAWLER_DSN, else DATABASE_URL, else the embedded server)",
-                              scope=Scope.MACHINE, flag=Flag(reach=Reach.EVERY))
-    home: str = setting(None, "where the embedded PostgreSQL keeps its data", scope=Scope.MACHINE,
-                        factory=_user_data_dir)
+    dsn: str | None = setting(
+        None,
+        "PostgreSQL URL (else CRAWLER_DSN, else DATABASE_URL, else the embedded server)",
+        scope=Scope.MACHINE,
+        flag=Flag(reach=Reach.EVERY),
+    )
+    home: str = setting(
+        None, "where the embedded PostgreSQL keeps its data", scope=Scope.MACHINE, factory=_user_data_dir
+    )
     # Processes and concurrency.
-    workers: int | str = setting("auto", "worker processes here: auto = one per core; 0 = only ingest and"
-                                 " supervise, `crawler worker` on other machines fetches",
-                                 scope=Scope.MACHINE, flag=Flag(metavar="N"))
+    workers: int | str = setting(
+        "auto",
+        "worker processes here: auto = one per core; 0 = only ingest and"
+        " supervise, `crawler worker` on other machines fetches",
+        scope=Scope.MACHINE,
+        flag=Flag(metavar="N"),
+    )
     concurrency: int = setting(200, "fetch tasks per worker", scope=Scope.MACHINE, flag=Flag(metavar="N"))
     chunk_size: int = setting(1000, "rows per chunk, the unit of leasing", flag=Flag(metavar="N", reach=Reach.START))
     # Timeouts, seconds.
@@ -108,8 +124,11 @@ class Settings:
     read_timeout: float = setting(30.0, "seconds to wait for the next bytes of a response")
     total_timeout: float = setting(60.0, "seconds for a whole attempt, from connect to the body's last byte")
     slow_after: float = setting(1.0, "seconds after which a request stops counting against concurrency")
-    idle_hosts: int = setting(1000, "hosts whose idle keep-alive connections a worker keeps (0: none once a host"
-                              " has nothing pending)", scope=Scope.MACHINE)
+    idle_hosts: int = setting(
+        1000,
+        "hosts whose idle keep-alive connections a worker keeps (0: none once a host has nothing pending)",
+        scope=Scope.MACHINE,
+    )
     # Retries.
     max_attempts: int = setting(3, "attempts per request, the first included", flag=Flag(metavar="N"))
     backoff_base: float = setting(0.5, "seconds: the first retry's backoff ceiling, doubled per attempt")
@@ -118,33 +137,55 @@ class Settings:
     retry_after_max: float = setting(120.0, "seconds: the longest Retry-After honoured")
     # Limits and safety.
     max_redirects: int = setting(10, "redirect hops followed before the result is too_many_redirects")
-    max_body_bytes: int = setting(10 * 1024 * 1024, "body cap in bytes after decompression; 0 = read none",
-                                  flag=Flag(metavar="N"))
-    allow_net: list[str] = setting([], "allow fetching this loopback or private network (repeatable; a resumed or"
-                                   " joined job adds it to its own list)", scope=Scope.MERGED,
-                                   flag=Flag(metavar="CIDR"))
+    max_body_bytes: int = setting(
+        10 * 1024 * 1024, "body cap in bytes after decompression; 0 = read none", flag=Flag(metavar="N")
+    )
+    allow_net: list[str] = setting(
+        [],
+        "allow fetching this loopback or private network (repeatable; a resumed or joined job adds it to its own list)",
+        scope=Scope.MERGED,
+        flag=Flag(metavar="CIDR"),
+    )
     insecure: bool = setting(False, "do not verify TLS certificates", flag=Flag())
-    ca_file: str = setting("", "also trust the CA certificates in this file (each machine's own)",
-                           scope=Scope.MACHINE, flag=Flag(metavar="PEM"))
+    ca_file: str = setting(
+        "",
+        "also trust the CA certificates in this file (each machine's own)",
+        scope=Scope.MACHINE,
+        flag=Flag(metavar="PEM"),
+    )
     store_bodies: bool = setting(False, "keep response bodies, compressed", flag=Flag())
     # Politeness, per host (scheme + authority), shared by the job's workers.
-    per_host_concurrency: int = setting(16, "requests in flight per host to start with, adapting to its answers;"
-                                        " 0 = no limit", flag=Flag(metavar="N"))
+    per_host_concurrency: int = setting(
+        16, "requests in flight per host to start with, adapting to its answers; 0 = no limit", flag=Flag(metavar="N")
+    )
     per_host_max: int = setting(0, "the most requests in flight per host the limit grows to; 0 = concurrency")
     per_host_rate: float = setting(0.0, "new requests per second per host; 0 = no rate limit", flag=Flag(metavar="R"))
-    adaptive_concurrency: bool = setting(True, "keep each host's limit fixed instead of adapting it to the host's"
-                                         " answers", flag=Flag(name="--no-adaptive"))
+    adaptive_concurrency: bool = setting(
+        True,
+        "keep each host's limit fixed instead of adapting it to the host's answers",
+        flag=Flag(name="--no-adaptive"),
+    )
     # Names the crawler, its version and where its operator is reached: set your own contact.
-    user_agent: str = setting(f"crawler/{__version__} (+https://example.invalid/contact)",
-                              "the User-Agent sent with every request, robots.txt fetches included")
-    robots: str = setting("ignore", "obey each host's robots.txt (read once per host per job), or ignore it (for"
-                          " URLs you own or may fetch); kept by resume and by `crawler worker`",
-                          flag=Flag(reach=Reach.START), choices=("obey", "ignore"))
+    user_agent: str = setting(
+        f"crawler/{__version__} (+https://example.invalid/contact)",
+        "the User-Agent sent with every request, robots.txt fetches included",
+    )
+    robots: str = setting(
+        "ignore",
+        "obey each host's robots.txt (read once per host per job), or ignore it (for"
+        " URLs you own or may fetch); kept by resume and by `crawler worker`",
+        flag=Flag(reach=Reach.START),
+        choices=("obey", "ignore"),
+    )
     robots_max_delay: float = setting(30.0, "seconds: the most a robots.txt Crawl-delay may pace a host")
     # Name lookups, per worker.
     dns_ttl: float = setting(300.0, "seconds: the longest an answer is reused (its own TTL, if shorter, wins)")
-    dns_servers: list[str] = setting([], "resolve names with this DNS server (repeatable; default: the system's)",
-                                     scope=Scope.MACHINE, flag=Flag(name="--dns-server", metavar="HOST[:PORT]"))
+    dns_servers: list[str] = setting(
+        [],
+        "resolve names with this DNS server (repeatable; default: the system's)",
+        scope=Scope.MACHINE,
+        flag=Flag(name="--dns-server", metavar="HOST[:PORT]"),
+    )
     dns_timeout: float = setting(5.0, "seconds before a lookup fails as a transient dns error")
     dns_concurrency: int = setting(64, "lookups in flight at once, per worker")
     dns_cache_size: int = setting(100_000, "names whose answers a worker keeps; 0 = no cache")
@@ -159,16 +200,21 @@ class Settings:
     restart_backoff: float = setting(0.5, "seconds before a worker's first restart, doubled per restart")
     # Input and the request cache.
     sort_query: bool = setting(False, "sort query parameters when normalizing URLs")
-    cache_ttl: float = setting(0.0, "reuse earlier jobs' responses this fresh: 90s, 2h, 1d; 0 = off",
-                               flag=Flag(metavar="DURATION", text=True))
+    cache_ttl: float = setting(
+        0.0, "reuse earlier jobs' responses this fresh: 90s, 2h, 1d; 0 = off", flag=Flag(metavar="DURATION", text=True)
+    )
     no_cache: bool = setting(False, "fetch every row, duplicates included", flag=Flag())
     # Output.
-    progress_interval: float = setting(5.0, "seconds between progress lines when the output is not a terminal",
-                                       scope=Scope.MACHINE)
-    metrics_port: int = setting(0, "serve Prometheus metrics on this port, all worker processes together; 0 = off",
-                                scope=Scope.MACHINE, flag=Flag(metavar="PORT"))
-    metrics_host: str = setting("127.0.0.1", "the address the Prometheus metrics are served on",
-                                scope=Scope.MACHINE)
+    progress_interval: float = setting(
+        5.0, "seconds between progress lines when the output is not a terminal", scope=Scope.MACHINE
+    )
+    metrics_port: int = setting(
+        0,
+        "serve Prometheus metrics on this port, all worker processes together; 0 = off",
+        scope=Scope.MACHINE,
+        flag=Flag(metavar="PORT"),
+    )
+    metrics_host: str = setting("127.0.0.1", "the address the Prometheus metrics are served on", scope=Scope.MACHINE)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -193,9 +239,13 @@ class Settings:
     def retry_policy(self) -> RetryPolicy:
         from crawler.fetch.retry import RetryPolicy  # retry.py reads its defaults from this module
 
-        return RetryPolicy(max_attempts=self.max_attempts, backoff_base=self.backoff_base,
-                           backoff_max=self.backoff_max, retry_statuses=frozenset(self.retry_statuses),
-                           retry_after_max=self.retry_after_max)
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            backoff_base=self.backoff_base,
+            backoff_max=self.backoff_max,
+            retry_statuses=frozenset(self.retry_statuses),
+            retry_after_max=self.retry_after_max,
+        )
 
 
 class Declaration(NamedTuple):
@@ -255,9 +305,13 @@ def policy_flags_changing(job_settings: Mapping[str, Any], settings: Settings, s
     settings and --allow-net (which adds to the job's list) are this run's own; a setting the
     job did not store (a job older than the setting) has no policy to change."""
     return [
-        key for key, source in sources.items()
-        if source == "flag" and key in KEYS and DECLARATIONS[key].scope is Scope.POLICY
-        and key in job_settings and job_settings[key] != getattr(settings, key)
+        key
+        for key, source in sources.items()
+        if source == "flag"
+        and key in KEYS
+        and DECLARATIONS[key].scope is Scope.POLICY
+        and key in job_settings
+        and job_settings[key] != getattr(settings, key)
     ]
 
 
@@ -296,8 +350,13 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ValueError(value)
         return value
     except ValueError:
-        what = {int: "a whole number", float: "a number", bool: "true or false", str: "a string",
-                list: "a list of whole numbers" if declared.item is int else "a list of strings"}[kind]
+        what = {
+            int: "a whole number",
+            float: "a number",
+            bool: "true or false",
+            str: "a string",
+            list: "a list of whole numbers" if declared.item is int else "a list of strings",
+        }[kind]
         raise UsageError(f"setting '{name}' from {source} must be {what}, not {original!r}.") from None
 
 
@@ -328,8 +387,18 @@ def _validate(settings: Settings) -> None:
         raise UsageError(f"setting 'workers' must be 'auto', 0 (fetch elsewhere) or more, not {settings.workers}.")
     if not 0 <= settings.metrics_port <= 65535:
         raise UsageError(f"setting 'metrics_port' must be a port number (0 = off), not {settings.metrics_port}.")
-    for name in ("connect_timeout", "read_timeout", "total_timeout", "lease_seconds", "write_interval",
-                 "heartbeat_seconds", "db_outage_limit", "progress_interval", "dns_timeout", "slow_after"):
+    for name in (
+        "connect_timeout",
+        "read_timeout",
+        "total_timeout",
+        "lease_seconds",
+        "write_interval",
+        "heartbeat_seconds",
+        "db_outage_limit",
+        "progress_interval",
+        "dns_timeout",
+        "slow_after",
+    ):
         if not getattr(settings, name) > 0:  # also refuses NaN
             raise UsageError(f"setting '{name}' must be greater than 0.")
     for name in ("per_host_concurrency", "per_host_max"):
@@ -339,8 +408,15 @@ def _validate(settings: Settings) -> None:
         raise UsageError("setting 'per_host_rate' cannot be negative (0 means: no rate limit).")
     if settings.worker_restarts < 0:
         raise UsageError("setting 'worker_restarts' cannot be negative.")
-    for name in ("backoff_base", "backoff_max", "retry_after_max", "dns_ttl", "drain_grace", "restart_backoff",
-                 "cache_ttl"):
+    for name in (
+        "backoff_base",
+        "backoff_max",
+        "retry_after_max",
+        "dns_ttl",
+        "drain_grace",
+        "restart_backoff",
+        "cache_ttl",
+    ):
         if not getattr(settings, name) >= 0:
             raise UsageError(f"setting '{name}' cannot be negative.")
     for declared in DECLARATIONS.values():
@@ -351,8 +427,9 @@ def _validate(settings: Settings) -> None:
     if not settings.robots_max_delay >= 0:
         raise UsageError("setting 'robots_max_delay' cannot be negative.")
     if settings.idle_hosts < 0:
-        raise UsageError("setting 'idle_hosts' cannot be negative"
-                         " (0 means: close a host's connections once it has nothing pending).")
+        raise UsageError(
+            "setting 'idle_hosts' cannot be negative (0 means: close a host's connections once it has nothing pending)."
+        )
     if settings.dns_cache_size < 0:
         raise UsageError("setting 'dns_cache_size' cannot be negative (0 means: no cache).")
     if settings.dns_servers:
@@ -398,9 +475,9 @@ def load_settings(
     if config_file is not None:
         layers.append((str(config_file), _read_toml(Path(config_file))))
     env_values = {
-        key[len(ENV_PREFIX):].lower(): value
+        key[len(ENV_PREFIX) :].lower(): value
         for key, value in environ.items()
-        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in KEYS
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in KEYS
     }
     layers.append(("environment", env_values))
     layers.append(("flag", {k: v for k, v in (flags or {}).items() if v is not None}))

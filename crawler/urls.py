@@ -42,7 +42,13 @@ import struct
 import ada_url
 
 __all__ = [
-    "MAX_URL_LENGTH", "InvalidURL", "fingerprint", "mask_password", "normalize_url", "parse_url", "request_url",
+    "MAX_URL_LENGTH",
+    "InvalidURL",
+    "fingerprint",
+    "mask_password",
+    "normalize_url",
+    "parse_url",
+    "request_url",
 ]
 
 MAX_URL_LENGTH = 8192  # bytes of UTF-8; longer URLs are refused by most servers anyway

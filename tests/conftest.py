@@ -31,8 +31,11 @@ hypothesis.settings.register_profile("dev", deadline=None)
 # Mutation testing and deliberate breakage only need to know that a test fails, not its smallest
 # example: no shrinking (`--hypothesis-profile=mutation`).
 hypothesis.settings.register_profile(
-    "mutation", derandomize=True, deadline=None,
-    phases=[hypothesis.Phase.explicit, hypothesis.Phase.reuse, hypothesis.Phase.generate])
+    "mutation",
+    derandomize=True,
+    deadline=None,
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.reuse, hypothesis.Phase.generate],
+)
 hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
@@ -108,7 +111,10 @@ def mock_server_process(host: str = "127.0.0.1"):
     """The mock server as a separate process listening on `host`; yields its base URL."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "crawler.mock.server", "--host", host, "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     try:
         line = proc.stdout.readline()  # bounded: the server announces itself or exits
@@ -132,8 +138,17 @@ def mock_process():
 
 def test_settings(**overrides) -> Settings:
     """Settings for a crawl in tests: loopback allowed, small and quick."""
-    values = dict(workers=2, concurrency=20, chunk_size=100, allow_net=["127.0.0.0/8"], backoff_base=0.01,
-                  backoff_max=0.05, write_interval=0.1, progress_interval=3600.0, home="/nonexistent")
+    values = dict(
+        workers=2,
+        concurrency=20,
+        chunk_size=100,
+        allow_net=["127.0.0.0/8"],
+        backoff_base=0.01,
+        backoff_max=0.05,
+        write_interval=0.1,
+        progress_interval=3600.0,
+        home="/nonexistent",
+    )
     values.update(overrides)
     return Settings(**values)
 
@@ -141,13 +156,18 @@ def test_settings(**overrides) -> Settings:
 test_settings.__test__ = False  # a helper, not a test
 
 
-def run_cli(*args: str, input: bytes | None = None, env: dict | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, input: bytes | None = None, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """`crawler ARGS` as a real process."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "crawler", *args], input=input, capture_output=True, env=full_env, timeout=timeout,
+        [sys.executable, "-m", "crawler", *args],
+        input=input,
+        capture_output=True,
+        env=full_env,
+        timeout=timeout,
         cwd=ROOT,
     )
 
@@ -173,5 +193,7 @@ def pytest_runtest_makereport(item, call):
     reason = reason.removeprefix("Skipped: ")
     if not reason.startswith(CI_SKIPS_ALLOWED):
         report.outcome = "failed"
-        report.longrepr = (f"skipped on CI for a reason CI's machine must not have: {reason}"
-                           " (tests/conftest.py CI_SKIPS_ALLOWED lists the excusable ones)")
+        report.longrepr = (
+            f"skipped on CI for a reason CI's machine must not have: {reason}"
+            " (tests/conftest.py CI_SKIPS_ALLOWED lists the excusable ones)"
+        )

@@ -66,8 +66,14 @@ class FakeStore:
         first = max(self.requests, default=0) + 1
         for offset, url in enumerate(urls):
             row_no = first + offset
-            self.requests[row_no] = {"row_no": row_no, "method": "GET", "url": url,
-                                     "fingerprint": row_no.to_bytes(32, "big"), "headers": None, "body": None}
+            self.requests[row_no] = {
+                "row_no": row_no,
+                "method": "GET",
+                "url": url,
+                "fingerprint": row_no.to_bytes(32, "big"),
+                "headers": None,
+                "body": None,
+            }
         self.chunks[chunk_no] = FakeChunk(first, first + len(urls) - 1)
         return chunk_no
 
@@ -83,8 +89,12 @@ class FakeStore:
         return FakeConnection()
 
     def ledger(self, outage_limit: float = 300.0) -> FakeLedger:
-        return FakeLedger(self, LedgerConnection("postgresql://fake/ledger", outage_limit=outage_limit,
-                                                 job=self.job_id, connect=self.connect))
+        return FakeLedger(
+            self,
+            LedgerConnection(
+                "postgresql://fake/ledger", outage_limit=outage_limit, job=self.job_id, connect=self.connect
+            ),
+        )
 
 
 def _gone() -> ConnectionResetError:
@@ -107,8 +117,9 @@ class FakeLedger:
         return await self.db.run(on)
 
     async def register_worker(self, worker_id: str, host: str, pid: int) -> None:
-        await self._call(self.store.workers.__setitem__, worker_id, {"host": host, "pid": pid, "fetched": 0,
-                                                                      "stopped": False})
+        await self._call(
+            self.store.workers.__setitem__, worker_id, {"host": host, "pid": pid, "fetched": 0, "stopped": False}
+        )
 
     async def worker_heartbeat(self, worker_id: str, fetched: int, *, stopped: bool = False) -> None:
         await self._call(self.store.workers[worker_id].update, fetched=fetched, stopped=stopped)
@@ -131,9 +142,13 @@ class FakeLedger:
         await self._call(lambda: None)
 
     async def chunk_requests(self, chunk: LeasedChunk) -> list:
-        return await self._call(lambda: [dict(self.store.requests[row]) for row in range(chunk.first_row,
-                                                                                           chunk.last_row + 1)
-                                         if row not in self.store.results])
+        return await self._call(
+            lambda: [
+                dict(self.store.requests[row])
+                for row in range(chunk.first_row, chunk.last_row + 1)
+                if row not in self.store.results
+            ]
+        )
 
     async def cached(self, fingerprints: list[bytes], ttl: float) -> dict:
         return await self._call(dict)

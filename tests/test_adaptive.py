@@ -25,16 +25,35 @@ async def crawl_against_a_small_host(session_dsn, db, tmp_path, name: str, *, ad
         # Backoff as a crawl has it, not the tests' near-zero one: a row turned away in the first
         # burst must not spend its six tries before the limit has adapted (a cold CI run answered
         # only 264 of 300 with a 10 ms backoff).
-        settings = test_settings(workers=1, concurrency=32, per_host_concurrency=16, per_host_max=32,
-                                 adaptive_concurrency=adaptive, max_attempts=6, backoff_base=0.1, backoff_max=0.5)
-        assert await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name=name,
-                           summary_json=None, quiet=True) == EXIT_OK
+        settings = test_settings(
+            workers=1,
+            concurrency=32,
+            per_host_concurrency=16,
+            per_host_max=32,
+            adaptive_concurrency=adaptive,
+            max_attempts=6,
+            backoff_base=0.1,
+            backoff_max=0.5,
+        )
+        assert (
+            await crawl(
+                session_dsn,
+                settings,
+                input_path=str(path),
+                url_column=None,
+                job_name=name,
+                summary_json=None,
+                quiet=True,
+            )
+            == EXIT_OK
+        )
         async with aiohttp.ClientSession() as session:
             stats = await (await session.get(f"{base}/__stats")).json()
     finally:
         await runner.cleanup()
-    rows = await db.fetch("SELECT r.status, r.attempts FROM results r JOIN jobs j ON j.id = r.job_id"
-                          " WHERE j.name = $1", name)
+    rows = await db.fetch(
+        "SELECT r.status, r.attempts FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = $1", name
+    )
     return stats, rows
 
 

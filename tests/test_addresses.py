@@ -275,8 +275,10 @@ def _in(net: ipaddress.IPv4Network | ipaddress.IPv6Network, offset: int):
 
 _IANA_BLOCKS = [net for net, _ in IANA] + [ipaddress.ip_network(n) for n in ("224.0.0.0/4", "ff00::/8", "fec0::/10")]
 _SPECIAL = st.builds(_in, st.sampled_from(_IANA_BLOCKS), st.integers(0, 2**128))
-_V4 = st.one_of(st.ip_addresses(v=4), st.builds(_in, st.sampled_from([n for n in _IANA_BLOCKS if n.version == 4]),
-                                                    st.integers(0, 2**32)))
+_V4 = st.one_of(
+    st.ip_addresses(v=4),
+    st.builds(_in, st.sampled_from([n for n in _IANA_BLOCKS if n.version == 4]), st.integers(0, 2**32)),
+)
 
 
 def _embed(form: str, v4: ipaddress.IPv4Address, noise: int) -> ipaddress.IPv6Address:
@@ -295,8 +297,12 @@ def _embed(form: str, v4: ipaddress.IPv4Address, noise: int) -> ipaddress.IPv6Ad
     return ipaddress.IPv6Address((0x20010000 << 96) | (noise & ((1 << 96) - (1 << 32))) | (~n & 0xFFFFFFFF))
 
 
-_EMBEDDING = st.builds(_embed, st.sampled_from(["mapped", "compatible", "nat64", "nat64-local", "6to4", "teredo"]),
-                       _V4, st.integers(0, 2**128))
+_EMBEDDING = st.builds(
+    _embed,
+    st.sampled_from(["mapped", "compatible", "nat64", "nat64-local", "6to4", "teredo"]),
+    _V4,
+    st.integers(0, 2**128),
+)
 ANY_ADDRESS = st.one_of(st.ip_addresses(), _SPECIAL, _EMBEDDING)
 
 

@@ -14,8 +14,21 @@ pytestmark = pytest.mark.one_server
 
 def _bench(tmp_path, session_dsn, *extra: str) -> dict:
     path = tmp_path / "summary.json"
-    done = run_cli("bench", "--urls", "2000", "--workers", "2", "--concurrency", "20", "--dsn", session_dsn,
-                   "--summary-json", str(path), "--quiet", *extra)
+    done = run_cli(
+        "bench",
+        "--urls",
+        "2000",
+        "--workers",
+        "2",
+        "--concurrency",
+        "20",
+        "--dsn",
+        session_dsn,
+        "--summary-json",
+        str(path),
+        "--quiet",
+        *extra,
+    )
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout == b"", "--quiet prints nothing"
     return orjson.loads(path.read_bytes())
@@ -32,8 +45,13 @@ def test_bench_summary_adds_up_and_has_its_figures(tmp_path, session_dsn):
     assert summary["rows"] == summary["fetched"] + summary["from_cache"] + summary["invalid"]
     assert summary["fetched"] == 2000 and summary["ok"] == 2000
     bench = summary["bench"]
-    for key in ("requests_per_s", "fetch_rate_per_s", "cpu_s_per_1000_requests", "rows_written_per_s",
-                "time_to_first_request_s"):
+    for key in (
+        "requests_per_s",
+        "fetch_rate_per_s",
+        "cpu_s_per_1000_requests",
+        "rows_written_per_s",
+        "time_to_first_request_s",
+    ):
         assert _positive(bench[key]), key
     assert all(_positive(bench["latency_ms"][p]) for p in ("p50", "p95", "p99"))
     assert bench["latency_ms"]["p50"] <= bench["latency_ms"]["p95"] <= bench["latency_ms"]["p99"]

@@ -17,19 +17,29 @@ async def hits(base: str) -> int:
 
 
 async def run(dsn, path, name, **overrides) -> None:
-    code = await crawl(dsn, test_settings(**overrides), input_path=str(path), url_column=None, job_name=name,
-                       summary_json=None, quiet=True)
+    code = await crawl(
+        dsn,
+        test_settings(**overrides),
+        input_path=str(path),
+        url_column=None,
+        job_name=name,
+        summary_json=None,
+        quiet=True,
+    )
     assert code == EXIT_OK
 
 
 async def outcomes(db, name: str) -> list:
     return await db.fetch(
         "SELECT r.row_no, r.status, r.from_cache, r.cache_kind, r.attempts, r.body_sha256 FROM results r"
-        " JOIN jobs j ON j.id = r.job_id WHERE j.name = $1 ORDER BY r.row_no", name)
+        " JOIN jobs j ON j.id = r.job_id WHERE j.name = $1 ORDER BY r.row_no",
+        name,
+    )
 
 
 async def test_thirty_percent_duplicates_are_fetched_once_across_chunks_and_workers(
-        session_dsn, db, mock_url, tmp_path):
+    session_dsn, db, mock_url, tmp_path
+):
     unique = 700
     lines = [f"{mock_url}/ok/{i}" for i in range(unique)]
     lines += [f"{mock_url}/ok/{(i * 7) % unique}" for i in range(300)]  # 30 %, spread over later chunks
@@ -94,7 +104,8 @@ async def test_a_changed_resource_answers_200_to_revalidation_and_is_stored_anew
     await run(session_dsn, path, "changed-first", cache_ttl=60.0)
     await db.execute(
         "UPDATE response_cache SET fetched_at = now() - interval '1 hour', etag = '\"old-version\"'"
-        " WHERE final_url LIKE '%/etag/changed'")
+        " WHERE final_url LIKE '%/etag/changed'"
+    )
     await run(session_dsn, path, "changed-second", cache_ttl=60.0)
     [row] = await outcomes(db, "changed-second")
     assert (row["status"], row["from_cache"], row["cache_kind"]) == (200, False, None)
@@ -103,7 +114,8 @@ async def test_a_changed_resource_answers_200_to_revalidation_and_is_stored_anew
 
 
 async def test_the_cross_job_cache_keeps_success_permanent_redirects_and_gone_but_not_failures(
-        session_dsn, db, mock_url, tmp_path):
+    session_dsn, db, mock_url, tmp_path
+):
     """What a later job may take from the cache instead of asking: 2xx, 301/308, 404 and 410
     (answers that stay true); never a 5xx, a 429, a temporary redirect, a 403 or a failed connection."""
     kept = [200, 203, 204, 404, 410]

@@ -37,27 +37,30 @@ def test_unreachable_database_is_exit_2_with_the_password_masked(tmp_path):
     assert len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["crawl", "x.csv", "--workers", "many"], "--workers"),
-    (["crawl", "x.csv", "--concurrency", "-3"], "cannot be negative"),
-    (["crawl"], "input"),
-    (["export", "1", "--format", "xml"], "--format"),
-    (["frobnicate"], "frobnicate"),
-    (["bench", "--workers", "0"], "--workers must be auto or at least 1"),
-    (["worker", "--workers", "some"], "--workers"),
-    (["crawl", "x.csv", "--per-host-rate", "fast"], "--per-host-rate"),
-    (["crawl", "x.csv", "--robots", "sometimes"], "--robots"),
-    (["crawl", "x.csv", "--cache-ttl", "soon"], "soon"),
-    (["resume", "weekly", "--chunk-size", "5"], "--chunk-size"),  # a job's chunks are decided when it starts
-    # A job name that is all digits would hide the job with that id; blank or with control
-    # characters, it would not print as itself in `status`, `jobs` or the summary.
-    (["crawl", "x.csv", "--job-name", "42"], "all digits"),
-    (["crawl", "x.csv", "--job-name", ""], "cannot be empty"),
-    (["crawl", "x.csv", "--job-name", "  "], "cannot be empty"),
-    (["crawl", "x.csv", "--job-name", "weekly\x1b[2J"], "control characters"),
-    (["crawl", "x.csv", "--job-name", "weekly\u202e"], "control characters"),
-    (["crawl", "x.csv", "--job-name", "w" * 201], "at most 200 characters"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["crawl", "x.csv", "--workers", "many"], "--workers"),
+        (["crawl", "x.csv", "--concurrency", "-3"], "cannot be negative"),
+        (["crawl"], "input"),
+        (["export", "1", "--format", "xml"], "--format"),
+        (["frobnicate"], "frobnicate"),
+        (["bench", "--workers", "0"], "--workers must be auto or at least 1"),
+        (["worker", "--workers", "some"], "--workers"),
+        (["crawl", "x.csv", "--per-host-rate", "fast"], "--per-host-rate"),
+        (["crawl", "x.csv", "--robots", "sometimes"], "--robots"),
+        (["crawl", "x.csv", "--cache-ttl", "soon"], "soon"),
+        (["resume", "weekly", "--chunk-size", "5"], "--chunk-size"),  # a job's chunks are decided when it starts
+        # A job name that is all digits would hide the job with that id; blank or with control
+        # characters, it would not print as itself in `status`, `jobs` or the summary.
+        (["crawl", "x.csv", "--job-name", "42"], "all digits"),
+        (["crawl", "x.csv", "--job-name", ""], "cannot be empty"),
+        (["crawl", "x.csv", "--job-name", "  "], "cannot be empty"),
+        (["crawl", "x.csv", "--job-name", "weekly\x1b[2J"], "control characters"),
+        (["crawl", "x.csv", "--job-name", "weekly\u202e"], "control characters"),
+        (["crawl", "x.csv", "--job-name", "w" * 201], "at most 200 characters"),
+    ],
+)
 def test_bad_flags_are_exit_1_with_one_sentence(args, fragment):
     proc = run_cli(*args)
     err = proc.stderr.decode()
@@ -79,8 +82,20 @@ def test_missing_url_column_fails_before_anything_starts(session_dsn, tmp_path):
 def test_stdin_crawl_summary_json_and_both_export_formats(session_dsn, mock_process, tmp_path):
     urls = [f"{mock_process}/ok/{i}" for i in range(40)] + [f"{mock_process}/ok/0", "gopher://old"]
     summary_path = tmp_path / "summary.json"
-    proc = run_cli("crawl", "-", "--dsn", session_dsn, "--workers", "2", "--job-name", "stdin-job",
-                   "--summary-json", str(summary_path), *ALLOW, input="\n".join(urls).encode())
+    proc = run_cli(
+        "crawl",
+        "-",
+        "--dsn",
+        session_dsn,
+        "--workers",
+        "2",
+        "--job-name",
+        "stdin-job",
+        "--summary-json",
+        str(summary_path),
+        *ALLOW,
+        input="\n".join(urls).encode(),
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     summary = json.loads(summary_path.read_text())
     expected = {"rows": 42, "requests": 41, "fetched": 40, "from_cache": 1, "invalid": 1, "ok": 41, "failed": 0}
@@ -103,8 +118,20 @@ def test_stdin_crawl_summary_json_and_both_export_formats(session_dsn, mock_proc
     assert proc.returncode == 0
     table = list(csv.DictReader(io.StringIO(proc.stdout.decode())))
     assert len(table) == 42
-    assert list(table[0]) == ["row", "url", "normalized_url", "status", "final_url", "error_kind", "error", "attempts",
-                              "from_cache", "elapsed_ms", "body_bytes", "body_sha256"]
+    assert list(table[0]) == [
+        "row",
+        "url",
+        "normalized_url",
+        "status",
+        "final_url",
+        "error_kind",
+        "error",
+        "attempts",
+        "from_cache",
+        "elapsed_ms",
+        "body_bytes",
+        "body_sha256",
+    ]
     assert table[0]["status"] == "200" and table[41]["error_kind"] == "invalid_url"
 
     proc = run_cli("export", "stdin-job", "--dsn", session_dsn, "--only", "invalid")
@@ -143,15 +170,46 @@ def test_a_worker_started_elsewhere_joins_the_job_through_the_ledger(session_dsn
     path = tmp_path / "shared.txt"
     path.write_text("".join(f"{mock_process}/delay/20/{i}\n" for i in range(3000)))
     crawl = subprocess.Popen(
-        [sys.executable, "-m", "crawler", "crawl", str(path), "--dsn", session_dsn, "--job-name", "joined",
-         "--workers", "1", "--concurrency", "5", "--chunk-size", "100", *ALLOW, "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)  # ~12 s alone: the helper joins in time
+        [
+            sys.executable,
+            "-m",
+            "crawler",
+            "crawl",
+            str(path),
+            "--dsn",
+            session_dsn,
+            "--job-name",
+            "joined",
+            "--workers",
+            "1",
+            "--concurrency",
+            "5",
+            "--chunk-size",
+            "100",
+            *ALLOW,
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )  # ~12 s alone: the helper joins in time
     try:
         deadline = time.monotonic() + 30
         while run_cli("status", "joined", "--dsn", session_dsn).returncode != 0 and time.monotonic() < deadline:
             time.sleep(0.2)
-        helper = run_cli("worker", "--job", "joined", "--dsn", session_dsn, "--workers", "1", "--concurrency", "20",
-                         *ALLOW, timeout=120)
+        helper = run_cli(
+            "worker",
+            "--job",
+            "joined",
+            "--dsn",
+            session_dsn,
+            "--workers",
+            "1",
+            "--concurrency",
+            "20",
+            *ALLOW,
+            timeout=120,
+        )
         assert helper.returncode == 0, helper.stderr.decode()
         assert crawl.wait(120) == 0, crawl.stderr.read().decode()
     finally:
@@ -165,7 +223,8 @@ def test_a_worker_started_elsewhere_joins_the_job_through_the_ledger(session_dsn
         conn = await asyncpg.connect(session_dsn)
         try:
             rows = await conn.fetch(
-                "SELECT w.fetched FROM workers w JOIN jobs j ON j.id = w.job_id WHERE j.name = 'joined'")
+                "SELECT w.fetched FROM workers w JOIN jobs j ON j.id = w.job_id WHERE j.name = 'joined'"
+            )
             return [r["fetched"] for r in rows]
         finally:
             await conn.close()
@@ -202,11 +261,11 @@ def _example_commands(help_text: str) -> list[list[str]]:
         elif in_examples:
             words = shlex.split(line, comments=True)
             if words and words[0] != "crawler" and "|" in words:
-                words = words[words.index("|") + 1:]
+                words = words[words.index("|") + 1 :]
             if not words or words[0] != "crawler":
                 continue
             ends = [i for i, word in enumerate(words) if word in ("|", ">", ">>", "<", "&&", ";")]
-            commands.append(words[:ends[0]] if ends else words)
+            commands.append(words[: ends[0]] if ends else words)
     return commands
 
 
@@ -220,7 +279,7 @@ def test_every_command_has_help_with_examples_that_parse(path, capsys):
     examples = _example_commands(capsys.readouterr().out)
     assert examples, f"`crawler {' '.join(path)} --help` shows no example line starting with `crawler `"
     for words in examples:
-        assert words[1:1 + len(path)] == list(path), f"an example of another command: {' '.join(words)}"
+        assert words[1 : 1 + len(path)] == list(path), f"an example of another command: {' '.join(words)}"
         build_parser().parse_args(words[1:])  # a stale example raises UsageError here
 
 
@@ -230,9 +289,13 @@ def test_top_level_help_ends_with_the_exit_codes(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    lines = [line.split(None, 1) for line in out[out.index("exit codes:"):].splitlines()[1:] if line.strip()]
-    for code, meaning in (("0", "done"), ("1", "usage or input error"), ("2", "infrastructure error"),
-                          ("130", "interrupted")):
+    lines = [line.split(None, 1) for line in out[out.index("exit codes:") :].splitlines()[1:] if line.strip()]
+    for code, meaning in (
+        ("0", "done"),
+        ("1", "usage or input error"),
+        ("2", "infrastructure error"),
+        ("130", "interrupted"),
+    ):
         assert any(words[0] == code and meaning in words[-1] for words in lines), code
 
 
@@ -253,16 +316,35 @@ async def test_status_and_jobs_on_a_database_without_jobs_then_with_two(fresh_ds
 
 # --- the flags of the settings, generated from their declarations -----------------------------------
 
-RUN_FLAGS = {"--dsn", "--workers", "--concurrency", "--allow-net", "--max-attempts", "--per-host-concurrency",
-             "--no-adaptive", "--per-host-rate", "--max-body-bytes", "--store-bodies", "--insecure", "--ca-file",
-             "--dns-server", "--cache-ttl", "--no-cache", "--metrics-port"}
+RUN_FLAGS = {
+    "--dsn",
+    "--workers",
+    "--concurrency",
+    "--allow-net",
+    "--max-attempts",
+    "--per-host-concurrency",
+    "--no-adaptive",
+    "--per-host-rate",
+    "--max-body-bytes",
+    "--store-bodies",
+    "--insecure",
+    "--ca-file",
+    "--dns-server",
+    "--cache-ttl",
+    "--no-cache",
+    "--metrics-port",
+}
 SETTING_FLAGS = {  # as the README and scripts use them: none may go or change its name
     "crawl": RUN_FLAGS | {"--chunk-size", "--robots"},
     "bench": RUN_FLAGS | {"--chunk-size", "--robots"},
     "resume": RUN_FLAGS,
     "retry": RUN_FLAGS,
     "worker": {"--dsn", "--workers", "--concurrency", "--allow-net", "--metrics-port", "--ca-file", "--dns-server"},
-    "export": {"--dsn"}, "status": {"--dsn"}, "jobs": {"--dsn"}, "migrate": {"--dsn"}, "config": {"--dsn"},
+    "export": {"--dsn"},
+    "status": {"--dsn"},
+    "jobs": {"--dsn"},
+    "migrate": {"--dsn"},
+    "config": {"--dsn"},
     "db": {"--dsn"},
 }
 
@@ -314,20 +396,26 @@ def test_crawl_help_shows_each_default_from_the_dataclass(capsys):
     with pytest.raises(SystemExit):
         main(["crawl", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help: compare it unwrapped
-    for shown in ("--concurrency N fetch tasks per worker (default: 200)",
-                  "--chunk-size N rows per chunk, the unit of leasing (default: 1000)",
-                  "--max-body-bytes N body cap in bytes after decompression; 0 = read none (default: 10485760)",
-                  "--robots {obey,ignore}", "--no-adaptive keep each host's limit fixed",
-                  "--dns-server HOST[:PORT] resolve names with this DNS server"):
+    for shown in (
+        "--concurrency N fetch tasks per worker (default: 200)",
+        "--chunk-size N rows per chunk, the unit of leasing (default: 1000)",
+        "--max-body-bytes N body cap in bytes after decompression; 0 = read none (default: 10485760)",
+        "--robots {obey,ignore}",
+        "--no-adaptive keep each host's limit fixed",
+        "--dns-server HOST[:PORT] resolve names with this DNS server",
+    ):
         assert shown in out
 
 
 def _argument(dest: str, kind: type, tmp_path) -> tuple[list[str], object]:
     """Words that give a setting's flag a value, and the value the setting then has."""
     special = {
-        "dsn": ("postgresql://u@127.0.0.1/db", "postgresql://u@127.0.0.1/db"), "workers": ("3", 3),
-        "allow_net": ("10.0.0.0/8", ["10.0.0.0/8"]), "dns_servers": ("127.0.0.1:5353", ["127.0.0.1:5353"]),
-        "cache_ttl": ("2h", 7200.0), "robots": ("obey", "obey"),
+        "dsn": ("postgresql://u@127.0.0.1/db", "postgresql://u@127.0.0.1/db"),
+        "workers": ("3", 3),
+        "allow_net": ("10.0.0.0/8", ["10.0.0.0/8"]),
+        "dns_servers": ("127.0.0.1:5353", ["127.0.0.1:5353"]),
+        "cache_ttl": ("2h", 7200.0),
+        "robots": ("obey", "obey"),
     }
     if dest == "ca_file":
         path = tmp_path / "ca.pem"

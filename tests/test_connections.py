@@ -110,23 +110,28 @@ async def crawl_with_scheduler(fetcher: Fetcher, scheduler: HostScheduler, urls:
 
 
 def scheduler_for(fetcher: Fetcher, per_host: int) -> HostScheduler:
-    return HostScheduler(initial=per_host, maximum=per_host, adaptive=False, key=host_of,
-                         on_idle=fetcher.release_host)
+    return HostScheduler(initial=per_host, maximum=per_host, adaptive=False, key=host_of, on_idle=fetcher.release_host)
 
 
 async def test_a_host_with_nothing_pending_has_its_connections_closed_while_a_busy_host_keeps_its_own():
     async with Server() as done_host, Server() as busy_host, Fetcher(test_settings(concurrency=8)) as fetcher:
         scheduler = scheduler_for(fetcher, per_host=3)
-        work = asyncio.ensure_future(crawl_with_scheduler(
-            fetcher, scheduler,
-            [f"{done_host.url}/ok/{i}" for i in range(6)]
-            + [f"{busy_host.url}/hold/0"] + [f"{busy_host.url}/ok/{i}" for i in range(5)],
-            tasks=8,
-        ))
+        work = asyncio.ensure_future(
+            crawl_with_scheduler(
+                fetcher,
+                scheduler,
+                [f"{done_host.url}/ok/{i}" for i in range(6)]
+                + [f"{busy_host.url}/hold/0"]
+                + [f"{busy_host.url}/ok/{i}" for i in range(5)],
+                tasks=8,
+            )
+        )
         # The first host's six requests are answered: it has nothing pending, so its connections
         # are closed at once (not after aiohttp's 15 s keep-alive).
-        await wait_for(lambda: len(done_host.requests) == 6 and done_host.opened > 0 and done_host.open == 0,
-                       "the finished host's connections being closed")
+        await wait_for(
+            lambda: len(done_host.requests) == 6 and done_host.opened > 0 and done_host.open == 0,
+            "the finished host's connections being closed",
+        )
         # The busy host still has a request in flight: its idle connections wait for more work.
         await wait_for(lambda: len(busy_host.requests) == 6, "the busy host's requests arriving")
         assert busy_host.closed == 0 and busy_host.open == busy_host.opened == 3

@@ -27,8 +27,15 @@ async def hits(mock_url: str) -> dict:
 
 
 async def run_crawl(dsn: str, path: Path, *, job_name: str | None = None, **overrides) -> int:
-    return await crawl(dsn, test_settings(**overrides), input_path=str(path), url_column=None,
-                       job_name=job_name, summary_json=None, quiet=True)
+    return await crawl(
+        dsn,
+        test_settings(**overrides),
+        input_path=str(path),
+        url_column=None,
+        job_name=job_name,
+        summary_json=None,
+        quiet=True,
+    )
 
 
 async def job_id(db, name: str) -> int:
@@ -56,7 +63,9 @@ async def test_csv_crawled_by_two_workers_accounts_for_every_row_once(session_ds
     # every valid row has exactly one result (the primary key makes more impossible; none missing)
     missing = await db.fetchval(
         "SELECT count(*) FROM requests q WHERE q.job_id = $1"
-        " AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = q.job_id AND r.row_no = q.row_no)", jid)
+        " AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = q.job_id AND r.row_no = q.row_no)",
+        jid,
+    )
     assert missing == 0
     cached = await db.fetchval("SELECT count(*) FROM results WHERE job_id = $1 AND from_cache", jid)
     assert cached == 600
@@ -64,8 +73,9 @@ async def test_csv_crawled_by_two_workers_accounts_for_every_row_once(session_ds
     # the server saw each unique URL once
     assert (await hits(mock_url))["total"] == 2400
     # both workers took part: each fetched some of the 2400, and together all of them
-    fetched = [r["fetched"] for r in await db.fetch(
-        "SELECT fetched FROM workers WHERE job_id = $1 ORDER BY worker_id", jid)]
+    fetched = [
+        r["fetched"] for r in await db.fetch("SELECT fetched FROM workers WHERE job_id = $1 ORDER BY worker_id", jid)
+    ]
     assert len(fetched) == 2 and min(fetched) > 0 and sum(fetched) == 2400, fetched
     assert await db.fetchval("SELECT count(*) FROM chunks WHERE job_id = $1 AND state <> 'done'", jid) == 0
 
@@ -91,7 +101,9 @@ async def test_text_and_gzip_inputs(session_dsn, db, mock_url, tmp_path, kind):
     jid = await job_id(db, f"input-{kind}")
     stored = await db.fetch(
         "SELECT q.url, r.status FROM requests q JOIN results r USING (job_id, row_no) WHERE q.job_id = $1"
-        " ORDER BY q.row_no", jid)
+        " ORDER BY q.row_no",
+        jid,
+    )
     assert [r["url"] for r in stored] == urls
     assert {r["status"] for r in stored} == {200}
 
@@ -103,7 +115,9 @@ async def test_invalid_rows_are_recorded_and_the_job_goes_on(session_dsn, db, mo
         + f"{mock_url}/ok/1,1\n".encode()
         + b",2\n"  # empty URL
         + b"mailto:someone@example.com,3\n"
-        + b"http://" + b"a" * 9000 + b".com/,4\n"
+        + b"http://"
+        + b"a" * 9000
+        + b".com/,4\n"
         + b"http://caf\xe9.example/,5\n"  # not UTF-8
         + f"{mock_url}/ok/2,6\n".encode()
     )
@@ -122,7 +136,9 @@ async def test_invalid_rows_are_recorded_and_the_job_goes_on(session_dsn, db, mo
 async def test_loopback_is_blocked_unless_allowed(session_dsn, db, mock_url, tmp_path):
     host_url = mock_url.replace("127.0.0.1", "localhost")
     path = tmp_path / "blocked.txt"
-    path.write_text(f"{mock_url}/ok/a\n{host_url}/ok/b\nhttp://[::1]:9/ok/c\nhttp://169.254.169.254/latest/meta-data/\n")
+    path.write_text(
+        f"{mock_url}/ok/a\n{host_url}/ok/b\nhttp://[::1]:9/ok/c\nhttp://169.254.169.254/latest/meta-data/\n"
+    )
     assert await run_crawl(session_dsn, path, job_name="blocked", allow_net=[]) == EXIT_OK
     jid = await job_id(db, "blocked")
     rows = await db.fetch("SELECT error_kind, error, attempts FROM results WHERE job_id = $1 ORDER BY row_no", jid)
@@ -143,15 +159,25 @@ async def test_empty_file_is_a_completed_job_with_no_rows(session_dsn, db, tmp_p
 
 async def test_statuses_redirects_and_retries_are_stored(session_dsn, db, mock_url, tmp_path):
     path = tmp_path / "statuses.txt"
-    path.write_text("\n".join([
-        f"{mock_url}/status/404", f"{mock_url}/status/503", f"{mock_url}/redirect/3", f"{mock_url}/bytes/5000",
-        "http://127.0.0.1:1/refused",
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                f"{mock_url}/status/404",
+                f"{mock_url}/status/503",
+                f"{mock_url}/redirect/3",
+                f"{mock_url}/bytes/5000",
+                "http://127.0.0.1:1/refused",
+            ]
+        )
+        + "\n"
+    )
     assert await run_crawl(session_dsn, path, job_name="statuses", max_attempts=3) == EXIT_OK
     jid = await job_id(db, "statuses")
     rows = await db.fetch(
         "SELECT status, final_url, error_kind, attempts, body_bytes, length(body_sha256) AS digest"
-        " FROM results WHERE job_id = $1 ORDER BY row_no", jid)
+        " FROM results WHERE job_id = $1 ORDER BY row_no",
+        jid,
+    )
     not_found, unavailable, redirected, sized, refused = rows
     assert (not_found["status"], not_found["error_kind"], not_found["attempts"]) == (404, "http_status", 1)
     assert (unavailable["status"], unavailable["error_kind"], unavailable["attempts"]) == (503, "http_status", 3)

@@ -20,21 +20,26 @@ from crawler.ledger.database import MASKED_DSN, mask_dsn, socket_dir_for
 SECRET = "hunter2-Zq"
 
 
-@pytest.mark.parametrize("dsn, shown", [
-    ("postgresql://me:hunter2-Zq@db.internal:5432/crawl", "postgresql://me:***@db.internal:5432/crawl"),
-    ("postgres://me:hunter2-Zq@h1:5432,h2:5433/crawl", "postgres://me:***@h1:5432,h2:5433/crawl"),
-    ("postgresql://me:p@ss:hunter2-Zq@db/crawl", "postgresql://me:***@db/crawl"),  # a raw @ in the password
-    ("postgresql://me@db/crawl?password=hunter2-Zq&sslmode=require",
-     "postgresql://me@db/crawl?password=***&sslmode=require"),
-    ("postgresql:///crawl?host=/run/pg&sslpassword=hunter2-Zq", "postgresql:///crawl?host=/run/pg&sslpassword=***"),
-    ("host=db password=hunter2-Zq dbname=crawl", "host=db password=*** dbname=crawl"),
-    ("host=db PASSWORD = 'hunter2-Zq with spaces' dbname=crawl", "host=db PASSWORD = *** dbname=crawl"),
-    (r"host=db password='it\'s hunter2-Zq' dbname=crawl", "host=db password=*** dbname=crawl"),
-    ("host=db password='hunter2-Zq dbname=crawl", MASKED_DSN),  # an unclosed quote: not readable
-    ("postgresql://me:hunter2-Zq@[::1/crawl", MASKED_DSN),  # an unclosed IPv6 bracket
-    ("hunter2-Zq", MASKED_DSN),  # neither form
-    ("postgresql://me@db/crawl", "postgresql://me@db/crawl"),  # nothing to mask
-])
+@pytest.mark.parametrize(
+    "dsn, shown",
+    [
+        ("postgresql://me:hunter2-Zq@db.internal:5432/crawl", "postgresql://me:***@db.internal:5432/crawl"),
+        ("postgres://me:hunter2-Zq@h1:5432,h2:5433/crawl", "postgres://me:***@h1:5432,h2:5433/crawl"),
+        ("postgresql://me:p@ss:hunter2-Zq@db/crawl", "postgresql://me:***@db/crawl"),  # a raw @ in the password
+        (
+            "postgresql://me@db/crawl?password=hunter2-Zq&sslmode=require",
+            "postgresql://me@db/crawl?password=***&sslmode=require",
+        ),
+        ("postgresql:///crawl?host=/run/pg&sslpassword=hunter2-Zq", "postgresql:///crawl?host=/run/pg&sslpassword=***"),
+        ("host=db password=hunter2-Zq dbname=crawl", "host=db password=*** dbname=crawl"),
+        ("host=db PASSWORD = 'hunter2-Zq with spaces' dbname=crawl", "host=db PASSWORD = *** dbname=crawl"),
+        (r"host=db password='it\'s hunter2-Zq' dbname=crawl", "host=db password=*** dbname=crawl"),
+        ("host=db password='hunter2-Zq dbname=crawl", MASKED_DSN),  # an unclosed quote: not readable
+        ("postgresql://me:hunter2-Zq@[::1/crawl", MASKED_DSN),  # an unclosed IPv6 bracket
+        ("hunter2-Zq", MASKED_DSN),  # neither form
+        ("postgresql://me@db/crawl", "postgresql://me@db/crawl"),  # nothing to mask
+    ],
+)
 def test_every_form_of_dsn_has_its_password_masked(dsn, shown):
     assert mask_dsn(dsn) == shown
     assert SECRET not in mask_dsn(dsn)
@@ -48,7 +53,11 @@ def test_a_masked_url_dsn_does_not_depend_on_the_password(first, second):
     def dsn(password: str) -> str:
         return f"postgresql://crawler:{quote(password, safe='')}@db.internal:5432/crawl?sslmode=require"
 
-    assert mask_dsn(dsn(first)) == mask_dsn(dsn(second)) == "postgresql://crawler:***@db.internal:5432/crawl?sslmode=require"
+    assert (
+        mask_dsn(dsn(first))
+        == mask_dsn(dsn(second))
+        == "postgresql://crawler:***@db.internal:5432/crawl?sslmode=require"
+    )
 
 
 @given(passwords, passwords)
@@ -68,11 +77,14 @@ def test_a_masked_query_password_does_not_depend_on_the_password(first, second):
     assert mask_dsn(dsn(first)) == mask_dsn(dsn(second))
 
 
-@pytest.mark.parametrize("dsn", [
-    "host=127.0.0.1 port=1 user=me password=hunter2-Zq dbname=crawl",
-    "postgresql://me@127.0.0.1:1/crawl?password=hunter2-Zq",
-    "postgresql://me:hunter2-Zq@[::1/crawl",
-])
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=127.0.0.1 port=1 user=me password=hunter2-Zq dbname=crawl",
+        "postgresql://me@127.0.0.1:1/crawl?password=hunter2-Zq",
+        "postgresql://me:hunter2-Zq@[::1/crawl",
+    ],
+)
 def test_an_unreachable_database_never_shows_the_password(dsn, tmp_path):
     proc = run_cli("status", "--dsn", dsn)
     err = proc.stderr.decode()
@@ -84,6 +96,7 @@ def test_an_unreachable_database_never_shows_the_password(dsn, tmp_path):
 
 
 # --- the embedded server's socket -----------------------------------------------------------------
+
 
 def _long_home(tmp_path: Path) -> Path:
     """A home whose data directory is too long a path for a Unix socket (107 bytes)."""

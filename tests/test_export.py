@@ -35,8 +35,16 @@ JOB = "export-job"
 
 def _urls(base: str) -> list[str]:
     return [
-        f"{base}/ok/1", f"{base}/ok/2", f"{base}/bytes/1000", f"{base}/status/404", f"{base}/ok/5",
-        "ftp://example.com/file", f"{base}/status/500", f"{base}/ok/1", f"{base}/redirect/2", "not a url",
+        f"{base}/ok/1",
+        f"{base}/ok/2",
+        f"{base}/bytes/1000",
+        f"{base}/status/404",
+        f"{base}/ok/5",
+        "ftp://example.com/file",
+        f"{base}/status/500",
+        f"{base}/ok/1",
+        f"{base}/redirect/2",
+        "not a url",
     ]
 
 
@@ -49,8 +57,15 @@ def job_id(session_dsn, tmp_path_factory) -> int:
         runner, base = await start_mock_server()
         try:
             path.write_text("\n".join(_urls(base)) + "\n")
-            code = await crawl(session_dsn, test_settings(workers=1, max_attempts=1), input_path=str(path),
-                               url_column=None, job_name=JOB, summary_json=None, quiet=True)
+            code = await crawl(
+                session_dsn,
+                test_settings(workers=1, max_attempts=1),
+                input_path=str(path),
+                url_column=None,
+                job_name=JOB,
+                summary_json=None,
+                quiet=True,
+            )
             assert code == EXIT_OK
         finally:
             await runner.cleanup()
@@ -148,7 +163,8 @@ async def test_an_empty_parquet_export_is_a_readable_file(session_dsn, job_id, t
     conn = await asyncpg.connect(session_dsn)
     try:
         empty = await conn.fetchval(
-            "INSERT INTO jobs (input, state, ingest_done) VALUES ('none', 'done', true) RETURNING id")
+            "INSERT INTO jobs (input, state, ingest_done) VALUES ('none', 'done', true) RETURNING id"
+        )
     finally:
         await conn.close()
     out = tmp_path / "empty.parquet"
@@ -181,55 +197,81 @@ def test_cli_exports_parquet_to_a_file_and_refuses_stdout(session_dsn, job_id, t
     proc = run_cli("export", JOB, "--dsn", session_dsn, "--format", "parquet")
     assert proc.returncode == 1
     assert proc.stderr.decode().strip() == (
-        "crawler: parquet cannot be written to standard output; name a file with -o PATH.")
+        "crawler: parquet cannot be written to standard output; name a file with -o PATH."
+    )
     assert proc.stdout == b""
 
 
 def test_each_request_gets_its_own_result_or_none_and_only_filters_them():
     requests = [{"row_no": n, "url": f"http://h/{n}", "normalized_url": f"http://h/{n}"} for n in (2, 3, 5, 8)]
-    result = dict.fromkeys(("status", "final_url", "error", "attempts", "from_cache", "elapsed_ms",
-                            "body_bytes", "body_sha256"))
+    result = dict.fromkeys(
+        ("status", "final_url", "error", "attempts", "from_cache", "elapsed_ms", "body_bytes", "body_sha256")
+    )
     results = [{**result, "row_no": 8, "error_kind": "timeout"}, {**result, "row_no": 3, "error_kind": None}]
     records = export.valid_outcomes(requests, results)
     assert [(r["row"], r["url"], r["error_kind"]) for r in records] == [
-        (2, "http://h/2", None), (3, "http://h/3", None), (5, "http://h/5", None), (8, "http://h/8", "timeout")]
+        (2, "http://h/2", None),
+        (3, "http://h/3", None),
+        (5, "http://h/5", None),
+        (8, "http://h/8", "timeout"),
+    ]
     assert all(list(r) == list(export.FIELDS) for r in records)
     assert [r["row"] for r in export.valid_outcomes(requests, results, "ok")] == [3]  # 2 and 5: not fetched
     assert [r["row"] for r in export.valid_outcomes(requests, results, "failed")] == [8]
 
 
-async def _synthetic_job(conn, rows: int, *, invalid_every: int = 50, duplicate_every: int = 10,
-                         chunk_rows: int = 1000) -> int:
+async def _synthetic_job(
+    conn, rows: int, *, invalid_every: int = 50, duplicate_every: int = 10, chunk_rows: int = 1000
+) -> int:
     """A job as a big crawl leaves it just before it finishes, written straight into the tables:
     every chunk done, one row in `invalid_every` invalid, one in `duplicate_every` of the others
     repeating the row before it (no result yet: finishing the job gives it one), one fetched row
     in 7 failed with a 500."""
     job = await conn.fetchval(
         "INSERT INTO jobs (input, state, ingest_done, rows_read) VALUES ('synthetic', 'running', true, $1)"
-        " RETURNING id", rows)
+        " RETURNING id",
+        rows,
+    )
     await conn.execute(
         "INSERT INTO requests (job_id, row_no, chunk_no, method, url, fingerprint, dup_of)"
         " SELECT $1, g, (g - 1) / $5, 'GET', 'http://127.0.0.1/ok/' || u, decode(md5(u::text), 'hex'),"
         "        CASE WHEN g % $4 = 0 THEN g - 1 END"
         " FROM generate_series(1, $2::bigint) g, LATERAL (SELECT CASE WHEN g % $4 = 0 THEN g - 1 ELSE g END) AS x(u)"
-        " WHERE g % $3 <> 0", job, rows, invalid_every, duplicate_every, chunk_rows)
+        " WHERE g % $3 <> 0",
+        job,
+        rows,
+        invalid_every,
+        duplicate_every,
+        chunk_rows,
+    )
     await conn.execute(
         "INSERT INTO invalid_rows (job_id, row_no, raw, reason) SELECT $1, g, 'bad ' || g, 'not a URL'"
-        " FROM generate_series($3::bigint, $2::bigint, $3::bigint) g", job, rows, invalid_every)
+        " FROM generate_series($3::bigint, $2::bigint, $3::bigint) g",
+        job,
+        rows,
+        invalid_every,
+    )
     await conn.execute(
         "INSERT INTO results (job_id, row_no, status, final_url, error_kind, attempts, elapsed_ms, body_bytes,"
         "                     body_sha256)"
         " SELECT job_id, row_no, CASE WHEN row_no % 7 = 0 THEN 500 ELSE 200 END, url,"
         "        CASE WHEN row_no % 7 = 0 THEN 'http_status' END, 1, row_no % 100, 3, sha256(url::bytea)"
-        " FROM requests WHERE job_id = $1 AND dup_of IS NULL", job)
+        " FROM requests WHERE job_id = $1 AND dup_of IS NULL",
+        job,
+    )
     await conn.execute(
         "INSERT INTO chunks (job_id, chunk_no, first_row, last_row, fetch_rows, done_rows, input_rows,"
         "                    invalid_rows, state)"
         " SELECT $1, (g - 1) / $5, min(g), max(g), count(*) FILTER (WHERE g % $3 <> 0 AND g % $4 <> 0),"
         "        count(*) FILTER (WHERE g % $3 <> 0 AND g % $4 <> 0), count(*), count(*) FILTER (WHERE g % $3 = 0),"
         "        'done'"
-        " FROM generate_series(1, $2::bigint) g GROUP BY (g - 1) / $5", job, rows, invalid_every, duplicate_every,
-        chunk_rows)
+        " FROM generate_series(1, $2::bigint) g GROUP BY (g - 1) / $5",
+        job,
+        rows,
+        invalid_every,
+        duplicate_every,
+        chunk_rows,
+    )
     return job
 
 
@@ -283,8 +325,9 @@ async def _buffers(conn: asyncpg.Connection, job: int, tmp_path) -> tuple[dict[s
 
     async def pending_rows(c) -> None:
         for chunk in chunks:
-            await chunk_requests(c, job, LeasedChunk(
-                Lease(chunk["chunk_no"], 2), chunk["first_row"], chunk["last_row"]))
+            await chunk_requests(
+                c, job, LeasedChunk(Lease(chunk["chunk_no"], 2), chunk["first_row"], chunk["last_row"])
+            )
 
     operations = {
         "finish": lambda c: finish_job(c, job),
@@ -333,8 +376,9 @@ async def test_a_job_newer_than_the_table_statistics_costs_time_linear_in_its_si
     assert [r["row"] for r in records] == list(range(1, 50_001))
     assert all((r["error_kind"] == "invalid_url") == (r["row"] % 50 == 0) for r in records)
     duplicates = [r for r in records if r["row"] % 10 == 0 and r["row"] % 50 != 0]
-    assert duplicates and all(r["from_cache"] and r["status"] == (500 if (r["row"] - 1) % 7 == 0 else 200)
-                              for r in duplicates)
+    assert duplicates and all(
+        r["from_cache"] and r["status"] == (500 if (r["row"] - 1) % 7 == 0 else 200) for r in duplicates
+    )
     with open(tmp_path / f"{larger}.csv", newline="") as f:
         failed = [int(r["row"]) for r in csv.DictReader(f)]
     assert failed == [r["row"] for r in records if r["status"] == 500]
@@ -376,8 +420,15 @@ def hostile_job(session_dsn, tmp_path_factory) -> tuple[int, list[str]]:
                 writer = csv.writer(f)
                 writer.writerow(["url"])
                 writer.writerows([row] for row in rows)
-            code = await crawl(session_dsn, test_settings(workers=1, max_attempts=1), input_path=str(path),
-                               url_column="url", job_name=HOSTILE, summary_json=None, quiet=True)
+            code = await crawl(
+                session_dsn,
+                test_settings(workers=1, max_attempts=1),
+                input_path=str(path),
+                url_column="url",
+                job_name=HOSTILE,
+                summary_json=None,
+                quiet=True,
+            )
             assert code == EXIT_OK
         finally:
             await runner.cleanup()
@@ -454,7 +505,7 @@ def test_cli_csv_raw_turns_the_guard_off(session_dsn, hostile_job):
     guarded = run_cli("export", HOSTILE, "--dsn", session_dsn, "--format", "csv", "--only", "invalid")
     raw = run_cli("export", HOSTILE, "--dsn", session_dsn, "--format", "csv", "--only", "invalid", "--csv-raw")
     assert guarded.returncode == raw.returncode == 0, guarded.stderr + raw.stderr
-    assert b'\n3,"\'=HYPERLINK(' in guarded.stdout.replace(b"\r\n", b"\n")
+    assert b"\n3,\"'=HYPERLINK(" in guarded.stdout.replace(b"\r\n", b"\n")
     assert b'\n3,"=HYPERLINK(' in raw.stdout.replace(b"\r\n", b"\n")
 
 

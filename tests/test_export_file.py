@@ -88,8 +88,13 @@ def test_standard_output_on_a_full_device_is_one_sentence(session_dsn, job):
 
         from conftest import ROOT
 
-        proc = subprocess.run([sys.executable, "-m", "crawler", "export", job, "--dsn", session_dsn],
-                              stdout=full, stderr=subprocess.PIPE, timeout=120, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "crawler", "export", job, "--dsn", session_dsn],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            cwd=ROOT,
+        )
     _one_sentence_exit_1(proc, "standard output", "No space left on device")
 
 

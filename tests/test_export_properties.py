@@ -30,18 +30,36 @@ ROWS = st.lists(st.one_of(VALID, INVALID), min_size=1, max_size=8)
 async def store(conn: asyncpg.Connection, rows: list[tuple]) -> int:
     """A finished job written straight into the tables: row n is rows[n - 1]."""
     job = await conn.fetchval(
-        "INSERT INTO jobs (input, state, ingest_done) VALUES ('roundtrip', 'done', true) RETURNING id")
+        "INSERT INTO jobs (input, state, ingest_done) VALUES ('roundtrip', 'done', true) RETURNING id"
+    )
     for n, (kind, text, final_url, error) in enumerate(rows, start=1):
         if kind == "invalid":
-            await conn.execute("INSERT INTO invalid_rows (job_id, row_no, raw, reason) VALUES ($1, $2, $3, $4)",
-                               job, n, text, final_url)
+            await conn.execute(
+                "INSERT INTO invalid_rows (job_id, row_no, raw, reason) VALUES ($1, $2, $3, $4)",
+                job,
+                n,
+                text,
+                final_url,
+            )
             continue
-        await conn.execute("INSERT INTO requests (job_id, row_no, chunk_no, method, url, fingerprint)"
-                           " VALUES ($1, $2, 0, 'GET', $3, $4)", job, n, text, n.to_bytes(8, "big"))
+        await conn.execute(
+            "INSERT INTO requests (job_id, row_no, chunk_no, method, url, fingerprint)"
+            " VALUES ($1, $2, 0, 'GET', $3, $4)",
+            job,
+            n,
+            text,
+            n.to_bytes(8, "big"),
+        )
         await conn.execute(
             "INSERT INTO results (job_id, row_no, status, final_url, error_kind, error, attempts, elapsed_ms,"
             " body_bytes, body_sha256) VALUES ($1, $2, $3, $4, $5, $6, 1, 2.5, 7, '\\x0aff'::bytea)",
-            job, n, None if error is not None else 200, final_url, None if error is None else "protocol", error)
+            job,
+            n,
+            None if error is not None else 200,
+            final_url,
+            None if error is None else "protocol",
+            error,
+        )
     return job
 
 
@@ -49,15 +67,39 @@ def expected(rows: list[tuple]) -> list[dict]:
     out = []
     for n, (kind, text, final_url, error) in enumerate(rows, start=1):
         if kind == "invalid":
-            out.append({"row": n, "url": mask_password(text), "normalized_url": None, "status": None,
-                        "final_url": None, "error_kind": "invalid_url", "error": mask_password(final_url),
-                        "attempts": 0, "from_cache": False, "elapsed_ms": None, "body_bytes": None,
-                        "body_sha256": None})
+            out.append(
+                {
+                    "row": n,
+                    "url": mask_password(text),
+                    "normalized_url": None,
+                    "status": None,
+                    "final_url": None,
+                    "error_kind": "invalid_url",
+                    "error": mask_password(final_url),
+                    "attempts": 0,
+                    "from_cache": False,
+                    "elapsed_ms": None,
+                    "body_bytes": None,
+                    "body_sha256": None,
+                }
+            )
         else:
-            out.append({"row": n, "url": mask_password(text), "normalized_url": mask_password(text),
-                        "status": None if error is not None else 200, "final_url": mask_password(final_url),
-                        "error_kind": None if error is None else "protocol", "error": mask_password(error),
-                        "attempts": 1, "from_cache": False, "elapsed_ms": 2.5, "body_bytes": 7, "body_sha256": "0aff"})
+            out.append(
+                {
+                    "row": n,
+                    "url": mask_password(text),
+                    "normalized_url": mask_password(text),
+                    "status": None if error is not None else 200,
+                    "final_url": mask_password(final_url),
+                    "error_kind": None if error is None else "protocol",
+                    "error": mask_password(error),
+                    "attempts": 1,
+                    "from_cache": False,
+                    "elapsed_ms": 2.5,
+                    "body_bytes": 7,
+                    "body_sha256": "0aff",
+                }
+            )
     return out
 
 
@@ -71,8 +113,13 @@ async def export_all(dsn: str, job: int, directory: str) -> dict[str, str]:
     conn = await asyncpg.connect(dsn)
     try:
         paths = {fmt: os.path.join(directory, f"out.{fmt}") for fmt in ("jsonl", "csv", "parquet", "raw.csv")}
-        rows = len(await conn.fetch("SELECT row_no FROM requests WHERE job_id = $1 UNION ALL"
-                                    " SELECT row_no FROM invalid_rows WHERE job_id = $1", job))
+        rows = len(
+            await conn.fetch(
+                "SELECT row_no FROM requests WHERE job_id = $1 UNION ALL"
+                " SELECT row_no FROM invalid_rows WHERE job_id = $1",
+                job,
+            )
+        )
         for fmt, path in paths.items():
             raw = fmt == "raw.csv"
             assert await export_job(conn, job, fmt="csv" if raw else fmt, path=path, csv_raw=raw) == rows
@@ -83,8 +130,9 @@ async def export_all(dsn: str, job: int, directory: str) -> dict[str, str]:
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ROWS)
-@example([("valid", '=HYPERLINK("x")', "a,b\r\n\"c\"", "line\nbreak"),
-          ("invalid", "\u2028\ufeff\x85", "tab\there", None)])
+@example(
+    [("valid", '=HYPERLINK("x")', 'a,b\r\n"c"', "line\nbreak"), ("invalid", "\u2028\ufeff\x85", "tab\there", None)]
+)
 @example([("valid", "http://me:secret@a.test/", "https://u:p@b.test/x", None), ("invalid", "-1+1", "@x", None)])
 def test_any_text_comes_back_exactly_in_every_format(session_dsn, rows: list[tuple]) -> None:
     async def crawl_free_job() -> int:

@@ -259,6 +259,7 @@ class NxdomainServer(asyncio.DatagramProtocol):
 @pytest.fixture
 async def loopback_resolver() -> AsyncIterator[aiohttp.AsyncResolver]:
     import aiodns  # noqa: F401  a dependency of the crawler: its absence is a failure, not a skip
+
     loop = asyncio.get_running_loop()
     transport, server = await loop.create_datagram_endpoint(NxdomainServer, local_addr=("127.0.0.1", 0))
     port = transport.get_extra_info("sockname")[1]
@@ -355,12 +356,15 @@ def test_every_classification_is_a_known_kind_with_a_non_empty_detail(make, text
     assert_readable(kind, detail)
 
 
-@pytest.mark.parametrize(("os_error", "is_transient"), [
-    (DNSFailure("a.test", "no such name (NXDOMAIN)", transient=False), False),
-    (DNSFailure("a.test", "the resolver failed (SERVFAIL)", transient=True), True),
-    (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"), True),
-    (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), False),
-])
+@pytest.mark.parametrize(
+    ("os_error", "is_transient"),
+    [
+        (DNSFailure("a.test", "no such name (NXDOMAIN)", transient=False), False),
+        (DNSFailure("a.test", "the resolver failed (SERVFAIL)", transient=True), True),
+        (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"), True),
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), False),
+    ],
+)
 def test_a_dns_failure_is_dns_and_transient_only_when_the_resolver_failed(os_error, is_transient) -> None:
     key = ConnectionKey("a.test", 80, False, True, None, None, None, None)
     exc = aiohttp.ClientConnectorDNSError(key, os_error)
@@ -368,6 +372,7 @@ def test_a_dns_failure_is_dns_and_transient_only_when_the_resolver_failed(os_err
     assert kind == "dns" and "a.test" in detail
     assert transient(exc) is is_transient
     assert not transient(aiohttp.ServerDisconnectedError()) and not transient(TimeoutError())
+
 
 # --- every branch, word for word ----------------------------------------------------------------
 
@@ -384,36 +389,57 @@ def connector_error(os_error: Exception) -> aiohttp.ClientConnectorError:
 @pytest.mark.parametrize(
     ("exc", "expected"),
     [
-        (connector_error(OSError(errno.EHOSTUNREACH, "No route to host")),
-         ("connect", "cannot connect to a.test:8080: No route to host")),
+        (
+            connector_error(OSError(errno.EHOSTUNREACH, "No route to host")),
+            ("connect", "cannot connect to a.test:8080: No route to host"),
+        ),
         (connector_error(OSError(errno.EHOSTUNREACH, "")), ("connect", "cannot connect to a.test:8080: [Errno 113] ")),
         (connector_error(TimeoutError()), ("timeout", "connecting to a.test:8080 timed out")),
-        (connector_error(PermissionError(errno.EACCES, "address 10.0.0.1 not allowed (see --allow-net)")),
-         ("blocked", "a.test: address 10.0.0.1 not allowed (see --allow-net)")),
-        (connector_error(PermissionError(errno.EPERM, "address 10.0.0.1 not allowed (see --allow-net)")),
-         ("connect", "cannot connect to a.test:8080: address 10.0.0.1 not allowed (see --allow-net)")),
-        (connector_error(PermissionError(errno.EACCES, "Permission denied")),
-         ("connect", "cannot connect to a.test:8080: Permission denied")),
+        (
+            connector_error(PermissionError(errno.EACCES, "address 10.0.0.1 not allowed (see --allow-net)")),
+            ("blocked", "a.test: address 10.0.0.1 not allowed (see --allow-net)"),
+        ),
+        (
+            connector_error(PermissionError(errno.EPERM, "address 10.0.0.1 not allowed (see --allow-net)")),
+            ("connect", "cannot connect to a.test:8080: address 10.0.0.1 not allowed (see --allow-net)"),
+        ),
+        (
+            connector_error(PermissionError(errno.EACCES, "Permission denied")),
+            ("connect", "cannot connect to a.test:8080: Permission denied"),
+        ),
         (connector_error(PermissionError(errno.EACCES, "")), ("connect", "cannot connect to a.test:8080: [Errno 13] ")),
         (connector_error(BlockedAddress("10.0.0.1", "private")), ("blocked", f"a.test: {BLOCKED}")),
-        (aiohttp.ClientConnectorDNSError(KEY, socket.gaierror(socket.EAI_NONAME, "Name or service not known")),
-         ("dns", "cannot resolve a.test: Name or service not known")),
-        (aiohttp.ClientConnectorDNSError(KEY, socket.gaierror(socket.EAI_NONAME, "")),
-         ("dns", f"cannot resolve a.test: [Errno {socket.EAI_NONAME}] ")),
+        (
+            aiohttp.ClientConnectorDNSError(KEY, socket.gaierror(socket.EAI_NONAME, "Name or service not known")),
+            ("dns", "cannot resolve a.test: Name or service not known"),
+        ),
+        (
+            aiohttp.ClientConnectorDNSError(KEY, socket.gaierror(socket.EAI_NONAME, "")),
+            ("dns", f"cannot resolve a.test: [Errno {socket.EAI_NONAME}] "),
+        ),
         (ssl.SSLError(1, "wrong version"), ("tls", "SSLError: wrong version")),
         (aiohttp.TooManyRedirects(REQUEST, (1, 2, 3)), ("too_many_redirects", "more than 3 redirects")),
-        (aiohttp.TooManyRedirects(REQUEST, ()), ("too_many_redirects", "TooManyRedirects: 0, message='', url='http://example.invalid/'")),
+        (
+            aiohttp.TooManyRedirects(REQUEST, ()),
+            ("too_many_redirects", "TooManyRedirects: 0, message='', url='http://example.invalid/'"),
+        ),
         (aiohttp.InvalidURL("http://exa mple.com/"), ("invalid_url", "InvalidURL: http://exa mple.com/")),
         (aiohttp.NonHttpUrlClientError("ftp://a/"), ("invalid_url", "NonHttpUrlClientError: ftp://a/")),
-        (aiohttp.InvalidUrlRedirectClientError("http://[x/", "bad"),
-         ("invalid_url", "redirect to an unsupported URL: http://[x/ - bad")),
+        (
+            aiohttp.InvalidUrlRedirectClientError("http://[x/", "bad"),
+            ("invalid_url", "redirect to an unsupported URL: http://[x/ - bad"),
+        ),
         (TimeoutError("slow"), ("timeout", "TimeoutError: slow")),
         (aiohttp.ServerDisconnectedError(), ("reset", "server closed the connection before answering")),
-        (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
-         ("reset", "ConnectionResetError: [Errno 104] Connection reset by peer")),
+        (
+            ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+            ("reset", "ConnectionResetError: [Errno 104] Connection reset by peer"),
+        ),
         (aiohttp.ClientOSError(errno.EPIPE, "Broken pipe"), ("reset", "ClientOSError: [Errno 32] Broken pipe")),
-        (aiohttp.ClientOSError(errno.ENETUNREACH, "Network is unreachable"),
-         ("connect", "ClientOSError: [Errno 101] Network is unreachable")),
+        (
+            aiohttp.ClientOSError(errno.ENETUNREACH, "Network is unreachable"),
+            ("connect", "ClientOSError: [Errno 101] Network is unreachable"),
+        ),
         (aiohttp.ClientPayloadError("cut short"), ("protocol", "ClientPayloadError: cut short")),
         (aiohttp.ClientError("weird"), ("protocol", "ClientError: weird")),
         (ValueError("v"), ("protocol", "ValueError: v")),

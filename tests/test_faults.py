@@ -47,10 +47,31 @@ def write_input(path: Path, base: str, count: int = URLS) -> int:
 def crawl_process(dsn: str, path: Path, name: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
     full_env = {**os.environ, **(env or {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "crawler", "crawl", str(path), "--dsn", dsn, "--job-name", name,
-         "--workers", "2", "--concurrency", str(CONCURRENCY), "--chunk-size", str(CHUNK),
-         "--allow-net", "127.0.0.1/32", "--quiet", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "crawler",
+            "crawl",
+            str(path),
+            "--dsn",
+            dsn,
+            "--job-name",
+            name,
+            "--workers",
+            "2",
+            "--concurrency",
+            str(CONCURRENCY),
+            "--chunk-size",
+            str(CHUNK),
+            "--allow-net",
+            "127.0.0.1/32",
+            "--quiet",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=full_env,
+        cwd=ROOT,
     )
 
 
@@ -63,8 +84,11 @@ def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
     found = []
     for child in psutil.Process(proc.pid).children():
         try:
-            if child.status() != psutil.STATUS_ZOMBIE and "multiprocessing.spawn" in " ".join(child.cmdline()) \
-                    and "resource_tracker" not in " ".join(child.cmdline()):
+            if (
+                child.status() != psutil.STATUS_ZOMBIE
+                and "multiprocessing.spawn" in " ".join(child.cmdline())
+                and "resource_tracker" not in " ".join(child.cmdline())
+            ):
                 found.append(child)
         except psutil.NoSuchProcess:
             pass
@@ -74,8 +98,10 @@ def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
 async def results_so_far(dsn: str, name: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
-        return await conn.fetchval(
-            "SELECT count(*) FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = $1", name) or 0
+        return (
+            await conn.fetchval("SELECT count(*) FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = $1", name)
+            or 0
+        )
     finally:
         await conn.close()
 
@@ -100,7 +126,9 @@ async def uncommitted_in_leases(dsn: str, name: str, owners: list[str] | None = 
             "   AND r.row_no BETWEEN c.first_row AND c.last_row)), 0)"
             " FROM chunks c JOIN jobs j ON j.id = c.job_id"
             " WHERE j.name = $1 AND c.state = 'leased' AND ($2::text[] IS NULL OR c.lease_owner = ANY($2))",
-            name, owners)
+            name,
+            owners,
+        )
     finally:
         await conn.close()
 
@@ -113,9 +141,15 @@ async def held_chunks(dsn: str, name: str, worker: psutil.Process) -> dict[int, 
     """Chunks this worker holds a lease on and has not finished, with their fences."""
     conn = await asyncpg.connect(dsn)
     try:
-        return {r["chunk_no"]: r["fence"] for r in await conn.fetch(
-            "SELECT c.chunk_no, c.fence FROM chunks c JOIN jobs j ON j.id = c.job_id"
-            " WHERE j.name = $1 AND c.state = 'leased' AND c.lease_owner = $2", name, owner(worker))}
+        return {
+            r["chunk_no"]: r["fence"]
+            for r in await conn.fetch(
+                "SELECT c.chunk_no, c.fence FROM chunks c JOIN jobs j ON j.id = c.job_id"
+                " WHERE j.name = $1 AND c.state = 'leased' AND c.lease_owner = $2",
+                name,
+                owner(worker),
+            )
+        }
     finally:
         await conn.close()
 
@@ -144,7 +178,9 @@ async def unlocked(dsn: str, name: str, chunks: list[int]) -> bool:
             free = await conn.fetchval(
                 "SELECT count(*) FROM (SELECT 1 FROM chunks c JOIN jobs j ON j.id = c.job_id"
                 " WHERE j.name = $1 AND c.chunk_no = ANY($2::int[]) FOR UPDATE OF c SKIP LOCKED) AS free",
-                name, chunks)
+                name,
+                chunks,
+            )
         return free == len(chunks)
     finally:
         await conn.close()
@@ -176,11 +212,17 @@ async def wait_until_taken_over(dsn: str, name: str, fences: dict[int, int], tim
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             looked = time.time()
-            moved = {r["chunk_no"] for r in await conn.fetch(
-                "SELECT c.chunk_no FROM chunks c JOIN jobs j ON j.id = c.job_id"
-                " JOIN unnest($2::int[], $3::bigint[]) AS held(chunk_no, fence) ON held.chunk_no = c.chunk_no"
-                " WHERE j.name = $1 AND c.fence <> held.fence",
-                name, list(fences), list(fences.values()))}
+            moved = {
+                r["chunk_no"]
+                for r in await conn.fetch(
+                    "SELECT c.chunk_no FROM chunks c JOIN jobs j ON j.id = c.job_id"
+                    " JOIN unnest($2::int[], $3::bigint[]) AS held(chunk_no, fence) ON held.chunk_no = c.chunk_no"
+                    " WHERE j.name = $1 AND c.fence <> held.fence",
+                    name,
+                    list(fences),
+                    list(fences.values()),
+                )
+            }
             unmoved.update((chunk_no, looked) for chunk_no in fences if chunk_no not in moved)
             if len(moved) == len(fences):
                 return unmoved
@@ -209,13 +251,16 @@ async def assert_exactly_once(dsn: str, name: str, rows: int) -> None:
             " (SELECT count(*) FROM requests q WHERE q.job_id = $1 AND NOT EXISTS"
             "   (SELECT 1 FROM results r WHERE r.job_id = q.job_id AND r.row_no = q.row_no)) AS missing,"
             " (SELECT count(*) FROM results r WHERE r.job_id = $1 AND NOT EXISTS"
-            "   (SELECT 1 FROM requests q WHERE q.job_id = r.job_id AND q.row_no = r.row_no)) AS strays", job["id"])
+            "   (SELECT 1 FROM requests q WHERE q.job_id = r.job_id AND q.row_no = r.row_no)) AS strays",
+            job["id"],
+        )
         assert dict(counts) == {"requests": rows, "ok": rows, "missing": 0, "strays": 0}
         # ...and the chunks' counters, which progress and status read, agree with the results.
         chunks = await conn.fetchrow(
             "SELECT count(*) FILTER (WHERE state <> 'done') AS open, sum(fetch_rows) AS to_fetch,"
             " sum(done_rows) AS done, sum(ok_rows) AS ok, sum(failed_rows) AS failed FROM chunks WHERE job_id = $1",
-            job["id"])
+            job["id"],
+        )
         assert dict(chunks) == {"open": 0, "to_fetch": rows, "done": rows, "ok": rows, "failed": 0}
     finally:
         await conn.close()
@@ -246,7 +291,8 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_a_killed_worker_is_replaced_and_the_job_completes_exactly_once(
-        session_dsn, mock_process, tmp_path, seed):
+    session_dsn, mock_process, tmp_path, seed
+):
     rng = random.Random(seed)
     rows = write_input(tmp_path / "urls.csv", mock_process)
     name = f"kill-worker-{seed}"
@@ -293,8 +339,20 @@ async def test_a_killed_supervisor_is_finished_by_resume(session_dsn, mock_proce
     assert code == 1 and f"crawler resume {name}" in err  # no silent duplicate job
 
     if seed % 2:  # the same crawl command with --resume finishes it as well as `crawler resume`
-        resumed = cli("crawl", str(tmp_path / "urls.csv"), "--resume", "--job-name", name, "--dsn", session_dsn,
-                      "--workers", "2", "--allow-net", "127.0.0.1/32", "--quiet")
+        resumed = cli(
+            "crawl",
+            str(tmp_path / "urls.csv"),
+            "--resume",
+            "--job-name",
+            name,
+            "--dsn",
+            session_dsn,
+            "--workers",
+            "2",
+            "--allow-net",
+            "127.0.0.1/32",
+            "--quiet",
+        )
     else:
         resumed = cli("resume", name, "--dsn", session_dsn, "--workers", "2", "--allow-net", "127.0.0.1/32", "--quiet")
     assert resumed.returncode == 0, resumed.stderr.decode()
@@ -304,7 +362,8 @@ async def test_a_killed_supervisor_is_finished_by_resume(session_dsn, mock_proce
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "one-ctrl-c"])
 async def test_sigterm_or_one_ctrl_c_drains_releases_leases_and_resume_finishes(
-        session_dsn, mock_process, tmp_path, sig):
+    session_dsn, mock_process, tmp_path, sig
+):
     rows = write_input(tmp_path / "urls.csv", mock_process, count=URLS // 2)
     name = f"drain-{sig.name}"
     proc = crawl_process(session_dsn, tmp_path / "urls.csv", name)
@@ -350,11 +409,17 @@ async def kept_answers(dsn: str, name: str, chunks: list[int]) -> dict[str, tupl
     """By path: the chunk and the body's sha256 of each stored result of these chunks."""
     conn = await asyncpg.connect(dsn)
     try:
-        return {urllib.parse.urlsplit(r["url"]).path: (r["chunk_no"], r["body_sha256"]) for r in await conn.fetch(
-            "SELECT c.chunk_no, q.url, r.body_sha256 FROM results r JOIN jobs j ON j.id = r.job_id"
-            " JOIN requests q ON q.job_id = r.job_id AND q.row_no = r.row_no"
-            " JOIN chunks c ON c.job_id = r.job_id AND r.row_no BETWEEN c.first_row AND c.last_row"
-            " WHERE j.name = $1 AND c.chunk_no = ANY($2::int[])", name, chunks)}
+        return {
+            urllib.parse.urlsplit(r["url"]).path: (r["chunk_no"], r["body_sha256"])
+            for r in await conn.fetch(
+                "SELECT c.chunk_no, q.url, r.body_sha256 FROM results r JOIN jobs j ON j.id = r.job_id"
+                " JOIN requests q ON q.job_id = r.job_id AND q.row_no = r.row_no"
+                " JOIN chunks c ON c.job_id = r.job_id AND r.row_no BETWEEN c.first_row AND c.last_row"
+                " WHERE j.name = $1 AND c.chunk_no = ANY($2::int[])",
+                name,
+                chunks,
+            )
+        }
     finally:
         await conn.close()
 
@@ -422,8 +487,12 @@ def own_postgres(tmp_path_factory):
 
         @staticmethod
         def stop() -> None:
-            pgexec("pg_ctl", ("-w", "-D", str(server.pgdata), "-m", "fast", "stop"),
-                   bin_path=server.bin_path, user=server.system_user)
+            pgexec(
+                "pg_ctl",
+                ("-w", "-D", str(server.pgdata), "-m", "fast", "stop"),
+                bin_path=server.bin_path,
+                user=server.system_user,
+            )
 
         @staticmethod
         def start() -> None:
@@ -499,8 +568,9 @@ async def delivered(pid: int, sig: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with open(f"/proc/{pid}/status") as status:
-            pending = {k: int(v, 16) for k, _, v in (line.partition(":\t") for line in status)
-                       if k in ("SigPnd", "ShdPnd")}
+            pending = {
+                k: int(v, 16) for k, _, v in (line.partition(":\t") for line in status) if k in ("SigPnd", "ShdPnd")
+            }
         if not any(mask & bit for mask in pending.values()):
             return
         await asyncio.sleep(0.001)
@@ -562,16 +632,45 @@ async def test_a_database_gone_for_good_names_the_job_to_resume(tmp_path):
     assert message.startswith("PostgreSQL at") and "`crawler resume weekly`" in message
 
 
-@pytest.mark.parametrize("hook, expected", [
-    (None, {"idle_in_transaction_session_timeout": "30s", "tcp_keepalives_idle": "10",
-            "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3", "tcp_user_timeout": "30000"}),
-    ("10", {"idle_in_transaction_session_timeout": "10s", "tcp_keepalives_idle": "3",
-            "tcp_keepalives_interval": "1", "tcp_keepalives_count": "3", "tcp_user_timeout": "10000"}),
-    ("1", {"idle_in_transaction_session_timeout": "6s", "tcp_keepalives_idle": "2",
-           "tcp_keepalives_interval": "1", "tcp_keepalives_count": "3", "tcp_user_timeout": "6000"}),
-], ids=["default", "hook", "hook-floor"])
+@pytest.mark.parametrize(
+    "hook, expected",
+    [
+        (
+            None,
+            {
+                "idle_in_transaction_session_timeout": "30s",
+                "tcp_keepalives_idle": "10",
+                "tcp_keepalives_interval": "5",
+                "tcp_keepalives_count": "3",
+                "tcp_user_timeout": "30000",
+            },
+        ),
+        (
+            "10",
+            {
+                "idle_in_transaction_session_timeout": "10s",
+                "tcp_keepalives_idle": "3",
+                "tcp_keepalives_interval": "1",
+                "tcp_keepalives_count": "3",
+                "tcp_user_timeout": "10000",
+            },
+        ),
+        (
+            "1",
+            {
+                "idle_in_transaction_session_timeout": "6s",
+                "tcp_keepalives_idle": "2",
+                "tcp_keepalives_interval": "1",
+                "tcp_keepalives_count": "3",
+                "tcp_user_timeout": "6000",
+            },
+        ),
+    ],
+    ids=["default", "hook", "hook-floor"],
+)
 async def test_the_server_ends_a_vanished_clients_session_within_the_session_timeout(
-        session_dsn, monkeypatch, hook, expected):
+    session_dsn, monkeypatch, hook, expected
+):
     """What the server is told of the crawl's sessions: 30 s (a dead peer found by keepalives in
     10 + 3 x 5 s), or the test hook's limit, never under 6 s (tests/test_netns.py cuts machines off)."""
     if hook is None:
@@ -585,7 +684,8 @@ async def test_the_server_ends_a_vanished_clients_session_within_the_session_tim
 
 
 async def test_a_database_outage_while_the_input_is_read_pauses_ingest_and_loses_no_row(
-        own_postgres, mock_process, tmp_path):
+    own_postgres, mock_process, tmp_path
+):
     """The input arrives through a FIFO, half of it before PostgreSQL goes away and half while it
     is away: the supervisor holds the rows it cannot store, stores them when the database is back,
     and the job ends with every row's one result."""

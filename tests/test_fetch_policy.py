@@ -55,16 +55,25 @@ async def hostile_results(session_dsn, db, mock_url, tmp_path):
     path = tmp_path / "hostile.txt"
     path.write_text("".join(f"{mock_url}{HOSTILE[n]}\n" for n in names) + "http://127.0.0.1:1/refused\n")
     settings = test_settings(
-        connect_timeout=1.0, read_timeout=0.5, total_timeout=5.0, max_attempts=3, backoff_base=0.05,
-        backoff_max=0.1, retry_after_max=5.0, max_body_bytes=1024 * 1024, max_redirects=5,
+        connect_timeout=1.0,
+        read_timeout=0.5,
+        total_timeout=5.0,
+        max_attempts=3,
+        backoff_base=0.05,
+        backoff_max=0.1,
+        retry_after_max=5.0,
+        max_body_bytes=1024 * 1024,
+        max_redirects=5,
         allow_net=["127.0.0.1/32"],
     )
-    code = await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name="hostile",
-                       summary_json=None, quiet=True)
+    code = await crawl(
+        session_dsn, settings, input_path=str(path), url_column=None, job_name="hostile", summary_json=None, quiet=True
+    )
     assert code == EXIT_OK
     rows = await db.fetch(
         "SELECT r.row_no, r.status, r.final_url, r.error_kind, r.error, r.attempts, r.elapsed_ms, r.body_bytes"
-        " FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = 'hostile' ORDER BY r.row_no")
+        " FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = 'hostile' ORDER BY r.row_no"
+    )
     _CRAWLED.update(zip(names + ["refused"], rows, strict=True))
     return _CRAWLED
 
@@ -180,11 +189,22 @@ async def test_a_body_is_hashed_and_stored_only_when_asked(session_dsn, db, mock
     path = tmp_path / "bodies.txt"
     path.write_text(f"{mock_url}/bytes/3000\n")
     settings = test_settings(store_bodies=True)
-    assert await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name="bodies",
-                       summary_json=None, quiet=True) == EXIT_OK
+    assert (
+        await crawl(
+            session_dsn,
+            settings,
+            input_path=str(path),
+            url_column=None,
+            job_name="bodies",
+            summary_json=None,
+            quiet=True,
+        )
+        == EXIT_OK
+    )
     row = await db.fetchrow(
         "SELECT b.body, b.encoding, r.body_bytes FROM bodies b JOIN results r USING (job_id, row_no)"
-        " JOIN jobs j ON j.id = b.job_id WHERE j.name = 'bodies'")
+        " JOIN jobs j ON j.id = b.job_id WHERE j.name = 'bodies'"
+    )
     import zlib
 
     assert row["encoding"] == "zlib" and row["body_bytes"] == 3000
@@ -210,12 +230,23 @@ async def test_method_headers_and_body_come_from_csv_columns(session_dsn, db, ai
         f"{base}/c,BAD METHOD,,\n"
         f'{base}/d,PUT,"{{not json",x\n'
     )
-    assert await crawl(session_dsn, test_settings(), input_path=str(path), url_column=None, job_name="methods",
-                       summary_json=None, quiet=True) == EXIT_OK
+    assert (
+        await crawl(
+            session_dsn,
+            test_settings(),
+            input_path=str(path),
+            url_column=None,
+            job_name="methods",
+            summary_json=None,
+            quiet=True,
+        )
+        == EXIT_OK
+    )
     assert sorted(seen) == [("GET", None, b""), ("POST", "yes", b"hello")]
     invalid = await db.fetch(
         "SELECT i.row_no, i.reason FROM invalid_rows i JOIN jobs j ON j.id = i.job_id WHERE j.name = 'methods'"
-        " ORDER BY i.row_no")
+        " ORDER BY i.row_no"
+    )
     assert [r["row_no"] for r in invalid] == [3, 4]
     assert "method" in invalid[0]["reason"] and "JSON" in invalid[1]["reason"]
 
@@ -226,6 +257,7 @@ async def tls_server(aiohttp_server):
     cert = authority.issue_cert("127.0.0.1")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(context)
+
     async def page(request: web.Request) -> web.Response:
         return web.Response(text="secret")
 
@@ -254,8 +286,18 @@ async def test_the_per_host_limit_holds_across_workers(session_dsn, mock_url, tm
     path = tmp_path / "one-host.txt"
     path.write_text("".join(f"{mock_url}/delay/50/{i}\n" for i in range(120)))
     settings = test_settings(workers=2, concurrency=30, per_host_concurrency=4, adaptive_concurrency=False)
-    assert await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name="per-host",
-                       summary_json=None, quiet=True) == EXIT_OK
+    assert (
+        await crawl(
+            session_dsn,
+            settings,
+            input_path=str(path),
+            url_column=None,
+            job_name="per-host",
+            summary_json=None,
+            quiet=True,
+        )
+        == EXIT_OK
+    )
     seen = await stats(mock_url)
     assert 2 <= seen["max_in_flight"] <= 4  # 4 for the host in all, 2 per worker
 
@@ -270,13 +312,25 @@ async def test_a_slow_host_does_not_take_the_whole_pool(session_dsn, db, tmp_pat
             lines += [f"{slow}/delay/1000/{i}"] if i < 12 else []
             lines += [f"{fast}/ok/{i}"]
         path.write_text("\n".join(lines) + "\n")
-        settings = test_settings(workers=1, concurrency=10, per_host_concurrency=2, adaptive_concurrency=False,
-                                 chunk_size=100)
-        assert await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name="slow-host",
-                           summary_json=None, quiet=True) == EXIT_OK
+        settings = test_settings(
+            workers=1, concurrency=10, per_host_concurrency=2, adaptive_concurrency=False, chunk_size=100
+        )
+        assert (
+            await crawl(
+                session_dsn,
+                settings,
+                input_path=str(path),
+                url_column=None,
+                job_name="slow-host",
+                summary_json=None,
+                quiet=True,
+            )
+            == EXIT_OK
+        )
         rows = await db.fetch(
             "SELECT q.url, r.fetched_at FROM results r JOIN requests q USING (job_id, row_no)"
-            " JOIN jobs j ON j.id = r.job_id WHERE j.name = 'slow-host'")
+            " JOIN jobs j ON j.id = r.job_id WHERE j.name = 'slow-host'"
+        )
     finally:
         await slow_runner.cleanup()
         await fast_runner.cleanup()
@@ -299,8 +353,12 @@ async def test_a_per_host_rate_limit_spaces_requests(session_dsn, aiohttp_server
     path = tmp_path / "rate.txt"
     path.write_text("".join(f"http://127.0.0.1:{server.port}/ok/{i}\n" for i in range(30)))
     settings = test_settings(workers=1, per_host_rate=20.0)
-    assert await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name="rate",
-                       summary_json=None, quiet=True) == EXIT_OK
+    assert (
+        await crawl(
+            session_dsn, settings, input_path=str(path), url_column=None, job_name="rate", summary_json=None, quiet=True
+        )
+        == EXIT_OK
+    )
     assert len(arrivals) == 30
     # 29 gaps of 1/20 s between starts. Single gaps vary with delivery (a new connection, a busy
     # loop), so the span is what is checked: a delivery's jitter may shift the first or last a little.

@@ -66,8 +66,9 @@ class LateHandshakeServer:
 
 
 def test_the_loops_error_for_a_handshake_cut_short_is_recognised_and_no_other():
-    closed = RuntimeError("unable to perform operation on <TCPTransport closed=True reading=False 0x7f>; "
-                          "the handler is closed")
+    closed = RuntimeError(
+        "unable to perform operation on <TCPTransport closed=True reading=False 0x7f>; the handler is closed"
+    )
     assert closed_mid_handshake({"message": "Fatal error on SSL protocol", "exception": closed})
     assert not closed_mid_handshake({"message": "Fatal error on transport", "exception": closed})
     assert not closed_mid_handshake({"message": "Fatal error on SSL protocol", "exception": RuntimeError("other")})
@@ -76,7 +77,8 @@ def test_the_loops_error_for_a_handshake_cut_short_is_recognised_and_no_other():
 
 @pytest.mark.slow  # about 1 000 attempts, 10 s here
 def test_a_connect_timeout_that_ends_a_tls_handshake_as_it_completes_is_a_timeout_row_and_no_loop_error(
-        tmp_path, caplog):
+    tmp_path, caplog
+):
     certificate = generate_certificate()
     ca_file = certificate.write_ca(tmp_path / "ca.pem")
     caplog.set_level(logging.ERROR, logger="asyncio")

@@ -44,8 +44,9 @@ print(json.dumps({"freed": freed, "after_trim": rss(), "trimmed": trimmed}))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
 def test_a_trim_gives_freed_buffers_pages_back_where_free_alone_keeps_them():
-    done = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP], capture_output=True, text=True, timeout=60,
-                          check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", FRAGMENTED_HEAP], capture_output=True, text=True, timeout=60, check=True
+    )
     figures = json.loads(done.stdout)
     if not figures["trimmed"]:
         pytest.skip("this C library has no malloc_trim")

@@ -29,11 +29,43 @@ GOOD = 100
 # bytes that are not UTF-8 (a lone continuation byte, an encoded surrogate, an overlong form),
 # rich markup, a bidirectional override, quotes, and length.
 PIECES = [
-    b"\x00", b"\x01", b"\x07", b"\x08", b"\x0b", b"\x7f", b"\x85", b"\x9b", b"\xc2\x9b", b"\xc2\x85",
-    b"\x1b[31m", b"\x1b[2J", b"\x1b[0m", b"\x1b]0;owned\x07", b"\x1b]8;;http://x/\x1b\\", b"\x1bc",
-    b"\xff", b"\xfe", b"\xe9", b"\xc3(", b"\xed\xa0\x80", b"\xc0\xaf", b"\xf4\x90\x80\x80",
-    b"[bold red]", b"[/]", b"\xe2\x80\xae", b"\xe2\x80\xa8", b"'", b'"', b"\\", b"%00", b";", b",",
-    b"caf\xc3\xa9", b"\t", b"A" * 700, b"\xe2\x98\x95",
+    b"\x00",
+    b"\x01",
+    b"\x07",
+    b"\x08",
+    b"\x0b",
+    b"\x7f",
+    b"\x85",
+    b"\x9b",
+    b"\xc2\x9b",
+    b"\xc2\x85",
+    b"\x1b[31m",
+    b"\x1b[2J",
+    b"\x1b[0m",
+    b"\x1b]0;owned\x07",
+    b"\x1b]8;;http://x/\x1b\\",
+    b"\x1bc",
+    b"\xff",
+    b"\xfe",
+    b"\xe9",
+    b"\xc3(",
+    b"\xed\xa0\x80",
+    b"\xc0\xaf",
+    b"\xf4\x90\x80\x80",
+    b"[bold red]",
+    b"[/]",
+    b"\xe2\x80\xae",
+    b"\xe2\x80\xa8",
+    b"'",
+    b'"',
+    b"\\",
+    b"%00",
+    b";",
+    b",",
+    b"caf\xc3\xa9",
+    b"\t",
+    b"A" * 700,
+    b"\xe2\x98\x95",
 ]
 STATUSES = [200, 200, 201, 203, 299, 301, 302, 303, 307, 308, 404, 410, 418, 500, 503, 599]
 CRLF = b"\r\n"
@@ -58,13 +90,15 @@ def generated_answer(n: int, port: int) -> bytes:
     if status in (301, 302, 303, 307, 308):
         # Only ever this server: a path after /h/ or an absolute URL to 127.0.0.1, never a host
         # name (no DNS query leaves the machine).
-        target = rng.choice([
-            b"/h/%d" % rng.randrange(GENERATED),  # a chain through other generated answers
-            b"/h/%d?" % rng.randrange(GENERATED) + hostile(rng),
-            b"/h/" + hostile(rng),
-            b"http://127.0.0.1:%d/h/" % port + hostile(rng),
-            b"/good/0",
-        ])
+        target = rng.choice(
+            [
+                b"/h/%d" % rng.randrange(GENERATED),  # a chain through other generated answers
+                b"/h/%d?" % rng.randrange(GENERATED) + hostile(rng),
+                b"/h/" + hostile(rng),
+                b"http://127.0.0.1:%d/h/" % port + hostile(rng),
+                b"/good/0",
+            ]
+        )
         headers.append(b"Location: " + target)
     if status == 503:
         headers.append(b"Retry-After: " + rng.choice([b"0", hostile(rng)]))
@@ -92,15 +126,20 @@ def named_answers(port: int) -> dict[str, bytes]:
         "latin1-content-type": simple(b"HTTP/1.1 200 OK", b"Content-Type: text/html; charset=\xe9\xff"),
         "c1-content-type": simple(b"HTTP/1.1 200 OK", b"Content-Type: text/\x9bhtml\x1b[0m"),
         "hostile-location": simple(b"HTTP/1.1 302 Found", b"Location: /good/1?\xff\x1b[31m\xc2\x9b"),
-        "absolute-location": simple(b"HTTP/1.1 301 Moved",
-                                    b"Location: http://127.0.0.1:%d/good/2#\xe9\x1b]0;x\x07" % port),
+        "absolute-location": simple(
+            b"HTTP/1.1 301 Moved", b"Location: http://127.0.0.1:%d/good/2#\xe9\x1b]0;x\x07" % port
+        ),
         "redirect-to-nul-reason": simple(b"HTTP/1.1 307 Again", b"Location: /named/nul-reason"),
         "nul-in-header": simple(b"HTTP/1.1 200 OK", b"ETag: a\x00b"),
     }
 
 
-GOOD_ANSWER = simple(b"HTTP/1.1 200 OK", b'ETag: "good"', b"Last-Modified: Mon, 01 Jan 2024 00:00:00 GMT",
-                     b"Content-Type: text/plain; charset=utf-8")
+GOOD_ANSWER = simple(
+    b"HTTP/1.1 200 OK",
+    b'ETag: "good"',
+    b"Last-Modified: Mon, 01 Jan 2024 00:00:00 GMT",
+    b"Content-Type: text/plain; charset=utf-8",
+)
 
 
 class HostileServer:
@@ -164,10 +203,12 @@ def printable(text: str | None) -> bool:
 
 
 async def crawl_hostile(dsn: str, path: Path, name: str, **overrides) -> int:
-    settings = test_settings(worker_restarts=0, max_attempts=2, connect_timeout=5.0, read_timeout=10.0,
-                             total_timeout=20.0, **overrides)
-    return await crawl(dsn, settings, input_path=str(path), url_column=None, job_name=name, summary_json=None,
-                       quiet=True)
+    settings = test_settings(
+        worker_restarts=0, max_attempts=2, connect_timeout=5.0, read_timeout=10.0, total_timeout=20.0, **overrides
+    )
+    return await crawl(
+        dsn, settings, input_path=str(path), url_column=None, job_name=name, summary_json=None, quiet=True
+    )
 
 
 @pytest.mark.parametrize("variant", ["plain", "cache-ttl", "store-bodies"])
@@ -185,7 +226,9 @@ async def test_a_hostile_server_cannot_stop_a_job(session_dsn, db, tmp_path, var
             requests = await db.fetchval("SELECT count(*) FROM requests WHERE job_id = $1", job_id)
             results = await db.fetch(
                 "SELECT q.row_no, q.url, r.status, r.final_url, r.error_kind, r.error, r.from_cache"
-                " FROM requests q JOIN results r USING (job_id, row_no) WHERE q.job_id = $1", job_id)
+                " FROM requests q JOIN results r USING (job_id, row_no) WHERE q.job_id = $1",
+                job_id,
+            )
             assert requests == len(rows) and len(results) == len(rows)
             by_url = {r["url"]: r for r in results}
             good = [by_url[u] for u in rows if "/good/" in u]
@@ -196,8 +239,10 @@ async def test_a_hostile_server_cannot_stop_a_job(session_dsn, db, tmp_path, var
                 nul = by_url[f"{server.url}/named/nul-reason"]
                 assert (nul["status"], nul["error_kind"]) == (500, "http_status")
                 assert nul["error"] == f"HTTP 500 Bad\\x00Thing; {MARKER}: reason"
-                assert by_url[f"{server.url}/named/latin1-reason"]["error"] == \
-                    f"HTTP 500 Erreur syst\ufffdme; {MARKER}: reason"
+                assert (
+                    by_url[f"{server.url}/named/latin1-reason"]["error"]
+                    == f"HTTP 500 Erreur syst\ufffdme; {MARKER}: reason"
+                )
                 markup = by_url[f"{server.url}/named/markup-reason"]
                 assert markup["error"].startswith("HTTP 500 [bold red]alarm[/] \\x1b[5m")
                 chained = by_url[f"{server.url}/named/redirect-to-nul-reason"]
@@ -209,7 +254,8 @@ async def test_a_hostile_server_cannot_stop_a_job(session_dsn, db, tmp_path, var
                 if variant == "cache-ttl":
                     assert etag["error"] == f"{MARKER}: etag"
                     stored = await db.fetch(
-                        "SELECT etag, last_modified, final_url FROM response_cache WHERE job_id = $1", job_id)
+                        "SELECT etag, last_modified, final_url FROM response_cache WHERE job_id = $1", job_id
+                    )
                     assert stored and all(printable(v) for r in stored for v in r.values())
                     assert {r["etag"] for r in stored} >= {'"good"'}
             else:

@@ -136,8 +136,12 @@ async def test_a_host_that_learnt_nothing_is_forgotten_once_it_has_nothing_pendi
     assert len(s.hosts) == 1000
     while items := drain(s):
         for item in items:
-            s.done(item, error_kind=None if item.url.endswith("/0") else "http_status", status=200 if
-                   item.url.endswith("/0") else 404, elapsed=0.01)
+            s.done(
+                item,
+                error_kind=None if item.url.endswith("/0") else "http_status",
+                status=200 if item.url.endswith("/0") else 404,
+                elapsed=0.01,
+            )
     assert len(s.hosts) == 0
     s.put(Item("http://h7/again"))  # met again: a fresh start, at `initial`
     assert s.limit_of("http://h7") == 2.0
@@ -149,8 +153,12 @@ async def test_a_host_that_learnt_something_is_kept_while_idle():
     for name in ("overloaded", "paused", "paced", "fine"):
         s.put(Item(f"http://{name}/"))
     s.pace("http://paced", 2.0)
-    answers = {"http://overloaded/": dict(status=503), "http://paused/": dict(status=200, pause=30.0),
-               "http://paced/": dict(status=200), "http://fine/": dict(status=200)}
+    answers = {
+        "http://overloaded/": dict(status=503),
+        "http://paused/": dict(status=200, pause=30.0),
+        "http://paced/": dict(status=200),
+        "http://fine/": dict(status=200),
+    }
     for item in drain(s):
         s.done(item, error_kind=None, elapsed=0.01, **answers[item.url])
     assert sorted(s.hosts) == ["http://overloaded", "http://paced", "http://paused"]
@@ -231,6 +239,7 @@ async def test_a_host_is_reported_idle_once_nothing_is_pending_in_flight_or_paus
     (b2,) = drain(s)
     s.cancel(b2)
     assert idle == ["http://a", "http://b"]
+
 
 # --- exact behaviour: each rule of the scheduler, one at a time -----------------------------------
 

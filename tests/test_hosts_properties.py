@@ -59,28 +59,40 @@ class Run:
             self.scheduler._wake(host)  # the timer's callback, run at the fake clock's time  # noqa: SLF001
 
 
-OUTCOMES = st.sampled_from([
-    dict(error_kind=None, status=200), dict(error_kind="http_status", status=404),
-    dict(error_kind="http_status", status=503), dict(error_kind="timeout", status=None),
-    dict(error_kind="connect", status=None), dict(error_kind="dns", status=None),
-])
-STEPS = st.lists(st.one_of(
-    st.tuples(st.just("put"), st.sampled_from(HOSTS), st.integers(1, 6)),
-    st.tuples(st.just("take"), st.integers(1, 8)),
-    st.tuples(st.just("pace"), st.sampled_from(HOSTS), st.sampled_from([0.0, 1.0]), st.booleans()),
-    st.tuples(st.just("answer"), st.integers(0, 20), OUTCOMES, st.sampled_from([0.0, 0.0, 0.5, 2.0])),
-    st.tuples(st.just("cancel"), st.integers(0, 20)),
-    st.tuples(st.just("tick"), st.sampled_from([0.1, 0.5, 3.0])),
-    st.tuples(st.just("rescale"), st.integers(1, 4), st.integers(1, 8)),
-    st.tuples(st.just("clear")),
-), max_size=60)
+OUTCOMES = st.sampled_from(
+    [
+        dict(error_kind=None, status=200),
+        dict(error_kind="http_status", status=404),
+        dict(error_kind="http_status", status=503),
+        dict(error_kind="timeout", status=None),
+        dict(error_kind="connect", status=None),
+        dict(error_kind="dns", status=None),
+    ]
+)
+STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.sampled_from(HOSTS), st.integers(1, 6)),
+        st.tuples(st.just("take"), st.integers(1, 8)),
+        st.tuples(st.just("pace"), st.sampled_from(HOSTS), st.sampled_from([0.0, 1.0]), st.booleans()),
+        st.tuples(st.just("answer"), st.integers(0, 20), OUTCOMES, st.sampled_from([0.0, 0.0, 0.5, 2.0])),
+        st.tuples(st.just("cancel"), st.integers(0, 20)),
+        st.tuples(st.just("tick"), st.sampled_from([0.1, 0.5, 3.0])),
+        st.tuples(st.just("rescale"), st.integers(1, 4), st.integers(1, 8)),
+        st.tuples(st.just("clear")),
+    ),
+    max_size=60,
+)
 
 
 def play(steps: list[tuple], *, adaptive: bool, rate: float, max_idle_hosts: int) -> None:
     async def main() -> None:
         clock = Clock()
-        run = Run(HostScheduler(initial=2, maximum=6, rate=rate, adaptive=adaptive, clock=clock,
-                                max_idle_hosts=max_idle_hosts), clock)
+        run = Run(
+            HostScheduler(
+                initial=2, maximum=6, rate=rate, adaptive=adaptive, clock=clock, max_idle_hosts=max_idle_hosts
+            ),
+            clock,
+        )
         n = 0
         for step in steps:
             before = {h: run.dispatched(h) for h in HOSTS}
@@ -141,7 +153,20 @@ def play(steps: list[tuple], *, adaptive: bool, rate: float, max_idle_hosts: int
 # kept idle for its crawl delay is forgotten, and uncounted, once the delay is 0.
 @example([("pace", HOSTS[0], 1.0, False), ("pace", HOSTS[0], 0.0, False)], True, 0.0, 10_000)
 @example([("put", HOSTS[0], 4), ("take", 2), ("cancel", 0), ("cancel", 0), ("take", 2)], False, 0.0, 1)
-@example([("put", HOSTS[1], 3), ("take", 1), ("answer", 0, dict(error_kind="http_status", status=503), 2.0),
-          ("take", 3), ("tick", 0.5), ("take", 3), ("tick", 3.0), ("take", 3)], True, 0.0, 2)
+@example(
+    [
+        ("put", HOSTS[1], 3),
+        ("take", 1),
+        ("answer", 0, dict(error_kind="http_status", status=503), 2.0),
+        ("take", 3),
+        ("tick", 0.5),
+        ("take", 3),
+        ("tick", 3.0),
+        ("take", 3),
+    ],
+    True,
+    0.0,
+    2,
+)
 def test_no_host_exceeds_its_limit_and_nothing_is_lost_or_duplicated(steps, adaptive, rate, max_idle_hosts):
     play(steps, adaptive=adaptive, rate=rate, max_idle_hosts=max_idle_hosts)

@@ -17,8 +17,7 @@ HOSTS = 150
 PER_HOST = 3
 
 
-async def test_after_a_crawl_over_many_hosts_only_the_overloaded_one_is_remembered(db, session_dsn,
-                                                                                    aiohttp_server):
+async def test_after_a_crawl_over_many_hosts_only_the_overloaded_one_is_remembered(db, session_dsn, aiohttp_server):
     async def answer(request: web.Request) -> web.Response:
         if request.host.startswith("busy."):
             return web.Response(status=503, text="later")  # an overload: the host's limit halves
@@ -32,11 +31,12 @@ async def test_after_a_crawl_over_many_hosts_only_the_overloaded_one_is_remember
         names = [f"h{i}.many.test" for i in range(HOSTS)] + ["busy.many.test"]
         cells = [f"http://{name}:{server.port}/{j}" for j in range(PER_HOST) for name in names]
         settings = test_settings(dns_servers=[where], workers=1, max_attempts=1, chunk_size=100)
-        job = await create_job(db, name="many-hosts", input="test",
-                                      settings={k: v for k, v in settings.as_dict().items() if k != "dsn"})
+        job = await create_job(
+            db, name="many-hosts", input="test", settings={k: v for k, v in settings.as_dict().items() if k != "dsn"}
+        )
         rows = [parse_request(n, cell) for n, cell in enumerate(cells, 1)]
         for chunk_no in range(0, len(rows), 100):
-            await store_chunk(db, job.id, chunk_no // 100, rows[chunk_no:chunk_no + 100])
+            await store_chunk(db, job.id, chunk_no // 100, rows[chunk_no : chunk_no + 100])
         await mark_ingested(db, job.id)
         async with open_worker(session_dsn, job.id, settings) as worker:
             stats = await worker.run()

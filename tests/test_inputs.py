@@ -35,9 +35,7 @@ def read_all(path: str, **options) -> list[RequestRow | InvalidRow]:
 
 def summary(rows: list[RequestRow | InvalidRow]) -> list[tuple[int, str]]:
     """Each row as (row number, normalized URL or "invalid: reason")."""
-    return [
-        (r.row, r.url if isinstance(r, RequestRow) else f"invalid: {r.reason}") for r in rows
-    ]
+    return [(r.row, r.url if isinstance(r, RequestRow) else f"invalid: {r.reason}") for r in rows]
 
 
 # --- formats ----------------------------------------------------------------------------------
@@ -61,7 +59,9 @@ def test_csv_with_a_header_finds_the_url_column_anywhere(tmp_path: Path, data: b
         rows = list(reader)
     assert summary(rows) == [(1, "http://a.com/1"), (2, "http://a.com/2")]
     # the row's URL as written is kept for the export: it differs from what is sent
-    assert rows[0] == RequestRow(1, "GET", "http://a.com/1", fingerprint("GET", "http://a.com/1"), given="http://A.com/1")
+    assert rows[0] == RequestRow(
+        1, "GET", "http://a.com/1", fingerprint("GET", "http://a.com/1"), given="http://A.com/1"
+    )
 
 
 def test_a_custom_url_column_is_matched_ignoring_case_and_spaces(tmp_path: Path) -> None:
@@ -104,9 +104,7 @@ def test_sort_query_is_applied_to_every_rows_normalized_url_not_to_what_is_sent(
         (b"http://a.com/\nhttp://b.com/\n", "text"),
     ],
 )
-def test_gzip_is_recognized_by_its_magic_bytes(
-    tmp_path: Path, name: str, data: bytes, format: str
-) -> None:
+def test_gzip_is_recognized_by_its_magic_bytes(tmp_path: Path, name: str, data: bytes, format: str) -> None:
     path = write(tmp_path, gzip.compress(data), name)
     with open_input(path) as reader:
         assert (reader.format, reader.compressed) == (format, True)
@@ -209,7 +207,7 @@ def test_invalid_csv_rows_are_rows_with_a_reason_and_the_rest_go_on(tmp_path: Pa
 def test_a_csv_syntax_error_makes_one_row_invalid(tmp_path: Path) -> None:
     # An unterminated quote swallows lines until the field passes the size limit.
     swallowed = b"x" * 1000 + b"\n"
-    data = b"url\nhttp://ok.com/1\n\"http://a.com/\n" + swallowed * 1100 + b"\nhttp://ok.com/2\n"
+    data = b'url\nhttp://ok.com/1\n"http://a.com/\n' + swallowed * 1100 + b"\nhttp://ok.com/2\n"
     rows = read_all(write(tmp_path, data))
     assert rows[0] == RequestRow(1, "GET", "http://ok.com/1", fingerprint("GET", "http://ok.com/1"))
     assert rows[1].row == 2
@@ -217,8 +215,10 @@ def test_a_csv_syntax_error_makes_one_row_invalid(tmp_path: Path) -> None:
     assert summary(rows)[-1] == (len(rows), "http://ok.com/2")
 
 
-@pytest.mark.parametrize(("header", "next_line"), [(b"", b"http://ok.com/"), (b"url\n", b"http://ok.com/"),
-                                                  (b"id,url\n", b"2,http://ok.com/")])
+@pytest.mark.parametrize(
+    ("header", "next_line"),
+    [(b"", b"http://ok.com/"), (b"url\n", b"http://ok.com/"), (b"id,url\n", b"2,http://ok.com/")],
+)
 def test_an_overlong_line_is_one_invalid_row_read_past(tmp_path: Path, header: bytes, next_line: bytes) -> None:
     data = header + b"http://a.com/" + b"x" * (2 * MAX_ROW_CHARS) + b"\n" + next_line + b"\n"
     rows = read_all(write(tmp_path, data))
@@ -284,8 +284,15 @@ def test_an_unreadable_input_is_one_sentence(tmp_path: Path) -> None:
             "import sys; from crawler.job.inputs import open_input; from crawler.errors import InputError\n"
             "try:\n    open_input(sys.argv[1])\nexcept InputError as e:\n    print(e)\n"
         )
-        done = subprocess.run([sys.executable, "-c", code, path], user=65534, group=65534, capture_output=True,
-                              text=True, timeout=60, cwd=Path(crawler.job.inputs.__file__).parent.parent)
+        done = subprocess.run(
+            [sys.executable, "-c", code, path],
+            user=65534,
+            group=65534,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(crawler.job.inputs.__file__).parent.parent,
+        )
     finally:
         shutil.rmtree(shared)
     assert done.stdout.strip() == f"input file '{path}' cannot be read: permission denied", done.stderr
@@ -334,9 +341,7 @@ def test_batches_hold_at_most_size_rows_and_continue_the_iteration() -> None:
         next(reader.batches(0))
 
 
-def test_a_large_gzip_input_streams_in_bounded_memory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_large_gzip_input_streams_in_bounded_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     lines = 200_000
     line = "{i},http://host{host}.example.com/item/{i}\n"
     body = "".join(line.format(i=i, host=i % 97) for i in range(lines)).encode()

@@ -17,13 +17,35 @@ from crawler.job.inputs import InvalidRow, RequestRow, open_input
 pytestmark = pytest.mark.one_server
 
 # Bytes that look like what inputs hold, mixed with anything at all.
-PIECES = st.sampled_from([
-    b"url\n", b"id,url\n", b"http://a.test/x", b"https://b.test/?q=1", b",", b";", b"\t", b'"', b'""',
-    b"\n", b"\r\n", b"\r", b"\xef\xbb\xbf", b"\xff\xfe", b"\x00", b"\xe9", b"mailto:x@y", b" ", b"#",
-    b"method,url,headers,body\n", b"POST", b'{"a": "b"}',
-])
-INPUTS = st.one_of(st.binary(max_size=400),
-                   st.lists(st.one_of(PIECES, st.binary(max_size=8)), max_size=40).map(b"".join))
+PIECES = st.sampled_from(
+    [
+        b"url\n",
+        b"id,url\n",
+        b"http://a.test/x",
+        b"https://b.test/?q=1",
+        b",",
+        b";",
+        b"\t",
+        b'"',
+        b'""',
+        b"\n",
+        b"\r\n",
+        b"\r",
+        b"\xef\xbb\xbf",
+        b"\xff\xfe",
+        b"\x00",
+        b"\xe9",
+        b"mailto:x@y",
+        b" ",
+        b"#",
+        b"method,url,headers,body\n",
+        b"POST",
+        b'{"a": "b"}',
+    ]
+)
+INPUTS = st.one_of(
+    st.binary(max_size=400), st.lists(st.one_of(PIECES, st.binary(max_size=8)), max_size=40).map(b"".join)
+)
 
 
 def read(data: bytes, *, url_column: str | None = None) -> tuple[list[RequestRow | InvalidRow], InputError | None]:
@@ -57,7 +79,7 @@ def check(rows: list[RequestRow | InvalidRow], error: InputError | None) -> None
 
 @settings(max_examples=300)
 @given(INPUTS)
-@example(b"url\n\"http://a.test/\nhttp://b.test/\n")  # an unterminated quote
+@example(b'url\n"http://a.test/\nhttp://b.test/\n')  # an unterminated quote
 @example(b"\xef\xbb\xbfurl\r\nhttp://a.test/\r\n\r\n\r\nhttp://b.test/")
 @example(b"id,link\n1,http://a.test/\n")  # a header without a URL column
 def test_any_bytes_give_numbered_rows_or_one_sentence(data: bytes) -> None:

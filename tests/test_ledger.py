@@ -25,8 +25,9 @@ async def test_migrations_apply_once_and_twice_is_a_no_op(fresh_dsn):
         second = await apply_migrations(conn)
         assert first == [v for v, _ in migration_files()] and first
         assert second == []
-        tables = {r["tablename"]
-                  for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        tables = {
+            r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
         assert {"jobs", "chunks", "requests", "results", "invalid_rows", "fingerprints", "schema_migrations"} <= tables
     finally:
         await conn.close()
@@ -146,9 +147,10 @@ async def test_the_end_of_a_job_gives_its_duplicates_the_outcome_of_their_first_
             await db.execute("UPDATE chunks SET input_rows = 0, invalid_rows = 0 WHERE job_id = $1", job.id)
         await finish_every_chunk(db, job.id)
         assert await finish_job(db, job.id)
-        stored = {r["row_no"]: (r["from_cache"], r["cache_kind"])
-                  for r in await db.fetch("SELECT row_no, from_cache, cache_kind FROM results WHERE job_id = $1",
-                                          job.id)}
+        stored = {
+            r["row_no"]: (r["from_cache"], r["cache_kind"])
+            for r in await db.fetch("SELECT row_no, from_cache, cache_kind FROM results WHERE job_id = $1", job.id)
+        }
         assert stored == {1: (False, None), 2: (False, None), 3: (False, None), 4: (True, "duplicate")}, name
     job = await new_job(db, "no-dups")
     await store_chunk(db, job.id, 0, rows(1, ["http://a/", "http://b/"]) + [InvalidRow(3, "x", "bad")])
@@ -192,8 +194,10 @@ async def test_concurrent_leases_each_take_exactly_one_chunk(session_dsn, db):
             taken.append(chunk.lease)
             await renew_leases(conn, job.id, [chunk.lease], 60)
             if chunk.lease.chunk_no % 2:  # complete half of them, as a writer would
-                await conn.execute("UPDATE chunks SET state = 'done' WHERE job_id = $1 AND chunk_no = $2",
-                                   job.id, chunk.lease.chunk_no)
+                await conn.execute(
+                    "UPDATE chunks SET state = 'done' WHERE job_id = $1 AND chunk_no = $2", job.id, chunk.lease.chunk_no
+                )
+
     try:
         await asyncio.gather(*(worker(c, f"w{i}") for i, c in enumerate(conns)))
     finally:
@@ -206,16 +210,23 @@ async def test_concurrent_leases_each_take_exactly_one_chunk(session_dsn, db):
 
 async def test_a_chunk_stores_every_request_column_and_a_retried_chunk_is_stored_once(db):
     job = await new_job(db, "columns")
-    first = [RequestRow(1, "POST", "http://a/", fingerprint("POST", "http://a/", b"x"), '{"X-A":"1"}', b"x"),
-             InvalidRow(2, "nope", "bad URL"), *rows(3, ["http://a/", "http://a/"])]
+    first = [
+        RequestRow(1, "POST", "http://a/", fingerprint("POST", "http://a/", b"x"), '{"X-A":"1"}', b"x"),
+        InvalidRow(2, "nope", "bad URL"),
+        *rows(3, ["http://a/", "http://a/"]),
+    ]
     assert await store_chunk(db, job.id, 0, first) == 2
     assert await store_chunk(db, job.id, 0, first) == 2  # the acknowledgement was lost: a no-op
     stored = await db.fetch(
         "SELECT row_no, chunk_no, method, url, headers->>'X-A' AS x_a, body, dup_of FROM requests"
-        " WHERE job_id = $1 ORDER BY row_no", job.id)
+        " WHERE job_id = $1 ORDER BY row_no",
+        job.id,
+    )
     assert [tuple(r) for r in stored] == [
-        (1, 0, "POST", "http://a/", "1", b"x", None), (3, 0, "GET", "http://a/", None, None, None),
-        (4, 0, "GET", "http://a/", None, None, 3)]
+        (1, 0, "POST", "http://a/", "1", b"x", None),
+        (3, 0, "GET", "http://a/", None, None, None),
+        (4, 0, "GET", "http://a/", None, None, 3),
+    ]
     assert await db.fetchval("SELECT reason FROM invalid_rows WHERE job_id = $1", job.id) == "bad URL"
 
 
@@ -233,7 +244,7 @@ async def test_duplicates_of_a_big_job_point_at_their_first_row(db):
     urls = [f"http://h/{(i * 7) % 1300}" for i in range(3000)]
     for chunk_no in range(30):
         first = chunk_no * 100
-        await store_chunk(db, job.id, chunk_no, rows(first + 1, urls[first:first + 100]))
+        await store_chunk(db, job.id, chunk_no, rows(first + 1, urls[first : first + 100]))
     first_row: dict[str, int] = {}
     expected = {}
     for row_no, url in enumerate(urls, start=1):

@@ -65,8 +65,20 @@ class Holding:
 def record(job_id: int, row: int, tag: str) -> ResultRow:
     """A result whose final_url names the lease that wrote it; even rows failed."""
     failed = row % 2 == 0
-    return ResultRow(job_id, row, None if failed else 200, tag, "timeout" if failed else None,
-                     "timed out" if failed else None, 1, False, 1.0, 0, b"", None)
+    return ResultRow(
+        job_id,
+        row,
+        None if failed else 200,
+        tag,
+        "timeout" if failed else None,
+        "timed out" if failed else None,
+        1,
+        False,
+        1.0,
+        0,
+        b"",
+        None,
+    )
 
 
 class LedgerStates(RuleBasedStateMachine):
@@ -135,9 +147,14 @@ class LedgerStates(RuleBasedStateMachine):
     @rule(chunk_no=st.integers(0, len(CHUNKS) - 1))
     def expire(self, chunk_no: int):
         """The holder went silent past its lease (moved into the past rather than waited for)."""
-        self.run(self.admin.execute(
-            "UPDATE chunks SET lease_expires = now() - interval '1 second'"
-            " WHERE job_id = $1 AND chunk_no = $2 AND state = 'leased'", self.job.id, chunk_no))
+        self.run(
+            self.admin.execute(
+                "UPDATE chunks SET lease_expires = now() - interval '1 second'"
+                " WHERE job_id = $1 AND chunk_no = $2 AND state = 'leased'",
+                self.job.id,
+                chunk_no,
+            )
+        )
         if self.state[chunk_no] == "leased":
             self.expired[chunk_no] = True
 
@@ -184,9 +201,15 @@ class LedgerStates(RuleBasedStateMachine):
         records = [record(self.job.id, r, tag) for r in batch]
         if not records and not complete:
             return  # a worker with nothing to say sends nothing
-        refused = self.run(write_results(
-            self.conns[holding.owner], self.job.id, {holding.lease: records} if records else {},
-            {holding.lease} if complete else set(), LEASE_SECONDS))
+        refused = self.run(
+            write_results(
+                self.conns[holding.owner],
+                self.job.id,
+                {holding.lease: records} if records else {},
+                {holding.lease} if complete else set(),
+                LEASE_SECONDS,
+            )
+        )
         if not self.current(holding.lease):
             assert refused == {holding.lease}
             return
@@ -204,11 +227,20 @@ class LedgerStates(RuleBasedStateMachine):
     @invariant()
     def the_ledger_holds_what_the_model_says(self):
         self.steps += 1
-        chunks = self.run(self.admin.fetch(
-            "SELECT chunk_no, state, fence, fetch_rows, done_rows, ok_rows, failed_rows, first_row, last_row"
-            " FROM chunks WHERE job_id = $1 ORDER BY chunk_no", self.job.id))
-        results = dict(self.run(self.admin.fetch(
-            "SELECT row_no, final_url FROM results WHERE job_id = $1 AND cache_kind IS NULL", self.job.id)))
+        chunks = self.run(
+            self.admin.fetch(
+                "SELECT chunk_no, state, fence, fetch_rows, done_rows, ok_rows, failed_rows, first_row, last_row"
+                " FROM chunks WHERE job_id = $1 ORDER BY chunk_no",
+                self.job.id,
+            )
+        )
+        results = dict(
+            self.run(
+                self.admin.fetch(
+                    "SELECT row_no, final_url FROM results WHERE job_id = $1 AND cache_kind IS NULL", self.job.id
+                )
+            )
+        )
         # No stale write landed: every result is the one the model let through, from a current lease.
         assert results == self.results
         for c in chunks:
@@ -235,9 +267,13 @@ class LedgerStates(RuleBasedStateMachine):
         assert self.finished
 
     def assert_every_row_has_one_result(self) -> None:
-        rows = self.run(self.admin.fetch(
-            "SELECT row_no, count(*) OVER (PARTITION BY row_no) AS n, status, error_kind, cache_kind"
-            " FROM results WHERE job_id = $1 ORDER BY row_no", self.job.id))
+        rows = self.run(
+            self.admin.fetch(
+                "SELECT row_no, count(*) OVER (PARTITION BY row_no) AS n, status, error_kind, cache_kind"
+                " FROM results WHERE job_id = $1 ORDER BY row_no",
+                self.job.id,
+            )
+        )
         assert [r["row_no"] for r in rows] == list(range(1, ROWS + 1))
         assert all(r["n"] == 1 for r in rows)
         duplicate, original = rows[ROWS - 1], rows[0]
@@ -261,17 +297,23 @@ def states_dsn(fresh_dsn) -> str:
 def test_leases_and_results_in_any_order_keep_the_ledger_consistent(states_dsn):
     LedgerStates.dsn = states_dsn
     # Modest: each example is a new job and a few dozen statements (a few seconds in all).
-    run_state_machine_as_test(LedgerStates, settings=settings(
-        max_examples=25, stateful_step_count=40, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    ))
+    run_state_machine_as_test(
+        LedgerStates,
+        settings=settings(
+            max_examples=25,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )
 
 
 async def allowed_states(db, table: str) -> set[str]:
     """The values the table's CHECK constraint on `state` allows."""
     definitions = await db.fetch(
         "SELECT pg_get_constraintdef(oid) AS def FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'c'",
-        table)
+        table,
+    )
     [state] = [d["def"] for d in definitions if "state" in d["def"]]
     return set(re.findall(r"'([a-z_]+)'", state))
 

@@ -50,25 +50,37 @@ def lines(captured: Captured) -> list[str]:
     return captured.getvalue().splitlines()
 
 
-@pytest.mark.parametrize("text, masked", [
-    ("postgresql://crawler:hunter2@db:5432/crawler", "postgresql://crawler:***@db:5432/crawler"),
-    ("postgres://u:p%40ss@h/db?sslmode=require", "postgres://u:***@h/db?sslmode=require"),
-    ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),  # a raw @ in the password
-    ("postgresql://:onlypass@h/db", "postgresql://:***@h/db"),
-    ("at postgresql://a:b@h1/x and http://c:d@h2/y.", "at postgresql://a:***@h1/x and http://c:***@h2/y."),
-    ("host=db user=crawler password=hunter2 dbname=x", "host=db user=crawler password=*** dbname=x"),
-    ("dbname=x password='two words'", "dbname=x password=***"),
-    ("postgresql://h/db?user=u&password=hunter2&sslmode=disable", "postgresql://h/db?user=u&password=***&sslmode=disable"),
-])
+@pytest.mark.parametrize(
+    "text, masked",
+    [
+        ("postgresql://crawler:hunter2@db:5432/crawler", "postgresql://crawler:***@db:5432/crawler"),
+        ("postgres://u:p%40ss@h/db?sslmode=require", "postgres://u:***@h/db?sslmode=require"),
+        ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),  # a raw @ in the password
+        ("postgresql://:onlypass@h/db", "postgresql://:***@h/db"),
+        ("at postgresql://a:b@h1/x and http://c:d@h2/y.", "at postgresql://a:***@h1/x and http://c:***@h2/y."),
+        ("host=db user=crawler password=hunter2 dbname=x", "host=db user=crawler password=*** dbname=x"),
+        ("dbname=x password='two words'", "dbname=x password=***"),
+        (
+            "postgresql://h/db?user=u&password=hunter2&sslmode=disable",
+            "postgresql://h/db?user=u&password=***&sslmode=disable",
+        ),
+    ],
+)
 def test_passwords_are_masked(text, masked):
     assert mask_secrets(text) == masked
     assert mask_secrets(masked) == masked
 
 
-@pytest.mark.parametrize("text", [
-    "postgresql://crawler@db:5432/crawler", "postgresql://db:5432/crawler", "http://127.0.0.1:8080/ok/1",
-    "mail me at someone@example.com", "fetched 10/20 at 3.0/s",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "postgresql://crawler@db:5432/crawler",
+        "postgresql://db:5432/crawler",
+        "http://127.0.0.1:8080/ok/1",
+        "mail me at someone@example.com",
+        "fetched 10/20 at 3.0/s",
+    ],
+)
 def test_text_without_a_password_is_left_alone(text):
     assert mask_secrets(text) == text
 
@@ -96,8 +108,14 @@ def test_json_format_is_one_object_per_line_with_ids(stderr):
     records = [json.loads(line) for line in lines(stderr)]
     assert [r["msg"] for r in records] == ["leased chunk 4", "done", "plain"]
     assert records[0] | {"ts": None, "pid": None} == {
-        "ts": None, "level": "debug", "logger": "crawler.fetch.worker", "pid": None, "msg": "leased chunk 4",
-        "job": 3, "worker": "box:12", "chunk": 4,
+        "ts": None,
+        "level": "debug",
+        "logger": "crawler.fetch.worker",
+        "pid": None,
+        "msg": "leased chunk 4",
+        "job": 3,
+        "worker": "box:12",
+        "chunk": 4,
     }
     assert (records[1]["job"], records[1]["chunk"]) == (3, 5)
     assert not {"job", "worker", "chunk"} & records[2].keys()
@@ -186,8 +204,22 @@ def test_cli_json_logs_never_show_the_password(session_dsn, tmp_path):
     dsn = urlunsplit(parts._replace(netloc=netloc))
     # A host whose robots.txt cannot be fetched: its worker logs that it tries again, a record
     # (a crawl that goes well logs none).
-    proc = run_cli("crawl", str(path), "--dsn", dsn, "--log-level", "DEBUG", "--log-format", "json",
-                   "--allow-net", "127.0.0.0/8", "--max-attempts", "2", "--robots", "obey")
+    proc = run_cli(
+        "crawl",
+        str(path),
+        "--dsn",
+        dsn,
+        "--log-level",
+        "DEBUG",
+        "--log-format",
+        "json",
+        "--allow-net",
+        "127.0.0.0/8",
+        "--max-attempts",
+        "2",
+        "--robots",
+        "obey",
+    )
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
     assert "hunter2" not in err
@@ -196,8 +228,17 @@ def test_cli_json_logs_never_show_the_password(session_dsn, tmp_path):
     assert any("robots.txt of http://127.0.0.1:1" in record["msg"] for record in records), err
     assert all(record.keys() >= {"ts", "level", "logger", "msg"} for record in records)
 
-    gone = run_cli("crawl", str(path), "--dsn", "postgresql://me:hunter2@127.0.0.1:1/db", "--log-level", "DEBUG",
-                   "--log-format", "json", env={"CRAWLER_DB_OUTAGE_LIMIT": "1"})
+    gone = run_cli(
+        "crawl",
+        str(path),
+        "--dsn",
+        "postgresql://me:hunter2@127.0.0.1:1/db",
+        "--log-level",
+        "DEBUG",
+        "--log-format",
+        "json",
+        env={"CRAWLER_DB_OUTAGE_LIMIT": "1"},
+    )
     err = gone.stderr.decode()
     assert gone.returncode == 2 and "hunter2" not in err
     assert err.strip().splitlines()[-1].startswith("crawler: cannot connect to PostgreSQL at postgresql://me:***@")

@@ -42,8 +42,11 @@ async def scrape(port: int) -> Samples:
         async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
             assert resp.status == 200
             text = await resp.text()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -53,15 +56,29 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 async def run_crawl(dsn: str, lines: list[str], tmp_path, name: str, **overrides) -> None:
     path = tmp_path / f"{name}.txt"
     path.write_text("\n".join(lines) + "\n")
-    code = await crawl(dsn, test_settings(**overrides), input_path=str(path), url_column=None, job_name=name,
-                       summary_json=None, quiet=True)
+    code = await crawl(
+        dsn,
+        test_settings(**overrides),
+        input_path=str(path),
+        url_column=None,
+        job_name=name,
+        summary_json=None,
+        quiet=True,
+    )
     assert code == EXIT_OK
 
 
 async def test_metrics_after_a_small_crawl_count_every_attempt_and_result(
-        session_dsn, db, mock_url, tmp_path, exporter):
-    lines = [f"{mock_url}/ok/m/1", f"{mock_url}/ok/m/2", f"{mock_url}/ok/m/3", f"{mock_url}/ok/m/1",
-             f"{mock_url}/status/404", f"{mock_url}/flaky/2/m"]  # a duplicate; 503, 503, then 200
+    session_dsn, db, mock_url, tmp_path, exporter
+):
+    lines = [
+        f"{mock_url}/ok/m/1",
+        f"{mock_url}/ok/m/2",
+        f"{mock_url}/ok/m/3",
+        f"{mock_url}/ok/m/1",
+        f"{mock_url}/status/404",
+        f"{mock_url}/flaky/2/m",
+    ]  # a duplicate; 503, 503, then 200
     await run_crawl(session_dsn, lines, tmp_path, "metrics-small", workers=2, chunk_size=2, max_attempts=3)
     jid = await db.fetchval("SELECT id FROM jobs WHERE name = 'metrics-small'")
     exporter.observe_job(await job_counts(db, jid))  # what the supervisor does on every poll
@@ -87,8 +104,10 @@ async def test_metrics_after_a_small_crawl_count_every_attempt_and_result(
 async def test_fresh_and_revalidated_cache_hits_are_counted_by_kind(session_dsn, db, mock_url, tmp_path):
     lines = [f"{mock_url}/ok/metrics-fresh", f"{mock_url}/etag/metrics-revalidated"]
     await run_crawl(session_dsn, lines, tmp_path, "metrics-cache-first", cache_ttl=60.0)
-    await db.execute("UPDATE response_cache SET fetched_at = now() - interval '1 hour' WHERE final_url = $1",
-                     f"{mock_url}/etag/metrics-revalidated")
+    await db.execute(
+        "UPDATE response_cache SET fetched_at = now() - interval '1 hour' WHERE final_url = $1",
+        f"{mock_url}/etag/metrics-revalidated",
+    )
     with Exporter("127.0.0.1", 0) as exporter:
         await run_crawl(session_dsn, lines, tmp_path, "metrics-cache-second", cache_ttl=60.0)
         s = await scrape(exporter.port)
@@ -105,7 +124,8 @@ async def test_a_killed_workers_in_flight_requests_stay_until_its_exit_is_report
     await store_chunk(db, job.id, 0, [RequestRow(1, "GET", url, fingerprint("GET", url))])
     await mark_ingested(db, job.id)
     proc = multiprocessing.get_context("spawn").Process(
-        target=run_worker, args=(session_dsn, job.id, test_settings(workers=1).as_dict()))
+        target=run_worker, args=(session_dsn, job.id, test_settings(workers=1).as_dict())
+    )
     proc.start()
     try:
         for _ in range(600):  # up to a minute for the spawn, its imports and the request to start
@@ -153,9 +173,25 @@ async def test_crawl_with_metrics_port_serves_the_workers_counts_while_it_runs(s
     env = {k: v for k, v in os.environ.items() if k != MULTIPROC_DIR}
     env["CRAWLER_DRAIN_GRACE"] = "0.1"  # Ctrl-C at the end: the slow request is not waited for
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "crawler", "crawl", str(path), "--dsn", session_dsn, "--workers", "1",
-        "--allow-net", "127.0.0.0/8", "--metrics-port", str(port), "--quiet",
-        env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "crawler",
+        "crawl",
+        str(path),
+        "--dsn",
+        session_dsn,
+        "--workers",
+        "1",
+        "--allow-net",
+        "127.0.0.0/8",
+        "--metrics-port",
+        str(port),
+        "--quiet",
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     s: Samples = {}
     try:
         for _ in range(600):  # up to a minute for the start, the three quick rows and a poll
@@ -163,24 +199,33 @@ async def test_crawl_with_metrics_port_serves_the_workers_counts_while_it_runs(s
                 s = await scrape(port)
             except aiohttp.ClientConnectionError:
                 s = {}  # not serving yet
-            if (value(s, "crawler_requests_total", status="200", error_kind="") == 3
-                    and value(s, "crawler_in_flight") == 1 and value(s, "crawler_chunks", state="leased") == 1
-                    and await committed(session_dsn) == 3):
+            if (
+                value(s, "crawler_requests_total", status="200", error_kind="") == 3
+                and value(s, "crawler_in_flight") == 1
+                and value(s, "crawler_chunks", state="leased") == 1
+                and await committed(session_dsn) == 3
+            ):
                 break
             if proc.returncode is not None:
                 break
             await asyncio.sleep(0.1)
         # The worker killed mid-request: the supervisor restarts it and counts the restart; the
         # dead one's in-flight request vanishes from the gauge, the new one fetches the slow row again.
-        [worker] = [c for c in psutil.Process(proc.pid).children() if "multiprocessing.spawn" in " ".join(c.cmdline())
-                    and "resource_tracker" not in " ".join(c.cmdline())]
+        [worker] = [
+            c
+            for c in psutil.Process(proc.pid).children()
+            if "multiprocessing.spawn" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())
+        ]
         worker.kill()
         for _ in range(600):
             s = await scrape(port)
             # The chunk gauge is the supervisor's poll: the dead worker's chunk is released (pending)
             # and leased again by the new worker, which the next poll shows.
-            if (value(s, "crawler_worker_restarts_total") == 1 and value(s, "crawler_in_flight") == 1
-                    and value(s, "crawler_chunks", state="leased") == 1):
+            if (
+                value(s, "crawler_worker_restarts_total") == 1
+                and value(s, "crawler_in_flight") == 1
+                and value(s, "crawler_chunks", state="leased") == 1
+            ):
                 break
             assert proc.returncode is None, (await proc.communicate())[1].decode()
             await asyncio.sleep(0.1)
@@ -202,6 +247,7 @@ def test_without_a_metrics_directory_a_worker_counts_nothing(monkeypatch):
     monkeypatch.delenv(MULTIPROC_DIR, raising=False)
     hooks = metrics.for_worker()
     assert isinstance(hooks, metrics.NoMetrics) and metrics.for_worker() is hooks
+
     # The no-op stands in for every hook a worker calls.
     def public(cls: type) -> set[str]:
         return {name for name in vars(cls) if not name.startswith("_")}
@@ -216,10 +262,12 @@ def test_metrics_are_off_unless_a_port_is_set():
 def test_with_metrics_off_no_process_imports_prometheus_client():
     """Its import costs every process 35-40 ms of CPU: the supervisor's and a worker's modules,
     with metrics off, never load it."""
-    code = ("import sys; import crawler.cli, crawler.job.crawl, crawler.fetch.worker; from crawler import metrics;"
-            " from crawler.settings import Settings; metrics.for_worker().fetch_started();"
-            " assert metrics.Exporter.start(Settings()) is None;"
-            " print('prometheus_client' in sys.modules)")
+    code = (
+        "import sys; import crawler.cli, crawler.job.crawl, crawler.fetch.worker; from crawler import metrics;"
+        " from crawler.settings import Settings; metrics.for_worker().fetch_started();"
+        " assert metrics.Exporter.start(Settings()) is None;"
+        " print('prometheus_client' in sys.modules)"
+    )
     env = {k: v for k, v in os.environ.items() if k != MULTIPROC_DIR}
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

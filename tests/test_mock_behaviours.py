@@ -67,9 +67,7 @@ async def wait_until_idle(client, within_s: float = 3.0) -> dict:
 
 async def raw_exchange(client, path: str, method: str = "GET", limit: int = 1 << 16) -> bytes:
     """Send one request over a plain socket; everything the server sends until it closes."""
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(client.server.host, client.server.port), 5
-    )
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(client.server.host, client.server.port), 5)
     try:
         writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
         await writer.drain()
@@ -357,9 +355,7 @@ async def test_redirect_to_sends_any_location_verbatim_and_fetches_nothing(clien
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 async def test_redirect_to_uses_the_status_asked_for(client, status):
-    resp = await client.get(
-        "/redirect-to", params={"url": "/ok", "status": str(status)}, allow_redirects=False
-    )
+    resp = await client.get("/redirect-to", params={"url": "/ok", "status": str(status)}, allow_redirects=False)
     assert resp.status == status
 
 
@@ -368,9 +364,7 @@ async def test_redirect_to_another_scheme_is_refused_by_aiohttp(client):
         await client.get("/redirect-to", params={"url": "file:///etc/passwd"})
 
 
-@pytest.mark.parametrize(
-    "params", [{}, {"url": ""}, {"url": "/ok\r\nX: y"}, {"url": "/ok", "status": "200"}]
-)
+@pytest.mark.parametrize("params", [{}, {"url": ""}, {"url": "/ok\r\nX: y"}, {"url": "/ok", "status": "200"}])
 async def test_redirect_to_rejects_bad_queries_with_400(client, params):
     assert (await client.get("/redirect-to", params=params, allow_redirects=False)).status == 400
 
@@ -423,9 +417,7 @@ async def test_garbage_status_line_is_a_response_error(client, server_errors):
 
 
 async def test_garbage_bytes_are_n_random_bytes_the_same_for_the_same_seed(aiohttp_client):
-    seed_1, again, seed_2 = [
-        await aiohttp_client(create_app(seed=seed), timeout=TIMEOUT) for seed in (1, 1, 2)
-    ]
+    seed_1, again, seed_2 = [await aiohttp_client(create_app(seed=seed), timeout=TIMEOUT) for seed in (1, 1, 2)]
     with pytest.raises(aiohttp.ClientResponseError):
         await seed_1.get("/garbage-bytes/64/a")
     first = await raw_exchange(seed_1, "/garbage-bytes/300/a")
@@ -529,9 +521,7 @@ async def statuses(client, paths: list[str]) -> list[int]:
 
 async def test_random_answers_are_reproducible_by_seed_and_path(aiohttp_client):
     paths = [f"/random/{i}" for i in range(60)]
-    seed_7, again, seed_8 = [
-        await aiohttp_client(create_app(seed=seed), timeout=TIMEOUT) for seed in (7, 7, 8)
-    ]
+    seed_7, again, seed_8 = [await aiohttp_client(create_app(seed=seed), timeout=TIMEOUT) for seed in (7, 7, 8)]
     first = await statuses(seed_7, paths)
     assert first == [random_outcome(7, path)[0] for path in paths]
     assert await statuses(again, paths) == first
@@ -557,14 +547,9 @@ def test_random_outcome_draws_mostly_200_and_latencies_up_to_50_ms():
 
 
 def test_random_outcome_is_the_same_in_another_process():
-    code = (
-        "from crawler.mock.behaviours import random_outcome as r\n"
-        "print([r(5, f'/random/{i}') for i in range(20)])"
-    )
+    code = "from crawler.mock.behaviours import random_outcome as r\nprint([r(5, f'/random/{i}') for i in range(20)])"
     env = dict(os.environ, PYTHONHASHSEED="12345")  # str hashes differ; the draws must not
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=30
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=30)
     assert out.stdout.strip() == str([random_outcome(5, f"/random/{i}") for i in range(20)])
 
 

@@ -226,12 +226,13 @@ TARGET_PIECES = ["", ".", "..", ".x", "x.", "a-b_c~", "ok", "%2F", "%2e%2e", "%4
     method=st.sampled_from(["GET", "HEAD", "POST", "PUT"]),
     expect_continue=st.booleans(),
 )
-async def test_the_served_app_answers_and_counts_every_target_as_the_router_does(
-    head, tail, method, expect_continue
-):
+async def test_the_served_app_answers_and_counts_every_target_as_the_router_does(head, tail, method, expect_continue):
     target = "/" + head + "".join("/" + piece for piece in tail)
-    request = (f"{method} {target} HTTP/1.1\r\nHost: mock\r\nConnection: close\r\n"
-            + ("Expect: 100-continue\r\n" if expect_continue else "") + "Content-Length: 0\r\n\r\n")
+    request = (
+        f"{method} {target} HTTP/1.1\r\nHost: mock\r\nConnection: close\r\n"
+        + ("Expect: 100-continue\r\n" if expect_continue else "")
+        + "Content-Length: 0\r\n\r\n"
+    )
     served, routed = await serving_runner(create_app()), web.AppRunner(create_app())
     await routed.setup()
     try:

@@ -44,8 +44,7 @@ async def bench_names():
     transport.close()
 
 
-async def test_the_crawler_trusts_the_mock_servers_ca_by_file_and_by_name(certificate, tls_mock, bench_names,
-                                                                         tmp_path):
+async def test_the_crawler_trusts_the_mock_servers_ca_by_file_and_by_name(certificate, tls_mock, bench_names, tmp_path):
     assert tls_mock.startswith("https://127.0.0.1:")
     port = tls_mock.rsplit(":", 1)[1]
     ca_file = certificate.write_ca(tmp_path / "ca.pem")
@@ -86,7 +85,11 @@ async def test_a_ca_file_that_is_not_pem_stops_the_fetcher_with_one_sentence(tmp
 def test_mock_server_tls_as_a_process_writes_its_ca_and_reports_its_connections(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "crawler.mock.server", "--port", "0", "--tls", "--processes", "2", "--report"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         line = proc.stdout.readline()
         assert "listening on https://127.0.0.1:" in line, proc.stderr.read()
@@ -94,10 +97,18 @@ def test_mock_server_tls_as_a_process_writes_its_ca_and_reports_its_connections(
         ca_file = line.split("trust the CA in ", 1)[1].rstrip(")\n")
         assert Path(ca_file).read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
         fetched = subprocess.run(
-            [sys.executable, "-c", "import ssl, sys, urllib.request;"
-             "ctx = ssl.create_default_context(cafile=sys.argv[2]);"
-             "[urllib.request.urlopen(sys.argv[1] + f'/ok/{i}', context=ctx).read() for i in range(3)]",
-             url, ca_file], capture_output=True, timeout=60)
+            [
+                sys.executable,
+                "-c",
+                "import ssl, sys, urllib.request;"
+                "ctx = ssl.create_default_context(cafile=sys.argv[2]);"
+                "[urllib.request.urlopen(sys.argv[1] + f'/ok/{i}', context=ctx).read() for i in range(3)]",
+                url,
+                ca_file,
+            ],
+            capture_output=True,
+            timeout=60,
+        )
         assert fetched.returncode == 0, fetched.stderr.decode()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -138,8 +149,24 @@ def test_bench_urls_are_spread_over_host_names(tmp_path):
 
 def test_bench_over_many_tls_hosts_reports_connections_handshakes_and_lookups(tmp_path, session_dsn):
     path = tmp_path / "summary.json"
-    done = run_cli("bench", "--urls", "600", "--hosts", "30", "--tls", "--workers", "2", "--concurrency", "20",
-                   "--dsn", session_dsn, "--summary-json", str(path), "--quiet", timeout=300)
+    done = run_cli(
+        "bench",
+        "--urls",
+        "600",
+        "--hosts",
+        "30",
+        "--tls",
+        "--workers",
+        "2",
+        "--concurrency",
+        "20",
+        "--dsn",
+        session_dsn,
+        "--summary-json",
+        str(path),
+        "--quiet",
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr.decode()
     summary = orjson.loads(path.read_bytes())
     assert summary["ok"] == 600, summary
@@ -152,5 +179,6 @@ def test_bench_over_many_tls_hosts_reports_connections_handshakes_and_lookups(tm
     assert dns["names_asked"] == 30
     # Each of the two workers asks about a name at most once (A and AAAA): 4 questions at most.
     assert 30 <= dns["questions"] <= 30 * 2 * 2 and dns["questions_per_name"] == dns["questions"] / 30
-    assert bench["largest_process_rss_bytes"] == max(bench["peak_rss_bytes"]["workers"]
-                                                     + [bench["peak_rss_bytes"]["supervisor"]])
+    assert bench["largest_process_rss_bytes"] == max(
+        bench["peak_rss_bytes"]["workers"] + [bench["peak_rss_bytes"]["supervisor"]]
+    )

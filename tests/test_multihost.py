@@ -34,8 +34,14 @@ FAST_LEASES = {"CRAWLER_LEASE_SECONDS": "2", "CRAWLER_HEARTBEAT_SECONDS": "0.3"}
 
 def crawler(*args: str, env: dict | None = None) -> subprocess.Popen:
     """`crawler ARGS` in a session of its own: one "host", killed or frozen as a whole."""
-    return subprocess.Popen([sys.executable, "-m", "crawler", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, **FAST_LEASES, **(env or {})}, cwd=ROOT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "crawler", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **FAST_LEASES, **(env or {})},
+        cwd=ROOT,
+        start_new_session=True,
+    )
 
 
 def signal_host(host: subprocess.Popen, sig: int) -> None:
@@ -63,12 +69,19 @@ def session_of(host: subprocess.Popen) -> list[psutil.Process]:
 async def settled_leases(dsn: str, name: str, owners: list[str]) -> set[int]:
     """The chunks these (stopped) owners hold, once a COMMIT sent before they stopped has landed:
     the same on two reads in a row."""
+
     async def read() -> set[int]:
         conn = await asyncpg.connect(dsn)
         try:
-            return {r["chunk_no"] for r in await conn.fetch(
-                "SELECT c.chunk_no FROM chunks c JOIN jobs j ON j.id = c.job_id"
-                " WHERE j.name = $1 AND c.state = 'leased' AND c.lease_owner = ANY($2)", name, owners)}
+            return {
+                r["chunk_no"]
+                for r in await conn.fetch(
+                    "SELECT c.chunk_no FROM chunks c JOIN jobs j ON j.id = c.job_id"
+                    " WHERE j.name = $1 AND c.state = 'leased' AND c.lease_owner = ANY($2)",
+                    name,
+                    owners,
+                )
+            }
         finally:
             await conn.close()
 
@@ -112,7 +125,9 @@ async def everyone_counted_the_others(dsn: str, name: str, seen: dict) -> bool:
     try:
         rows = await conn.fetch(
             "SELECT w.worker_id, w.heartbeat_at, max(w.started_at) OVER () AS joined FROM workers w"
-            " JOIN jobs j ON j.id = w.job_id WHERE j.name = $1", name)
+            " JOIN jobs j ON j.id = w.job_id WHERE j.name = $1",
+            name,
+        )
     finally:
         await conn.close()
     if not seen:  # `seen` keeps each worker's first heartbeat after the last one joined
@@ -145,8 +160,21 @@ async def test_three_hosts_share_a_job_one_killed_one_frozen(fresh_dsn, mock_pro
     name = "three-hosts"
     # The hosts start first and wait for a job; the supervisor fetches nothing itself.
     hosts = [crawler("worker", "--dsn", fresh_dsn, "--workers", "1", "--concurrency", "5") for _ in range(3)]
-    supervisor = crawler("crawl", str(tmp_path / "urls.csv"), "--dsn", fresh_dsn, "--job-name", name, "--workers", "0",
-                         "--chunk-size", "100", "--allow-net", "127.0.0.1/32", "--quiet")
+    supervisor = crawler(
+        "crawl",
+        str(tmp_path / "urls.csv"),
+        "--dsn",
+        fresh_dsn,
+        "--job-name",
+        name,
+        "--workers",
+        "0",
+        "--chunk-size",
+        "100",
+        "--allow-net",
+        "127.0.0.1/32",
+        "--quiet",
+    )
     try:
         seen = {}
 
@@ -202,25 +230,44 @@ async def test_a_hosts_budget_is_shared_by_every_machine_not_multiplied(fresh_ds
     path = tmp_path / "urls.txt"
     path.write_text("".join(f"{mock_process}/delay/20/{i}\n" for i in range(3000)))
     name = "shared-budget"
-    supervisor = crawler("crawl", str(path), "--dsn", fresh_dsn, "--job-name", name, "--workers", "0",
-                         "--chunk-size", "50", "--per-host-concurrency", "6", "--no-adaptive",
-                         "--allow-net", "127.0.0.1/32", "--quiet")
+    supervisor = crawler(
+        "crawl",
+        str(path),
+        "--dsn",
+        fresh_dsn,
+        "--job-name",
+        name,
+        "--workers",
+        "0",
+        "--chunk-size",
+        "50",
+        "--per-host-concurrency",
+        "6",
+        "--no-adaptive",
+        "--allow-net",
+        "127.0.0.1/32",
+        "--quiet",
+    )
     hosts = []
     try:
+
         async def created() -> bool:
             return run_cli("status", name, "--dsn", fresh_dsn).returncode == 0
 
         await wait_until(created, "the job being created")
-        hosts = [crawler("worker", "--dsn", fresh_dsn, "--job", name, "--workers", "1", "--concurrency", "50")
-                 for _ in range(3)]
+        hosts = [
+            crawler("worker", "--dsn", fresh_dsn, "--job", name, "--workers", "1", "--concurrency", "50")
+            for _ in range(3)
+        ]
 
         async def everyone_joined() -> bool:
             return len(await live_workers(fresh_dsn, name)) == 3
 
         await wait_until(everyone_joined, "three workers joining the job")
         first_beats: dict = {}
-        await wait_until(lambda: everyone_counted_the_others(fresh_dsn, name, first_beats),
-                         "every worker counting the others")
+        await wait_until(
+            lambda: everyone_counted_the_others(fresh_dsn, name, first_beats), "every worker counting the others"
+        )
         async with aiohttp.ClientSession() as session:
             await session.post(f"{mock_process}/__stats/reset")
 
@@ -255,6 +302,7 @@ async def test_a_worker_leaves_a_job_that_was_stopped_before_its_input_was_read(
         await set_job_state(conn, job.id, "interrupted")
     finally:
         await conn.close()
-    proc = await asyncio.to_thread(run_cli, "worker", "--dsn", session_dsn, "--job", "stopped-early",
-                                   "--workers", "1", timeout=60)
+    proc = await asyncio.to_thread(
+        run_cli, "worker", "--dsn", session_dsn, "--job", "stopped-early", "--workers", "1", timeout=60
+    )
     assert proc.returncode == 0, proc.stderr.decode()

@@ -159,8 +159,9 @@ def lan_postgres(lan):
             hba.write(f"host all all {lan.subnet} trust\n")
         started = True
         try:
-            pg_ctl("-w", "-t", "60", "-l", str(pgdata / "log"),
-                   "-o", f"-h {lan.gateway} -p {PG_PORT} -k {pgdata}", "start")
+            pg_ctl(
+                "-w", "-t", "60", "-l", str(pgdata / "log"), "-o", f"-h {lan.gateway} -p {PG_PORT} -k {pgdata}", "start"
+            )
         except subprocess.SubprocessError as exc:
             raise RuntimeError(f"PostgreSQL did not start ({exc}); its log:\n{(pgdata / 'log').read_text()}") from None
         yield f"postgresql://postgres@{lan.gateway}:{PG_PORT}/postgres"
@@ -196,9 +197,26 @@ def start_on(machine: Machine, log: Path, *args: str) -> subprocess.Popen:
     session of its own; output to a file, which no full pipe can block."""
     with open(log, "wb") as out:
         return subprocess.Popen(
-            ["ip", "netns", "exec", machine.netns, "unshare", "--uts",
-             "sh", "-c", 'hostname "$0" && exec "$@"', machine.hostname, sys.executable, "-m", "crawler", *args],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **MACHINE_ENV}, cwd=ROOT,
+            [
+                "ip",
+                "netns",
+                "exec",
+                machine.netns,
+                "unshare",
+                "--uts",
+                "sh",
+                "-c",
+                'hostname "$0" && exec "$@"',
+                machine.hostname,
+                sys.executable,
+                "-m",
+                "crawler",
+                *args,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **MACHINE_ENV},
+            cwd=ROOT,
             start_new_session=True,
         )
 
@@ -214,9 +232,15 @@ def wait_exit(proc: subprocess.Popen, log: Path, timeout: float) -> tuple[int, s
 async def chunks_leased_by(dsn: str, name: str, hostname: str) -> set[int]:
     conn = await asyncpg.connect(dsn)
     try:
-        return {r["chunk_no"] for r in await conn.fetch(
-            "SELECT c.chunk_no FROM chunks c JOIN jobs j ON j.id = c.job_id"
-            " WHERE j.name = $1 AND c.state = 'leased' AND c.lease_owner LIKE $2", name, f"{hostname}:%")}
+        return {
+            r["chunk_no"]
+            for r in await conn.fetch(
+                "SELECT c.chunk_no FROM chunks c JOIN jobs j ON j.id = c.job_id"
+                " WHERE j.name = $1 AND c.state = 'leased' AND c.lease_owner LIKE $2",
+                name,
+                f"{hostname}:%",
+            )
+        }
     finally:
         await conn.close()
 
@@ -227,7 +251,9 @@ async def transactions_left_open_by(dsn: str, machine: Machine) -> list[str]:
     try:
         rows = await conn.fetch(
             "SELECT state, left(query, 60) AS query FROM pg_stat_activity"
-            " WHERE client_addr = $1::inet AND xact_start IS NOT NULL", machine.address)
+            " WHERE client_addr = $1::inet AND xact_start IS NOT NULL",
+            machine.address,
+        )
     finally:
         await conn.close()
     return [f"{r['state']}: {r['query']}" for r in rows]
@@ -244,20 +270,36 @@ async def supervisor_exit(supervisor: subprocess.Popen, dsn: str, cut: Machine, 
         held = await transactions_left_open_by(dsn, cut)
         raise JobStuck(
             f"the supervisor did not finish within {timeout}s; transactions of the cut-off machine"
-            f" still open on the server: {held or 'none'}") from None
+            f" still open on the server: {held or 'none'}"
+        ) from None
 
 
 async def test_three_machines_finish_a_job_exactly_once_after_one_dies_and_one_is_cut_off(
-        lan, lan_postgres, lan_mock, tmp_path: Path):
+    lan, lan_postgres, lan_mock, tmp_path: Path
+):
     dsn, name = lan_postgres, "netns-three-hosts"
     rows = write_input(tmp_path / "urls.csv", lan_mock, count=5000)
     lost, cut, steady = lan.machines
     logs = {m: tmp_path / f"{m.hostname}.log" for m in lan.machines}
     # The machines wait for the job; the supervisor, in the root namespace, fetches nothing.
-    hosts = {m: start_on(m, logs[m], "worker", "--dsn", dsn, "--workers", "1", "--concurrency", "5")
-             for m in lan.machines}
-    supervisor = crawler("crawl", str(tmp_path / "urls.csv"), "--dsn", dsn, "--job-name", name, "--workers", "0",
-                         "--chunk-size", "100", "--allow-net", lan.subnet, "--quiet")
+    hosts = {
+        m: start_on(m, logs[m], "worker", "--dsn", dsn, "--workers", "1", "--concurrency", "5") for m in lan.machines
+    }
+    supervisor = crawler(
+        "crawl",
+        str(tmp_path / "urls.csv"),
+        "--dsn",
+        dsn,
+        "--job-name",
+        name,
+        "--workers",
+        "0",
+        "--chunk-size",
+        "100",
+        "--allow-net",
+        lan.subnet,
+        "--quiet",
+    )
     try:
         seen = {}
 
@@ -312,7 +354,8 @@ async def test_three_machines_finish_a_job_exactly_once_after_one_dies_and_one_i
 
 
 async def test_a_machine_cut_off_inside_a_write_does_not_hold_its_chunks_forever(
-        lan, lan_postgres, lan_mock, tmp_path: Path):
+    lan, lan_postgres, lan_mock, tmp_path: Path
+):
     """A machine cut off between its writer's row locks and its COMMIT leaves a transaction open on
     the server; the server must end it (the crawl's session settings), or lease_chunk's SKIP LOCKED
     passes that machine's chunks over forever and the job never finishes."""
@@ -320,11 +363,26 @@ async def test_a_machine_cut_off_inside_a_write_does_not_hold_its_chunks_forever
     rows = write_input(tmp_path / "urls.csv", lan_mock, count=3000)
     _, cut, steady = lan.machines
     logs = {m: tmp_path / f"{m.hostname}.log" for m in (cut, steady)}
-    hosts = {m: start_on(m, logs[m], "worker", "--dsn", dsn, "--workers", "1", "--concurrency", "5")
-             for m in (cut, steady)}
-    supervisor = crawler("crawl", str(tmp_path / "urls.csv"), "--dsn", dsn, "--job-name", name, "--workers", "0",
-                         "--chunk-size", "100", "--allow-net", lan.subnet, "--quiet")
+    hosts = {
+        m: start_on(m, logs[m], "worker", "--dsn", dsn, "--workers", "1", "--concurrency", "5") for m in (cut, steady)
+    }
+    supervisor = crawler(
+        "crawl",
+        str(tmp_path / "urls.csv"),
+        "--dsn",
+        dsn,
+        "--job-name",
+        name,
+        "--workers",
+        "0",
+        "--chunk-size",
+        "100",
+        "--allow-net",
+        lan.subnet,
+        "--quiet",
+    )
     try:
+
         async def both_fetching() -> bool:
             assert supervisor.poll() is None, supervisor.stderr.read().decode()
             hosts_seen = (await status_of(dsn, name)).get("hosts", [])
@@ -339,9 +397,13 @@ async def test_a_machine_cut_off_inside_a_write_does_not_hold_its_chunks_forever
                 await locker.execute("LOCK TABLE results IN SHARE MODE")
 
                 async def caught_mid_write() -> bool:
-                    return bool(await watcher.fetchval(
-                        "SELECT count(*) FROM pg_stat_activity WHERE client_addr = $1::inet"
-                        " AND wait_event_type = 'Lock'", cut.address))
+                    return bool(
+                        await watcher.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity WHERE client_addr = $1::inet"
+                            " AND wait_event_type = 'Lock'",
+                            cut.address,
+                        )
+                    )
 
                 await wait_until(caught_mid_write, "the machine's writer waiting on its insert", timeout=10)
                 ip("link", "set", cut.cable, "down")

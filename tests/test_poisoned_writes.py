@@ -23,8 +23,7 @@ ROWS = 1000
 async def job_with_chunk(db, name: str, count: int = ROWS) -> tuple[int, Lease]:
     job = await create_job(db, name=name, input="test", settings={})
     urls = [f"http://a.test/{i}" for i in range(count)]
-    await store_chunk(db, job.id, 0,
-                             [RequestRow(i + 1, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls)])
+    await store_chunk(db, job.id, 0, [RequestRow(i + 1, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls)])
     await mark_ingested(db, job.id)
     chunk = await lease_chunk(db, job.id, "w1", 60)
     return job.id, chunk.lease
@@ -39,13 +38,27 @@ def writer_on(dsn: str, job_id: int, batch_size: int) -> tuple[LedgerConnection,
 def ok(job_id: int, row_no: int, **changes) -> ResultRow:
     values = dict(status=200, final_url=f"http://a.test/{row_no - 1}", error_kind=None, error=None)
     values.update(changes)
-    return ResultRow(job_id, row_no, values["status"], values["final_url"], values["error_kind"], values["error"], 1,
-                     False, 1.0, 2, b"\x01" * 32, None)
+    return ResultRow(
+        job_id,
+        row_no,
+        values["status"],
+        values["final_url"],
+        values["error_kind"],
+        values["error"],
+        1,
+        False,
+        1.0,
+        2,
+        b"\x01" * 32,
+        None,
+    )
 
 
 async def outcomes(db, job_id: int) -> dict[int, tuple]:
-    return {r["row_no"]: (r["status"], r["error_kind"], r["error"])
-            for r in await db.fetch("SELECT row_no, status, error_kind, error FROM results WHERE job_id = $1", job_id)}
+    return {
+        r["row_no"]: (r["status"], r["error_kind"], r["error"])
+        for r in await db.fetch("SELECT row_no, status, error_kind, error FROM results WHERE job_id = $1", job_id)
+    }
 
 
 async def chunk_counts(db, job_id: int) -> tuple:
@@ -59,8 +72,11 @@ async def test_one_refused_row_of_a_thousand_is_stored_as_internal_and_the_rest_
     try:
         for row in range(1, ROWS + 1):
             # What an unprotected fetcher would hand over: a reason phrase with a NUL.
-            record = ok(job_id, row, status=500, error_kind="http_status", error="HTTP 500 Bad\x00Thing") \
-                if row == 500 else ok(job_id, row)
+            record = (
+                ok(job_id, row, status=500, error_kind="http_status", error="HTTP 500 Bad\x00Thing")
+                if row == 500
+                else ok(job_id, row)
+            )
             writer.add(lease, record)
         writer.complete(lease)
         await writer.flush()
@@ -89,7 +105,7 @@ async def test_refused_text_bodies_and_cache_entries_are_isolated_too(session_ds
             body = ("text/html\x00", b"<p>") if row == 9 else ("text/html", b"<p>") if row < 20 else None
             remember = None
             if row <= 3:  # three cache entries, the second refused
-                etag = "\"a\udcff\"" if row == 2 else "\"ok\""
+                etag = '"a\udcff"' if row == 2 else '"ok"'
                 remember = (fps[row - 1], 200, None, 2, b"\x01" * 32, etag, None, job_id)
             writer.add(lease, record, body, remember)
         writer.complete(lease)
@@ -101,12 +117,15 @@ async def test_refused_text_bodies_and_cache_entries_are_isolated_too(session_ds
     assert stored[7][1] == "internal" and "UnicodeEncodeError" in stored[7][2]
     assert stored[9][1] == "internal" and stored[9][2].startswith("its body could not be stored:")
     assert all(kind is None for row, (_, kind, _) in stored.items() if row not in (7, 9))
-    bodies = {r["row_no"]: r
-              for r in await db.fetch("SELECT row_no, content_type, body FROM bodies WHERE job_id = $1", job_id)}
+    bodies = {
+        r["row_no"]: r
+        for r in await db.fetch("SELECT row_no, content_type, body FROM bodies WHERE job_id = $1", job_id)
+    }
     assert sorted(bodies) == [r for r in range(1, 20) if r != 9]
     assert zlib.decompress(bodies[1]["body"]) == b"<p>"
-    cached = {r["fingerprint"]
-              for r in await db.fetch("SELECT fingerprint FROM response_cache WHERE job_id = $1", job_id)}
+    cached = {
+        r["fingerprint"] for r in await db.fetch("SELECT fingerprint FROM response_cache WHERE job_id = $1", job_id)
+    }
     assert cached == {fps[0], fps[2]}
     assert await chunk_counts(db, job_id) == ("done", 200, 198, 2)
 
@@ -117,8 +136,12 @@ async def test_a_stale_lease_with_a_refused_row_is_still_refused_whole(db):
     job = await create_job(db, name="poison-fenced", input="test", settings={})
     for chunk_no in (0, 1):
         urls = [f"http://a.test/{chunk_no}/{i}" for i in range(10)]
-        await store_chunk(db, job.id, chunk_no, [
-            RequestRow(10 * chunk_no + i + 1, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls)])
+        await store_chunk(
+            db,
+            job.id,
+            chunk_no,
+            [RequestRow(10 * chunk_no + i + 1, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls)],
+        )
     await mark_ingested(db, job.id)
     stale = (await lease_chunk(db, job.id, "w1", 60)).lease
     held = (await lease_chunk(db, job.id, "w1", 60)).lease
@@ -134,8 +157,12 @@ async def test_a_stale_lease_with_a_refused_row_is_still_refused_whole(db):
     assert refused == {stale}
     stored = await outcomes(db, job.id)
     assert sorted(stored) == list(range(11, 21)) and stored[15][1] == "internal"
-    counts = {r["chunk_no"]: tuple(r)[1:] for r in await db.fetch(
-        "SELECT chunk_no, state, done_rows, ok_rows, failed_rows FROM chunks WHERE job_id = $1", job.id)}
+    counts = {
+        r["chunk_no"]: tuple(r)[1:]
+        for r in await db.fetch(
+            "SELECT chunk_no, state, done_rows, ok_rows, failed_rows FROM chunks WHERE job_id = $1", job.id
+        )
+    }
     assert counts == {0: ("leased", 0, 0, 0), 1: ("done", 10, 9, 1)}
     # the new holder's batch, with the same refused row: isolated, and its chunk completes
     assert await write_results(db, job.id, {taken: batch(1, 3)}, {taken}, 60) == set()

@@ -42,13 +42,26 @@ PLAIN = re.compile(
 
 
 def counts(**values) -> JobCounts:
-    base = dict(rows_read=0, state="running", to_fetch=0, fetched=0, ok=0, failed=0, invalid=0, duplicates=0,
-                pending=0, leased=0, done=0, ingest_done=True)
+    base = dict(
+        rows_read=0,
+        state="running",
+        to_fetch=0,
+        fetched=0,
+        ok=0,
+        failed=0,
+        invalid=0,
+        duplicates=0,
+        pending=0,
+        leased=0,
+        done=0,
+        ingest_done=True,
+    )
     base.update(values)
     return JobCounts(**base)
 
 
 # --- estimates --------------------------------------------------------------------------------
+
 
 def test_total_is_exact_once_ingest_is_done():
     assert estimate_total(counts(rows_read=1234, ingest_done=True, bytes_read=10, bytes_total=100)) == (1234, False)
@@ -78,8 +91,16 @@ def test_rate_covers_the_last_ten_seconds_and_gives_the_eta():
 
 def test_rows_done_count_fetched_cached_and_invalid_rows_and_the_eta_scales_while_ingesting():
     view = ProgressView(interval=5.0, stream=io.StringIO())
-    c = counts(rows_read=1000, to_fetch=800, fetched=0, invalid=50, duplicates=150, ingest_done=False,
-               bytes_read=1000, bytes_total=4000)
+    c = counts(
+        rows_read=1000,
+        to_fetch=800,
+        fetched=0,
+        invalid=50,
+        duplicates=150,
+        ingest_done=False,
+        bytes_read=1000,
+        bytes_total=4000,
+    )
     view.snapshot(c, [], now=view._started)
     snap = view.snapshot(dataclasses.replace(c, fetched=400), [], now=view._started + 4)
     assert (snap.total, snap.estimated) == (4000, True)
@@ -100,17 +121,34 @@ def test_worker_rates_come_from_their_recent_heartbeats():
 
 # --- the two displays -------------------------------------------------------------------------
 
+
 def _snap(**values) -> Snapshot:
-    base = dict(done=150, total=1000, estimated=True, fetched=120, to_fetch=900, rate=42.0, ok=110, failed=10,
-                cached=20, invalid=10, elapsed=75.0, eta=18.5, chunks=(1, 2, 7), workers=[])
+    base = dict(
+        done=150,
+        total=1000,
+        estimated=True,
+        fetched=120,
+        to_fetch=900,
+        rate=42.0,
+        ok=110,
+        failed=10,
+        cached=20,
+        invalid=10,
+        elapsed=75.0,
+        eta=18.5,
+        chunks=(1, 2, 7),
+        workers=[],
+    )
     base.update(values)
     return Snapshot(**base)
 
 
 def test_plain_line_is_one_greppable_line():
     line = plain_line(_snap())
-    assert line == ("progress: rows 150/~1,000 (15.0%), 42 req/s, ok 110, failed 10, cached 20, invalid 10,"
-                    " workers 0, elapsed 1m15s, eta 18s")
+    assert line == (
+        "progress: rows 150/~1,000 (15.0%), 42 req/s, ok 110, failed 10, cached 20, invalid 10,"
+        " workers 0, elapsed 1m15s, eta 18s"
+    )
     assert PLAIN.match(line)
     assert PLAIN.match(plain_line(_snap(total=None, eta=None)))
     assert "rows 150/1,000 (15.0%)" in plain_line(_snap(estimated=False))
@@ -150,20 +188,41 @@ def test_quiet_prints_nothing():
 
 def test_summary_shows_totals_histogram_errors_latency_and_throughput():
     summary = {
-        "job_id": 7, "job_name": "weekly", "state": "done", "rows": 100, "requests": 98, "fetched": 90,
-        "from_cache": 8, "invalid": 2, "ok": 80, "failed": 18, "retries": 5, "elapsed_s": 125.0,
-        "requests_per_s": 0.7, "time_to_first_fetch_s": 0.4,
+        "job_id": 7,
+        "job_name": "weekly",
+        "state": "done",
+        "rows": 100,
+        "requests": 98,
+        "fetched": 90,
+        "from_cache": 8,
+        "invalid": 2,
+        "ok": 80,
+        "failed": 18,
+        "retries": 5,
+        "elapsed_s": 125.0,
+        "requests_per_s": 0.7,
+        "time_to_first_fetch_s": 0.4,
         "latency_ms": {"p50": 12.0, "p95": 80.5, "p99": 140.25},
         "statuses": {"200": 80, "404": 12, "503": 3},
-        "errors": {"http_status": {"count": 15, "example": "http://127.0.0.1/status/404"},
-                   "timeout": {"count": 3, "example": "http://127.0.0.1/delay/9000/x"}},
+        "errors": {
+            "http_status": {"count": 15, "example": "http://127.0.0.1/status/404"},
+            "timeout": {"count": 3, "example": "http://127.0.0.1/delay/9000/x"},
+        },
     }
     console = Console(record=True, width=100, file=io.StringIO())
     render_summary(summary, console)
     text = console.export_text()
     assert "job 7 (weekly): done" in text
-    for label, value in [("rows", "100"), ("fetched", "90"), ("cached", "8"), ("invalid", "2"), ("ok", "80"),
-                         ("failed", "18"), ("retries", "5"), ("throughput", "1")]:
+    for label, value in [
+        ("rows", "100"),
+        ("fetched", "90"),
+        ("cached", "8"),
+        ("invalid", "2"),
+        ("ok", "80"),
+        ("failed", "18"),
+        ("retries", "5"),
+        ("throughput", "1"),
+    ]:
         assert re.search(rf"{label}\s+{value}\b", text), label
     assert "125.0" in text and "2m05s" in text  # elapsed
     assert "12.0 / 80.5 / 140.2" in text and "p50 / p95 / p99" in text
@@ -173,6 +232,7 @@ def test_summary_shows_totals_histogram_errors_latency_and_throughput():
 
 
 # --- real crawls --------------------------------------------------------------------------------
+
 
 def _urls(tmp_path, base: str, n: int, delay_ms: int) -> str:
     path = tmp_path / "urls.txt"
@@ -186,8 +246,15 @@ def _crawl_in_a_terminal(args: list[str], timeout: float = 90) -> tuple[int, str
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TERM")}
     env.update(TERM="xterm-256color", COLUMNS="120", LINES="40")
-    proc = subprocess.Popen([sys.executable, "-m", "crawler", *args], stdin=slave, stdout=slave, stderr=slave,
-                            env=env, cwd=ROOT, close_fds=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crawler", *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        cwd=ROOT,
+        close_fds=True,
+    )
     os.close(slave)
     chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
@@ -214,8 +281,22 @@ def _crawl_in_a_terminal(args: list[str], timeout: float = 90) -> tuple[int, str
 
 def test_a_terminal_gets_the_live_display(session_dsn, mock_process, tmp_path):
     path = _urls(tmp_path, mock_process, 600, 50)
-    code, out = _crawl_in_a_terminal(["crawl", path, "--dsn", session_dsn, "--allow-net", "127.0.0.1/32",
-                                      "--workers", "2", "--concurrency", "10", "--chunk-size", "50"])
+    code, out = _crawl_in_a_terminal(
+        [
+            "crawl",
+            path,
+            "--dsn",
+            session_dsn,
+            "--allow-net",
+            "127.0.0.1/32",
+            "--workers",
+            "2",
+            "--concurrency",
+            "10",
+            "--chunk-size",
+            "50",
+        ]
+    )
     assert code == 0, f"exit code {code}; the terminal's last lines:\n{ANSI.sub('', out)[-3000:]}"
     assert "\x1b[1A" in out and "\x1b[2K" in out  # redrawn in place, not scrolled
     text = ANSI.sub("", out)
@@ -229,8 +310,21 @@ def test_a_terminal_gets_the_live_display(session_dsn, mock_process, tmp_path):
 
 def test_a_pipe_gets_plain_progress_lines(session_dsn, mock_process, tmp_path):
     path = _urls(tmp_path, mock_process, 300, 20)
-    proc = run_cli("crawl", path, "--dsn", session_dsn, "--allow-net", "127.0.0.1/32", "--workers", "2",
-                   "--concurrency", "10", "--chunk-size", "50", env={"CRAWLER_PROGRESS_INTERVAL": "0.2"})
+    proc = run_cli(
+        "crawl",
+        path,
+        "--dsn",
+        session_dsn,
+        "--allow-net",
+        "127.0.0.1/32",
+        "--workers",
+        "2",
+        "--concurrency",
+        "10",
+        "--chunk-size",
+        "50",
+        env={"CRAWLER_PROGRESS_INTERVAL": "0.2"},
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     err, out = proc.stderr.decode(), proc.stdout.decode()
     lines = [line for line in err.splitlines() if line.startswith("progress:")]
@@ -243,7 +337,17 @@ def test_a_pipe_gets_plain_progress_lines(session_dsn, mock_process, tmp_path):
 
 def test_quiet_crawl_prints_no_progress_and_no_summary(session_dsn, mock_process, tmp_path):
     path = _urls(tmp_path, mock_process, 50, 0)
-    proc = run_cli("crawl", path, "--dsn", session_dsn, "--allow-net", "127.0.0.1/32", "--workers", "1", "--quiet",
-                   env={"CRAWLER_PROGRESS_INTERVAL": "0.05"})
+    proc = run_cli(
+        "crawl",
+        path,
+        "--dsn",
+        session_dsn,
+        "--allow-net",
+        "127.0.0.1/32",
+        "--workers",
+        "1",
+        "--quiet",
+        env={"CRAWLER_PROGRESS_INTERVAL": "0.05"},
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout == b"" and b"progress:" not in proc.stderr

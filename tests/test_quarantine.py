@@ -59,8 +59,9 @@ async def test_three_deaths_in_a_row_quarantine_the_chunk_and_the_job_can_finish
     q = released.quarantined[0]
     # 10 rows, one a duplicate of row 1: 9 to fetch, 2 fetched, 7 given up
     assert (q.first_row, q.last_row, q.deaths, q.given_up) == (1, 10, 3, 7)
-    results = await db.fetch("SELECT row_no, error_kind, error, attempts FROM results WHERE job_id = $1"
-                             " ORDER BY row_no", job.id)
+    results = await db.fetch(
+        "SELECT row_no, error_kind, error, attempts FROM results WHERE job_id = $1 ORDER BY row_no", job.id
+    )
     assert [r["row_no"] for r in results] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert {r["error_kind"] for r in results[2:]} == {"internal"}
     assert "workers died 3 times on this chunk" in results[2]["error"] and results[2]["attempts"] == 0
@@ -126,13 +127,13 @@ async def test_a_worker_that_stopped_for_the_database_counts_no_death(db):
     pool._blameless.add("gave-up")  # as reap() notes a worker that exited with EXIT_INFRA
     released = await pool._release(db, job.id, ["gave-up", "crashed"])
     assert released.held == {"crashed": [1]}
-    deaths = dict(await db.fetch("SELECT chunk_no, deaths FROM chunks WHERE job_id = $1 AND state = 'pending'",
-                                 job.id))
+    deaths = dict(await db.fetch("SELECT chunk_no, deaths FROM chunks WHERE job_id = $1 AND state = 'pending'", job.id))
     assert deaths == {0: 0, 1: 1}  # both given back, one death counted
 
 
 async def test_a_chunk_that_kills_its_workers_is_quarantined_and_the_job_ends_done(
-        session_dsn, db, mock_url, tmp_path, monkeypatch):
+    session_dsn, db, mock_url, tmp_path, monkeypatch
+):
     rows = 1000
     path = tmp_path / "urls.txt"
     path.write_text("".join(f"{mock_url}/ok/{i}\n" for i in range(rows)))
@@ -141,20 +142,28 @@ async def test_a_chunk_that_kills_its_workers_is_quarantined_and_the_job_ends_do
     # budget, is the subject of the test above, in every order; here the budget is wide enough
     # that the order in which the workers meet the two chunks never decides the outcome.
     settings = test_settings(restart_backoff=0.05, worker_restarts=5)
-    code = await crawl(session_dsn, settings, input_path=str(path), url_column=None,
-                       job_name="poisoned-chunk", summary_json=None, quiet=True)
+    code = await crawl(
+        session_dsn,
+        settings,
+        input_path=str(path),
+        url_column=None,
+        job_name="poisoned-chunk",
+        summary_json=None,
+        quiet=True,
+    )
     assert code == EXIT_OK
     job = await find_job(db, "poisoned-chunk")
     assert job.state == "done"
-    results = await db.fetch("SELECT row_no, status, error_kind FROM results WHERE job_id = $1 ORDER BY row_no",
-                             job.id)
+    results = await db.fetch("SELECT row_no, status, error_kind FROM results WHERE job_id = $1 ORDER BY row_no", job.id)
     assert [r["row_no"] for r in results] == list(range(1, rows + 1))  # exactly one result per row
     internal = [r["row_no"] for r in results if r["error_kind"] == "internal"]
     poisoned = [*range(201, 301), *range(601, 701)]
     assert internal == poisoned  # the hook fires before any row of the chunk is fetched
     assert all(r["status"] == 200 for r in results if r["row_no"] not in poisoned)
-    assert [(q.chunk_no, q.deaths, q.given_up) for q in await quarantined_chunks(db, job.id)] \
-        == [(2, 3, 100), (6, 3, 100)]
+    assert [(q.chunk_no, q.deaths, q.given_up) for q in await quarantined_chunks(db, job.id)] == [
+        (2, 3, 100),
+        (6, 3, 100),
+    ]
 
     monkeypatch.delenv("CRAWLER_TEST_EXIT_ON_ROW")
     shown = run_cli("status", "poisoned-chunk", "--dsn", session_dsn)
@@ -162,6 +171,5 @@ async def test_a_chunk_that_kills_its_workers_is_quarantined_and_the_job_ends_do
     assert "quarantined: chunk 2 (rows 201-300), workers died 3 times" in shown.stdout.decode()
     assert "quarantined: chunk 6 (rows 601-700), workers died 3 times" in shown.stdout.decode()
     as_json = json.loads(run_cli("status", "poisoned-chunk", "--dsn", session_dsn, "--json").stdout)
-    assert as_json["quarantined"][0] == {"chunk_no": 2, "first_row": 201, "last_row": 300, "deaths": 3,
-                                         "given_up": 100}
+    assert as_json["quarantined"][0] == {"chunk_no": 2, "first_row": 201, "last_row": 300, "deaths": 3, "given_up": 100}
     assert as_json["errors"]["internal"]["count"] == 200

@@ -25,6 +25,7 @@ from crawler.settings import Settings
 
 # --- the selection ------------------------------------------------------------------------------
 
+
 def test_by_default_the_transient_kinds_and_the_statuses_the_job_retries() -> None:
     chosen = selection(None, None, [429, 503])
     assert chosen.kinds == frozenset(TRANSIENT_KINDS)
@@ -38,13 +39,16 @@ def test_kinds_replace_the_default_and_status_picks_http_answers() -> None:
     assert selection(None, "500", [503]).statuses == ((500, 500),)
 
 
-@pytest.mark.parametrize("kinds, statuses, fragment", [
-    ("timeout,slow", None, "'slow' in --kinds is not an error kind"),
-    (",", None, "in --kinds is not an error kind"),
-    (None, "5x", "'5x' in --status"),
-    (None, "600", "'600' in --status"),
-    (None, "503,", "'' in --status"),
-])
+@pytest.mark.parametrize(
+    "kinds, statuses, fragment",
+    [
+        ("timeout,slow", None, "'slow' in --kinds is not an error kind"),
+        (",", None, "in --kinds is not an error kind"),
+        (None, "5x", "'5x' in --status"),
+        (None, "600", "'600' in --status"),
+        (None, "503,", "'' in --status"),
+    ],
+)
 def test_a_bad_selection_is_one_sentence(kinds, statuses, fragment) -> None:
     with pytest.raises(UsageError) as caught:
         selection(kinds, statuses, [503])
@@ -60,6 +64,7 @@ def test_a_status_is_chosen_exactly_when_one_of_the_items_names_it(items) -> Non
 
 
 # --- a job fetched again ------------------------------------------------------------------------
+
 
 @pytest.fixture
 async def slow_then_answering(aiohttp_server):
@@ -81,25 +86,33 @@ async def slow_then_answering(aiohttp_server):
 
 
 async def results(db, job_id: int) -> dict[int, dict]:
-    return {r["row_no"]: dict(r) for r in await db.fetch(
-        "SELECT row_no, status, error_kind, attempts, cache_kind FROM results WHERE job_id = $1", job_id)}
+    return {
+        r["row_no"]: dict(r)
+        for r in await db.fetch(
+            "SELECT row_no, status, error_kind, attempts, cache_kind FROM results WHERE job_id = $1", job_id
+        )
+    }
 
 
 async def test_retry_fetches_the_timeouts_and_503s_again_with_the_jobs_policy(
-        session_dsn, db, mock_url, slow_then_answering, tmp_path):
+    session_dsn, db, mock_url, slow_then_answering, tmp_path
+):
     slow_base, answering = slow_then_answering
-    urls = ([f"{mock_url}/ok/{i}" for i in range(50)]             # rows 1-50: 200
-            + [f"{mock_url}/flaky/2/a{i}" for i in range(20)]     # 51-70: 503 twice, then 200
-            + [f"{mock_url}/flaky/10/b{i}" for i in range(10)]    # 71-80: 503 all along
-            + [f"{slow_base}/slow/{i}" for i in range(10)]        # 81-90: timeouts, then 200
-            + [f"{mock_url}/status/404" for _ in range(5)]        # 91-95: 404 (92-95 duplicates of 91)
-            + [f"{mock_url}/flaky/2/a0"])                         # 96: a duplicate of row 51
+    urls = (
+        [f"{mock_url}/ok/{i}" for i in range(50)]  # rows 1-50: 200
+        + [f"{mock_url}/flaky/2/a{i}" for i in range(20)]  # 51-70: 503 twice, then 200
+        + [f"{mock_url}/flaky/10/b{i}" for i in range(10)]  # 71-80: 503 all along
+        + [f"{slow_base}/slow/{i}" for i in range(10)]  # 81-90: timeouts, then 200
+        + [f"{mock_url}/status/404" for _ in range(5)]  # 91-95: 404 (92-95 duplicates of 91)
+        + [f"{mock_url}/flaky/2/a0"]
+    )  # 96: a duplicate of row 51
     path = tmp_path / "urls.txt"
     path.write_text("\n".join(urls) + "\n")
     rows = len(urls)
     policy = test_settings(max_attempts=2, total_timeout=0.4, chunk_size=30)
-    code = await crawl(session_dsn, policy, input_path=str(path), url_column=None, job_name="retry-me",
-                       summary_json=None, quiet=True)
+    code = await crawl(
+        session_dsn, policy, input_path=str(path), url_column=None, job_name="retry-me", summary_json=None, quiet=True
+    )
     assert code == EXIT_OK
     job = await find_job(db, "retry-me")
     first = await results(db, job.id)
@@ -111,8 +124,15 @@ async def test_retry_fetches_the_timeouts_and_503s_again_with_the_jobs_policy(
     # This machine's own settings: default policy (3 attempts, no networks allowed); the job's
     # own (2 attempts, loopback allowed) must apply.
     here = Settings(workers=2, concurrency=20, home="/nonexistent", progress_interval=3600.0)
-    code = await retry(session_dsn, here, job_ref="retry-me", kinds=None, statuses=None,
-                       summary_json=str(tmp_path / "summary.json"), quiet=True)
+    code = await retry(
+        session_dsn,
+        here,
+        job_ref="retry-me",
+        kinds=None,
+        statuses=None,
+        summary_json=str(tmp_path / "summary.json"),
+        quiet=True,
+    )
     assert code == EXIT_OK
     run = json.loads((tmp_path / "summary.json").read_text())
     assert round(run["requests_per_s"] * run["elapsed_s"]) == 40  # this run's rate: its 40 requests
@@ -168,16 +188,30 @@ async def test_a_retried_answer_this_job_cached_is_asked_again_not_served_from_t
     await store_chunk(db, job.id, 0, rows)
     await mark_ingested(db, job.id)
     chunk = await lease_chunk(db, job.id, "w", 60)
-    answers = [ResultRow(job.id, 1, 404, urls[0], "http_status", "HTTP 404", 1, False, 1.0, 0, None, None),
-               ResultRow(job.id, 2, 200, urls[1], None, None, 1, False, 1.0, 0, None, None)]
-    await write_results(db, job.id, {chunk.lease: answers}, {chunk.lease}, 60,
-                               cache_rows=[(r.fingerprint, s, r.url, 0, None, None, None, job.id)
-                                           for r, s in zip(rows, (404, 200), strict=True)])
+    answers = [
+        ResultRow(job.id, 1, 404, urls[0], "http_status", "HTTP 404", 1, False, 1.0, 0, None, None),
+        ResultRow(job.id, 2, 200, urls[1], None, None, 1, False, 1.0, 0, None, None),
+    ]
+    await write_results(
+        db,
+        job.id,
+        {chunk.lease: answers},
+        {chunk.lease},
+        60,
+        cache_rows=[
+            (r.fingerprint, s, r.url, 0, None, None, None, job.id) for r, s in zip(rows, (404, 200), strict=True)
+        ],
+    )
     await db.execute("UPDATE response_cache SET job_id = 0 WHERE fingerprint = $1", rows[1].fingerprint)
     assert await finish_job(db, job.id)
     assert await reopen_for_retry(db, job.id, kinds=[], statuses=[(404, 404)]) == (1, 1, 1)
-    cached = {r["fingerprint"] for r in await db.fetch(
-        "SELECT fingerprint FROM response_cache WHERE fingerprint = ANY($1::bytea[])", [r.fingerprint for r in rows])}
+    cached = {
+        r["fingerprint"]
+        for r in await db.fetch(
+            "SELECT fingerprint FROM response_cache WHERE fingerprint = ANY($1::bytea[])", [r.fingerprint for r in rows]
+        )
+    }
     assert cached == {rows[1].fingerprint}
-    assert await chunk_requests(db, job.id, await lease_chunk(db, job.id, "w", 60)) \
-        and await open_chunks(db, job.id) == 1
+    assert (
+        await chunk_requests(db, job.id, await lease_chunk(db, job.id, "w", 60)) and await open_chunks(db, job.id) == 1
+    )

@@ -119,8 +119,9 @@ async def test_a_crawl_sends_each_rows_url_as_the_row_asked(session_dsn, tmp_pat
         path = tmp_path / "urls.txt"
         path.write_text("\n".join(rows) + "\n", encoding="utf-8")
         settings = test_settings(workers=1, max_attempts=1, allow_net=["127.0.0.1/32"])
-        code = await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name="wire",
-                           summary_json=None, quiet=True)
+        code = await crawl(
+            session_dsn, settings, input_path=str(path), url_column=None, job_name="wire", summary_json=None, quiet=True
+        )
     assert code == EXIT_OK
     # The rows "/x?y#fragment" and "/x?y" are one request: the fragment is not sent.
     expected = {b"GET " + target + b" HTTP/1.1" for _, target in TARGETS} | {b"GET /login HTTP/1.1"}
@@ -129,7 +130,8 @@ async def test_a_crawl_sends_each_rows_url_as_the_row_asked(session_dsn, tmp_pat
     try:
         stored = await conn.fetch(
             "SELECT q.url, q.normalized_url, q.given_url FROM requests q JOIN jobs j ON j.id = q.job_id"
-            " WHERE j.name = 'wire' ORDER BY q.row_no")
+            " WHERE j.name = 'wire' ORDER BY q.row_no"
+        )
     finally:
         await conn.close()
     assert stored[0]["url"] == f"{base}/x?sig=a%2Fb%3D%3D" and stored[0]["given_url"] is None
@@ -188,7 +190,9 @@ async def test_a_rows_headers_follow_a_redirect_within_its_origin(two_origins) -
         attempt = await fetcher.attempt("GET", f"{a}/to-self", headers=HEADERS, encoded=True)
     assert attempt.status == 200
     assert [(name, path, sent.get("X-Api-Key")) for name, path, sent in seen] == [
-        ("a", "/to-self", "k-123"), ("a", "/end", "k-123")]
+        ("a", "/to-self", "k-123"),
+        ("a", "/end", "k-123"),
+    ]
 
 
 async def test_a_rows_headers_go_only_to_its_origin_along_a_chain_that_returns(two_origins) -> None:
@@ -197,7 +201,10 @@ async def test_a_rows_headers_go_only_to_its_origin_along_a_chain_that_returns(t
         attempt = await fetcher.attempt("GET", f"{a}/bounce", headers=HEADERS, encoded=True)
     assert attempt.status == 200
     assert [(name, path, sent.get("X-Api-Key")) for name, path, sent in seen] == [
-        ("a", "/bounce", "k-123"), ("b", "/back", None), ("a", "/end", "k-123")]
+        ("a", "/bounce", "k-123"),
+        ("b", "/back", None),
+        ("a", "/end", "k-123"),
+    ]
 
 
 async def test_a_urls_password_is_not_sent_to_another_origin(two_origins) -> None:

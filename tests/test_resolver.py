@@ -160,8 +160,7 @@ async def test_lookups_in_flight_are_bounded(responder, resolver):
     assert responder.most_waiting == 2  # six names, never more than two asked at once
 
 
-async def test_c_ares_channels_are_replaced_and_closed_so_their_own_cache_stays_small(responder, resolver,
-                                                                                      monkeypatch):
+async def test_c_ares_channels_are_replaced_and_closed_so_their_own_cache_stays_small(responder, resolver, monkeypatch):
     monkeypatch.setattr(resolver_module, "LOOKUPS_PER_CHANNEL", 2)
     r = resolver(cache_size=0)
     first = r._dns
@@ -188,10 +187,15 @@ def test_the_responders_packets_are_dns():
     assert parse_question(b"\x00" * 5) is None
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("127.0.0.1", "127.0.0.1:53"), ("127.0.0.1:5353", "127.0.0.1:5353"), ("::1", "[::1]:53"),
-    ("[::1]:5353", "[::1]:5353"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("127.0.0.1", "127.0.0.1:53"),
+        ("127.0.0.1:5353", "127.0.0.1:5353"),
+        ("::1", "[::1]:53"),
+        ("[::1]:5353", "[::1]:5353"),
+    ],
+)
 def test_dns_server_values(text, expected):
     assert parse_server(text) == expected
 
@@ -228,24 +232,36 @@ async def test_the_fetcher_resolves_through_the_given_server_and_classifies_fail
     policy = RetryPolicy(max_attempts=3)
 
     def retried(attempt) -> bool:
-        return decide(error_kind=attempt.error_kind, status=attempt.status, retry_after=None, attempts=1,
-                      policy=policy, transient=attempt.transient).retry
+        return decide(
+            error_kind=attempt.error_kind,
+            status=attempt.status,
+            retry_after=None,
+            attempts=1,
+            policy=policy,
+            transient=attempt.transient,
+        ).retry
 
     assert not retried(missing) and retried(failing) and retried(silent)
 
 
-async def test_a_crawl_by_name_retries_a_failing_resolver_not_a_missing_name(session_dsn, db, responder, mock_url,
-                                                                            tmp_path):
+async def test_a_crawl_by_name_retries_a_failing_resolver_not_a_missing_name(
+    session_dsn, db, responder, mock_url, tmp_path
+):
     port = mock_url.rsplit(":", 1)[1]
     path = tmp_path / "names.txt"
-    path.write_text("".join(f"http://good-{i % 3}.test:{port}/ok/{i}\n" for i in range(30))
-                    + f"http://nx-1.test:{port}/a\nhttp://servfail-1.test:{port}/b\n")
+    path.write_text(
+        "".join(f"http://good-{i % 3}.test:{port}/ok/{i}\n" for i in range(30))
+        + f"http://nx-1.test:{port}/a\nhttp://servfail-1.test:{port}/b\n"
+    )
     settings = test_settings(dns_servers=[responder.where], max_attempts=3, allow_net=["127.0.0.1/32"])
-    code = await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name="by-name",
-                       summary_json=None, quiet=True)
+    code = await crawl(
+        session_dsn, settings, input_path=str(path), url_column=None, job_name="by-name", summary_json=None, quiet=True
+    )
     assert code == EXIT_OK
-    rows = await db.fetch("SELECT r.row_no, r.status, r.error_kind, r.error, r.attempts FROM results r"
-                          " JOIN jobs j ON j.id = r.job_id WHERE j.name = 'by-name' ORDER BY r.row_no")
+    rows = await db.fetch(
+        "SELECT r.row_no, r.status, r.error_kind, r.error, r.attempts FROM results r"
+        " JOIN jobs j ON j.id = r.job_id WHERE j.name = 'by-name' ORDER BY r.row_no"
+    )
     assert len(rows) == 32
     assert all(row["status"] == 200 for row in rows[:30])
     assert (rows[30]["error_kind"], rows[30]["attempts"]) == ("dns", 1)
@@ -255,8 +271,10 @@ async def test_a_crawl_by_name_retries_a_failing_resolver_not_a_missing_name(ses
     assert all(1 <= asked(responder, f"good-{i}.test") <= workers for i in range(3))
 
 
-@given(st.lists(st.tuples(st.sampled_from(["put", "get", "tick"]), st.integers(0, 9), st.integers(0, 50)),
-                max_size=200), st.integers(0, 5))
+@given(
+    st.lists(st.tuples(st.sampled_from(["put", "get", "tick"]), st.integers(0, 9), st.integers(0, 50)), max_size=200),
+    st.integers(0, 5),
+)
 def test_the_name_cache_is_bounded_and_never_answers_past_a_ttl(operations, size):
     clock = Clock()
     cache = NameCache(size, clock)

@@ -20,8 +20,14 @@ def stored(**values) -> dict:
 
 def test_only_policy_flags_that_differ_from_the_job_are_changes() -> None:
     job = stored(max_attempts=1, cache_ttl=3600.0, allow_net=["127.0.0.0/8"], workers=2)
-    flags = {"max_attempts": 1, "cache_ttl": "1h", "allow_net": ["10.0.0.0/8"], "workers": 8, "concurrency": 9,
-             "metrics_port": 9100}
+    flags = {
+        "max_attempts": 1,
+        "cache_ttl": "1h",
+        "allow_net": ["10.0.0.0/8"],
+        "workers": 8,
+        "concurrency": 9,
+        "metrics_port": 9100,
+    }
     settings, sources = load_settings(environ={}, flags=flags)
     assert policy_flags_changing(job, settings, sources) == []  # the same values, capacity, networks added
     settings, sources = load_settings(environ={}, flags={"max_attempts": 4, "no_cache": True, "cache_ttl": "1h"})
@@ -46,9 +52,10 @@ async def interrupted_job(dsn: str, name: str, **policy) -> None:
 
 async def test_a_policy_flag_on_resume_is_refused_with_one_sentence(session_dsn, tmp_path):
     await interrupted_job(session_dsn, "policy-refused", max_attempts=1, store_bodies=False)
-    for args in (["resume", "policy-refused", "--max-attempts", "5"],
-                 ["crawl", str(tmp_path / "urls.csv"), "--resume", "--job-name", "policy-refused",
-                  "--store-bodies"]):
+    for args in (
+        ["resume", "policy-refused", "--max-attempts", "5"],
+        ["crawl", str(tmp_path / "urls.csv"), "--resume", "--job-name", "policy-refused", "--store-bodies"],
+    ):
         proc = run_cli(*args, "--dsn", session_dsn, "--workers", "1")
         err = proc.stderr.decode()
         assert proc.returncode == 1, err
@@ -67,8 +74,12 @@ async def test_kill_9_then_resume_without_the_flags_runs_with_the_jobs_policy(se
     rows = 6000
     # Every tenth URL answers 503 five times: with the job's --max-attempts 1 it is tried once;
     # with the default of 3 it would be tried three times.
-    path.write_text("url\n" + "".join(
-        f"{mock_process}/flaky/5/{i}\n" if i % 10 == 0 else f"{mock_process}/delay/2/{i}\n" for i in range(rows)))
+    path.write_text(
+        "url\n"
+        + "".join(
+            f"{mock_process}/flaky/5/{i}\n" if i % 10 == 0 else f"{mock_process}/delay/2/{i}\n" for i in range(rows)
+        )
+    )
     name = "resume-policy"
     proc = crawl_process(session_dsn, path, name, "--max-attempts", "1")  # with --allow-net 127.0.0.1/32
     try:
@@ -79,7 +90,8 @@ async def test_kill_9_then_resume_without_the_flags_runs_with_the_jobs_policy(se
     conn = await asyncpg.connect(session_dsn)
     try:
         before = await conn.fetchval(
-            "SELECT count(*) FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = $1", name)
+            "SELECT count(*) FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = $1", name
+        )
         assert before < rows
         resumed = run_cli("resume", name, "--dsn", session_dsn, "--workers", "2", "--quiet")  # no --allow-net
         assert resumed.returncode == 0, resumed.stderr.decode()
@@ -89,8 +101,15 @@ async def test_kill_9_then_resume_without_the_flags_runs_with_the_jobs_policy(se
             "SELECT count(*) AS n, count(*) FILTER (WHERE error_kind = 'blocked') AS blocked,"
             " count(*) FILTER (WHERE status = 200) AS ok,"
             " count(*) FILTER (WHERE status = 503 AND attempts = 1) AS once,"
-            " max(attempts) AS most FROM results WHERE job_id = $1", job.id)
-        assert (counts["n"], counts["blocked"], counts["ok"], counts["once"], counts["most"]) \
-            == (rows, 0, rows - rows // 10, rows // 10, 1)
+            " max(attempts) AS most FROM results WHERE job_id = $1",
+            job.id,
+        )
+        assert (counts["n"], counts["blocked"], counts["ok"], counts["once"], counts["most"]) == (
+            rows,
+            0,
+            rows - rows // 10,
+            rows // 10,
+            1,
+        )
     finally:
         await conn.close()

@@ -24,17 +24,33 @@ POLICY = Settings().retry_policy  # max_attempts=3, base 0.5, cap 30, statuses 4
 
 def test_the_policys_defaults_are_the_settings_defaults() -> None:
     assert RetryPolicy() == POLICY
-    assert POLICY == RetryPolicy(max_attempts=3, backoff_base=0.5, backoff_max=30.0,
-                                 retry_statuses=frozenset({429, 502, 503, 504}), retry_after_max=120.0)
+    assert POLICY == RetryPolicy(
+        max_attempts=3,
+        backoff_base=0.5,
+        backoff_max=30.0,
+        retry_statuses=frozenset({429, 502, 503, 504}),
+        retry_after_max=120.0,
+    )
 
 
-@given(st.integers(1, 20), st.floats(0.0, 10.0), st.floats(0.0, 600.0), st.lists(st.integers(100, 599)),
-       st.floats(0.0, 3600.0))
+@given(
+    st.integers(1, 20),
+    st.floats(0.0, 10.0),
+    st.floats(0.0, 600.0),
+    st.lists(st.integers(100, 599)),
+    st.floats(0.0, 3600.0),
+)
 def test_the_settings_retry_policy_carries_each_retry_setting(attempts, base, cap, statuses, retry_after) -> None:
-    settings = Settings(max_attempts=attempts, backoff_base=base, backoff_max=cap, retry_statuses=statuses,
-                        retry_after_max=retry_after)
-    assert settings.retry_policy == RetryPolicy(max_attempts=attempts, backoff_base=base, backoff_max=cap,
-                                                retry_statuses=frozenset(statuses), retry_after_max=retry_after)
+    settings = Settings(
+        max_attempts=attempts, backoff_base=base, backoff_max=cap, retry_statuses=statuses, retry_after_max=retry_after
+    )
+    assert settings.retry_policy == RetryPolicy(
+        max_attempts=attempts,
+        backoff_base=base,
+        backoff_max=cap,
+        retry_statuses=frozenset(statuses),
+        retry_after_max=retry_after,
+    )
 
 
 # --- parse_retry_after ------------------------------------------------------------------------
@@ -68,8 +84,18 @@ def test_retry_after_as_an_http_date_defaults_to_the_current_time() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [None, "", "   ", "soon", "-5", "1.5", "1e3", "0x10", "Wed, 32 Foo 2024 99:00:00 GMT",
-     "Mon, 01 Jan 99999 00:00:00 GMT"],
+    [
+        None,
+        "",
+        "   ",
+        "soon",
+        "-5",
+        "1.5",
+        "1e3",
+        "0x10",
+        "Wed, 32 Foo 2024 99:00:00 GMT",
+        "Mon, 01 Jan 99999 00:00:00 GMT",
+    ],
 )
 def test_unreadable_retry_after_is_none(value: str | None) -> None:
     assert parse_retry_after(value, now=NOW) is None
@@ -140,7 +166,11 @@ def test_backoff_after_very_many_attempts_is_still_capped() -> None:
 
 def _decide(error_kind=None, status=None, retry_after=None, attempts=1, policy=POLICY, seed=1) -> Decision:
     return decide(
-        error_kind=error_kind, status=status, retry_after=retry_after, attempts=attempts, policy=policy,
+        error_kind=error_kind,
+        status=status,
+        retry_after=retry_after,
+        attempts=attempts,
+        policy=policy,
         rng=random.Random(seed),
     )
 
@@ -254,12 +284,20 @@ def test_decide_never_retries_past_max_attempts_and_never_waits_negative(kind, s
 @pytest.mark.parametrize("kind", ["blocked", "invalid_url", "body_too_large", "tls", "protocol", "internal"])
 def test_a_transient_dns_failure_is_retried_and_nothing_else_becomes_retryable(kind: str) -> None:
     def decided(error_kind, transient, attempts=1):
-        return decide(error_kind=error_kind, status=None, retry_after=None, attempts=attempts, policy=POLICY,
-                      rng=random.Random(1), transient=transient)
+        return decide(
+            error_kind=error_kind,
+            status=None,
+            retry_after=None,
+            attempts=attempts,
+            policy=POLICY,
+            rng=random.Random(1),
+            transient=transient,
+        )
 
     assert decided("dns", True).retry and not decided("dns", True, attempts=POLICY.max_attempts).retry
     assert not decided("dns", False).retry  # NXDOMAIN: the name does not exist
     assert not decided(kind, True).retry  # the flag speaks of dns failures alone
+
 
 # --- the delay is the policy's own draw ---------------------------------------------------------
 
@@ -274,8 +312,9 @@ class Top(random.Random):
 def test_a_backoff_delay_is_drawn_from_the_given_generator() -> None:
     # The worker passes its own generator (seeded in tests); the decision must use it, not the
     # module's global one: the ceiling after 3 attempts is 0.5 * 2^2.
-    decision = decide(error_kind="connect", status=None, retry_after=None, attempts=3,
-                      policy=RetryPolicy(max_attempts=5), rng=Top())
+    decision = decide(
+        error_kind="connect", status=None, retry_after=None, attempts=3, policy=RetryPolicy(max_attempts=5), rng=Top()
+    )
     assert decision == Decision(True, 2.0)
 
 
@@ -287,8 +326,9 @@ def test_a_retry_after_that_asks_no_wait_gets_the_generators_backoff(header: str
 
 def test_a_retry_after_of_one_second_is_one_second_not_a_backoff() -> None:
     capped_low = RetryPolicy(backoff_base=0.01, backoff_max=0.01)
-    assert decide(error_kind="http_status", status=429, retry_after="1", attempts=2, policy=capped_low,
-                  rng=Top()) == Decision(True, 1.0)
+    assert decide(
+        error_kind="http_status", status=429, retry_after="1", attempts=2, policy=capped_low, rng=Top()
+    ) == Decision(True, 1.0)
 
 
 def test_the_backoff_exponent_stops_at_two_to_the_64th() -> None:

@@ -40,12 +40,15 @@ def test_the_default_user_agent_names_the_crawler_its_version_and_a_contact() ->
     assert TOKEN == "crawler"
 
 
-@pytest.mark.parametrize("agent, token", [
-    ("crawler/0.1 (+https://example.invalid/contact)", "crawler"),
-    ("My_Bot-2/1.0", "my_bot-"),  # RFC 9309: letters, "_" and "-" only
-    ("  Foo", "foo"),
-    ("/1.0", "*"),
-])
+@pytest.mark.parametrize(
+    "agent, token",
+    [
+        ("crawler/0.1 (+https://example.invalid/contact)", "crawler"),
+        ("My_Bot-2/1.0", "my_bot-"),  # RFC 9309: letters, "_" and "-" only
+        ("  Foo", "foo"),
+        ("/1.0", "*"),
+    ],
+)
 def test_the_product_token_is_the_user_agents_first_name(agent, token) -> None:
     assert product_token(agent) == token
 
@@ -56,14 +59,25 @@ def test_robots_url_is_at_the_root_of_the_host() -> None:
 
 # --- RFC 9309's failure rules ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 451])
 def test_a_4xx_means_everything_is_allowed(status) -> None:
     outcome = outcome_of(status=status, error_kind="http_status", error=f"HTTP {status}", body=b"")
     assert outcome.verdict == RobotsVerdict.ALLOW_ALL and str(status) in outcome.reason
 
 
-@pytest.mark.parametrize("status, kind", [(500, "http_status"), (503, "http_status"), (429, "http_status"),
-                                          (None, "connect"), (None, "timeout"), (None, "dns"), (None, "reset")])
+@pytest.mark.parametrize(
+    "status, kind",
+    [
+        (500, "http_status"),
+        (503, "http_status"),
+        (429, "http_status"),
+        (None, "connect"),
+        (None, "timeout"),
+        (None, "dns"),
+        (None, "reset"),
+    ],
+)
 def test_a_5xx_429_or_no_answer_is_tried_again(status, kind) -> None:
     assert outcome_of(status=status, error_kind=kind, error="x", body=None) is None
 
@@ -98,6 +112,7 @@ def test_a_2xx_is_parsed_its_first_500_kib_only_and_nul_made_storable() -> None:
 
 
 # --- rules ---------------------------------------------------------------------------------------
+
 
 def test_a_refusal_names_the_rule_and_the_longest_rule_wins() -> None:
     parsed = rules(ROBOTS_FILES["disallow"])
@@ -145,6 +160,7 @@ def test_any_file_and_path_give_a_decision_never_an_exception(text, path) -> Non
 
 
 # --- the pace a Crawl-delay sets --------------------------------------------------------------------
+
 
 class Clock:
     def __init__(self) -> None:
@@ -194,12 +210,21 @@ async def test_holding_a_host_waits_a_whole_delay_before_its_first_start() -> No
 
 # --- the worker's gate: memory bounded whatever the hosts ------------------------------------------
 
+
 def test_the_gate_keeps_parsed_rules_within_its_budget_with_100_000_hosts() -> None:
     from crawler.fetch import robots_gate
     from crawler.fetch.retry import RetryPolicy
 
-    gate = robots_gate.RobotsGate("postgresql://unused", 1, "w", Settings(robots="obey"), RetryPolicy(),
-                                  release=lambda item: None, refuse=None, pace=lambda *a: None)
+    gate = robots_gate.RobotsGate(
+        "postgresql://unused",
+        1,
+        "w",
+        Settings(robots="obey"),
+        RetryPolicy(),
+        release=lambda item: None,
+        refuse=None,
+        pace=lambda *a: None,
+    )
     small = RobotsOutcome(RobotsVerdict.RULES, text=ROBOTS_FILES["disallow"])
     huge = RobotsOutcome(RobotsVerdict.RULES, text="User-agent: *\n" + "Disallow: /x\n" * 40_000)
     # Parsed once each: the subject is the gate's budget over 100 000 hosts, not Protego's speed.
@@ -214,15 +239,22 @@ def test_the_gate_keeps_parsed_rules_within_its_budget_with_100_000_hosts() -> N
 
 # --- the mock server's robots.txt knobs ------------------------------------------------------------
 
+
 async def test_the_mock_servers_robots_knobs_answer_as_documented() -> None:
     import aiohttp
 
     from crawler.mock.server import start_mock_server
 
-    expected = {"none": (404, None), "allow": (200, ROBOTS_FILES["allow"]), "status:503": (503, None),
-                "delay:1.5": (200, "User-agent: *\nCrawl-delay: 1.5\nDisallow: /private/\nAllow: /private/open/\n"),
-                "redirect": (200, ROBOTS_FILES["disallow"]), "redirects:3": (200, "ok\n"),
-                "huge": (200, ROBOTS_FILES["huge"]), "slow:10": (200, ROBOTS_FILES["disallow"])}
+    expected = {
+        "none": (404, None),
+        "allow": (200, ROBOTS_FILES["allow"]),
+        "status:503": (503, None),
+        "delay:1.5": (200, "User-agent: *\nCrawl-delay: 1.5\nDisallow: /private/\nAllow: /private/open/\n"),
+        "redirect": (200, ROBOTS_FILES["disallow"]),
+        "redirects:3": (200, "ok\n"),
+        "huge": (200, ROBOTS_FILES["huge"]),
+        "slow:10": (200, ROBOTS_FILES["disallow"]),
+    }
     async with aiohttp.ClientSession() as session:
         for knob, (status, text) in expected.items():
             runner, base = await start_mock_server(robots=knob)

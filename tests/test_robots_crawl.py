@@ -65,21 +65,33 @@ async def run(dsn: str, tmp_path: Path, urls: list[str], name: str, **overrides)
     path = tmp_path / f"{name}.txt"
     path.write_text("".join(f"{u}\n" for u in urls))
     settings = test_settings(**{"robots": "obey", "chunk_size": 10, **overrides})
-    return await crawl(dsn, settings, input_path=str(path), url_column=None, job_name=name, summary_json=None,
-                       quiet=True)
+    return await crawl(
+        dsn, settings, input_path=str(path), url_column=None, job_name=name, summary_json=None, quiet=True
+    )
 
 
 async def outcomes(db, name: str) -> dict[str, tuple]:
     rows = await db.fetch(
         "SELECT q.url, r.status, r.error_kind, r.error FROM results r JOIN jobs j ON j.id = r.job_id"
-        " JOIN requests q ON q.job_id = r.job_id AND q.row_no = r.row_no WHERE j.name = $1", name)
+        " JOIN requests q ON q.job_id = r.job_id AND q.row_no = r.row_no WHERE j.name = $1",
+        name,
+    )
     return {r["url"]: (r["status"], r["error_kind"], r["error"]) for r in rows}
 
 
 async def test_each_rfc_9309_case_decides_its_hosts_rows(session_dsn, db, tmp_path):
-    async with hosts("disallow", "wildcard", "agent", "none", "status:500", "status:403", "redirects:6",
-                     "redirect", "flaky:1", "huge") as (rules, wild, agent, missing, error, forbidden, loop,
-                                                        moved, flaky, huge):
+    async with hosts(
+        "disallow",
+        "wildcard",
+        "agent",
+        "none",
+        "status:500",
+        "status:403",
+        "redirects:6",
+        "redirect",
+        "flaky:1",
+        "huge",
+    ) as (rules, wild, agent, missing, error, forbidden, loop, moved, flaky, huge):
         down = closed_port()
         urls = []
         for base in (rules, missing, error, forbidden, loop, moved, flaky, down):
@@ -89,8 +101,10 @@ async def test_each_rfc_9309_case_decides_its_hosts_rows(session_dsn, db, tmp_pa
         urls += [f"{huge}/early/1", f"{huge}/late/1"]
         assert await run(session_dsn, tmp_path, urls, "rfc-cases", max_attempts=3) == EXIT_OK
         got = await outcomes(db, "rfc-cases")
-        hits = {base: await robots_hits(base) for base in (rules, wild, agent, missing, error, forbidden, loop,
-                                                           moved, flaky, huge)}
+        hits = {
+            base: await robots_hits(base)
+            for base in (rules, wild, agent, missing, error, forbidden, loop, moved, flaky, huge)
+        }
 
     refused = ("robots", "disallowed by robots.txt (Disallow: /private/)")
     # robots.txt read: its rules decide, the longer Allow winning; the rule named in `error`
@@ -116,8 +130,18 @@ async def test_each_rfc_9309_case_decides_its_hosts_rows(session_dsn, db, tmp_pa
     assert got[f"{down}/ok/1"][1] == "robots" and "cannot connect" in got[f"{down}/ok/1"][2]
     assert got[f"{down}/ok/1"][2].endswith("(3 attempts)")
     # once per host, then the retries of the failing ones
-    assert hits == {rules: 1, wild: 1, agent: 1, missing: 1, error: 3, forbidden: 1, loop: 1, moved: 1, flaky: 2,
-                    huge: 1}
+    assert hits == {
+        rules: 1,
+        wild: 1,
+        agent: 1,
+        missing: 1,
+        error: 3,
+        forbidden: 1,
+        loop: 1,
+        moved: 1,
+        flaky: 2,
+        huge: 1,
+    }
     # the ledger keeps each decision per job and host
     job = await db.fetchval("SELECT id FROM jobs WHERE name = 'rfc-cases'")
     verdicts = dict(await db.fetch("SELECT host, verdict FROM robots WHERE job_id = $1", job))
@@ -152,8 +176,10 @@ async def test_robots_txt_is_fetched_once_per_host_however_many_rows_chunks_and_
 
 async def test_ignore_reads_no_robots_txt(session_dsn, db, tmp_path):
     async with hosts("disallow") as (base,):
-        assert await run(session_dsn, tmp_path, [f"{base}/private/1", f"{base}/ok/1"], "ignored",
-                         robots="ignore") == EXIT_OK
+        assert (
+            await run(session_dsn, tmp_path, [f"{base}/private/1", f"{base}/ok/1"], "ignored", robots="ignore")
+            == EXIT_OK
+        )
         assert await robots_hits(base) == 0
         got = await outcomes(db, "ignored")
     assert got[f"{base}/private/1"][1] == "http_status" and got[f"{base}/ok/1"][0] == 200
@@ -198,15 +224,22 @@ async def test_cache_ttl_reuses_robots_txt_in_a_later_job(session_dsn, db, tmp_p
     assert got[f"{base}/private/b"][1] == "robots" and got[f"{base}/ok/b"][0] == 200
     reused = await db.fetchval(
         "SELECT r.reused_from = (SELECT id FROM jobs WHERE name = 'robots-cache-1') FROM robots r"
-        " JOIN jobs j ON j.id = r.job_id WHERE j.name = 'robots-cache-2'")
+        " JOIN jobs j ON j.id = r.job_id WHERE j.name = 'robots-cache-2'"
+    )
     assert reused
 
 
 # --- kill -9 and resume ---------------------------------------------------------------------------
 
+
 def server_process(knob: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "crawler.mock.server", "--port", "0", "--robots", knob],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crawler.mock.server", "--port", "0", "--robots", knob],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     line = proc.stdout.readline()
     assert "listening on" in line, proc.stderr.read()
     return proc, line.split("listening on ", 1)[1].split()[0]
@@ -223,19 +256,47 @@ async def test_a_resume_after_kill_9_does_not_fetch_decided_robots_txt_again(ses
         path.write_text("".join(f"{u}\n" for u in rows))
         env = {**os.environ, "CRAWLER_HEARTBEAT_SECONDS": "0.3", "CRAWLER_LEASE_SECONDS": "2"}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "crawler", "crawl", str(path), "--dsn", session_dsn, "--job-name", "robots-kill",
-             "--robots", "obey", "--workers", "2", "--concurrency", "4", "--chunk-size", "20", "--per-host-concurrency",
-             "2", "--no-adaptive", "--allow-net", "127.0.0.1/32", "--quiet"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "crawler",
+                "crawl",
+                str(path),
+                "--dsn",
+                session_dsn,
+                "--job-name",
+                "robots-kill",
+                "--robots",
+                "obey",
+                "--workers",
+                "2",
+                "--concurrency",
+                "4",
+                "--chunk-size",
+                "20",
+                "--per-host-concurrency",
+                "2",
+                "--no-adaptive",
+                "--allow-net",
+                "127.0.0.1/32",
+                "--quiet",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+        )
         conn = await asyncpg.connect(session_dsn)
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 decided = await conn.fetchval(
                     "SELECT count(*) FROM robots r JOIN jobs j ON j.id = r.job_id"
-                    " WHERE j.name = 'robots-kill' AND r.verdict IS NOT NULL")
+                    " WHERE j.name = 'robots-kill' AND r.verdict IS NOT NULL"
+                )
                 done = await conn.fetchval(
-                    "SELECT count(*) FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = 'robots-kill'")
+                    "SELECT count(*) FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = 'robots-kill'"
+                )
                 if decided == 2 and done >= 50:
                     break
                 assert proc.poll() is None, proc.stderr.read().decode()
@@ -247,14 +308,32 @@ async def test_a_resume_after_kill_9_does_not_fetch_decided_robots_txt_again(ses
         assert proc.returncode == -signal.SIGKILL
         before = [await robots_hits(base) for base in bases]
         resumed = subprocess.run(
-            [sys.executable, "-m", "crawler", "resume", "robots-kill", "--dsn", session_dsn, "--workers", "2",
-             "--allow-net", "127.0.0.1/32", "--quiet"], capture_output=True, env=env, cwd=ROOT, timeout=180)
+            [
+                sys.executable,
+                "-m",
+                "crawler",
+                "resume",
+                "robots-kill",
+                "--dsn",
+                session_dsn,
+                "--workers",
+                "2",
+                "--allow-net",
+                "127.0.0.1/32",
+                "--quiet",
+            ],
+            capture_output=True,
+            env=env,
+            cwd=ROOT,
+            timeout=180,
+        )
         assert resumed.returncode == 0, resumed.stderr.decode()
         after = [await robots_hits(base) for base in bases]
         try:
             job = await conn.fetchval("SELECT id FROM jobs WHERE name = 'robots-kill'")
-            kinds = dict(await conn.fetch("SELECT error_kind, count(*) FROM results WHERE job_id = $1"
-                                          " GROUP BY error_kind", job))
+            kinds = dict(
+                await conn.fetch("SELECT error_kind, count(*) FROM results WHERE job_id = $1 GROUP BY error_kind", job)
+            )
             assert await conn.fetchval("SELECT state FROM jobs WHERE id = $1", job) == "done"
         finally:
             await conn.close()
@@ -274,16 +353,38 @@ async def test_a_drain_while_robots_txt_is_fetched_keeps_its_decision_and_resume
         path = tmp_path / "urls.txt"
         path.write_text("".join(f"{base}/ok/{i}\n" for i in range(100)) + f"{base}/private/1\n")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "crawler", "crawl", str(path), "--dsn", session_dsn, "--job-name", "robots-drain",
-             "--robots", "obey", "--workers", "2", "--chunk-size", "10", "--allow-net", "127.0.0.1/32", "--quiet"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "crawler",
+                "crawl",
+                str(path),
+                "--dsn",
+                session_dsn,
+                "--job-name",
+                "robots-drain",
+                "--robots",
+                "obey",
+                "--workers",
+                "2",
+                "--chunk-size",
+                "10",
+                "--allow-net",
+                "127.0.0.1/32",
+                "--quiet",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
         conn = await asyncpg.connect(session_dsn)
         try:
             try:
                 deadline = time.monotonic() + 60
                 while not await conn.fetchval(
-                        "SELECT count(*) FROM robots r JOIN jobs j ON j.id = r.job_id"
-                        " WHERE j.name = 'robots-drain' AND r.verdict IS NULL AND r.owner IS NOT NULL"):
+                    "SELECT count(*) FROM robots r JOIN jobs j ON j.id = r.job_id"
+                    " WHERE j.name = 'robots-drain' AND r.verdict IS NULL AND r.owner IS NOT NULL"
+                ):
                     assert time.monotonic() < deadline, "no robots.txt claim within 60 s"
                     assert proc.poll() is None, proc.stderr.read().decode()
                     await asyncio.sleep(0.05)
@@ -298,11 +399,28 @@ async def test_a_drain_while_robots_txt_is_fetched_keeps_its_decision_and_resume
             assert await conn.fetchval("SELECT verdict FROM robots WHERE job_id = $1", job) == "rules"
             assert await conn.fetchval("SELECT count(*) FROM results WHERE job_id = $1", job) == 0
             resumed = subprocess.run(
-                [sys.executable, "-m", "crawler", "resume", "robots-drain", "--dsn", session_dsn, "--workers", "2",
-                 "--allow-net", "127.0.0.1/32", "--quiet"], capture_output=True, cwd=ROOT, timeout=180)
+                [
+                    sys.executable,
+                    "-m",
+                    "crawler",
+                    "resume",
+                    "robots-drain",
+                    "--dsn",
+                    session_dsn,
+                    "--workers",
+                    "2",
+                    "--allow-net",
+                    "127.0.0.1/32",
+                    "--quiet",
+                ],
+                capture_output=True,
+                cwd=ROOT,
+                timeout=180,
+            )
             assert resumed.returncode == 0, resumed.stderr.decode()
-            kinds = dict(await conn.fetch("SELECT error_kind, count(*) FROM results WHERE job_id = $1"
-                                          " GROUP BY error_kind", job))
+            kinds = dict(
+                await conn.fetch("SELECT error_kind, count(*) FROM results WHERE job_id = $1 GROUP BY error_kind", job)
+            )
         finally:
             await conn.close()
         assert kinds == {None: 100, "robots": 1}
@@ -324,8 +442,23 @@ def test_bench_spreads_urls_over_hosts_and_counts_robots_txt_requests(session_ds
     assert len(set(urls)) == 30  # the duplicates as without hosts
 
     out = tmp_path / "bench.json"
-    done = run_cli("bench", "--dsn", session_dsn, "--urls", "300", "--hosts", "30", "--robots", "obey", "--workers",
-                   "1", "--quiet", "--summary-json", str(out), timeout=180)
+    done = run_cli(
+        "bench",
+        "--dsn",
+        session_dsn,
+        "--urls",
+        "300",
+        "--hosts",
+        "30",
+        "--robots",
+        "obey",
+        "--workers",
+        "1",
+        "--quiet",
+        "--summary-json",
+        str(out),
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr.decode()
     figures = json.loads(out.read_text())["bench"]
     assert figures["robots_txt_requests"] == 30 and figures["server_requests"] == 330
@@ -343,9 +476,25 @@ async def test_machines_joining_with_crawler_worker_obey_the_jobs_robots_txt_fet
     try:
         path = tmp_path / "urls.txt"
         path.write_text("".join(f"{base}/ok/{i}\n{base}/private/{i}\n" for i in range(100)))
-        procs.append(machine("crawl", str(path), "--dsn", session_dsn, "--job-name", "robots-machines",
-                             "--robots", "obey", "--workers", "0", "--chunk-size", "10", "--allow-net", "127.0.0.1/32",
-                             "--quiet"))
+        procs.append(
+            machine(
+                "crawl",
+                str(path),
+                "--dsn",
+                session_dsn,
+                "--job-name",
+                "robots-machines",
+                "--robots",
+                "obey",
+                "--workers",
+                "0",
+                "--chunk-size",
+                "10",
+                "--allow-net",
+                "127.0.0.1/32",
+                "--quiet",
+            )
+        )
         conn = await asyncpg.connect(session_dsn)
         try:
             deadline = time.monotonic() + 60
@@ -354,16 +503,31 @@ async def test_machines_joining_with_crawler_worker_obey_the_jobs_robots_txt_fet
                 await asyncio.sleep(0.05)
         finally:
             await conn.close()
-        procs += [machine("worker", "--dsn", session_dsn, "--job", "robots-machines", "--workers", "1",
-                          "--concurrency", "5", "--allow-net", "127.0.0.1/32") for _ in range(2)]
+        procs += [
+            machine(
+                "worker",
+                "--dsn",
+                session_dsn,
+                "--job",
+                "robots-machines",
+                "--workers",
+                "1",
+                "--concurrency",
+                "5",
+                "--allow-net",
+                "127.0.0.1/32",
+            )
+            for _ in range(2)
+        ]
         for proc in procs:
             code, err = finish(proc, timeout=180)
             assert code == 0, err
         conn = await asyncpg.connect(session_dsn)
         try:
             job = await conn.fetchval("SELECT id FROM jobs WHERE name = 'robots-machines'")
-            kinds = dict(await conn.fetch("SELECT error_kind, count(*) FROM results WHERE job_id = $1"
-                                          " GROUP BY error_kind", job))
+            kinds = dict(
+                await conn.fetch("SELECT error_kind, count(*) FROM results WHERE job_id = $1 GROUP BY error_kind", job)
+            )
             fetchers = await conn.fetchval("SELECT count(*) FROM workers WHERE job_id = $1 AND fetched > 0", job)
         finally:
             await conn.close()

@@ -18,8 +18,7 @@ async def new_job(db) -> int:
 
 
 async def claim(db, job: int, hosts: list[str], owner: str, *, claim_seconds: float = 60, reuse_ttl: float = 0):
-    return await claim_robots(db, job, hosts, owner, claim_seconds=claim_seconds, live_seconds=15,
-                                     reuse_ttl=reuse_ttl)
+    return await claim_robots(db, job, hosts, owner, claim_seconds=claim_seconds, live_seconds=15, reuse_ttl=reuse_ttl)
 
 
 async def test_one_worker_claims_a_host_the_others_wait_and_all_read_one_decision(db):

@@ -57,11 +57,15 @@ def toml_disagreements(text: str) -> list[str]:
     value (or its type) other than the field's default."""
     documented = tomllib.loads(text)
     defaults = Settings()
-    expected = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(Settings)
-                if f.name not in DOCUMENTED_ELSEWHERE}
+    expected = {
+        f.name: getattr(defaults, f.name) for f in dataclasses.fields(Settings) if f.name not in DOCUMENTED_ELSEWHERE
+    }
     return sorted(
-        name for name in documented.keys() | expected.keys()
-        if name not in documented or name not in expected or documented[name] != expected[name]
+        name
+        for name in documented.keys() | expected.keys()
+        if name not in documented
+        or name not in expected
+        or documented[name] != expected[name]
         or type(documented[name]) is not type(expected[name])
     )
 
@@ -262,7 +266,7 @@ def test_a_nan_timeout_is_a_usage_error() -> None:
         ("concurrency = true\n", "concurrency"),  # a bool is not an int here
         ("sort_query = 1\n", "sort_query"),
         ("user_agent = 5\n", "user_agent"),
-        ("connect_timeout = \"soon\"\n", "connect_timeout"),
+        ('connect_timeout = "soon"\n', "connect_timeout"),
     ],
 )
 def test_a_wrongly_typed_toml_value_is_a_usage_error_naming_the_setting_and_file(
@@ -327,10 +331,17 @@ def test_workers_auto_is_one_per_core_and_zero_is_none(monkeypatch: pytest.Monke
     assert Settings(workers="auto").effective_workers() == 1
 
 
-@pytest.mark.parametrize("source, value, expected", [
-    ("flags", "auto", "auto"), ("flags", 0, 0), ("flags", 4, 4),
-    ("environ", "AUTO", "auto"), ("environ", " 0 ", 0), ("environ", "2", 2),
-])
+@pytest.mark.parametrize(
+    "source, value, expected",
+    [
+        ("flags", "auto", "auto"),
+        ("flags", 0, 0),
+        ("flags", 4, 4),
+        ("environ", "AUTO", "auto"),
+        ("environ", " 0 ", 0),
+        ("environ", "2", 2),
+    ],
+)
 def test_workers_takes_auto_or_a_count(source: str, value, expected) -> None:
     layer = {"flags": {"workers": value}} if source == "flags" else {"environ": {"CRAWLER_WORKERS": value}}
     settings, _ = load_settings(**{"environ": {}, **layer})
@@ -339,17 +350,33 @@ def test_workers_takes_auto_or_a_count(source: str, value, expected) -> None:
 
 @pytest.mark.parametrize("value", ["many", "-1", 1.5, True])
 def test_workers_refuses_anything_else(value) -> None:
-    message = usage_error(environ={"CRAWLER_WORKERS": value} if isinstance(value, str) else {},
-                          flags={} if isinstance(value, str) else {"workers": value})
+    message = usage_error(
+        environ={"CRAWLER_WORKERS": value} if isinstance(value, str) else {},
+        flags={} if isinstance(value, str) else {"workers": value},
+    )
     assert "'workers'" in message
 
 
 def test_a_joining_worker_takes_the_jobs_policy_and_keeps_its_own_capacity() -> None:
-    job = Settings(workers=0, concurrency=50, per_host_concurrency=4, max_attempts=5, allow_net=["10.0.0.0/8"],
-                   dsn=None, home="/srv/supervisor").as_dict()
+    job = Settings(
+        workers=0,
+        concurrency=50,
+        per_host_concurrency=4,
+        max_attempts=5,
+        allow_net=["10.0.0.0/8"],
+        dsn=None,
+        home="/srv/supervisor",
+    ).as_dict()
     job["url_column"] = "link"  # stored with the job, not a setting
-    local = Settings(workers=3, concurrency=400, per_host_concurrency=16, max_attempts=1,
-                     allow_net=["192.168.0.0/16"], dsn="postgresql://db/crawler", home="/here")
+    local = Settings(
+        workers=3,
+        concurrency=400,
+        per_host_concurrency=16,
+        max_attempts=1,
+        allow_net=["192.168.0.0/16"],
+        dsn="postgresql://db/crawler",
+        home="/here",
+    )
     merged = for_job(job, local)
     assert (merged.workers, merged.concurrency, merged.dsn, merged.home) == (3, 400, "postgresql://db/crawler", "/here")
     assert (merged.per_host_concurrency, merged.max_attempts) == (4, 5)
@@ -366,16 +393,26 @@ def test_as_dict_has_every_key() -> None:
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"CRAWLER_CONCURRENCY": "many"},
-         "setting 'concurrency' from CRAWLER_CONCURRENCY must be a whole number, not 'many'."),
-        ({"CRAWLER_CONNECT_TIMEOUT": "soon"},
-         "setting 'connect_timeout' from CRAWLER_CONNECT_TIMEOUT must be a number, not 'soon'."),
-        ({"CRAWLER_STORE_BODIES": "maybe"},
-         "setting 'store_bodies' from CRAWLER_STORE_BODIES must be true or false, not 'maybe'."),
-        ({"CRAWLER_RETRY_STATUSES": "429,x"},
-         "setting 'retry_statuses' from CRAWLER_RETRY_STATUSES must be a list of whole numbers, not '429,x'."),
-        ({"CRAWLER_WORKERS": "some"},
-         "setting 'workers' from CRAWLER_WORKERS must be 'auto' or a whole number, not 'some'."),
+        (
+            {"CRAWLER_CONCURRENCY": "many"},
+            "setting 'concurrency' from CRAWLER_CONCURRENCY must be a whole number, not 'many'.",
+        ),
+        (
+            {"CRAWLER_CONNECT_TIMEOUT": "soon"},
+            "setting 'connect_timeout' from CRAWLER_CONNECT_TIMEOUT must be a number, not 'soon'.",
+        ),
+        (
+            {"CRAWLER_STORE_BODIES": "maybe"},
+            "setting 'store_bodies' from CRAWLER_STORE_BODIES must be true or false, not 'maybe'.",
+        ),
+        (
+            {"CRAWLER_RETRY_STATUSES": "429,x"},
+            "setting 'retry_statuses' from CRAWLER_RETRY_STATUSES must be a list of whole numbers, not '429,x'.",
+        ),
+        (
+            {"CRAWLER_WORKERS": "some"},
+            "setting 'workers' from CRAWLER_WORKERS must be 'auto' or a whole number, not 'some'.",
+        ),
     ],
 )
 def test_a_bad_environment_value_names_the_variable_the_kind_and_the_value(environ, message) -> None:
@@ -396,8 +433,16 @@ def test_a_bad_toml_list_or_string_says_what_it_must_be(tmp_path: Path, text: st
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("1", True), ("0", False), ("true", True), ("FALSE", False), (" yes ", True), ("no", False),
-     ("on", True), ("off", False)],
+    [
+        ("1", True),
+        ("0", False),
+        ("true", True),
+        ("FALSE", False),
+        (" yes ", True),
+        ("no", False),
+        ("on", True),
+        ("off", False),
+    ],
 )
 def test_every_spelling_of_a_boolean_in_the_environment(text: str, expected: bool) -> None:
     settings, sources = load_settings(environ={"CRAWLER_STORE_BODIES": text})
@@ -434,11 +479,17 @@ def test_a_setting_that_may_be_absent_takes_none_from_a_flag() -> None:
         ({"CRAWLER_MAX_REDIRECTS": "-1"}, "settings 'max_body_bytes' and 'max_redirects' cannot be negative."),
         ({"CRAWLER_MAX_BODY_BYTES": "-1"}, "settings 'max_body_bytes' and 'max_redirects' cannot be negative."),
         ({"CRAWLER_ROBOTS_MAX_DELAY": "-0.5"}, "setting 'robots_max_delay' cannot be negative."),
-        ({"CRAWLER_IDLE_HOSTS": "-1"}, "setting 'idle_hosts' cannot be negative"
-                                       " (0 means: close a host's connections once it has nothing pending)."),
+        (
+            {"CRAWLER_IDLE_HOSTS": "-1"},
+            "setting 'idle_hosts' cannot be negative"
+            " (0 means: close a host's connections once it has nothing pending).",
+        ),
         ({"CRAWLER_DNS_CACHE_SIZE": "-1"}, "setting 'dns_cache_size' cannot be negative (0 means: no cache)."),
-        ({"CRAWLER_DNS_SERVERS": "127.0.0.1:53,resolver.example"},
-         "DNS server 'resolver.example' must be an IP address with an optional port, e.g. 127.0.0.1:5353 or [::1]:53."),
+        (
+            {"CRAWLER_DNS_SERVERS": "127.0.0.1:53,resolver.example"},
+            "DNS server 'resolver.example' must be an IP address with an optional port,"
+            " e.g. 127.0.0.1:5353 or [::1]:53.",
+        ),
         ({"CRAWLER_CA_FILE": "/nonexistent/ca.pem"}, "the CA file '/nonexistent/ca.pem' does not exist."),
     ],
 )
@@ -447,13 +498,27 @@ def test_each_bound_says_which_setting_and_why(environ, message) -> None:
 
 
 def test_the_edges_of_each_bound_are_allowed() -> None:
-    edges = {"CRAWLER_METRICS_PORT": "65535", "CRAWLER_WORKER_RESTARTS": "0", "CRAWLER_MAX_BODY_BYTES": "0",
-             "CRAWLER_MAX_REDIRECTS": "0", "CRAWLER_PER_HOST_RATE": "0", "CRAWLER_PER_HOST_MAX": "0"}
+    edges = {
+        "CRAWLER_METRICS_PORT": "65535",
+        "CRAWLER_WORKER_RESTARTS": "0",
+        "CRAWLER_MAX_BODY_BYTES": "0",
+        "CRAWLER_MAX_REDIRECTS": "0",
+        "CRAWLER_PER_HOST_RATE": "0",
+        "CRAWLER_PER_HOST_MAX": "0",
+    }
     settings, _ = load_settings(environ=edges)
     assert (settings.metrics_port, settings.worker_restarts, settings.max_body_bytes, settings.max_redirects) == (
-        65535, 0, 0, 0)
-    zeros = {"CRAWLER_ROBOTS_MAX_DELAY": "0", "CRAWLER_IDLE_HOSTS": "0", "CRAWLER_DNS_CACHE_SIZE": "0",
-             "CRAWLER_DNS_SERVERS": "127.0.0.1:5353,[::1]"}
+        65535,
+        0,
+        0,
+        0,
+    )
+    zeros = {
+        "CRAWLER_ROBOTS_MAX_DELAY": "0",
+        "CRAWLER_IDLE_HOSTS": "0",
+        "CRAWLER_DNS_CACHE_SIZE": "0",
+        "CRAWLER_DNS_SERVERS": "127.0.0.1:5353,[::1]",
+    }
     settings, _ = load_settings(environ=zeros)
     assert (settings.robots_max_delay, settings.idle_hosts, settings.dns_cache_size) == (0, 0, 0)
     assert settings.dns_servers == ["127.0.0.1:5353", "[::1]"]
@@ -489,20 +554,32 @@ def test_settings_are_frozen_and_a_change_is_a_new_object() -> None:
     ("make", "message"),
     [
         (lambda: Settings(concurrency=0), "setting 'concurrency' must be at least 1, not 0."),
-        (lambda: dataclasses.replace(Settings(), metrics_port=70000),
-         "setting 'metrics_port' must be a port number (0 = off), not 70000."),
+        (
+            lambda: dataclasses.replace(Settings(), metrics_port=70000),
+            "setting 'metrics_port' must be a port number (0 = off), not 70000.",
+        ),
         (lambda: Settings(robots="sometimes"), "setting 'robots' must be 'obey' or 'ignore', not 'sometimes'."),
-        (lambda: for_job({"max_attempts": "five"}, Settings()),
-         "setting 'max_attempts' from the job's stored settings must be a whole number, not 'five'."),
+        (
+            lambda: for_job({"max_attempts": "five"}, Settings()),
+            "setting 'max_attempts' from the job's stored settings must be a whole number, not 'five'.",
+        ),
         (lambda: for_job({"max_attempts": 0}, Settings()), "setting 'max_attempts' must be at least 1, not 0."),
-        (lambda: Settings.from_values({"concurrency": "many"}, "the worker's orders"),
-         "setting 'concurrency' from the worker's orders must be a whole number, not 'many'."),
-        (lambda: Settings.from_values({"concurrency": 0}, "the worker's orders"),
-         "setting 'concurrency' must be at least 1, not 0."),
-        (lambda: Settings.from_values({"concurrancy": 5}, "the worker's orders"),
-         "unknown setting 'concurrancy' from the worker's orders."),
-        (lambda: Settings.from_values({"ca_file": None}, "the worker's orders"),
-         "setting 'ca_file' from the worker's orders must be a string, not None."),
+        (
+            lambda: Settings.from_values({"concurrency": "many"}, "the worker's orders"),
+            "setting 'concurrency' from the worker's orders must be a whole number, not 'many'.",
+        ),
+        (
+            lambda: Settings.from_values({"concurrency": 0}, "the worker's orders"),
+            "setting 'concurrency' must be at least 1, not 0.",
+        ),
+        (
+            lambda: Settings.from_values({"concurrancy": 5}, "the worker's orders"),
+            "unknown setting 'concurrancy' from the worker's orders.",
+        ),
+        (
+            lambda: Settings.from_values({"ca_file": None}, "the worker's orders"),
+            "setting 'ca_file' from the worker's orders must be a string, not None.",
+        ),
     ],
 )
 def test_every_way_of_making_settings_validates_them(make, message: str) -> None:
@@ -512,8 +589,15 @@ def test_every_way_of_making_settings_validates_them(make, message: str) -> None
 
 
 def test_settings_handed_over_whole_come_back_equal() -> None:
-    settings = Settings(workers=3, concurrency=7, cache_ttl=90.0, allow_net=["10.0.0.0/8"], retry_statuses=[503],
-                        dsn="postgresql://u@127.0.0.1/db", home="/srv/crawler")
+    settings = Settings(
+        workers=3,
+        concurrency=7,
+        cache_ttl=90.0,
+        allow_net=["10.0.0.0/8"],
+        retry_statuses=[503],
+        dsn="postgresql://u@127.0.0.1/db",
+        home="/srv/crawler",
+    )
     assert Settings.from_values(settings.as_dict(), "the worker's orders") == settings
     assert Settings.from_values({"connect_timeout": 3}, "x").connect_timeout == 3.0  # JSON may drop the .0
 
@@ -533,8 +617,19 @@ def test_a_worker_handed_a_bad_setting_stops_with_the_sentence_before_it_connect
 
 def test_the_machine_keys_are_the_settings_declared_as_each_machines_own() -> None:
     # docs/SCALING.md lists these: what a machine joining a job keeps of its own.
-    assert MACHINE_KEYS == {"dsn", "home", "workers", "concurrency", "idle_hosts", "metrics_port", "metrics_host",
-                            "progress_interval", "db_outage_limit", "ca_file", "dns_servers"}
+    assert MACHINE_KEYS == {
+        "dsn",
+        "home",
+        "workers",
+        "concurrency",
+        "idle_hosts",
+        "metrics_port",
+        "metrics_host",
+        "progress_interval",
+        "db_outage_limit",
+        "ca_file",
+        "dns_servers",
+    }
     assert {name for name, d in DECLARATIONS.items() if d.scope is Scope.MERGED} == {"allow_net"}
 
 

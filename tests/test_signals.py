@@ -35,7 +35,10 @@ async def leased_chunks(dsn: str, name: str, owners: list[str] | None = None) ->
     try:
         return await conn.fetchval(
             "SELECT count(*) FROM chunks c JOIN jobs j ON j.id = c.job_id WHERE j.name = $1 AND c.state = 'leased'"
-            " AND ($2::text[] IS NULL OR c.lease_owner = ANY($2))", name, owners)
+            " AND ($2::text[] IS NULL OR c.lease_owner = ANY($2))",
+            name,
+            owners,
+        )
     finally:
         await conn.close()
 
@@ -43,8 +46,9 @@ async def leased_chunks(dsn: str, name: str, owners: list[str] | None = None) ->
 async def stored(dsn: str, name: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
-        return await conn.fetchval("SELECT count(*) FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = $1",
-                                   name)
+        return await conn.fetchval(
+            "SELECT count(*) FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = $1", name
+        )
     finally:
         await conn.close()
 
@@ -92,16 +96,34 @@ async def test_a_supervisor_killed_alone_leaves_workers_that_drain_and_stop(sess
 
 
 def host_process(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "crawler", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=ROOT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "crawler", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        start_new_session=True,
+    )
 
 
 async def test_sigterm_to_crawler_worker_drains_and_gives_its_leases_back(session_dsn, mock_process, tmp_path):
     path = tmp_path / "urls.txt"
     path.write_text("".join(f"{mock_process}/delay/20/{i}\n" for i in range(3000)))
     rows, name = 3000, "worker-sigterm"
-    supervisor = host_process("crawl", str(path), "--dsn", session_dsn, "--job-name", name, "--workers", "0",
-                              "--chunk-size", "100", "--allow-net", "127.0.0.1/32", "--quiet")
+    supervisor = host_process(
+        "crawl",
+        str(path),
+        "--dsn",
+        session_dsn,
+        "--job-name",
+        name,
+        "--workers",
+        "0",
+        "--chunk-size",
+        "100",
+        "--allow-net",
+        "127.0.0.1/32",
+        "--quiet",
+    )
     hosts: list[subprocess.Popen] = []
     try:
         deadline = time.monotonic() + 60

@@ -56,8 +56,9 @@ async def site(aiohttp_server):
     yield site
 
 
-async def crawl_slow_and_fast(site: Site, dsn: str, db, tmp_path, name: str, *, slow_hosts: int, slow_rows: int,
-                              **settings) -> None:
+async def crawl_slow_and_fast(
+    site: Site, dsn: str, db, tmp_path, name: str, *, slow_hosts: int, slow_rows: int, **settings
+) -> None:
     transport, _, where = await start_responder(zone_answer("test"))
     try:
         # The slow rows come first: a pool that took work in file order would fill with them.
@@ -65,15 +66,31 @@ async def crawl_slow_and_fast(site: Site, dsn: str, db, tmp_path, name: str, *, 
         rows += [f"http://fast-{i % FAST_HOSTS}.test:{site.port}/f/{i}" for i in range(FAST_HOSTS * FAST_ROWS)]
         path = tmp_path / "urls.txt"
         path.write_text("".join(f"{row}\n" for row in rows))
-        options = dict(workers=1, concurrency=8, adaptive_concurrency=False, dns_servers=[where],
-                       allow_net=["127.0.0.1/32"], read_timeout=60.0, total_timeout=120.0)
-        code = await crawl(dsn, test_settings(**{**options, **settings}), input_path=str(path), url_column=None,
-                           job_name=name, summary_json=None, quiet=True)
+        options = dict(
+            workers=1,
+            concurrency=8,
+            adaptive_concurrency=False,
+            dns_servers=[where],
+            allow_net=["127.0.0.1/32"],
+            read_timeout=60.0,
+            total_timeout=120.0,
+        )
+        code = await crawl(
+            dsn,
+            test_settings(**{**options, **settings}),
+            input_path=str(path),
+            url_column=None,
+            job_name=name,
+            summary_json=None,
+            quiet=True,
+        )
     finally:
         transport.close()
     assert code == EXIT_OK
-    statuses = await db.fetch("SELECT r.status, count(*) FROM results r JOIN jobs j ON j.id = r.job_id"
-                              " WHERE j.name = $1 GROUP BY r.status", name)
+    statuses = await db.fetch(
+        "SELECT r.status, count(*) FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = $1 GROUP BY r.status",
+        name,
+    )
     assert {row["status"]: row["count"] for row in statuses} == {200: len(rows)}
     assert len(site.slow_released_by_fast) == slow_hosts * slow_rows
     assert all(site.slow_released_by_fast), "the fast rows waited behind the slow ones"
@@ -82,12 +99,30 @@ async def crawl_slow_and_fast(site: Site, dsn: str, db, tmp_path, name: str, *, 
 async def test_a_few_slow_hosts_hold_only_their_own_slots(session_dsn, db, site, tmp_path):
     # One worker of 8 fetch tasks, 2 per host: 2 slow hosts hold 4 of them, never 8 (10 slow rows
     # among 190 fast: 5 %). The pool never widens (slow_after is past the hold).
-    await crawl_slow_and_fast(site, session_dsn, db, tmp_path, "few-slow-hosts", slow_hosts=2, slow_rows=5,
-                              per_host_concurrency=2, slow_after=HOLD_LIMIT * 2)
+    await crawl_slow_and_fast(
+        site,
+        session_dsn,
+        db,
+        tmp_path,
+        "few-slow-hosts",
+        slow_hosts=2,
+        slow_rows=5,
+        per_host_concurrency=2,
+        slow_after=HOLD_LIMIT * 2,
+    )
 
 
 async def test_more_slow_hosts_than_fetch_tasks_do_not_take_the_pool(session_dsn, db, site, tmp_path):
     # 12 slow hosts, one row each, would hold all 8 fetch tasks: the worker adds tasks in their
     # place once they have run slow_after (up to 4 x 8 = 32 in all).
-    await crawl_slow_and_fast(site, session_dsn, db, tmp_path, "many-slow-hosts", slow_hosts=12, slow_rows=1,
-                              per_host_concurrency=1, slow_after=0.2)
+    await crawl_slow_and_fast(
+        site,
+        session_dsn,
+        db,
+        tmp_path,
+        "many-slow-hosts",
+        slow_hosts=12,
+        slow_rows=1,
+        per_host_concurrency=1,
+        slow_after=0.2,
+    )

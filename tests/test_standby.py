@@ -25,8 +25,16 @@ def urls_file(tmp_path: Path, mock_url: str, count: int, tag: str) -> Path:
 
 
 async def crawl_with(dsn: str, path: Path, standby: Standby, name: str, **overrides) -> int:
-    return await crawl(dsn, test_settings(**overrides), input_path=str(path), url_column=None, job_name=name,
-                       summary_json=None, quiet=True, standby=standby)
+    return await crawl(
+        dsn,
+        test_settings(**overrides),
+        input_path=str(path),
+        url_column=None,
+        job_name=name,
+        summary_json=None,
+        quiet=True,
+        standby=standby,
+    )
 
 
 async def worker_pids(db, name: str) -> set[int]:

@@ -46,7 +46,7 @@ def test_a_long_value_is_cut_to_its_cap():
 
 
 def test_clean_text_is_returned_as_is():
-    value = "W/\"5f3c-1a\""
+    value = 'W/"5f3c-1a"'
     text, changed = storable(value, 512)
     assert text is value and not changed
     assert storable("Café ☕", 256) == ("Café ☕", False)  # printable UTF-8 is kept
@@ -69,10 +69,12 @@ def test_the_marker_names_the_fields():
 
 
 # Any code point, surrogates included, with the hostile ones drawn often.
-HOSTILE = st.text(alphabet=st.one_of(
-    st.characters(codec=None, categories=None),
-    st.sampled_from("\x00\x07\t\n\r\x1b[]\x7f\x85\x9b\ud800\udcff\u202e\u2028\ufffd…"),
-))
+HOSTILE = st.text(
+    alphabet=st.one_of(
+        st.characters(codec=None, categories=None),
+        st.sampled_from("\x00\x07\t\n\r\x1b[]\x7f\x85\x9b\ud800\udcff\u202e\u2028\ufffd…"),
+    )
+)
 
 
 @given(st.one_of(HOSTILE, st.binary()), st.integers(min_value=1, max_value=300))
@@ -88,7 +90,7 @@ def test_any_input_comes_out_storable_printable_and_within_its_cap(value, cap):
         assert text == (value.decode() if isinstance(value, bytes) else value)
 
 
-@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e)), st.integers(1, 300))
+@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E)), st.integers(1, 300))
 def test_printable_ascii_within_its_cap_is_unchanged(value, cap):
     if len(value) <= cap:
         assert storable(value, cap) == (value, False)

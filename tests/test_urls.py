@@ -38,8 +38,11 @@ DATA = Path(__file__).parent / "data"
         # reserved escapes are sent as written and never decoded, in the path or the query
         ("http://e.com/x?sig=a%2Fb%3D%3D", "http://e.com/x?sig=a%2Fb%3D%3D", "http://e.com/x?sig=a%2Fb%3D%3D"),
         ("http://e.com/path;v=1/%3Bx", "http://e.com/path;v=1/%3Bx", "http://e.com/path;v=1/%3Bx"),
-        ("http://e.com/?next=http%3A%2F%2Fexample.com%2F", "http://e.com/?next=http%3A%2F%2Fexample.com%2F",
-         "http://e.com/?next=http%3A%2F%2Fexample.com%2F"),
+        (
+            "http://e.com/?next=http%3A%2F%2Fexample.com%2F",
+            "http://e.com/?next=http%3A%2F%2Fexample.com%2F",
+            "http://e.com/?next=http%3A%2F%2Fexample.com%2F",
+        ),
         ("http://e.com/a%2fb", "http://e.com/a%2fb", "http://e.com/a%2Fb"),  # hex case: normalized only
         # unreserved escapes: sent as written, decoded in the normalized form
         ("http://e.com/%7euser/%7Eme", "http://e.com/%7euser/%7Eme", "http://e.com/~user/~me"),
@@ -170,8 +173,9 @@ WHATWG_CHOICES = {
     "http://../": "invalid: '..' is not a DNS name",
     "http://foo.09..": "invalid: 'foo.09..' is not a DNS name (an empty label)",
     "http://!\"$&'()*+,-.;=_`{}~/": "invalid: a host of punctuation is not a DNS name",
-    "http://`{}:`{}@h/`{}?`{}": ("accepted, and '`', '{', '}' in the query escaped:"
-                                 " RFC 3986 does not allow them in a request target"),
+    "http://`{}:`{}@h/`{}?`{}": (
+        "accepted, and '`', '{', '}' in the query escaped: RFC 3986 does not allow them in a request target"
+    ),
 }
 
 
@@ -248,6 +252,7 @@ def test_normalizer_cases_cover_every_source_and_verdict() -> None:
 )
 def test_mask_password_hides_a_urls_password_only(text: str | None, masked: str | None) -> None:
     assert mask_password(text) == masked
+
 
 # --- fingerprints ---------------------------------------------------------------------------
 
@@ -413,7 +418,6 @@ def test_fingerprint_is_blake2b_of_the_length_prefixed_parts(method: str, url: s
     assert fingerprint(method, url, body) == expected
 
 
-
 # --- the fast path: byte for byte what the parser gives, for a good share of URLs ----------
 
 from crawler.urls import _parse_plain, _parse_with_ada  # noqa: E402 - private, on purpose
@@ -444,9 +448,20 @@ def _assert_fast_path_agrees(text: str) -> bool:
 
 _PROBES = [chr(c) for c in range(128)] + [f"%{b:02X}" for b in range(256)] + [f"%{b:02x}" for b in range(256)]
 _PROBE_PLACES = [
-    "http://h.com/a{}b", "http://h.com/{}", "http://h.com/?a{}b", "http://h.com/a?{}", "http://h.com/?{}=1&{}",
-    "http://h{}.com/", "http://{}h.com/", "http://h.com{}", "http://h.com:8{}/", "http://1.2.3.{}/",
-    "h{}tp://h.com/", "http://h.com/a#{}", "http://h.com#{}", "http://h.com/?a#{}b",
+    "http://h.com/a{}b",
+    "http://h.com/{}",
+    "http://h.com/?a{}b",
+    "http://h.com/a?{}",
+    "http://h.com/?{}=1&{}",
+    "http://h{}.com/",
+    "http://{}h.com/",
+    "http://h.com{}",
+    "http://h.com:8{}/",
+    "http://1.2.3.{}/",
+    "h{}tp://h.com/",
+    "http://h.com/a#{}",
+    "http://h.com#{}",
+    "http://h.com/?a#{}b",
 ]
 
 
@@ -457,19 +472,57 @@ def test_fast_path_agrees_for_every_ascii_character_and_escape(place: str) -> No
 
 
 _FAST_HEAD_TEXTS = [
-    "http://", "https://", "HTTP://", "ftp://", "http://example.com", "http://Ex_a-1.COM.", "http://h:80",
-    "https://h:443", "http://h:0", "http://h:65536", "http://h:080", "http://127.0.0.1:8080", "http://01.2.3.4",
-    "http://256.1.1.1", "http://a.123", "http://a.0x1f", "http://" + "a" * 63 + ".b", "http://" + "a" * 64 + ".b",
-    "http://" + ".".join(["a" * 63] * 4), "http://" + ".".join(["a" * 63] * 4) + ".",
-    "http://" + "a" * 62 + ".a" * 96, "https://" + "a" * 62 + ".a" * 96, "http://" + "a" * 61 + ".a" * 96 + ".",
-    "HtTpS://h", "https://h:80", "http://h:443", "http://h:65535", "http://h:99999", "http://h:1", "http://a.1b",
-    "http://a._b", "http://-", "http://a.b.c.d", "http://1.2.3.4.5", "http://1.2.3.4.", "http://1.2.3",
-    "http://u:p@h.com", "http://u@h.com", "http://:@h.com", "http://[::1]", "http://[::1]:80", "http://bücher.de",
-    "http://xn--bcher-kva.de", "HTTP://XN--BCHER-KVA.DE", "http://xn--a.com", "http://h.com:",
+    "http://",
+    "https://",
+    "HTTP://",
+    "ftp://",
+    "http://example.com",
+    "http://Ex_a-1.COM.",
+    "http://h:80",
+    "https://h:443",
+    "http://h:0",
+    "http://h:65536",
+    "http://h:080",
+    "http://127.0.0.1:8080",
+    "http://01.2.3.4",
+    "http://256.1.1.1",
+    "http://a.123",
+    "http://a.0x1f",
+    "http://" + "a" * 63 + ".b",
+    "http://" + "a" * 64 + ".b",
+    "http://" + ".".join(["a" * 63] * 4),
+    "http://" + ".".join(["a" * 63] * 4) + ".",
+    "http://" + "a" * 62 + ".a" * 96,
+    "https://" + "a" * 62 + ".a" * 96,
+    "http://" + "a" * 61 + ".a" * 96 + ".",
+    "HtTpS://h",
+    "https://h:80",
+    "http://h:443",
+    "http://h:65535",
+    "http://h:99999",
+    "http://h:1",
+    "http://a.1b",
+    "http://a._b",
+    "http://-",
+    "http://a.b.c.d",
+    "http://1.2.3.4.5",
+    "http://1.2.3.4.",
+    "http://1.2.3",
+    "http://u:p@h.com",
+    "http://u@h.com",
+    "http://:@h.com",
+    "http://[::1]",
+    "http://[::1]:80",
+    "http://bücher.de",
+    "http://xn--bcher-kva.de",
+    "HTTP://XN--BCHER-KVA.DE",
+    "http://xn--a.com",
+    "http://h.com:",
 ]
 _FAST_HEADS = st.sampled_from(_FAST_HEAD_TEXTS)
 _FAST_PIECES = st.sampled_from(
-    list("abcXYZ019-._~!$'()*,+&=;@:/?#%[]\\ \"<>^`{|}") + ["%20", "%2F", "%2f", "%41", "%7E", "%3D", "%E2", "%zz"]
+    list("abcXYZ019-._~!$'()*,+&=;@:/?#%[]\\ \"<>^`{|}")
+    + ["%20", "%2F", "%2f", "%41", "%7E", "%3D", "%E2", "%zz"]
     + ["/./", "/../", "/.", "/..", "%2e", "%2E", ".%2e", "\t", "\n"]
 )
 
@@ -496,6 +549,7 @@ _TRICKY_HOSTS = st.one_of(
 def tricky_urls(draw: st.DrawFn) -> str:
     """Any spelling of a URL: most of them plain ASCII, so that the fast path takes many, and many
     of them not as the parser spells them, so that it declines many."""
+
     def often(common: str, *rare: str) -> str:
         return draw(st.sampled_from([common] * 3 * len(rare) + list(rare)))
 
@@ -505,8 +559,14 @@ def tricky_urls(draw: st.DrawFn) -> str:
     host = host.upper() if draw(st.integers(0, 3)) == 0 else host
     port = often("", ":80", ":443", ":8080", ":0", ":65535", ":65536", ":080", ":")
     plain_segments = st.text(_UNRESERVED + "!$&'()*+,;=:@", max_size=8)
-    segments = st.one_of(plain_segments, plain_segments, plain_segments, st.sampled_from(
-        [".", "..", "%2e", "%2E", "%7e", "%7E", "%2F", "%2f", "%E2%82%AC", "a b", "%", "é", "", "a|b", "\\"]))
+    segments = st.one_of(
+        plain_segments,
+        plain_segments,
+        plain_segments,
+        st.sampled_from(
+            [".", "..", "%2e", "%2E", "%7e", "%7E", "%2F", "%2f", "%E2%82%AC", "a b", "%", "é", "", "a|b", "\\"]
+        ),
+    )
     path = "".join("/" + segment for segment in draw(st.lists(segments, max_size=4)))
     query = often("", "?", "?a=1&b", "?b=%7e&a=%2F", "?q=a+b%20c", "?&&x", "?a=/b?c", "?q='x'", "?a=`{}`")
     fragment = often("", "#", "#f", "#a b", "#%zz", "#?q=1", "#/../a", "#\tb", "#é", "#[x]")

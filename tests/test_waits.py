@@ -60,15 +60,28 @@ async def test_a_connect_that_is_never_answered_ends_at_the_connect_timeout(sile
     assert attempt.status is None
 
 
-async def test_a_silent_address_is_a_timeout_result_retried_to_the_last_attempt(session_dsn, db, silent_address,
-                                                                              tmp_path):
+async def test_a_silent_address_is_a_timeout_result_retried_to_the_last_attempt(
+    session_dsn, db, silent_address, tmp_path
+):
     path = tmp_path / "silent.txt"
     path.write_text(f"http://{silent_address}/never\n")
     settings = test_settings(connect_timeout=0.3, max_attempts=2, workers=1)
-    assert await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name="silent-address",
-                       summary_json=None, quiet=True) == EXIT_OK
-    row = await db.fetchrow("SELECT r.error_kind, r.error, r.attempts, r.elapsed_ms FROM results r"
-                            " JOIN jobs j ON j.id = r.job_id WHERE j.name = 'silent-address'")
+    assert (
+        await crawl(
+            session_dsn,
+            settings,
+            input_path=str(path),
+            url_column=None,
+            job_name="silent-address",
+            summary_json=None,
+            quiet=True,
+        )
+        == EXIT_OK
+    )
+    row = await db.fetchrow(
+        "SELECT r.error_kind, r.error, r.attempts, r.elapsed_ms FROM results r"
+        " JOIN jobs j ON j.id = r.job_id WHERE j.name = 'silent-address'"
+    )
     assert (row["error_kind"], row["attempts"]) == ("timeout", 2)
     assert "Connection timeout" in row["error"] and row["elapsed_ms"] >= 2 * 300
 
@@ -99,8 +112,18 @@ async def test_a_retry_after_holds_the_request_and_its_host_for_the_time_asked(s
     path.write_text(f"{base}/busy\n" + "".join(f"{base}/other/{i}\n" for i in range(10)))
     # One request at a time to the host: whatever reaches it after the 503 was sent after it.
     settings = test_settings(workers=1, per_host_concurrency=1, adaptive_concurrency=False, max_attempts=3)
-    assert await crawl(session_dsn, settings, input_path=str(path), url_column=None, job_name="retry-after-waits",
-                       summary_json=None, quiet=True) == EXIT_OK
+    assert (
+        await crawl(
+            session_dsn,
+            settings,
+            input_path=str(path),
+            url_column=None,
+            job_name="retry-after-waits",
+            summary_json=None,
+            quiet=True,
+        )
+        == EXIT_OK
+    )
     answered = sent["503"]
     retried = [t for p, t in log if p == "/busy"][1]
     assert retried - answered >= 1.0  # the retry waited the second the server asked for
@@ -115,8 +138,9 @@ BACKOFF_SEED = 2  # its first two draws are over two thirds of their ceilings: w
 # aiohttp sends an idempotent request a second time, at once, after a reset (one attempt of the
 # crawler's, two requests: tests/test_mock_behaviours.py), so a reset row's attempt is two arrivals.
 @pytest.mark.parametrize(("failure", "sends"), [("flaky", 1), ("flaky-reset", 2)])
-async def test_a_retry_without_retry_after_waits_the_backoff_the_policy_drew(session_dsn, db, mock_url, monkeypatch,
-                                                                             tmp_path, failure, sends):
+async def test_a_retry_without_retry_after_waits_the_backoff_the_policy_drew(
+    session_dsn, db, mock_url, monkeypatch, tmp_path, failure, sends
+):
     """A 503 without Retry-After, or a reset, on two attempts, then an answer: each retry reaches
     the server no sooner than the delay drawn for it (full jitter, from a seed the worker is given,
     so the delays are known here) after the failed attempt reached it."""
@@ -128,10 +152,21 @@ async def test_a_retry_without_retry_after_waits_the_backoff_the_policy_drew(ses
     target = f"/{failure}/{2 * sends}/backoff"  # fails the first two attempts, answers the third
     path = tmp_path / "backoff.txt"
     path.write_text(f"{mock_url}{target}\n")  # one row: its retries are the only draws
-    settings = test_settings(workers=1, max_attempts=policy.max_attempts, backoff_base=policy.backoff_base,
-                             backoff_max=policy.backoff_max)
-    assert await crawl(session_dsn, settings, input_path=str(path), url_column=None,
-                       job_name=f"backoff-waits-{failure}", summary_json=None, quiet=True) == EXIT_OK
+    settings = test_settings(
+        workers=1, max_attempts=policy.max_attempts, backoff_base=policy.backoff_base, backoff_max=policy.backoff_max
+    )
+    assert (
+        await crawl(
+            session_dsn,
+            settings,
+            input_path=str(path),
+            url_column=None,
+            job_name=f"backoff-waits-{failure}",
+            summary_json=None,
+            quiet=True,
+        )
+        == EXIT_OK
+    )
     async with aiohttp.ClientSession() as session, session.get(f"{mock_url}/__arrivals") as resp:
         arrivals = [when for when, arrived in (await resp.json())["arrivals"] if arrived == target]
     assert len(arrivals) == 2 * sends + 1  # two failed attempts and the answer
@@ -139,6 +174,8 @@ async def test_a_retry_without_retry_after_waits_the_backoff_the_policy_drew(ses
     retried = [arrivals[sends], arrivals[2 * sends]]  # the first of the next attempt
     waited = [later - earlier for earlier, later in zip(failed_last, retried, strict=True)]
     assert waited[0] >= delays[0] and waited[1] >= delays[1], (waited, delays)
-    row = await db.fetchrow("SELECT r.status, r.attempts FROM results r JOIN jobs j ON j.id = r.job_id"
-                            " WHERE j.name = $1", f"backoff-waits-{failure}")
+    row = await db.fetchrow(
+        "SELECT r.status, r.attempts FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.name = $1",
+        f"backoff-waits-{failure}",
+    )
     assert (row["status"], row["attempts"]) == (200, 3)

@@ -72,10 +72,21 @@ def settings(**overrides) -> Settings:
 async def worker_on(store: FakeStore, s: Settings, *, outage_limit: float = 300.0) -> AsyncIterator[Worker]:
     """What open_worker wires, with the in-memory ledger for the three connections."""
     async with Fetcher(s) as fetcher:
-        writer = ResultWriter(store.ledger(outage_limit), batch_size=s.write_batch, interval=s.write_interval,
-                              lease_seconds=s.lease_seconds)
-        yield Worker(s, store.job_id, ledger=store.ledger(outage_limit), beat=store.ledger(outage_limit),
-                     writer=writer, fetcher=fetcher, hosts=host_scheduler(s))
+        writer = ResultWriter(
+            store.ledger(outage_limit),
+            batch_size=s.write_batch,
+            interval=s.write_interval,
+            lease_seconds=s.lease_seconds,
+        )
+        yield Worker(
+            s,
+            store.job_id,
+            ledger=store.ledger(outage_limit),
+            beat=store.ledger(outage_limit),
+            writer=writer,
+            fetcher=fetcher,
+            hosts=host_scheduler(s),
+        )
 
 
 async def eventually(condition, what: str) -> None:
@@ -115,8 +126,9 @@ async def test_a_drain_writes_what_finished_within_the_grace_and_gives_the_unfin
     chunk_no = store.add_chunk(urls)
     async with worker_on(store, settings()) as worker:
         running = asyncio.create_task(worker.run())
-        await eventually(lambda: site.slow_waiting == 2 and store.committed == [1, 2],
-                         "rows 1-2 written and rows 3-4 in flight")
+        await eventually(
+            lambda: site.slow_waiting == 2 and store.committed == [1, 2], "rows 1-2 written and rows 3-4 in flight"
+        )
         worker.stop.set()
         await eventually(lambda: drain_began(worker), "the drain drops the rows not started")
         site.release.set()  # the requests in flight end within the grace

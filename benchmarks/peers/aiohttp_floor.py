@@ -28,8 +28,9 @@ def read_urls(path: str, index: int, processes: int) -> list[str]:
     return urls[index::processes]
 
 
-async def fetch_all(urls: list[str], concurrency: int, dns_server: str | None = None,
-                    ca_file: str | None = None) -> int:
+async def fetch_all(
+    urls: list[str], concurrency: int, dns_server: str | None = None, ca_file: str | None = None
+) -> int:
     ok = 0
     pending = iter(urls)
     options = {}
@@ -56,8 +57,9 @@ async def fetch_all(urls: list[str], concurrency: int, dns_server: str | None = 
     return ok
 
 
-def run_process(path: str, index: int, processes: int, concurrency: int, results, dns_server=None,
-                ca_file=None) -> None:
+def run_process(
+    path: str, index: int, processes: int, concurrency: int, results, dns_server=None, ca_file=None
+) -> None:
     urls = read_urls(path, index, processes)
     ok = uvloop.run(fetch_all(urls, concurrency, dns_server, ca_file))
     results.put((len(urls), ok))
@@ -78,15 +80,24 @@ def main() -> None:
     if args.processes == 1:
         run_process(args.urls, 0, 1, args.concurrency, results, *extra)
     else:
-        procs = [ctx.Process(target=run_process, args=(args.urls, i, args.processes, args.concurrency, results, *extra))
-                 for i in range(args.processes)]
+        procs = [
+            ctx.Process(target=run_process, args=(args.urls, i, args.processes, args.concurrency, results, *extra))
+            for i in range(args.processes)
+        ]
         for p in procs:
             p.start()
         for p in procs:
             p.join()
     totals = [results.get() for _ in range(args.processes)]
-    print(json.dumps({"requests": sum(t[0] for t in totals), "ok": sum(t[1] for t in totals),
-                      "elapsed_s": round(time.perf_counter() - started, 3)}))
+    print(
+        json.dumps(
+            {
+                "requests": sum(t[0] for t in totals),
+                "ok": sum(t[1] for t in totals),
+                "elapsed_s": round(time.perf_counter() - started, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,15 @@ def main() -> None:
     process.crawl(crawler, path=args.urls)
     process.start()
     stats = crawler.stats.get_stats()
-    print(json.dumps({"requests": stats.get("downloader/request_count", 0), "ok": crawler.spider.ok,
-                      "elapsed_s": round(time.perf_counter() - started, 3)}))
+    print(
+        json.dumps(
+            {
+                "requests": stats.get("downloader/request_count", 0),
+                "ok": crawler.spider.ok,
+                "elapsed_s": round(time.perf_counter() - started, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,12 @@ def closed_mid_handshake(context: dict[str, Any]) -> bool:
     already (a connect timeout); nothing else is affected. Seen once in 1 000 000 TLS requests
     on a loaded machine; tests/test_handshake_timeout.py makes it happen on loopback."""
     exc = context.get("exception")
-    return (context.get("message") == "Fatal error on SSL protocol" and isinstance(exc, RuntimeError)
-            and "TCPTransport closed=True" in str(exc) and "the handler is closed" in str(exc))
+    return (
+        context.get("message") == "Fatal error on SSL protocol"
+        and isinstance(exc, RuntimeError)
+        and "TCPTransport closed=True" in str(exc)
+        and "the handler is closed" in str(exc)
+    )
 
 
 class HostConnector(aiohttp.TCPConnector):

@@ -274,9 +274,18 @@ class Fetcher:
                     continue
                 flight.task.cancel()
 
-    async def attempt(self, method: str, url: str, *, headers: str | None = None,
-                      body: bytes | None = None, validators: dict[str, str] | None = None,
-                      encoded: bool = False, keep_first: int = 0, max_redirects: int | None = None) -> Attempt:
+    async def attempt(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: str | None = None,
+        body: bytes | None = None,
+        validators: dict[str, str] | None = None,
+        encoded: bool = False,
+        keep_first: int = 0,
+        max_redirects: int | None = None,
+    ) -> Attempt:
         """One try at the request; every failure is classified into the Attempt, never raised.
         `headers` is a JSON object as text (as stored with the request); they go to the URL's
         origin only. `encoded`: the URL is as crawler.urls.parse_url makes it to be sent (as the
@@ -302,11 +311,14 @@ class Fetcher:
                 if sent_headers:
                     middlewares = _to_origin_only(URL(target), sent_headers, self._default_headers)
             async with self._session.request(
-                method, target,
+                method,
+                target,
                 allow_redirects=True,
                 max_redirects=self.settings.max_redirects if max_redirects is None else max_redirects,
-                headers=sent_headers, data=body,
-                ssl=False if self.settings.insecure else True, middlewares=middlewares,
+                headers=sent_headers,
+                data=body,
+                ssl=False if self.settings.insecure else True,
+                middlewares=middlewares,
             ) as resp:
                 answer = resp.headers
                 result.status = resp.status

@@ -112,8 +112,9 @@ class HostScheduler:
         state.pending.append(item)
         self._pump(host, state)
 
-    def done(self, item: Any, *, error_kind: str | None, status: int | None, elapsed: float,
-             pause: float = 0.0) -> None:
+    def done(
+        self, item: Any, *, error_kind: str | None, status: int | None, elapsed: float, pause: float = 0.0
+    ) -> None:
         """An attempt at `item` ended; `pause` (seconds, e.g. a Retry-After) holds the host back."""
         host = self.key(item)
         state = self.hosts[host]  # kept while it has an item out (active > 0)
@@ -144,8 +145,12 @@ class HostScheduler:
         learnt of others (an overload's lower limit, a pause, a crawl delay), but only so many:
         memory is per host with work, not per host ever seen."""
         state = self.hosts[host]
-        if (state.busiest <= self.initial and state.limit.slow_start and not state.delay
-                and (not state.next_start or state.next_start <= self.clock())):
+        if (
+            state.busiest <= self.initial
+            and state.limit.slow_start
+            and not state.delay
+            and (not state.next_start or state.next_start <= self.clock())
+        ):
             # Never overloaded, nothing to wait out, never more in flight than a fresh start
             # allows: met again, it starts from `initial` as it would have gone on. A crawl over
             # 100 000 hosts kept 10 000 such states per worker, about 1 KiB each (their deque).

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
-async def open_worker(dsn: str, job_id: int, settings: Settings, *,
-                      stop: asyncio.Event | None = None) -> AsyncIterator[Worker]:
+async def open_worker(
+    dsn: str, job_id: int, settings: Settings, *, stop: asyncio.Event | None = None
+) -> AsyncIterator[Worker]:
     """A Worker for a real process: three ledger connections (the feed's, the heartbeat's, the
     writer's), the fetcher's session, the host scheduler and, with --robots obey, the robots gate,
     opened here and closed at the block's end, whatever ends it."""
@@ -42,15 +43,28 @@ async def open_worker(dsn: str, job_id: int, settings: Settings, *,
         hosts = host_scheduler(settings)
         if settings.idle_hosts == 0:  # a host with nothing left: its connections go at once
             hosts.on_idle = fetcher.release_host
-        writer = ResultWriter(LedgerAccess(writer_db, job_id), batch_size=settings.write_batch,
-                              interval=settings.write_interval, lease_seconds=settings.lease_seconds)
+        writer = ResultWriter(
+            LedgerAccess(writer_db, job_id),
+            batch_size=settings.write_batch,
+            interval=settings.write_interval,
+            lease_seconds=settings.lease_seconds,
+        )
         robots = None
         if settings.robots == "obey":
             from crawler.fetch.robots_gate import RobotsGate
 
             robots = functools.partial(RobotsGate, dsn, job_id)
-        yield Worker(settings, job_id, ledger=LedgerAccess(db, job_id), beat=LedgerAccess(beat_db, job_id),
-                     writer=writer, fetcher=fetcher, hosts=hosts, robots=robots, stop=stop)
+        yield Worker(
+            settings,
+            job_id,
+            ledger=LedgerAccess(db, job_id),
+            beat=LedgerAccess(beat_db, job_id),
+            writer=writer,
+            fetcher=fetcher,
+            hosts=hosts,
+            robots=robots,
+            stop=stop,
+        )
 
 
 def tune_gc() -> None:

@@ -140,8 +140,9 @@ def parse_server(text: str) -> str:
         if not 0 < number < 65536:
             raise ValueError(port)
     except ValueError:
-        raise UsageError(f"DNS server '{text}' must be an IP address with an optional port, "
-                         "e.g. 127.0.0.1:5353 or [::1]:53.") from None
+        raise UsageError(
+            f"DNS server '{text}' must be an IP address with an optional port, e.g. 127.0.0.1:5353 or [::1]:53."
+        ) from None
     shown = f"[{address}]" if address.version == 6 else str(address)
     return f"{shown}:{number}"
 
@@ -149,9 +150,16 @@ def parse_server(text: str) -> str:
 class CachingResolver(AbstractResolver):
     """aiohttp's resolver for the worker's connector (which keeps no cache of its own)."""
 
-    def __init__(self, *, servers: list[str] | tuple[str, ...] = (), timeout: float = 5.0, concurrency: int = 64,
-                 cache_size: int = 100_000, max_ttl: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        servers: list[str] | tuple[str, ...] = (),
+        timeout: float = 5.0,
+        concurrency: int = 64,
+        cache_size: int = 100_000,
+        max_ttl: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.servers = [parse_server(server) for server in servers]
         self.timeout = timeout
         self.max_ttl = max_ttl
@@ -189,11 +197,17 @@ class CachingResolver(AbstractResolver):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CachingResolver:
-        return cls(servers=settings.dns_servers, timeout=settings.dns_timeout, concurrency=settings.dns_concurrency,
-                   cache_size=settings.dns_cache_size, max_ttl=settings.dns_ttl)
+        return cls(
+            servers=settings.dns_servers,
+            timeout=settings.dns_timeout,
+            concurrency=settings.dns_concurrency,
+            cache_size=settings.dns_cache_size,
+            max_ttl=settings.dns_ttl,
+        )
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-                      ) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         key = cache_key(host, int(family))
         answer = self.cache.get(key)
         if answer is None:
@@ -206,8 +220,9 @@ class CachingResolver(AbstractResolver):
         if answer.failure is not None:
             raise answer.failure
         return [
-            ResolveResult(hostname=host, host=address, port=port, family=address_family(address), proto=0,
-                          flags=NUMERIC_FLAGS)
+            ResolveResult(
+                hostname=host, host=address, port=port, family=address_family(address), proto=0, flags=NUMERIC_FLAGS
+            )
             for address in answer.addresses
         ]
 
@@ -260,8 +275,11 @@ class CachingResolver(AbstractResolver):
 
 def _reason(code: int | None, text: str) -> str:
     """c-ares's words, with the DNS answer behind them where there is one."""
-    named = {ares.ARES_ENOTFOUND: "no such name (NXDOMAIN)", ares.ARES_ESERVFAIL: "the resolver failed (SERVFAIL)",
-             ares.ARES_EREFUSED: "the resolver refused the query (REFUSED)",
-             ares.ARES_ETIMEOUT: "no answer from the resolver",
-             ares.ARES_ECONNREFUSED: "the resolver could not be reached"}
+    named = {
+        ares.ARES_ENOTFOUND: "no such name (NXDOMAIN)",
+        ares.ARES_ESERVFAIL: "the resolver failed (SERVFAIL)",
+        ares.ARES_EREFUSED: "the resolver refused the query (REFUSED)",
+        ares.ARES_ETIMEOUT: "no answer from the resolver",
+        ares.ARES_ECONNREFUSED: "the resolver could not be reached",
+    }
     return named.get(code, text)

@@ -14,8 +14,10 @@ from email.utils import parsedate_to_datetime
 from crawler.kinds import ANSWERED_KINDS, OVERLOAD_KINDS, ErrorKind
 from crawler.settings import DECLARATIONS
 
-_DEFAULT = {name: DECLARATIONS[name].default for name in
-            ("max_attempts", "backoff_base", "backoff_max", "retry_statuses", "retry_after_max")}
+_DEFAULT = {
+    name: DECLARATIONS[name].default
+    for name in ("max_attempts", "backoff_base", "backoff_max", "retry_statuses", "retry_after_max")
+}
 
 
 @dataclass(slots=True, frozen=True)
@@ -81,8 +83,10 @@ def decide(
     `transient`: a `dns` failure of the resolver (SERVFAIL, a lookup timeout), retried like a
     connection error; a name that does not exist is `dns` too and is not."""
     # A busy host or a dropped connection (OVERLOAD_KINDS) may well answer the next try.
-    retryable = error_kind in OVERLOAD_KINDS or (transient and error_kind == ErrorKind.DNS) or (
-        error_kind in ANSWERED_KINDS and status is not None and status in policy.retry_statuses
+    retryable = (
+        error_kind in OVERLOAD_KINDS
+        or (transient and error_kind == ErrorKind.DNS)
+        or (error_kind in ANSWERED_KINDS and status is not None and status in policy.retry_statuses)
     )
     if not retryable or attempts >= policy.max_attempts:
         return FINAL

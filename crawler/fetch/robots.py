@@ -63,8 +63,9 @@ class RobotsOutcome:
     reason: str = ""
 
 
-def outcome_of(*, status: int | None, error_kind: str | None, error: str | None,
-               body: bytes | None) -> RobotsOutcome | None:
+def outcome_of(
+    *, status: int | None, error_kind: str | None, error: str | None, body: bytes | None
+) -> RobotsOutcome | None:
     """What one attempt at robots.txt decided; None when it is to be tried again (5xx, 429, no
     answer): meanwhile the host's rows wait, as RFC 9309 asks (disallowed while unreachable)."""
     if error_kind == ErrorKind.TOO_MANY_REDIRECTS:

@@ -61,10 +61,19 @@ class RobotsGate:
     ends it as a `robots` failure; `pace(host, delay, hold)` sets a host's Crawl-delay;
     `fetching(+1/-1)` counts robots.txt requests in flight among the worker's."""
 
-    def __init__(self, dsn: str, job_id: int, owner: str, settings: Settings, policy: RetryPolicy, *,
-                 release: Callable[[Any], None], refuse: Callable[[Any, str], Awaitable[None]],
-                 pace: Callable[[str, float, bool], None], fetching: Callable[[int], None] = lambda change: None,
-                 ) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        job_id: int,
+        owner: str,
+        settings: Settings,
+        policy: RetryPolicy,
+        *,
+        release: Callable[[Any], None],
+        refuse: Callable[[Any, str], Awaitable[None]],
+        pace: Callable[[str, float, bool], None],
+        fetching: Callable[[int], None] = lambda change: None,
+    ) -> None:
         self.job_id = job_id
         self.owner = owner
         self.settings = settings
@@ -121,8 +130,12 @@ class RobotsGate:
 
     async def _ask(self, hosts: list[str]) -> None:
         claims = await self._ledger(
-            claim_robots, hosts, self.owner, claim_seconds=self._claim_seconds,
-            live_seconds=self._live_seconds, reuse_ttl=0.0 if self.settings.no_cache else self.settings.cache_ttl,
+            claim_robots,
+            hosts,
+            self.owner,
+            claim_seconds=self._claim_seconds,
+            live_seconds=self._live_seconds,
+            reuse_ttl=0.0 if self.settings.no_cache else self.settings.cache_ttl,
         )
         for host in claims.claimed:
             self.awaited.discard(host)
@@ -197,8 +210,9 @@ class RobotsGate:
     async def _fetch(self, fetcher: Fetcher, host: str) -> None:
         # The same fetch path as any request: address policy, timeouts, the connection pool;
         # at most 5 redirects and the first 500 KiB, as RFC 9309 allows.
-        attempt = await fetcher.attempt("GET", robots_url(host), encoded=True, keep_first=BODY_LIMIT,
-                                        max_redirects=MAX_REDIRECTS)
+        attempt = await fetcher.attempt(
+            "GET", robots_url(host), encoded=True, keep_first=BODY_LIMIT, max_redirects=MAX_REDIRECTS
+        )
         self.fetches += 1
         attempts = self._attempts[host] = self._attempts.get(host, 0) + 1
         body = attempt.body[1] if attempt.body is not None else None
@@ -211,8 +225,9 @@ class RobotsGate:
                 return
             outcome = unreachable(failure, attempts)
         # Stored even while draining: a fetch made is a fetch the resume need not make again.
-        record = await self._ledger(decide_robots, host,
-                                    RobotsRecord(outcome.verdict.value, outcome.text, outcome.reason), attempts)
+        record = await self._ledger(
+            decide_robots, host, RobotsRecord(outcome.verdict.value, outcome.text, outcome.reason), attempts
+        )
         self._attempts.pop(host, None)
         self.claimed.discard(host)
         await self._decided(host, record, fetched=True)

@@ -101,8 +101,11 @@ def first_share(settings: Settings) -> int:
 
 def host_scheduler(settings: Settings) -> HostScheduler:
     """The per-host scheduler of a worker that has not yet counted who shares the job."""
-    return HostScheduler(**host_budget(settings, first_share(settings)), adaptive=settings.adaptive_concurrency,
-                         key=operator.attrgetter("host"))
+    return HostScheduler(
+        **host_budget(settings, first_share(settings)),
+        adaptive=settings.adaptive_concurrency,
+        key=operator.attrgetter("host"),
+    )
 
 
 # What a worker asks of --robots obey's gate maker: (worker id, settings, retry policy, and the
@@ -117,9 +120,20 @@ class Worker:
     and with --robots obey a `robots` gate maker. It owns none of them but the robots gate.
     Setting `stop` (made here unless given) drains it."""
 
-    def __init__(self, settings: Settings, job_id: int, *, ledger: WorkerLedger, beat: WorkerLedger,
-                 writer: ResultWriter, fetcher: Fetcher, hosts: HostScheduler, robots: RobotsGateMaker | None = None,
-                 stop: asyncio.Event | None = None, grace: float | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        job_id: int,
+        *,
+        ledger: WorkerLedger,
+        beat: WorkerLedger,
+        writer: ResultWriter,
+        fetcher: Fetcher,
+        hosts: HostScheduler,
+        robots: RobotsGateMaker | None = None,
+        stop: asyncio.Event | None = None,
+        grace: float | None = None,
+    ) -> None:
         self.job_id = job_id
         self.settings = settings
         self.ledger = ledger
@@ -161,8 +175,15 @@ class Worker:
         self.exit_on_rows = frozenset(int(row) for row in hook.split(",") if row.strip())
         self.robots: RobotsGate | None = None  # --robots obey: rows wait at the gate for their host's robots.txt
         if robots is not None:
-            self.robots = robots(self.id, settings, self.policy, release=self.hosts.put, refuse=self._refuse,
-                                 pace=self._pace, fetching=self._robots_fetching)
+            self.robots = robots(
+                self.id,
+                settings,
+                self.policy,
+                release=self.hosts.put,
+                refuse=self._refuse,
+                pace=self._pace,
+                fetching=self._robots_fetching,
+            )
 
     async def _count_workers(self, db: WorkerLedger, *, floor: int = 1) -> None:
         window = registry.LIVE_BEATS * self.settings.heartbeat_seconds
@@ -243,8 +264,16 @@ class Worker:
             for row in rows:
                 url = row["url"]
                 # Positional: a dataclass's __init__ called with keywords costs a row 1.8 k instructions more.
-                item = WorkItem(lease, row["row_no"], row["method"], url, host_of(url), row["headers"], row["body"],
-                                row["fingerprint"])
+                item = WorkItem(
+                    lease,
+                    row["row_no"],
+                    row["method"],
+                    url,
+                    host_of(url),
+                    row["headers"],
+                    row["body"],
+                    row["fingerprint"],
+                )
                 entry = stored.get(item.fingerprint)
                 if entry is not None and entry.fresh:
                     if self.writer.full:
@@ -334,9 +363,14 @@ class Worker:
             self._in_flight += 1
             self.metrics.fetch_started()
             try:
-                attempt = await fetcher.attempt(item.method, item.url, headers=item.headers, body=item.body,
-                                                validators=item.cached.validators() if item.cached else None,
-                                                encoded=True)  # the URL to send, made at ingest: sent as written
+                attempt = await fetcher.attempt(
+                    item.method,
+                    item.url,
+                    headers=item.headers,
+                    body=item.body,
+                    validators=item.cached.validators() if item.cached else None,
+                    encoded=True,
+                )  # the URL to send, made at ingest: sent as written
             finally:
                 self._in_flight -= 1
                 self.metrics.fetch_ended()
@@ -344,14 +378,24 @@ class Worker:
             item.attempts += 1
             item.elapsed_ms += attempt.elapsed_ms
             decision = decide(
-                error_kind=attempt.error_kind, status=attempt.status, retry_after=attempt.retry_after,
-                attempts=item.attempts, policy=self.policy, rng=self._rng, transient=attempt.transient,
+                error_kind=attempt.error_kind,
+                status=attempt.status,
+                retry_after=attempt.retry_after,
+                attempts=item.attempts,
+                policy=self.policy,
+                rng=self._rng,
+                transient=attempt.transient,
             )
             pause = 0.0
             if attempt.status in (429, 503):  # its Retry-After holds the host back
                 pause = min(parse_retry_after(attempt.retry_after) or 0.0, self.settings.retry_after_max)
-            self.hosts.done(item, error_kind=attempt.error_kind, status=attempt.status,
-                            elapsed=attempt.elapsed_ms / 1000.0, pause=pause)
+            self.hosts.done(
+                item,
+                error_kind=attempt.error_kind,
+                status=attempt.status,
+                elapsed=attempt.elapsed_ms / 1000.0,
+                pause=pause,
+            )
             if decision.retry and not self.stop.is_set():
                 self.stats.retries += 1
                 self._schedule_retry(item, decision.delay)
@@ -382,20 +426,38 @@ class Worker:
         """Hand the item's outcome to the writer (the caller has waited for its room)."""
         # A ResultRow, its fields in order, made as _make makes it but without its Python-level call:
         # 0.25 us a result against 0.5 us positionally and 2 us with keywords (timeit, one core).
-        record = _new_row(ResultRow, (
-            self.job_id, item.row_no, attempt.status, attempt.final_url, attempt.error_kind, attempt.error,
-            item.attempts, cache_kind is not None, item.elapsed_ms, attempt.body_bytes, attempt.body_sha256,
-            cache_kind,
-        ))
+        record = _new_row(
+            ResultRow,
+            (
+                self.job_id,
+                item.row_no,
+                attempt.status,
+                attempt.final_url,
+                attempt.error_kind,
+                attempt.error,
+                item.attempts,
+                cache_kind is not None,
+                item.elapsed_ms,
+                attempt.body_bytes,
+                attempt.body_sha256,
+                cache_kind,
+            ),
+        )
         remember: tuple | bytes | None = None
         if self.caching:
             if cache_kind == "revalidated":
                 remember = item.fingerprint  # confirmed by a 304: fresh again
             elif cache_kind is None:
                 remember = cache.cache_row(
-                    item.fingerprint, self.job_id, status=attempt.status, error_kind=attempt.error_kind,
-                    final_url=attempt.final_url, body_bytes=attempt.body_bytes, body_sha256=attempt.body_sha256,
-                    etag=attempt.etag, last_modified=attempt.last_modified,
+                    item.fingerprint,
+                    self.job_id,
+                    status=attempt.status,
+                    error_kind=attempt.error_kind,
+                    final_url=attempt.final_url,
+                    body_bytes=attempt.body_bytes,
+                    body_sha256=attempt.body_sha256,
+                    etag=attempt.etag,
+                    last_modified=attempt.last_modified,
                 )
         self.writer.add(item.lease, record, attempt.body, remember)
         if cache_kind is not None:
@@ -475,6 +537,11 @@ def _die_on_rows(exit_on_rows: frozenset[int], chunk: LeasedChunk, rows: list) -
 
 def _from_cache(entry: CachedResponse) -> Attempt:
     error_kind = ErrorKind.HTTP_STATUS if entry.status >= 400 else None
-    return Attempt(status=entry.status, final_url=entry.final_url, error_kind=error_kind,
-                   error=f"HTTP {entry.status} (stored)" if error_kind else None,
-                   body_bytes=entry.body_bytes, body_sha256=entry.body_sha256)
+    return Attempt(
+        status=entry.status,
+        final_url=entry.final_url,
+        error_kind=error_kind,
+        error=f"HTTP {entry.status} (stored)" if error_kind else None,
+        body_bytes=entry.body_bytes,
+        body_sha256=entry.body_sha256,
+    )

@@ -68,9 +68,15 @@ class WorkerLedger(Protocol):
 
     async def release_chunk(self, lease: Lease) -> None: ...
 
-    async def write_results(self, batches: dict[Lease, list[ResultRow]], completed: set[Lease],
-                            lease_seconds: float, bodies: dict[Lease, list[BodyRow]],
-                            cache_rows: list[tuple], cache_touch: list[bytes]) -> set[Lease]:
+    async def write_results(
+        self,
+        batches: dict[Lease, list[ResultRow]],
+        completed: set[Lease],
+        lease_seconds: float,
+        bodies: dict[Lease, list[BodyRow]],
+        cache_rows: list[tuple],
+        cache_touch: list[bytes],
+    ) -> set[Lease]:
         """Commit the results and complete the `completed` leases, in one transaction; the
         leases refused because their fence moved on (their results are dropped)."""
         ...
@@ -116,11 +122,18 @@ class LedgerAccess:
     async def release_chunk(self, lease: Lease) -> None:
         await self.db.run(release_chunk, self.job_id, lease)
 
-    async def write_results(self, batches: dict[Lease, list[ResultRow]], completed: set[Lease],
-                            lease_seconds: float, bodies: dict[Lease, list[BodyRow]],
-                            cache_rows: list[tuple], cache_touch: list[bytes]) -> set[Lease]:
-        return await self.db.run(write_results, self.job_id, batches, completed, lease_seconds, bodies,
-                                 cache_rows, cache_touch)
+    async def write_results(
+        self,
+        batches: dict[Lease, list[ResultRow]],
+        completed: set[Lease],
+        lease_seconds: float,
+        bodies: dict[Lease, list[BodyRow]],
+        cache_rows: list[tuple],
+        cache_touch: list[bytes],
+    ) -> set[Lease]:
+        return await self.db.run(
+            write_results, self.job_id, batches, completed, lease_seconds, bodies, cache_rows, cache_touch
+        )
 
 
 async def _nothing_left(conn: asyncpg.Connection, job_id: int, held: int) -> bool:

@@ -63,8 +63,13 @@ class ResultWriter:
             self._wake.set()
             await self._room.wait()
 
-    def add(self, lease: Lease, record: ResultRow, body: tuple[str | None, bytes] | None = None,
-            remember: tuple | bytes | None = None) -> None:
+    def add(
+        self,
+        lease: Lease,
+        record: ResultRow,
+        body: tuple[str | None, bytes] | None = None,
+        remember: tuple | bytes | None = None,
+    ) -> None:
         """Buffer one result, after `room()`; with --store-bodies its body (content_type, bytes);
         with --cache-ttl what the cross-job cache learns from it (a row to store, or a fingerprint
         a 304 confirmed)."""
@@ -74,7 +79,8 @@ class ResultWriter:
         if body is not None:
             content_type, data = body
             self._bodies.setdefault(lease, []).append(
-                BodyRow(record.job_id, record.row_no, content_type, zlib.compress(data, 6)))
+                BodyRow(record.job_id, record.row_no, content_type, zlib.compress(data, 6))
+            )
         if isinstance(remember, tuple):
             self._cache_rows.append(remember)
         elif remember is not None:
@@ -136,8 +142,9 @@ class ResultWriter:
         self._cache_rows, self._cache_touch = [], []
         count = sum(len(records) for records in batches.values())
         try:
-            refused = await self.ledger.write_results(batches, completed, self.lease_seconds, bodies,
-                                                      cache_rows, cache_touch)
+            refused = await self.ledger.write_results(
+                batches, completed, self.lease_seconds, bodies, cache_rows, cache_touch
+            )
         except BaseException:
             # Keep the results for the caller's last attempt (or for nobody, if the worker dies:
             # the chunk is then redone by whoever leases it next).
@@ -151,8 +158,11 @@ class ResultWriter:
             self._completed |= completed
             raise
         for lease in refused:
-            log.warning("results for chunk %d refused: its lease (fence %d) was taken over by another worker",
-                        lease.chunk_no, lease.fence)
+            log.warning(
+                "results for chunk %d refused: its lease (fence %d) was taken over by another worker",
+                lease.chunk_no,
+                lease.fence,
+            )
         self._lost |= refused
         self.metrics.results_written(t for lease, times in handed.items() if lease not in refused for t in times)
         self._buffered -= count

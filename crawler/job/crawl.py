@@ -76,24 +76,35 @@ async def crawl(
         async with connection(dsn) as conn:
             unfinished = await unfinished_job(conn, name=job_name, input=source)
         if unfinished is not None:
-            return await resume(dsn, settings, job_ref=str(unfinished.id), summary_json=summary_json, quiet=quiet,
-                                standby=standby, sources=sources)
+            return await resume(
+                dsn,
+                settings,
+                job_ref=str(unfinished.id),
+                summary_json=summary_json,
+                quiet=quiet,
+                standby=standby,
+                sources=sources,
+            )
     reader = open_input(input_path, url_column=url_column, sort_query=settings.sort_query)
     try:
         async with connection(dsn) as conn:
             unfinished = await unfinished_job(conn, name=None, input=source) if source != "-" else None
             if unfinished is not None and not quiet:
                 ref = unfinished.name or unfinished.id
-                print(f"crawler: note: job {ref} for this input is unfinished; this starts a new job"
-                      f" (`crawler resume {ref}` or --resume would finish that one).", file=sys.stderr)
+                print(
+                    f"crawler: note: job {ref} for this input is unfinished; this starts a new job"
+                    f" (`crawler resume {ref}` or --resume would finish that one).",
+                    file=sys.stderr,
+                )
             settings_doc = {k: v for k, v in settings.as_dict().items() if k != "dsn"}
             settings_doc["url_column"] = url_column
             job = await create_job(conn, name=job_name, input=source, settings=settings_doc)
     except BaseException:
         reader.close()
         raise
-    return await _supervise(dsn, settings, job, reader, summary_json=summary_json, quiet=quiet, started=started,
-                            standby=standby)
+    return await _supervise(
+        dsn, settings, job, reader, summary_json=summary_json, quiet=quiet, started=started, standby=standby
+    )
 
 
 def job_policy(job: Job, settings: Settings, sources: Mapping[str, str] | None) -> Settings:
@@ -105,14 +116,24 @@ def job_policy(job: Job, settings: Settings, sources: Mapping[str, str] | None) 
     if changing:
         ref = job.name or job.id
         shown = ", ".join(f"{flag_name(key)} (the job has {key} = {job.settings[key]!r})" for key in changing)
-        raise UsageError(f"{shown} would change the policy job {ref} was started with; a resumed or retried job"
-                         f" keeps its policy, so leave {'it' if len(changing) == 1 else 'them'} out"
-                         f" or start a new job.")
+        raise UsageError(
+            f"{shown} would change the policy job {ref} was started with; a resumed or retried job"
+            f" keeps its policy, so leave {'it' if len(changing) == 1 else 'them'} out"
+            f" or start a new job."
+        )
     return for_job(job.settings, settings)
 
 
-async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: str | None, quiet: bool,
-                 standby: Standby | None = None, sources: Mapping[str, str] | None = None) -> int:
+async def resume(
+    dsn: str,
+    settings: Settings,
+    *,
+    job_ref: str,
+    summary_json: str | None,
+    quiet: bool,
+    standby: Standby | None = None,
+    sources: Mapping[str, str] | None = None,
+) -> int:
     started = time.monotonic()
     await prepare_database(dsn)
     async with connection(dsn) as conn:
@@ -126,17 +147,29 @@ async def resume(dsn: str, settings: Settings, *, job_ref: str, summary_json: st
     reader = None
     if not job.ingest_done:
         if job.input == "-":
-            raise InputError("this job read its input from stdin and stopped before reading all of it;"
-                             " it cannot be resumed.")
-        reader = open_input(job.input, url_column=job.settings.get("url_column"),
-                            sort_query=job.settings.get("sort_query", False))
-    return await _supervise(dsn, settings, job, reader, summary_json=summary_json, quiet=quiet, started=started,
-                            standby=standby)
+            raise InputError(
+                "this job read its input from stdin and stopped before reading all of it; it cannot be resumed."
+            )
+        reader = open_input(
+            job.input, url_column=job.settings.get("url_column"), sort_query=job.settings.get("sort_query", False)
+        )
+    return await _supervise(
+        dsn, settings, job, reader, summary_json=summary_json, quiet=quiet, started=started, standby=standby
+    )
 
 
-async def retry(dsn: str, settings: Settings, *, job_ref: str, kinds: str | None, statuses: str | None,
-                summary_json: str | None, quiet: bool, standby: Standby | None = None,
-                sources: Mapping[str, str] | None = None) -> int:
+async def retry(
+    dsn: str,
+    settings: Settings,
+    *,
+    job_ref: str,
+    kinds: str | None,
+    statuses: str | None,
+    summary_json: str | None,
+    quiet: bool,
+    standby: Standby | None = None,
+    sources: Mapping[str, str] | None = None,
+) -> int:
     """`crawler retry`: fetch again the rows of a finished job whose outcome matches, with the
     job's policy; resumable like any job, since it is the job itself that runs again."""
     started = time.monotonic()
@@ -150,22 +183,38 @@ async def retry(dsn: str, settings: Settings, *, job_ref: str, kinds: str | None
             job = await find_job(conn, job.id)
     ref = job.name or job.id
     if reopened is None:
-        raise UsageError(f"job {ref} is not finished; `crawler resume {ref}` finishes it, and then"
-                         f" `crawler retry {ref}` fetches its failures again.")
+        raise UsageError(
+            f"job {ref} is not finished; `crawler resume {ref}` finishes it, and then"
+            f" `crawler retry {ref}` fetches its failures again."
+        )
     if not reopened.rows:
-        print(f"crawler: no result of job {ref} is one of: {chosen.describe()}; nothing to fetch again.",
-              file=sys.stderr)
+        print(
+            f"crawler: no result of job {ref} is one of: {chosen.describe()}; nothing to fetch again.", file=sys.stderr
+        )
         return EXIT_OK
     if not quiet:
         shared = reopened.rows - reopened.fetches
-        print(f"crawler: fetching {reopened.fetches} requests of job {ref} again ({chosen.describe()})"
-              + (f"; {shared} duplicate rows share their outcome." if shared else "."), file=sys.stderr)
-    return await _supervise(dsn, settings, job, None, summary_json=summary_json, quiet=quiet, started=started,
-                            standby=standby, fetching=reopened.fetches)
+        print(
+            f"crawler: fetching {reopened.fetches} requests of job {ref} again ({chosen.describe()})"
+            + (f"; {shared} duplicate rows share their outcome." if shared else "."),
+            file=sys.stderr,
+        )
+    return await _supervise(
+        dsn,
+        settings,
+        job,
+        None,
+        summary_json=summary_json,
+        quiet=quiet,
+        started=started,
+        standby=standby,
+        fetching=reopened.fetches,
+    )
 
 
-async def _supervise(dsn, settings, job, reader, *, summary_json, quiet, started, standby,
-                     fetching: int | None = None) -> int:
+async def _supervise(
+    dsn, settings, job, reader, *, summary_json, quiet, started, standby, fetching: int | None = None
+) -> int:
     """Run the job to its end and report. `fetching`: how many requests this run fetches, when it
     is not the job's whole (a retry), so that the rate is this run's."""
     console = Console()

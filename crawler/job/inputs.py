@@ -98,8 +98,9 @@ def detect_layout(first_line: str | None, url_column: str | None, source: str) -
         lowered = [name.lower() for name in columns]
         for index, name in enumerate(columns):
             if name.lower() == wanted:
-                optional = {col: lowered.index(col) if col in lowered else None
-                            for col in ("method", "headers", "body")}
+                optional = {
+                    col: lowered.index(col) if col in lowered else None for col in ("method", "headers", "body")
+                }
                 return Layout("csv", delimiter, index, name, optional["method"], optional["headers"], optional["body"])
         if len(columns) > len(widest):
             widest = columns
@@ -135,8 +136,9 @@ def parse_headers(text: str) -> str | None:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def parse_request(row: int, cell: str, *, sort_query: bool = False, method: str = "GET",
-                  headers: str = "", body: str = "") -> Row:
+def parse_request(
+    row: int, cell: str, *, sort_query: bool = False, method: str = "GET", headers: str = "", body: str = ""
+) -> Row:
     """Turn one row's cells into a request, or into an invalid row with the reason."""
     try:
         # isascii is O(1), and only other text can hold a lone surrogate
@@ -157,8 +159,16 @@ def parse_request(row: int, cell: str, *, sort_query: bool = False, method: str 
         return InvalidRow(row, _printable(cell), str(exc))
     payload = body.encode("utf-8") if body else None
     given = None if cell == url else cell.strip()  # most rows are written as they are sent
-    return RequestRow(row, method, url, fingerprint(method, normalized, payload), canonical_headers, payload,
-                      None if normalized == url else normalized, None if given == url else given)
+    return RequestRow(
+        row,
+        method,
+        url,
+        fingerprint(method, normalized, payload),
+        canonical_headers,
+        payload,
+        None if normalized == url else normalized,
+        None if given == url else given,
+    )
 
 
 def _cell(fields: list[str], index: int | None) -> str:
@@ -256,8 +266,9 @@ class RowReader:
     bytes_total are known from the start, bytes_read and rows_read grow as rows are taken.
     """
 
-    def __init__(self, raw: _CountingSource, source: str, *, url_column: str | None,
-                 sort_query: bool, bytes_total: int | None) -> None:
+    def __init__(
+        self, raw: _CountingSource, source: str, *, url_column: str | None, sort_query: bool, bytes_total: int | None
+    ) -> None:
         self._raw, self._source, self._sort_query = raw, source, sort_query
         self.bytes_total = bytes_total
         self.rows_read = 0
@@ -362,14 +373,18 @@ class RowReader:
                 yield parse_request(row, fields[url_index], sort_query=sort_query)
             else:
                 yield parse_request(
-                    row, fields[url_index], sort_query=sort_query,
+                    row,
+                    fields[url_index],
+                    sort_query=sort_query,
                     method=_cell(fields, layout.method_index) or "GET",
-                    headers=_cell(fields, layout.headers_index), body=_cell(fields, layout.body_index),
+                    headers=_cell(fields, layout.headers_index),
+                    body=_cell(fields, layout.body_index),
                 )
 
 
-def open_input(path: str, *, url_column: str | None = None, sort_query: bool = False,
-               stdin: BinaryIO | None = None) -> RowReader:
+def open_input(
+    path: str, *, url_column: str | None = None, sort_query: bool = False, stdin: BinaryIO | None = None
+) -> RowReader:
     """Open an input ("-" is stdin, by default sys.stdin.buffer) and read its first line.
 
     Raises InputError, with one sentence for the user, when the file cannot be opened or read or
@@ -383,8 +398,7 @@ def open_input(path: str, *, url_column: str | None = None, sort_query: bool = F
     else:
         raw, bytes_total = _open_file(path)
         source = f"input file {path!r}"
-    return RowReader(raw, source, url_column=url_column, sort_query=sort_query,
-                     bytes_total=bytes_total)
+    return RowReader(raw, source, url_column=url_column, sort_query=sort_query, bytes_total=bytes_total)
 
 
 def _open_file(path: str) -> tuple[_CountingSource, int | None]:

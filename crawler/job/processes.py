@@ -195,9 +195,15 @@ class WorkerProcesses:
             else:
                 self._slot_of[owner].deaths_on.append(frozenset(chunks))
         for q in released.quarantined:
-            log.warning("chunk %d (rows %d-%d) quarantined: workers died %d times holding it; its %d rows"
-                        " without a result are stored as `internal`", q.chunk_no, q.first_row, q.last_row,
-                        q.deaths, q.given_up)
+            log.warning(
+                "chunk %d (rows %d-%d) quarantined: workers died %d times holding it; its %d rows"
+                " without a result are stored as `internal`",
+                q.chunk_no,
+                q.first_row,
+                q.last_row,
+                q.deaths,
+                q.given_up,
+            )
         gone = {q.chunk_no for q in released.quarantined}
         if gone:
             for slot in self.slots:

@@ -107,10 +107,19 @@ def live_display(snap: Snapshot) -> RenderableType:
     head.add_row("", bar)
     to_fetch = "?" if snap.to_fetch is None else f"{snap.to_fetch:,}"
     head.add_row("requests", f"{snap.fetched:,} / {to_fetch} fetched,  {snap.rate:,.0f}/s (last {RATE_WINDOW_S:.0f} s)")
-    head.add_row("outcomes", Text.assemble(
-        ("ok ", "green"), f"{snap.ok:,}   ", ("failed ", "red"), f"{snap.failed:,}   ",
-        ("cached ", "cyan"), f"{snap.cached:,}   ", ("invalid ", "yellow"), f"{snap.invalid:,}",
-    ))
+    head.add_row(
+        "outcomes",
+        Text.assemble(
+            ("ok ", "green"),
+            f"{snap.ok:,}   ",
+            ("failed ", "red"),
+            f"{snap.failed:,}   ",
+            ("cached ", "cyan"),
+            f"{snap.cached:,}   ",
+            ("invalid ", "yellow"),
+            f"{snap.invalid:,}",
+        ),
+    )
     done, leased, pending = snap.chunks
     head.add_row("chunks", f"{done:,} done, {leased:,} leased, {pending:,} pending")
     head.add_row("time", f"elapsed {_duration(snap.elapsed)},  eta {_duration(snap.eta)}")
@@ -141,8 +150,9 @@ class ProgressView:
 
     def __enter__(self) -> ProgressView:
         if self.interactive:
-            self._live = Live(console=self.console, refresh_per_second=4, transient=False,
-                              redirect_stdout=True, redirect_stderr=True)
+            self._live = Live(
+                console=self.console, refresh_per_second=4, transient=False, redirect_stdout=True, redirect_stderr=True
+            )
             self._live.__enter__()
         return self
 
@@ -193,14 +203,28 @@ class ProgressView:
             remaining = max(0, to_fetch - fetched)
             eta = 0.0 if remaining == 0 else (remaining / rate if rate > 0 else None)
         activity = [
-            WorkerActivity(host=str(w.get("host", "")), pid=int(w.get("pid") or 0), fetched=int(w.get("fetched") or 0),
-                           rate=self._worker_rate(w))
+            WorkerActivity(
+                host=str(w.get("host", "")),
+                pid=int(w.get("pid") or 0),
+                fetched=int(w.get("fetched") or 0),
+                rate=self._worker_rate(w),
+            )
             for w in workers
         ]
         return Snapshot(
-            done=fetched + invalid + cached, total=total, estimated=estimated, fetched=fetched, to_fetch=to_fetch,
-            rate=rate, ok=int(counts.ok), failed=int(counts.failed), cached=cached, invalid=invalid,
-            elapsed=now - self._started, eta=eta, chunks=(int(counts.done), int(counts.leased), int(counts.pending)),
+            done=fetched + invalid + cached,
+            total=total,
+            estimated=estimated,
+            fetched=fetched,
+            to_fetch=to_fetch,
+            rate=rate,
+            ok=int(counts.ok),
+            failed=int(counts.failed),
+            cached=cached,
+            invalid=invalid,
+            elapsed=now - self._started,
+            eta=eta,
+            chunks=(int(counts.done), int(counts.leased), int(counts.pending)),
             workers=activity,
         )
 
@@ -236,14 +260,27 @@ def shown(text: str | None) -> str:
 
 
 def _histogram(statuses: dict[str, int]) -> Table:
-    table = Table("status", "count", "share", "", title="status codes", title_justify="left", box=None,
-                  padding=(0, 2), header_style="bold")
+    table = Table(
+        "status",
+        "count",
+        "share",
+        "",
+        title="status codes",
+        title_justify="left",
+        box=None,
+        padding=(0, 2),
+        header_style="bold",
+    )
     total = sum(statuses.values()) or 1
     widest = max(statuses.values())
     for code, count in statuses.items():
         style = "green" if code.startswith("2") else "yellow" if code.startswith("3") else "red"
-        table.add_row(code, f"{count:,}", f"{100 * count / total:.1f}%",
-                      Text("█" * max(1, round(30 * count / widest)), style=style))
+        table.add_row(
+            code,
+            f"{count:,}",
+            f"{100 * count / total:.1f}%",
+            Text("█" * max(1, round(30 * count / widest)), style=style),
+        )
     return table
 
 
@@ -251,8 +288,9 @@ def render_summary(summary: dict, console: Console) -> None:
     """The table at the end of a crawl (and in `crawler status`): totals, throughput, latency,
     the status-code histogram and each error kind with an example URL."""
     title = f"job {summary['job_id']}" + (f" ({shown(summary['job_name'])})" if summary.get("job_name") else "")
-    totals = Table(title=f"{title}: {shown(summary['state'])}", title_justify="left", show_header=False, box=None,
-                   padding=(0, 2))
+    totals = Table(
+        title=f"{title}: {shown(summary['state'])}", title_justify="left", show_header=False, box=None, padding=(0, 2)
+    )
     totals.add_column(style="bold")
     totals.add_column(justify="right")
     totals.add_column()
@@ -280,14 +318,31 @@ def render_summary(summary: dict, console: Console) -> None:
     if summary["statuses"]:
         parts += [Text(""), _histogram(summary["statuses"])]
     if summary["errors"]:
-        errors = Table("error", "count", "example", title="errors", title_justify="left", box=None,
-                       padding=(0, 2), header_style="bold")
+        errors = Table(
+            "error",
+            "count",
+            "example",
+            title="errors",
+            title_justify="left",
+            box=None,
+            padding=(0, 2),
+            header_style="bold",
+        )
         errors.columns[2].overflow = "fold"  # a URL cut short could not be copied
         for kind, info in summary["errors"].items():
-            errors.add_row(shown(kind), f"{info['count']:,}", shown(info["example"]),
-                           style="red" if kind != ErrorKind.BLOCKED else None)
+            errors.add_row(
+                shown(kind),
+                f"{info['count']:,}",
+                shown(info["example"]),
+                style="red" if kind != ErrorKind.BLOCKED else None,
+            )
         parts += [Text(""), errors]
     for q in summary.get("quarantined", ()):
-        parts.append(Text(f"quarantined: chunk {q['chunk_no']} (rows {q['first_row']}-{q['last_row']}), workers died"
-                          f" {q['deaths']} times holding it; {q['given_up']} rows stored as `internal`", style="red"))
+        parts.append(
+            Text(
+                f"quarantined: chunk {q['chunk_no']} (rows {q['first_row']}-{q['last_row']}), workers died"
+                f" {q['deaths']} times holding it; {q['given_up']} rows stored as `internal`",
+                style="red",
+            )
+        )
     console.print(Group(*parts))

@@ -38,8 +38,10 @@ def parse_kinds(text: str) -> frozenset[str]:
     kinds = frozenset(k.strip() for k in text.split(",") if k.strip())
     unknown = sorted(kinds - set(ErrorKind))
     if unknown or not kinds:
-        raise UsageError(f"'{unknown[0] if unknown else text}' in --kinds is not an error kind;"
-                         f" the kinds are {', '.join(ErrorKind)}.")
+        raise UsageError(
+            f"'{unknown[0] if unknown else text}' in --kinds is not an error kind;"
+            f" the kinds are {', '.join(ErrorKind)}."
+        )
     return kinds
 
 

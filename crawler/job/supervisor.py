@@ -58,8 +58,9 @@ class CrawlOutcome:
 
 
 class Supervisor:
-    def __init__(self, dsn: str, settings: Settings, *, progress: ProgressView, exporter=None,
-                 standby: Standby | None = None) -> None:
+    def __init__(
+        self, dsn: str, settings: Settings, *, progress: ProgressView, exporter=None, standby: Standby | None = None
+    ) -> None:
         self.dsn = dsn
         self.settings = settings
         self.progress = progress
@@ -81,8 +82,10 @@ class Supervisor:
                 log.warning("released %d chunks leased by workers that are gone", released)
             self.pool.start(job, local)
             if local == 0:
-                self.progress.note(f"no workers here (--workers 0): run `crawler worker --job {job.name or job.id}`"
-                                   " with this database on the machines that fetch.")
+                self.progress.note(
+                    f"no workers here (--workers 0): run `crawler worker --job {job.name or job.id}`"
+                    " with this database on the machines that fetch."
+                )
             ingest = asyncio.create_task(self._ingest(job, reader)) if reader is not None else None
             broken = None
             next_look = 0.0
@@ -101,8 +104,9 @@ class Supervisor:
                         counts.ingest_done = ingest is None or ingest.done()
                         if reader is not None:
                             counts.bytes_read, counts.bytes_total = reader.bytes_read, reader.bytes_total
-                        workers = await db.try_run(registry.live_workers, job.id,
-                                                   registry.LIVE_BEATS * self.settings.heartbeat_seconds)
+                        workers = await db.try_run(
+                            registry.live_workers, job.id, registry.LIVE_BEATS * self.settings.heartbeat_seconds
+                        )
                         self.progress.update(counts, [dict(w) for w in workers or ()])
                         if self.exporter is not None:
                             self.exporter.observe_job(counts)
@@ -110,8 +114,9 @@ class Supervisor:
                         ingest.result()  # an ingest failure ends the crawl with its own error
                     if local == 0:
                         # Fetched elsewhere: done when every chunk is, or on a signal.
-                        if self.stopping.is_set() or (counts is not None and counts.ingest_done
-                                                      and counts.pending == counts.leased == 0):
+                        if self.stopping.is_set() or (
+                            counts is not None and counts.ingest_done and counts.pending == counts.leased == 0
+                        ):
                             break
                     elif finished:
                         break
@@ -132,8 +137,9 @@ class Supervisor:
             await db.run(set_job_state, job.id, JobState.INTERRUPTED)
         ref = job.name or job.id
         if broken:
-            return CrawlOutcome(job, EXIT_INFRA,
-                                f"{broken}; the job is stopped; run `crawler resume {ref}` once fixed.")
+            return CrawlOutcome(
+                job, EXIT_INFRA, f"{broken}; the job is stopped; run `crawler resume {ref}` once fixed."
+            )
         return CrawlOutcome(job, EXIT_INTERRUPTED, f"interrupted; run `crawler resume {ref}` to finish the job.")
 
     def _check_outage(self, failing: bool, job: Job) -> None:

@@ -56,20 +56,31 @@ async def lookup(conn: asyncpg.Connection, fingerprints: list[bytes], ttl: float
         "SELECT fingerprint, status, final_url, body_bytes, body_sha256, etag, last_modified,"
         " fetched_at > now() - make_interval(secs => $2) AS fresh"
         " FROM response_cache WHERE fingerprint = ANY($1::bytea[])",
-        fingerprints, ttl,
+        fingerprints,
+        ttl,
     )
     found = {}
     for r in rows:
-        entry = CachedResponse(r["status"], r["final_url"], r["body_bytes"], r["body_sha256"], r["etag"],
-                               r["last_modified"], r["fresh"])
+        entry = CachedResponse(
+            r["status"], r["final_url"], r["body_bytes"], r["body_sha256"], r["etag"], r["last_modified"], r["fresh"]
+        )
         if entry.fresh or entry.validators():
             found[r["fingerprint"]] = entry
     return found
 
 
-def cache_row(fingerprint: bytes, job_id: int, *, status: int | None, error_kind: str | None,
-              final_url: str | None, body_bytes: int | None, body_sha256: bytes | None,
-              etag: str | None, last_modified: str | None) -> tuple | None:
+def cache_row(
+    fingerprint: bytes,
+    job_id: int,
+    *,
+    status: int | None,
+    error_kind: str | None,
+    final_url: str | None,
+    body_bytes: int | None,
+    body_sha256: bytes | None,
+    etag: str | None,
+    last_modified: str | None,
+) -> tuple | None:
     """The row to remember for a fetched outcome, or None when it is not worth remembering."""
     if status not in CACHEABLE_STATUSES or error_kind not in ANSWERED_KINDS:
         return None
@@ -92,5 +103,6 @@ async def store(conn: asyncpg.Connection, rows: list[tuple]) -> None:
 async def touch(conn: asyncpg.Connection, fingerprints: list[bytes]) -> None:
     """A 304 confirmed these entries: they are fresh again."""
     if fingerprints:
-        await conn.execute("UPDATE response_cache SET fetched_at = now() WHERE fingerprint = ANY($1::bytea[])",
-                           fingerprints)
+        await conn.execute(
+            "UPDATE response_cache SET fetched_at = now() WHERE fingerprint = ANY($1::bytea[])", fingerprints
+        )

@@ -51,8 +51,12 @@ _STORE_FINGERPRINTS = (
 
 
 async def store_chunk(
-    conn: asyncpg.Connection, job_id: int, chunk_no: int, rows: Sequence[RequestRow | InvalidRow],
-    *, dedup: bool = True,
+    conn: asyncpg.Connection,
+    job_id: int,
+    chunk_no: int,
+    rows: Sequence[RequestRow | InvalidRow],
+    *,
+    dedup: bool = True,
 ) -> int:
     """Write one chunk of input rows; return how many of them need a fetch.
 
@@ -77,8 +81,14 @@ async def store_chunk(
 
 
 async def _store_chunk(
-    conn: asyncpg.Connection, job_id: int, chunk_no: int, rows: Sequence[RequestRow | InvalidRow],
-    requests: list[RequestRow], first: dict[bytes, int], *, all_new: bool,
+    conn: asyncpg.Connection,
+    job_id: int,
+    chunk_no: int,
+    rows: Sequence[RequestRow | InvalidRow],
+    requests: list[RequestRow],
+    first: dict[bytes, int],
+    *,
+    all_new: bool,
 ) -> int:
     invalid = [(job_id, r.row, r.raw, r.reason) for r in rows if isinstance(r, InvalidRow)]
     async with conn.transaction():
@@ -92,7 +102,8 @@ async def _store_chunk(
             # (asyncpg checks every element of an array against the abstract collection types).
             try:
                 await conn.copy_records_to_table(
-                    "fingerprints", records=[(job_id, f, r) for f, r in first.items()],
+                    "fingerprints",
+                    records=[(job_id, f, r) for f, r in first.items()],
                     columns=("job_id", "fingerprint", "row_no"),
                 )
             except asyncpg.UniqueViolationError:
@@ -107,19 +118,50 @@ async def _store_chunk(
         records = []
         for r in requests:
             dup_of = first.get(r.fingerprint)
-            records.append((job_id, r.row, chunk_no, r.method, r.url, r.fingerprint, r.headers, r.body,
-                            r.normalized, r.given, None if dup_of == r.row else dup_of))
+            records.append(
+                (
+                    job_id,
+                    r.row,
+                    chunk_no,
+                    r.method,
+                    r.url,
+                    r.fingerprint,
+                    r.headers,
+                    r.body,
+                    r.normalized,
+                    r.given,
+                    None if dup_of == r.row else dup_of,
+                )
+            )
         fetch_rows = sum(1 for record in records if record[-1] is None)
         if records:
             await conn.copy_records_to_table(
-                "requests", records=records,
-                columns=("job_id", "row_no", "chunk_no", "method", "url", "fingerprint", "headers", "body",
-                         "normalized_url", "given_url", "dup_of"),
+                "requests",
+                records=records,
+                columns=(
+                    "job_id",
+                    "row_no",
+                    "chunk_no",
+                    "method",
+                    "url",
+                    "fingerprint",
+                    "headers",
+                    "body",
+                    "normalized_url",
+                    "given_url",
+                    "dup_of",
+                ),
             )
         await conn.execute(
             "INSERT INTO chunks (job_id, chunk_no, first_row, last_row, fetch_rows, input_rows, invalid_rows, state)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $5 = 0 THEN 'done' ELSE 'pending' END)",
-            job_id, chunk_no, rows[0].row, rows[-1].row, fetch_rows, len(rows), len(invalid),
+            job_id,
+            chunk_no,
+            rows[0].row,
+            rows[-1].row,
+            fetch_rows,
+            len(rows),
+            len(invalid),
         )
         await conn.execute("UPDATE jobs SET rows_read = $2 WHERE id = $1", job_id, rows[-1].row)
     return fetch_rows
@@ -164,13 +206,16 @@ async def lease_chunk(conn: asyncpg.Connection, job_id: int, owner: str, lease_s
         "   AND NOT EXISTS (SELECT 1 FROM chunks s WHERE s.job_id = $1 AND s.state = 'leased'"
         "       AND s.lease_owner = $2 AND s.deaths > 0)"
         " RETURNING c.chunk_no, c.fence, c.first_row, c.last_row",
-        job_id, owner, lease_seconds,
+        job_id,
+        owner,
+        lease_seconds,
     )
     return LeasedChunk(Lease(row["chunk_no"], row["fence"]), row["first_row"], row["last_row"]) if row else None
 
 
-async def renew_leases(conn: asyncpg.Connection, job_id: int, leases: Iterable[Lease],
-                       lease_seconds: float) -> set[int]:
+async def renew_leases(
+    conn: asyncpg.Connection, job_id: int, leases: Iterable[Lease], lease_seconds: float
+) -> set[int]:
     """Extend the given leases; return the chunk numbers whose lease is still ours."""
     leases = list(leases)
     if not leases:
@@ -183,7 +228,10 @@ async def renew_leases(conn: asyncpg.Connection, job_id: int, leases: Iterable[L
         " WHERE c.job_id = $1 AND c.chunk_no = ANY($2::int[]) AND c.chunk_no = held.chunk_no"
         "   AND c.fence = held.fence AND c.state = 'leased'"
         " RETURNING c.chunk_no",
-        job_id, [lease.chunk_no for lease in leases], [lease.fence for lease in leases], lease_seconds,
+        job_id,
+        [lease.chunk_no for lease in leases],
+        [lease.fence for lease in leases],
+        lease_seconds,
     )
     return {r["chunk_no"] for r in rows}
 
@@ -193,7 +241,9 @@ async def release_chunk(conn: asyncpg.Connection, job_id: int, lease: Lease) -> 
     await conn.execute(
         "UPDATE chunks SET state = 'pending', lease_owner = NULL, lease_expires = NULL"
         " WHERE job_id = $1 AND chunk_no = $2 AND fence = $3 AND state = 'leased'",
-        job_id, lease.chunk_no, lease.fence,
+        job_id,
+        lease.chunk_no,
+        lease.fence,
     )
 
 
@@ -203,7 +253,8 @@ async def release_leases_of(conn: asyncpg.Connection, job_id: int, owners: Seque
     result = await conn.execute(
         "UPDATE chunks SET state = 'pending', lease_owner = NULL, lease_expires = NULL"
         " WHERE job_id = $1 AND state = 'leased' AND lease_owner = ANY($2::text[])",
-        job_id, list(owners),
+        job_id,
+        list(owners),
     )
     return int(result.split()[-1])
 
@@ -228,14 +279,21 @@ async def chunk_requests(conn: asyncpg.Connection, job_id: int, chunk: LeasedChu
         "SELECT row_no, method, url, fingerprint, headers::text AS headers, body FROM requests"
         " WHERE job_id = $1 AND row_no BETWEEN $2 AND $3"
         " AND dup_of IS NULL ORDER BY row_no",
-        job_id, chunk.first_row, chunk.last_row,
+        job_id,
+        chunk.first_row,
+        chunk.last_row,
     )
     if chunk.lease.fence == 1:
         return rows
-    done = {r["row_no"] for r in await conn.fetch(
-        "SELECT row_no FROM results WHERE job_id = $1 AND row_no BETWEEN $2 AND $3",
-        job_id, chunk.first_row, chunk.last_row,
-    )}
+    done = {
+        r["row_no"]
+        for r in await conn.fetch(
+            "SELECT row_no FROM results WHERE job_id = $1 AND row_no BETWEEN $2 AND $3",
+            job_id,
+            chunk.first_row,
+            chunk.last_row,
+        )
+    }
     return [r for r in rows if r["row_no"] not in done]
 
 

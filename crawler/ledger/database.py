@@ -50,13 +50,13 @@ def mask_dsn(dsn: str) -> str:
             return MASKED_DSN
         # Replaced in place, not rebuilt: urlunsplit would drop the empty authority of
         # postgresql:///db, changing what the user recognises.
-        rest = dsn[scheme.end():]
+        rest = dsn[scheme.end() :]
         authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-        tail = _QUERY_PASSWORD.sub(r"\1\2***", rest[len(authority):])
+        tail = _QUERY_PASSWORD.sub(r"\1\2***", rest[len(authority) :])
         user_part, at, hosts = authority.rpartition("@")
         if at and ":" in user_part and user_part.split(":", 1)[1]:
             authority = f"{user_part.split(':', 1)[0]}:***@{hosts}"
-        return dsn[:scheme.end()] + authority + tail
+        return dsn[: scheme.end()] + authority + tail
     if "=" not in dsn:
         return dsn if not dsn.strip() else MASKED_DSN
     if not _balanced_quotes(dsn):
@@ -125,7 +125,8 @@ def _private_socket_dir(pgdata: Path, server_user: str | None) -> Path:
         pass
     except OSError as exc:
         raise DatabaseError(
-            f"cannot create the embedded PostgreSQL's socket directory '{path}': {exc.strerror}.") from None
+            f"cannot create the embedded PostgreSQL's socket directory '{path}': {exc.strerror}."
+        ) from None
     _check_private(path, owner.pw_uid if owner is not None else os.geteuid())
     return path
 
@@ -157,8 +158,9 @@ def embedded_dsn(home: str | Path) -> str:
                 if running is not None and running.is_running():
                     if running.socket_dir is not None and running.socket_dir != pgdata:
                         server_user = server.system_user
-                        _check_private(running.socket_dir, pwd.getpwnam(server_user).pw_uid if server_user
-                                       else os.geteuid())
+                        _check_private(
+                            running.socket_dir, pwd.getpwnam(server_user).pw_uid if server_user else os.geteuid()
+                        )
                 else:
                     _start_private(server, pgdata, pgserver)
             server.start()  # finds the server running and attaches to it
@@ -177,8 +179,11 @@ def _start_private(server, pgdata: Path, pgserver: ModuleType) -> None:
     socket_dir = _private_socket_dir(pgdata, server.system_user)
     options = f"-h '' -k '{socket_dir}'"
     pgserver.pgexec.pgexec(
-        "pg_ctl", ("-w", "-o", options, "-l", str(pgdata / "log"), "-D", str(pgdata), "start"),
-        bin_path=server.bin_path, user=server.system_user, timeout=60,
+        "pg_ctl",
+        ("-w", "-o", options, "-l", str(pgdata / "log"), "-D", str(pgdata), "start"),
+        bin_path=server.bin_path,
+        user=server.system_user,
+        timeout=60,
     )
 
 
@@ -289,8 +294,12 @@ def _keep_alive(conn: asyncpg.Connection, timeout: int) -> None:
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return  # a Unix socket: the server is on this machine
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (("TCP_KEEPIDLE", timeout // 3), ("TCP_KEEPINTVL", timeout // 6), ("TCP_KEEPCNT", 3),
-                          ("TCP_USER_TIMEOUT", timeout * 1000)):
+    for option, value in (
+        ("TCP_KEEPIDLE", timeout // 3),
+        ("TCP_KEEPINTVL", timeout // 6),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", timeout * 1000),
+    ):
         if hasattr(socket, option):  # Linux names; other systems keep their defaults
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
@@ -301,8 +310,15 @@ class LedgerConnection:
     seconds; then the last error is raised, naming `job` (its name or id) in the resume hint.
     Calls must be safe to repeat. `connect` replaces asyncpg's (an in-memory ledger in tests)."""
 
-    def __init__(self, dsn: str, *, outage_limit: float, setup=None, job: str | int | None = None,
-                 connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        outage_limit: float,
+        setup=None,
+        job: str | int | None = None,
+        connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
+    ) -> None:
         self.dsn = dsn
         self.outage_limit = outage_limit
         self._setup = setup

@@ -56,7 +56,9 @@ async def create_job(conn: asyncpg.Connection, *, name: str | None, input: str, 
     try:
         row = await conn.fetchrow(
             "INSERT INTO jobs (name, input, settings) VALUES ($1, $2, $3::jsonb) RETURNING *",
-            name, input, orjson.dumps(settings).decode(),
+            name,
+            input,
+            orjson.dumps(settings).decode(),
         )
     except asyncpg.UniqueViolationError:
         raise JobExists(
@@ -72,8 +74,9 @@ def _job(row: asyncpg.Record) -> Job:
     settings = row["settings"]
     if isinstance(settings, str):
         settings = orjson.loads(settings)
-    return Job(row["id"], row["name"], row["input"], JobState(row["state"]), settings, row["rows_read"],
-               row["ingest_done"])
+    return Job(
+        row["id"], row["name"], row["input"], JobState(row["state"]), settings, row["rows_read"], row["ingest_done"]
+    )
 
 
 async def fetch_timing(conn: asyncpg.Connection, job_id: int) -> tuple[asyncpg.Record, asyncpg.Record]:
@@ -143,7 +146,8 @@ async def job_phase(conn: asyncpg.Connection, job_id: int) -> tuple[str, bool]:
 async def set_job_state(conn: asyncpg.Connection, job_id: int, state: JobState) -> None:
     await conn.execute(
         "UPDATE jobs SET state = $2, finished_at = CASE WHEN $2 = 'done' THEN now() END WHERE id = $1",
-        job_id, state,
+        job_id,
+        state,
     )
 
 

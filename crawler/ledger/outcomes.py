@@ -29,13 +29,13 @@ _RESULTS = (
     " FROM results WHERE job_id = $1 AND row_no BETWEEN $2 AND $3"
 )
 _INVALID = (
-    "SELECT row_no, raw, reason FROM invalid_rows WHERE job_id = $1 AND row_no > $2"
-    f" ORDER BY row_no LIMIT {BATCH_ROWS}"
+    f"SELECT row_no, raw, reason FROM invalid_rows WHERE job_id = $1 AND row_no > $2 ORDER BY row_no LIMIT {BATCH_ROWS}"
 )
 
 
-async def request_batches(conn: asyncpg.Connection,
-                          job_id: int) -> AsyncIterator[tuple[list[asyncpg.Record], list[asyncpg.Record]]]:
+async def request_batches(
+    conn: asyncpg.Connection, job_id: int
+) -> AsyncIterator[tuple[list[asyncpg.Record], list[asyncpg.Record]]]:
     """The job's requests, BATCH_ROWS at a time in row order, each batch with the results of its
     row range (a row not fetched yet has none)."""
     after = -1

@@ -33,7 +33,11 @@ class Released:
 
 
 async def release_dead_workers(
-    conn: asyncpg.Connection, job_id: int, owners: Sequence[str], *, quarantine_after: int = QUARANTINE_AFTER,
+    conn: asyncpg.Connection,
+    job_id: int,
+    owners: Sequence[str],
+    *,
+    quarantine_after: int = QUARANTINE_AFTER,
 ) -> Released:
     """Give back every chunk leased by these owners, known to be dead, counting a death on each.
     A chunk at `quarantine_after` deaths is done instead: its rows still without a result are
@@ -49,7 +53,9 @@ async def release_dead_workers(
             "   quarantined = c.deaths + 1 >= $3"
             " FROM held WHERE c.job_id = $1 AND c.chunk_no = held.chunk_no"
             " RETURNING c.chunk_no, held.lease_owner, c.deaths, c.quarantined, c.first_row, c.last_row",
-            job_id, list(owners), quarantine_after,
+            job_id,
+            list(owners),
+            quarantine_after,
         )
         held: dict[str, list[int]] = {}
         first_deaths: set[str] = set()  # owners that held a chunk no worker had died on before
@@ -59,16 +65,23 @@ async def release_dead_workers(
             if r["deaths"] == 1:
                 first_deaths.add(r["lease_owner"])
             if r["quarantined"]:
-                given_up = await _give_up_rows(conn, job_id, r["chunk_no"], r["first_row"], r["last_row"],
-                                               f"workers died {r['deaths']} times on this chunk"
-                                               f" (chunk {r['chunk_no']}, rows {r['first_row']}-{r['last_row']});"
-                                               f" not fetched")
+                given_up = await _give_up_rows(
+                    conn,
+                    job_id,
+                    r["chunk_no"],
+                    r["first_row"],
+                    r["last_row"],
+                    f"workers died {r['deaths']} times on this chunk"
+                    f" (chunk {r['chunk_no']}, rows {r['first_row']}-{r['last_row']});"
+                    f" not fetched",
+                )
                 quarantined.append(Quarantine(r["chunk_no"], r["first_row"], r["last_row"], r["deaths"], given_up))
     return Released(held, quarantined, frozenset(held) - first_deaths)
 
 
-async def _give_up_rows(conn: asyncpg.Connection, job_id: int, chunk_no: int, first_row: int, last_row: int,
-                        reason: str) -> int:
+async def _give_up_rows(
+    conn: asyncpg.Connection, job_id: int, chunk_no: int, first_row: int, last_row: int, reason: str
+) -> int:
     """The chunk's rows still without a result become `internal` results; its counts say so."""
     given_up = await conn.fetch(
         "INSERT INTO results (job_id, row_no, error_kind, error, attempts, from_cache)"
@@ -76,11 +89,16 @@ async def _give_up_rows(conn: asyncpg.Connection, job_id: int, chunk_no: int, fi
         " WHERE q.job_id = $1 AND q.row_no BETWEEN $2 AND $3 AND q.dup_of IS NULL"
         " AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = $1 AND r.row_no = q.row_no)"
         " ON CONFLICT DO NOTHING RETURNING row_no",
-        job_id, first_row, last_row, reason,
+        job_id,
+        first_row,
+        last_row,
+        reason,
     )
     await conn.execute(
         "UPDATE chunks SET done_rows = fetch_rows, failed_rows = failed_rows + $3 WHERE job_id = $1 AND chunk_no = $2",
-        job_id, chunk_no, len(given_up),
+        job_id,
+        chunk_no,
+        len(given_up),
     )
     return len(given_up)
 

@@ -20,7 +20,10 @@ async def register_worker(conn: asyncpg.Connection, job_id: int, worker_id: str,
     await conn.execute(
         "INSERT INTO workers (job_id, worker_id, host, pid) VALUES ($1, $2, $3, $4)"
         " ON CONFLICT (job_id, worker_id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL",
-        job_id, worker_id, host, pid,
+        job_id,
+        worker_id,
+        host,
+        pid,
     )
 
 
@@ -38,15 +41,21 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-async def worker_heartbeat(conn: asyncpg.Connection, job_id: int, worker_id: str, fetched: int,
-                           *, stopped: bool = False) -> None:
+async def worker_heartbeat(
+    conn: asyncpg.Connection, job_id: int, worker_id: str, fetched: int, *, stopped: bool = False
+) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)  # of the calling process: the worker's CPU
     await conn.execute(
         "UPDATE workers SET heartbeat_at = now(), fetched = $3,"
         " stopped_at = CASE WHEN $4 THEN now() ELSE stopped_at END,"
         " peak_rss_bytes = $5, cpu_seconds = $6"
         " WHERE job_id = $1 AND worker_id = $2",
-        job_id, worker_id, fetched, stopped, peak_rss_bytes(), usage.ru_utime + usage.ru_stime,
+        job_id,
+        worker_id,
+        fetched,
+        stopped,
+        peak_rss_bytes(),
+        usage.ru_utime + usage.ru_stime,
     )
 
 
@@ -65,7 +74,8 @@ async def live_workers(conn: asyncpg.Connection, job_id: int, within_seconds: fl
         " fetched / greatest(extract(epoch FROM heartbeat_at - started_at), 0.001) AS rate"
         " FROM workers WHERE job_id = $1 AND stopped_at IS NULL"
         " AND heartbeat_at > now() - make_interval(secs => $2) ORDER BY worker_id",
-        job_id, within_seconds,
+        job_id,
+        within_seconds,
     )
 
 
@@ -73,7 +83,8 @@ async def live_worker_count(conn: asyncpg.Connection, job_id: int, within_second
     return await conn.fetchval(
         "SELECT count(*) FROM workers WHERE job_id = $1 AND stopped_at IS NULL"
         " AND heartbeat_at > now() - make_interval(secs => $2)",
-        job_id, within_seconds,
+        job_id,
+        within_seconds,
     )
 
 
@@ -90,7 +101,5 @@ def by_host(workers: list[dict]) -> list[dict]:
 
 async def open_job(conn: asyncpg.Connection) -> Job | None:
     """The oldest job still being ingested or fetched: what a worker with no job named joins."""
-    job_id = await conn.fetchval(
-        "SELECT id FROM jobs WHERE state IN ('ingesting', 'running') ORDER BY id LIMIT 1"
-    )
+    job_id = await conn.fetchval("SELECT id FROM jobs WHERE state IN ('ingesting', 'running') ORDER BY id LIMIT 1")
     return None if job_id is None else await find_job(conn, job_id)

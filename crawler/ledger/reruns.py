@@ -21,8 +21,9 @@ class Reopened(NamedTuple):
     chunks: int  # chunks made pending again
 
 
-async def reopen_for_retry(conn: asyncpg.Connection, job_id: int, *, kinds: Sequence[str],
-                           statuses: Sequence[tuple[int, int]]) -> Reopened | None:
+async def reopen_for_retry(
+    conn: asyncpg.Connection, job_id: int, *, kinds: Sequence[str], statuses: Sequence[tuple[int, int]]
+) -> Reopened | None:
     """Make a finished job fetch again the rows whose result has one of these error kinds, or is
     an `http_status` within one of these (low, high) status ranges. One transaction: their
     results are deleted (with their stored bodies, and the answers this job left in the
@@ -51,7 +52,12 @@ async def reopen_for_retry(conn: asyncpg.Connection, job_id: int, *, kinds: Sequ
                 " SELECT p.row_no, p.attempts, q.chunk_no, q.dup_of IS NOT NULL AS duplicate"
                 " FROM picked p CROSS JOIN LATERAL (SELECT chunk_no, dup_of FROM requests"
                 "      WHERE job_id = $1 AND row_no = p.row_no LIMIT 1) AS q",
-                job_id, first, last, kinds, lows, highs,
+                job_id,
+                first,
+                last,
+                kinds,
+                lows,
+                highs,
             )
             if not picked:
                 continue
@@ -61,20 +67,28 @@ async def reopen_for_retry(conn: asyncpg.Connection, job_id: int, *, kinds: Sequ
             for r in fetched:
                 chunks[r["chunk_no"]] = chunks.get(r["chunk_no"], 0) + 1
             await conn.copy_records_to_table(
-                "retried", records=[(job_id, r["row_no"], r["attempts"]) for r in fetched],
+                "retried",
+                records=[(job_id, r["row_no"], r["attempts"]) for r in fetched],
                 columns=("job_id", "row_no", "attempts"),
             )
             # The range bounds the scan where PostgreSQL 15 makes `= ANY` a filter on the job's rows.
-            await conn.execute("DELETE FROM bodies WHERE job_id = $1 AND row_no BETWEEN $3 AND $4"
-                               " AND row_no = ANY($2::bigint[])",
-                               job_id, [r["row_no"] for r in picked], first, last)
+            await conn.execute(
+                "DELETE FROM bodies WHERE job_id = $1 AND row_no BETWEEN $3 AND $4 AND row_no = ANY($2::bigint[])",
+                job_id,
+                [r["row_no"] for r in picked],
+                first,
+                last,
+            )
             # The answers this job stored in the cross-job cache (--cache-ttl) for these requests
             # are the ones being asked again: served from there, nothing would be fetched.
             await conn.execute(
                 "DELETE FROM response_cache WHERE job_id = $1 AND fingerprint = ANY(ARRAY("
                 "  SELECT fingerprint FROM requests WHERE job_id = $1 AND row_no BETWEEN $3 AND $4"
                 "  AND row_no = ANY($2::bigint[])))",
-                job_id, [r["row_no"] for r in fetched], first, last,
+                job_id,
+                [r["row_no"] for r in fetched],
+                first,
+                last,
             )
         if chunks:
             # Every reopened row was a failure: it leaves done_rows and failed_rows alike.
@@ -84,7 +98,9 @@ async def reopen_for_retry(conn: asyncpg.Connection, job_id: int, *, kinds: Sequ
                 "   lease_owner = NULL, lease_expires = NULL, deaths = 0, quarantined = false"
                 " FROM unnest($2::int[], $3::int[]) AS w(chunk_no, n)"
                 " WHERE c.job_id = $1 AND c.chunk_no = ANY($2::int[]) AND c.chunk_no = w.chunk_no",
-                job_id, list(chunks), list(chunks.values()),
+                job_id,
+                list(chunks),
+                list(chunks.values()),
             )
         if rows:
             await conn.execute("UPDATE jobs SET state = 'running', finished_at = NULL WHERE id = $1", job_id)
@@ -99,7 +115,9 @@ async def fold_retried_attempts(conn: asyncpg.Connection, job_id: int) -> None:
         last = first + RANGE_ROWS - 1
         retried = await conn.fetch(
             "SELECT row_no, attempts FROM retried WHERE job_id = $1 AND row_no BETWEEN $2 AND $3",
-            job_id, first, last,
+            job_id,
+            first,
+            last,
         )
         # Row by row, each a primary-key lookup (pipelined): joined to `retried`, the results were
         # planned as a rescan of the whole range for every retried row, on 15 and 18 alike.

@@ -122,7 +122,8 @@ async def _write_results(
         current = await conn.fetch(
             "SELECT chunk_no, fence FROM chunks WHERE job_id = $1 AND chunk_no = ANY($2::int[])"
             " AND state = 'leased' ORDER BY chunk_no FOR UPDATE",
-            job_id, [lease.chunk_no for lease in leases],
+            job_id,
+            [lease.chunk_no for lease in leases],
         )
         held = {Lease(r["chunk_no"], r["fence"]) for r in current}
         refused = {lease for lease in leases if lease not in held}
@@ -138,8 +139,12 @@ async def _write_results(
         elif records:
             await conn.copy_records_to_table(table, records=_copyable(records), columns=RESULT_COLUMNS)
         if records and replay:
-            new = {r["row_no"] for r in await conn.fetch(
-                "INSERT INTO results SELECT * FROM result_stage ON CONFLICT DO NOTHING RETURNING row_no")}
+            new = {
+                r["row_no"]
+                for r in await conn.fetch(
+                    "INSERT INTO results SELECT * FROM result_stage ON CONFLICT DO NOTHING RETURNING row_no"
+                )
+            }
             batches = {lease: [rec for rec in recs if rec.row_no in new] for lease, recs in batches.items()}
         # The cross-job cache learns from every write, fenced or not: an answer is an answer.
         if isolate:
@@ -181,14 +186,16 @@ def _copyable(rows: list[ResultRow]) -> list[tuple]:
 async def _store_bodies(conn: asyncpg.Connection, rows: list[BodyRow]) -> None:
     if rows:
         await conn.executemany(
-            "INSERT INTO bodies (job_id, row_no, content_type, body) VALUES ($1, $2, $3, $4)"
-            " ON CONFLICT DO NOTHING",
+            "INSERT INTO bodies (job_id, row_no, content_type, body) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
             rows,
         )
 
 
 async def _store_isolating(
-    conn: asyncpg.Connection, table: str, records: list[ResultRow], bodies: list[BodyRow],
+    conn: asyncpg.Connection,
+    table: str,
+    records: list[ResultRow],
+    bodies: list[BodyRow],
 ) -> dict[int, ResultRow]:
     """Store the bodies and result records the database takes; return, by row, the `internal`
     record stored instead of each result it refused (or whose body it refused)."""
@@ -205,23 +212,33 @@ async def _store_isolating(
         return {}
     internal = {rec.row_no: _internal(rec, why[rec.row_no]) for rec in records if rec.row_no in why}
     await copy(conn, list(internal.values()))
-    log.warning("%d results stored as internal, the database refused them (the first: %s)",
-                len(internal), next(iter(internal.values())).error)
+    log.warning(
+        "%d results stored as internal, the database refused them (the first: %s)",
+        len(internal),
+        next(iter(internal.values())).error,
+    )
     return internal
 
 
 def _internal(record: ResultRow, why: str) -> ResultRow:
     """The `internal` result that stands for a record the database refused: the row, its
     attempts and time, and why (made storable itself)."""
-    return record._replace(status=None, final_url=None, error_kind=ErrorKind.INTERNAL,
-                           error=storable(why, ERROR_CAP)[0], body_bytes=None, body_sha256=None)
+    return record._replace(
+        status=None,
+        final_url=None,
+        error_kind=ErrorKind.INTERNAL,
+        error=storable(why, ERROR_CAP)[0],
+        body_bytes=None,
+        body_sha256=None,
+    )
 
 
 Row = TypeVar("Row", bound=tuple)
 
 
-async def _refused_rows(conn: asyncpg.Connection, store: Callable[[asyncpg.Connection, list[Row]], Awaitable[None]],
-                        rows: list[Row]) -> list[tuple[Row, str]]:
+async def _refused_rows(
+    conn: asyncpg.Connection, store: Callable[[asyncpg.Connection, list[Row]], Awaitable[None]], rows: list[Row]
+) -> list[tuple[Row, str]]:
     """Store `rows` by `store(conn, rows)`, each part in a savepoint; find the rows the database
     refuses for their data by halving the part that fails, and return each with the error."""
     if not rows:

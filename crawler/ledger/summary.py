@@ -31,10 +31,12 @@ async def job_summary(conn: asyncpg.Connection, job_id: int, *, elapsed_s: float
         job_id,
     )
     invalid = await conn.fetchval("SELECT count(*) FROM invalid_rows WHERE job_id = $1", job_id)
-    cache_kinds = dict(await conn.fetch(
-        "SELECT cache_kind, count(*) FROM results WHERE job_id = $1 AND cache_kind IS NOT NULL GROUP BY cache_kind",
-        job_id,
-    ))
+    cache_kinds = dict(
+        await conn.fetch(
+            "SELECT cache_kind, count(*) FROM results WHERE job_id = $1 AND cache_kind IS NOT NULL GROUP BY cache_kind",
+            job_id,
+        )
+    )
     statuses = await conn.fetch(
         "SELECT status, count(*) AS n FROM results WHERE job_id = $1 AND status IS NOT NULL"
         " GROUP BY status ORDER BY status",

@@ -160,9 +160,7 @@ def _hang_up(request: web.Request, *, reset: bool, data: bytes = b"") -> web.Res
     return web.Response()
 
 
-async def _stream(
-    request: web.Request, response: web.StreamResponse, chunks: int | None
-) -> web.StreamResponse:
+async def _stream(request: web.Request, response: web.StreamResponse, chunks: int | None) -> web.StreamResponse:
     """Send the headers, then `chunks` pattern chunks (None: forever) or until the client leaves."""
     await response.prepare(request)
     if request.method == "HEAD":
@@ -268,9 +266,7 @@ def _zeros_crc32(mib: int) -> int:
 async def _gzip_bomb(request: web.Request) -> web.StreamResponse:
     mib = _int_param(request, "mib", 0, MAX_BOMB_MIB)
     header, segment, final_block = _gzip_zeros_parts()
-    response = web.StreamResponse(
-        headers={"Content-Type": "application/octet-stream", "Content-Encoding": "gzip"}
-    )
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "Content-Encoding": "gzip"})
     response.content_length = len(header) + mib * len(segment) + len(final_block) + 8
     await response.prepare(request)
     if request.method == "HEAD":
@@ -422,8 +418,10 @@ def robots_knob(knob: str) -> tuple[str, float | int | None]:
             raise ValueError(knob)
         return name, _ROBOTS_ARGS[name](arg) if arg else None
     except ValueError:
-        raise ValueError(f"unknown robots knob {knob!r}: one of {sorted(ROBOTS_KNOBS)} (delay:S, status:N,"
-                         " redirects:N, slow:MS, flaky:N take a number)") from None
+        raise ValueError(
+            f"unknown robots knob {knob!r}: one of {sorted(ROBOTS_KNOBS)} (delay:S, status:N,"
+            " redirects:N, slow:MS, flaky:N take a number)"
+        ) from None
 
 
 async def _robots(request: web.Request) -> web.StreamResponse:

@@ -57,8 +57,9 @@ def host_bases(base: str, hosts: int | None) -> list[str]:
     return [f"{scheme}://h{i}.{BENCH_ZONE}:{port}" for i in range(hosts)]
 
 
-def write_urls(path: Path, base: str, count: int, duplicates: float, latency_ms: int, seed: int = 1,
-               hosts: int | None = None) -> None:
+def write_urls(
+    path: Path, base: str, count: int, duplicates: float, latency_ms: int, seed: int = 1, hosts: int | None = None
+) -> None:
     """A CSV of `count` URLs, `duplicate_rows(count, duplicates)` of them repeating earlier ones.
 
     The duplicates are spread evenly through the file (as in a real export, not all at its end),
@@ -147,8 +148,21 @@ class MockServerProcess(LoopbackProcess):
         self.robots = robots
         self.ca_file = ca_file
         tls = ["--tls", "--ca-out", str(ca_file)] if ca_file is not None else []
-        super().__init__(["-m", "crawler.mock.server", "--port", "0", "--processes", str(processes),
-                          "--no-path-hits", "--report", "--robots", robots, *tls])
+        super().__init__(
+            [
+                "-m",
+                "crawler.mock.server",
+                "--port",
+                "0",
+                "--processes",
+                str(processes),
+                "--no-path-hits",
+                "--report",
+                "--robots",
+                robots,
+                *tls,
+            ]
+        )
 
     def hits(self) -> dict:
         """The server's hit counts (/__hits): the total, and robots.txt's among the counted paths."""
@@ -177,8 +191,9 @@ def _cpu(usage: resource.struct_rusage) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def measure(dsn: str, job_id: int, *, elapsed_s: float, supervisor_cpu_s: float,
-                  supervisor_peak_rss: int) -> dict:
+async def measure(
+    dsn: str, job_id: int, *, elapsed_s: float, supervisor_cpu_s: float, supervisor_peak_rss: int
+) -> dict:
     """The bench figures of a finished job, from the ledger and the supervisor's own usage."""
     async with connection(dsn) as conn:
         job, results = await fetch_timing(conn, job_id)
@@ -202,8 +217,12 @@ async def measure(dsn: str, job_id: int, *, elapsed_s: float, supervisor_cpu_s: 
         "rows_written_per_s": round(results["rows"] / to_finish, 1) if to_finish else None,
         "time_to_first_request_s": round(float(job["to_first"]), 3) if job["to_first"] is not None else None,
         "workers": [
-            {"worker": w["worker_id"], "fetched": w["fetched"], "peak_rss_bytes": w["peak_rss_bytes"],
-             "cpu_s": round(float(w["cpu_seconds"] or 0.0), 3)}
+            {
+                "worker": w["worker_id"],
+                "fetched": w["fetched"],
+                "peak_rss_bytes": w["peak_rss_bytes"],
+                "cpu_s": round(float(w["cpu_seconds"] or 0.0), 3),
+            }
             for w in workers
         ],
     }
@@ -224,8 +243,11 @@ def render_bench(figures: dict, console: Console) -> None:
     if lat["p50"] is not None:
         table.add_row("latency p50/p95/p99", f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} ms")
     cpu = figures["cpu_s"]
-    table.add_row("CPU s per 1 000 requests", f"{num(figures['cpu_s_per_1000_requests'], '.3f')}"
-                  f" (supervisor {cpu['supervisor']:.1f} s, workers {cpu['workers']:.1f} s)")
+    table.add_row(
+        "CPU s per 1 000 requests",
+        f"{num(figures['cpu_s_per_1000_requests'], '.3f')}"
+        f" (supervisor {cpu['supervisor']:.1f} s, workers {cpu['workers']:.1f} s)",
+    )
     if figures.get("mock_server_cpu_s") is not None:
         table.add_row("mock server CPU s", f"{figures['mock_server_cpu_s']:.1f}")
     table.add_row("peak RSS supervisor", mib(rss["supervisor"]))
@@ -234,20 +256,35 @@ def render_bench(figures: dict, console: Console) -> None:
         table.add_row("largest crawler process", mib(figures["largest_process_rss_bytes"]))
     if figures.get("connections"):
         conns = figures["connections"]
-        table.add_row("new connections", f"{conns['new']:,} ({num(conns['new_per_s'])}/s,"
-                      f" TLS handshakes {num(conns['tls_handshakes_per_s'])}/s)")
+        table.add_row(
+            "new connections",
+            f"{conns['new']:,} ({num(conns['new_per_s'])}/s, TLS handshakes {num(conns['tls_handshakes_per_s'])}/s)",
+        )
     if figures.get("dns"):
         dns = figures["dns"]
-        table.add_row("DNS questions", f"{dns['questions']:,} for {dns['names_asked']:,} names"
-                      f" ({dns['questions_per_name']} per host name)")
+        table.add_row(
+            "DNS questions",
+            f"{dns['questions']:,} for {dns['names_asked']:,} names ({dns['questions_per_name']} per host name)",
+        )
     table.add_row("rows/s written", num(figures["rows_written_per_s"]))
     table.add_row("time to first request", f"{num(figures['time_to_first_request_s'], '.3f')} s")
     console.print(table)
 
 
-async def bench(dsn: str, settings: Settings, *, urls: int, duplicates: float, latency_ms: int,
-                server_processes: int, summary_json: str | None, quiet: bool, standby: Standby | None = None,
-                hosts: int | None = None, tls: bool = False) -> int:
+async def bench(
+    dsn: str,
+    settings: Settings,
+    *,
+    urls: int,
+    duplicates: float,
+    latency_ms: int,
+    server_processes: int,
+    summary_json: str | None,
+    quiet: bool,
+    standby: Standby | None = None,
+    hosts: int | None = None,
+    tls: bool = False,
+) -> int:
     if not 0 <= duplicates < 1:
         raise CrawlerError("--duplicates must be a fraction from 0 up to (not including) 1.")
     if urls < 1:
@@ -270,32 +307,53 @@ async def bench(dsn: str, settings: Settings, *, urls: int, duplicates: float, l
         write_urls(path, server.url, urls, duplicates, latency_ms, hosts=hosts)
         if not quiet:
             spread = f" over {hosts} host names" if hosts else ""
-            print(f"bench: {urls} URLs{spread} ({duplicates:.0%} duplicates, {latency_ms} ms latency) against "
-                  f"{server.url}", file=sys.stderr)
+            print(
+                f"bench: {urls} URLs{spread} ({duplicates:.0%} duplicates, {latency_ms} ms latency) against "
+                f"{server.url}",
+                file=sys.stderr,
+            )
         # The crawl writes its summary here; the bench figures are added to it below.
         crawl_summary = tmp / "summary.json"
         server_cpu_before = server.cpu_seconds()
         before = resource.getrusage(resource.RUSAGE_SELF)
-        code = await crawl(dsn, settings, input_path=str(path), url_column=None,
-                           job_name=f"bench-{int(time.time())}-{os.getpid()}", summary_json=str(crawl_summary),
-                           quiet=quiet, standby=standby)
+        code = await crawl(
+            dsn,
+            settings,
+            input_path=str(path),
+            url_column=None,
+            job_name=f"bench-{int(time.time())}-{os.getpid()}",
+            summary_json=str(crawl_summary),
+            quiet=quiet,
+            standby=standby,
+        )
         after = resource.getrusage(resource.RUSAGE_SELF)
         server_cpu_after = server.cpu_seconds()
         if not crawl_summary.exists():
             return code
         summary = orjson.loads(crawl_summary.read_bytes())
-        figures = await measure(dsn, summary["job_id"], elapsed_s=summary["elapsed_s"],
-                                supervisor_cpu_s=_cpu(after) - _cpu(before),
-                                supervisor_peak_rss=registry.peak_rss_bytes())
+        figures = await measure(
+            dsn,
+            summary["job_id"],
+            elapsed_s=summary["elapsed_s"],
+            supervisor_cpu_s=_cpu(after) - _cpu(before),
+            supervisor_peak_rss=registry.peak_rss_bytes(),
+        )
         if server_cpu_before is not None and server_cpu_after is not None:
             figures["mock_server_cpu_s"] = round(server_cpu_after - server_cpu_before, 3)
         hits = server.hits()
         figures["server_requests"] = hits["total"]
         figures["robots_txt_requests"] = hits["paths"].get("/robots.txt", 0)
     # Both servers have stopped (the ExitStack) and printed what they counted.
-    figures.update(shape_figures(figures, elapsed_s=summary["elapsed_s"], hosts=hosts, tls=tls,
-                                 connections=server.connections(),
-                                 dns=responder.reports[0] if responder is not None and responder.reports else None))
+    figures.update(
+        shape_figures(
+            figures,
+            elapsed_s=summary["elapsed_s"],
+            hosts=hosts,
+            tls=tls,
+            connections=server.connections(),
+            dns=responder.reports[0] if responder is not None and responder.reports else None,
+        )
+    )
     summary["bench"] = figures
     if summary_json:
         # noqa reason: one small file, once, after the run, when nothing else waits on the loop.
@@ -305,8 +363,9 @@ async def bench(dsn: str, settings: Settings, *, urls: int, duplicates: float, l
     return code
 
 
-def shape_figures(figures: dict, *, elapsed_s: float, hosts: int | None, tls: bool, connections: int | None,
-                  dns: dict | None) -> dict:
+def shape_figures(
+    figures: dict, *, elapsed_s: float, hosts: int | None, tls: bool, connections: int | None, dns: dict | None
+) -> dict:
     """What the many-host shape costs: connections and handshakes per second, DNS questions per
     name, and the largest crawler process (the supervisor or a worker)."""
     rss = figures["peak_rss_bytes"]
@@ -315,14 +374,20 @@ def shape_figures(figures: dict, *, elapsed_s: float, hosts: int | None, tls: bo
         "hosts": hosts or 1,
         "tls": tls,
         "largest_process_rss_bytes": max([rss["supervisor"] or 0, *rss["workers"]]),
-        "connections": None if connections is None else {
-            "new": connections, "new_per_s": per_s(connections),
+        "connections": None
+        if connections is None
+        else {
+            "new": connections,
+            "new_per_s": per_s(connections),
             "tls_handshakes_per_s": per_s(connections) if tls else 0.0,
         },
         "dns": None,
     }
     if dns is not None:
         names = hosts or 1
-        shape["dns"] = {"questions": dns["queries"], "names_asked": dns["names"],
-                        "questions_per_name": round(dns["queries"] / names, 2)}
+        shape["dns"] = {
+            "questions": dns["queries"],
+            "names_asked": dns["names"],
+            "questions_per_name": round(dns["queries"] / names, 2),
+        }
     return shape

@@ -66,16 +66,16 @@ def parse_question(packet: bytes) -> Question | None:
             break
         if length > 63:  # a compression pointer has no place in a question
             return None
-        labels.append(packet[pos + 1:pos + 1 + length])
+        labels.append(packet[pos + 1 : pos + 1 + length])
         pos += 1 + length
     if pos + 4 > len(packet):
         return None
-    qtype = int.from_bytes(packet[pos:pos + 2], "big")
+    qtype = int.from_bytes(packet[pos : pos + 2], "big")
     try:
         name = b".".join(labels).decode("ascii").lower()
     except UnicodeDecodeError:
         return None
-    return Question(ident, flags, name, qtype, packet[_HEADER.size:pos + 4])
+    return Question(ident, flags, name, qtype, packet[_HEADER.size : pos + 4])
 
 
 def reply_packet(question: Question, reply: Reply) -> bytes:
@@ -144,8 +144,9 @@ class Responder(asyncio.DatagramProtocol):
         return len({name for name, _ in self.asked})
 
 
-async def start_responder(answer: Callable[[Question], Reply], host: str = "127.0.0.1", port: int = 0
-                          ) -> tuple[asyncio.DatagramTransport, Responder, str]:
+async def start_responder(
+    answer: Callable[[Question], Reply], host: str = "127.0.0.1", port: int = 0
+) -> tuple[asyncio.DatagramTransport, Responder, str]:
     """Listen on the running loop; returns (transport, responder, 'HOST:PORT'). Close the transport."""
     loop = asyncio.get_running_loop()
     transport, responder = await loop.create_datagram_endpoint(lambda: Responder(answer), local_addr=(host, port))
@@ -166,8 +167,9 @@ async def _serve(zone: str, address: str, ttl: int, host: str, port: int) -> Non
     finally:
         transport.close()
     # What the bench reads once it stops us: the questions asked, and about how many names.
-    print(orjson.dumps({"queries": sum(responder.asked.values()), "names": responder.names_asked()}).decode(),
-          flush=True)
+    print(
+        orjson.dumps({"queries": sum(responder.asked.values()), "names": responder.names_asked()}).decode(), flush=True
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

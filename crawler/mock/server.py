@@ -177,8 +177,9 @@ async def _reset_stats(request: web.Request) -> web.Response:
     return await _stats(request)
 
 
-def create_app(seed: int = 0, capacity: int | None = None, count_paths: bool = True,
-               robots: str = "none") -> web.Application:
+def create_app(
+    seed: int = 0, capacity: int | None = None, count_paths: bool = True, robots: str = "none"
+) -> web.Application:
     """The mock application; counts live in app[HITS] and app[LOAD], per process.
 
     `seed` decides the seeded answers (/random, /garbage-bytes); `capacity` (None: no limit) is
@@ -246,8 +247,13 @@ def _base_url(host: str, port: int, tls: bool = False) -> str:
 
 
 async def start_mock_server(
-    host: str = "127.0.0.1", port: int = 0, seed: int = 0, capacity: int | None = None,
-    count_paths: bool = True, robots: str = "none", tls: ServerCertificate | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    seed: int = 0,
+    capacity: int | None = None,
+    count_paths: bool = True,
+    robots: str = "none",
+    tls: ServerCertificate | None = None,
 ) -> tuple[web.AppRunner, str]:
     """Start the app on the running loop; returns (runner, base URL). Call runner.cleanup().
     With `tls` (mock_tls.generate_certificate()), it serves HTTPS with that certificate."""
@@ -262,7 +268,11 @@ async def start_mock_server(
 
 @asynccontextmanager
 async def running_mock_server(
-    host: str = "127.0.0.1", port: int = 0, seed: int = 0, capacity: int | None = None, robots: str = "none",
+    host: str = "127.0.0.1",
+    port: int = 0,
+    seed: int = 0,
+    capacity: int | None = None,
+    robots: str = "none",
 ) -> AsyncIterator[str]:
     """start_mock_server as a context manager: yields the base URL, stops the server on exit."""
     runner, url = await start_mock_server(host, port, seed, capacity, robots=robots)
@@ -276,7 +286,11 @@ AppFactory = Callable[[], web.Application]  # picklable (a partial of create_app
 
 
 async def _serve_until_signalled(
-    host: str, port: int, make_app: AppFactory, reuse_port: bool, on_listening: Callable[[int], None],
+    host: str,
+    port: int,
+    make_app: AppFactory,
+    reuse_port: bool,
+    on_listening: Callable[[int], None],
     listening: Listening = PLAIN,
 ) -> None:
     stop = asyncio.Event()
@@ -302,7 +316,11 @@ async def _serve_until_signalled(
 
 
 def _run_in_process(
-    host: str, port: int, make_app: AppFactory, reuse_port: bool, on_listening: Callable[[int], None],
+    host: str,
+    port: int,
+    make_app: AppFactory,
+    reuse_port: bool,
+    on_listening: Callable[[int], None],
     listening: Listening = PLAIN,
 ) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -314,8 +332,9 @@ def _run_child(host: str, port: int, make_app: AppFactory, ready: Connection, li
     _run_in_process(host, port, make_app, True, lambda _port: ready.send(os.getpid()), listening)
 
 
-def _announce(host: str, port: int, processes: int, ready: Callable[[str], None] | None,
-              ca_file: Path | None = None) -> None:
+def _announce(
+    host: str, port: int, processes: int, ready: Callable[[str], None] | None, ca_file: Path | None = None
+) -> None:
     url = _base_url(host, port, ca_file is not None)
     noun = "process" if processes == 1 else "processes"
     trust = f"; trust the CA in {ca_file}" if ca_file is not None else ""
@@ -336,8 +355,13 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 
 
 def _serve_processes(
-    host: str, port: int, processes: int, make_app: AppFactory, ready: Callable[[str], None] | None,
-    listening: Listening = PLAIN, ca_file: Path | None = None,
+    host: str,
+    port: int,
+    processes: int,
+    make_app: AppFactory,
+    ready: Callable[[str], None] | None,
+    listening: Listening = PLAIN,
+    ca_file: Path | None = None,
 ) -> None:
     # The parent only supervises: a signal or any child's exit stops all children.
     stopping = False
@@ -358,9 +382,7 @@ def _serve_processes(
         ready_ends: list[Connection] = []
         for _ in range(processes):
             receive, send = context.Pipe(duplex=False)
-            spawned = context.Process(
-                target=_run_child, args=(host, port, make_app, send, listening), daemon=True
-            )
+            spawned = context.Process(target=_run_child, args=(host, port, make_app, send, listening), daemon=True)
             spawned.start()
             send.close()
             children.append(spawned)
@@ -437,8 +459,9 @@ def serve(
             written = certificate.write_ca(ca_file)
         listening = Listening(certificate, report)
         if processes == 1:
-            _run_in_process(host, port, make_app, False,
-                            lambda bound: _announce(host, bound, 1, ready, written), listening)
+            _run_in_process(
+                host, port, make_app, False, lambda bound: _announce(host, bound, 1, ready, written), listening
+            )
         else:
             _serve_processes(host, port, processes, make_app, ready, listening, written)
 
@@ -455,8 +478,18 @@ def main(argv: list[str] | None = None) -> int:
         robots_knob(args.robots)
     except ValueError as exc:
         parser.error(str(exc))
-    serve(args.host, args.port, args.processes, args.seed, capacity=args.capacity, count_paths=args.count_paths,
-          robots=args.robots, tls=args.tls, ca_file=args.ca_out, report=args.report)
+    serve(
+        args.host,
+        args.port,
+        args.processes,
+        args.seed,
+        capacity=args.capacity,
+        count_paths=args.count_paths,
+        robots=args.robots,
+        tls=args.tls,
+        ca_file=args.ca_out,
+        report=args.report,
+    )
     return 0
 
 
