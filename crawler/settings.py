@@ -94,6 +94,31 @@ def _user_data_dir() -> str:
     return platformdirs.user_data_dir("crawler")
 
 
+class Timeouts(NamedTuple):
+    """An attempt's limits, in seconds: the connection (TCP and TLS), each read, the whole attempt."""
+
+    connect: float
+    read: float
+    total: float
+
+
+class WriterSettings(NamedTuple):
+    """How a worker's writer batches: rows per COPY, seconds between flushes, and the lease a
+    chunk's completion renews."""
+
+    batch_size: int
+    interval: float
+    lease_seconds: float
+
+
+class HostBudget(NamedTuple):
+    """A host's budget in one worker (HostScheduler's initial and maximum in flight, and its rate)."""
+
+    initial: int
+    maximum: int
+    rate: float
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Every setting of the crawler: its default, a line of help, its scope and its flag.
@@ -245,6 +270,25 @@ class Settings:
             backoff_max=self.backoff_max,
             retry_statuses=frozenset(self.retry_statuses),
             retry_after_max=self.retry_after_max,
+        )
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return Timeouts(connect=self.connect_timeout, read=self.read_timeout, total=self.total_timeout)
+
+    @property
+    def writer(self) -> WriterSettings:
+        return WriterSettings(
+            batch_size=self.write_batch, interval=self.write_interval, lease_seconds=self.lease_seconds
+        )
+
+    def host_budget(self, share: int) -> HostBudget:
+        """A host's budget for one of `share` workers: the job's per-host limits are shared by
+        every live worker of the job, not multiplied by them (0 = no limit of its own)."""
+        return HostBudget(
+            initial=max(1, self.per_host_concurrency // share) if self.per_host_concurrency else self.concurrency,
+            maximum=max(1, self.per_host_max // share) if self.per_host_max else self.concurrency,
+            rate=self.per_host_rate / share,
         )
 
 

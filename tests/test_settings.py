@@ -644,3 +644,28 @@ def test_a_ca_file_that_exists_is_taken(tmp_path: Path) -> None:
     ca.write_text("-----BEGIN CERTIFICATE-----\n")  # read by the fetcher, not here: here only found
     settings, _ = load_settings(environ={"CRAWLER_CA_FILE": str(ca)})
     assert settings.ca_file == str(ca)
+
+
+def test_the_small_value_objects_are_read_from_the_settings() -> None:
+    from crawler.settings import HostBudget, Settings, Timeouts, WriterSettings
+
+    s = Settings(
+        connect_timeout=3.0,
+        read_timeout=7.0,
+        total_timeout=11.0,
+        write_batch=250,
+        write_interval=0.25,
+        lease_seconds=45.0,
+        concurrency=40,
+        per_host_concurrency=6,
+        per_host_max=9,
+        per_host_rate=3.0,
+    )
+    assert s.timeouts == Timeouts(connect=3.0, read=7.0, total=11.0)
+    assert s.writer == WriterSettings(batch_size=250, interval=0.25, lease_seconds=45.0)
+    # A job's per-host limits are shared by its live workers, never below one request in flight.
+    assert s.host_budget(1) == HostBudget(initial=6, maximum=9, rate=3.0)
+    assert s.host_budget(4) == HostBudget(initial=1, maximum=2, rate=0.75)
+    # 0 = no limit of its own: the worker's concurrency bounds a host.
+    unlimited = Settings(concurrency=40, per_host_concurrency=0, per_host_max=0, per_host_rate=0.0)
+    assert unlimited.host_budget(3) == HostBudget(initial=40, maximum=40, rate=0.0)

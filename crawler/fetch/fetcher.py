@@ -170,7 +170,8 @@ class Fetcher:
         self.connector: HostConnector | None = None
         self.resolver: CachingResolver | None = None
         # How often the watchdog looks: a read or total timeout fires up to this much late.
-        self.sweep = min(1.0, max(0.05, min(settings.read_timeout, settings.total_timeout) / 20))
+        self.timeouts = settings.timeouts
+        self.sweep = min(1.0, max(0.05, min(self.timeouts.read, self.timeouts.total) / 20))
         self.heap = HeapTrimmer(HEAP_TRIM_INTERVAL)
         self.handshakes_cut = 0  # TLS handshakes a connect timeout ended as they completed
         # The event loop's handler of errors before ours (None: its default).
@@ -199,7 +200,7 @@ class Fetcher:
             # Only the connect timeout is aiohttp's (armed for new connections alone); the read
             # and total timeouts are the watchdog's: aiohttp's cost a timer per request and
             # another re-armed on every read, 7 % of a request's instructions (callgrind).
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout, sock_read=None),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect, sock_read=None),
             headers=self._default_headers,
             cookie_jar=aiohttp.DummyCookieJar(),  # rows are independent: no state between them
             max_field_size=16384,
@@ -257,7 +258,7 @@ class Fetcher:
         (counted from the attempt's start until the first body bytes, then between reads), by
         cancelling their task: what aiohttp's own timers do, with one sweep for all of them. Every
         HEAP_TRIM_INTERVAL seconds, the sweep also gives the freed heap back (crawler/fetch/heap.py)."""
-        total, read = self.settings.total_timeout, self.settings.read_timeout
+        total, read = self.timeouts.total, self.timeouts.read
         while True:
             await asyncio.sleep(self.sweep)
             now = time.perf_counter()

@@ -43,12 +43,7 @@ async def open_worker(
         hosts = host_scheduler(settings)
         if settings.idle_hosts == 0:  # a host with nothing left: its connections go at once
             hosts.on_idle = fetcher.release_host
-        writer = ResultWriter(
-            LedgerAccess(writer_db, job_id),
-            batch_size=settings.write_batch,
-            interval=settings.write_interval,
-            lease_seconds=settings.lease_seconds,
-        )
+        writer = ResultWriter(LedgerAccess(writer_db, job_id), **settings.writer._asdict())
         robots = None
         if settings.robots == "obey":
             from crawler.fetch.robots_gate import RobotsGate

@@ -83,16 +83,6 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def host_budget(settings: Settings, share: int) -> dict:
-    """A host's budget (HostScheduler's initial, maximum and rate) for one of `share` workers."""
-    s = settings
-    return {
-        "initial": max(1, s.per_host_concurrency // share) if s.per_host_concurrency else s.concurrency,
-        "maximum": max(1, s.per_host_max // share) if s.per_host_max else s.concurrency,
-        "rate": s.per_host_rate / share,
-    }
-
-
 def first_share(settings: Settings) -> int:
     # A host's budget is shared by every live worker of the job, on every machine, not
     # multiplied by them: until the registry has been read, by this machine's workers.
@@ -102,7 +92,7 @@ def first_share(settings: Settings) -> int:
 def host_scheduler(settings: Settings) -> HostScheduler:
     """The per-host scheduler of a worker that has not yet counted who shares the job."""
     return HostScheduler(
-        **host_budget(settings, first_share(settings)),
+        **settings.host_budget(first_share(settings))._asdict(),
         adaptive=settings.adaptive_concurrency,
         key=operator.attrgetter("host"),
     )
@@ -191,7 +181,7 @@ class Worker:
         if share != self.share:
             log.info("%d workers share the job: per-host budgets divided by %d", share, share)
             self.share = share
-            self.hosts.rescale(**host_budget(self.settings, share))
+            self.hosts.rescale(**self.settings.host_budget(share)._asdict())
 
     async def run(self) -> WorkerStats:
         s = self.settings
