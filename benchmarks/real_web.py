@@ -94,7 +94,12 @@ def write_rows(path: Path, base: str, args, hosts: int, slow: bool) -> None:
     path.write_text("url\n" + "".join(f"{row}\n" for row in mixed))
 
 
+def _spent(before: float | None, after: float | None) -> float | None:
+    return round(after - before, 3) if before is not None and after is not None else None
+
+
 def run_once(tool: str, hosts: int, tls: bool, args, db: harness.ScratchDatabase, slow: bool = False) -> dict:
+    postgres = harness.PostgresCPU(db.dsn)
     with tempfile.TemporaryDirectory(prefix="crawler-real-web-") as tmp:
         tmp = Path(tmp)
         ca_file = tmp / "ca.pem" if tls else None
@@ -108,9 +113,12 @@ def run_once(tool: str, hosts: int, tls: bool, args, db: harness.ScratchDatabase
                 urls = tmp / "urls.csv"
                 write_rows(urls, server.url, args, hosts, slow)
                 cmd = command(tool, urls, args, db.dsn, summary, responder.url if responder else None, ca_file)
+                server_before, postgres_before = server.cpu_seconds(), postgres.seconds()
                 timed = harness.run_timed(
                     cmd, timeout=args.timeout, sample_exclude=("crawler.mock.server", "crawler.mock.dns_responder")
                 )
+                server_cpu = _spent(server_before, server.cpu_seconds())
+                postgres_cpu = _spent(postgres_before, postgres.seconds())
             finally:
                 if responder is not None:
                     responder.__exit__()
@@ -124,6 +132,10 @@ def run_once(tool: str, hosts: int, tls: bool, args, db: harness.ScratchDatabase
             "returncode": timed.returncode,
             "wall_s": round(timed.wall_s, 3),
             "cpu_s": round(timed.cpu_s, 3),
+            # The machine's other CPU users in the run: the same server for both tools, and
+            # PostgreSQL (ours alone writes to it).
+            "server_cpu_s": server_cpu,
+            "postgres_cpu_s": postgres_cpu,
             "load_1m": timed.load_1m,
             "largest_rss": max((rss for _, rss in timed.peaks.values()), default=0),
             # Which process it was: the supervisor ("main") or a worker, each role's largest.
@@ -262,6 +274,8 @@ def main() -> None:
                         f"{row['requests_per_s']:,.0f}/s, largest process {harness.mib(row['largest_rss'])} MiB,"
                         f" connections {row['connections']}, DNS questions {row['dns_questions']},"
                         f" by role { ({k: harness.mib(v) for k, v in row['largest_rss_by_role'].items()}) },"
+                        f" CPU s tool {row['cpu_s']:.1f} server {row['server_cpu_s'] or 0:.1f}"
+                        f" PostgreSQL {row['postgres_cpu_s'] or 0:.1f},"
                         f" load {row['load_1m']:.1f}" + (f"  PROBLEM: {row['problem']}" if "problem" in row else ""),
                         flush=True,
                     )
