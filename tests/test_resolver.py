@@ -307,3 +307,18 @@ def test_expired_answers_leave_the_cache_as_new_ones_come_in_without_being_asked
     cache.put("late.test", ("127.0.0.1",), 300.0)
     assert len(cache) == 2
     assert cache.get("middle.test") is not None and cache.get("early-0.test") is None
+
+
+def test_the_name_cache_gives_back_what_it_was_given():
+    """Kept compactly (one address as itself), an answer comes back as it went in: one address,
+    several in their order, or the failure that stands for the name."""
+    clock = Clock()
+    cache = NameCache(10, clock)
+    gone = DNSFailure("gone.test", "no such name (NXDOMAIN)", transient=False)
+    cache.put("one.test", ("127.0.0.1",), 30.0)
+    cache.put("two.test", ("127.0.0.2", "::1"), 30.0)
+    cache.put("gone.test", (), 30.0, gone)
+    one, two, failed = cache.get("one.test"), cache.get("two.test"), cache.get("gone.test")
+    assert (one.addresses, one.failure, one.expires) == (("127.0.0.1",), None, clock.now + 30.0)
+    assert (two.addresses, two.failure) == (("127.0.0.2", "::1"), None)
+    assert (failed.addresses, failed.failure) == ((), gone)
