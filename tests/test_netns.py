@@ -30,7 +30,9 @@ from conftest import ROOT, mock_server_process
 from test_faults import assert_exactly_once, results_so_far, server_hits
 from test_multihost import FAST_LEASES, crawler, finish, status_of, stop_all, wait_until, write_input
 
-pytestmark = [pytest.mark.slow, pytest.mark.one_server]
+# One test process runs them all, one after another: they set up and tear down the machine's
+# network namespaces and their addresses.
+pytestmark = [pytest.mark.slow, pytest.mark.one_server, pytest.mark.xdist_group("netns")]
 
 MACHINES = 3
 PG_PORT = 5432  # free whatever else runs here: the server listens on the bridge's address alone

@@ -40,6 +40,35 @@ async def hosts(*knobs: str):
             await runner.cleanup()
 
 
+def server_process(knob: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crawler.mock.server", "--port", "0", "--robots", knob],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    line = proc.stdout.readline()
+    assert "listening on" in line, proc.stderr.read()
+    return proc, line.split("listening on ", 1)[1].split()[0]
+
+
+@contextlib.contextmanager
+def host_processes(*knobs: str):
+    """One mock server process per robots knob; yields their base URLs. Where the test reads when
+    requests arrived: a server in this process stamps an arrival only when the crawl's own work
+    on this process's loop lets its handler run, so one late stamp makes the next gap short."""
+    servers = []
+    try:
+        for knob in knobs:
+            servers.append(server_process(knob))
+        yield [base for _, base in servers]
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+            proc.communicate(timeout=10)
+
+
 def closed_port() -> str:
     """A loopback base URL nothing listens on: robots.txt unreachable (connection refused)."""
     with socket.socket() as sock:
@@ -186,7 +215,7 @@ async def test_ignore_reads_no_robots_txt(session_dsn, db, tmp_path):
 
 
 async def test_crawl_delay_paces_the_host_as_the_server_sees_it(session_dsn, db, tmp_path):
-    async with hosts("delay:0.4", "allow") as (slow, fast):
+    with host_processes("delay:0.4", "allow") as (slow, fast):
         # /flaky/0/.. answers 200 at once and is routed, so the server records each arrival
         urls = [f"{slow}/flaky/0/{i}" for i in range(5)] + [f"{fast}/flaky/0/{i}" for i in range(5)]
         assert await run(session_dsn, tmp_path, urls, "crawl-delay", workers=1) == EXIT_OK
@@ -197,12 +226,12 @@ async def test_crawl_delay_paces_the_host_as_the_server_sees_it(session_dsn, db,
     # 0.4 s apart, robots.txt's own request included; a timer may fire a hair early (its clock's resolution)
     assert min(gaps) >= 0.39, gaps
     # The other host is not held back: its rows are all in before the paced host's last one (both
-    # servers run in this process and stamp arrivals on one clock; no bound on the test's own time).
+    # servers stamp arrivals with the system's clock; no bound on the test's own time).
     assert len(fast_arrivals) == 5 and max(fast_arrivals) < slow_arrivals[-1], (fast_arrivals, slow_arrivals)
 
 
 async def test_a_crawl_delay_longer_than_the_cap_is_capped(session_dsn, db, tmp_path):
-    async with hosts("delay:3600") as (base,):
+    with host_processes("delay:3600") as (base,):
         urls = [f"{base}/flaky/0/{i}" for i in range(3)]
         assert await run(session_dsn, tmp_path, urls, "capped-delay", workers=1, robots_max_delay=0.3) == EXIT_OK
         arrivals = [t for t, _ in (await stats(base))["arrivals"]]
@@ -230,19 +259,6 @@ async def test_cache_ttl_reuses_robots_txt_in_a_later_job(session_dsn, db, tmp_p
 
 
 # --- kill -9 and resume ---------------------------------------------------------------------------
-
-
-def server_process(knob: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "crawler.mock.server", "--port", "0", "--robots", knob],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    line = proc.stdout.readline()
-    assert "listening on" in line, proc.stderr.read()
-    return proc, line.split("listening on ", 1)[1].split()[0]
 
 
 async def test_a_resume_after_kill_9_does_not_fetch_decided_robots_txt_again(session_dsn, tmp_path):
