@@ -24,10 +24,16 @@ import asyncpg
 import psutil
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, test_settings
 from crawler.errors import DatabaseError
+from crawler.job.inputs import RequestRow
+from crawler.job.processes import WorkerProcesses, WorkerSlot
+from crawler.job.standby import CONTEXT
+from crawler.ledger.chunks import lease_chunk, mark_ingested, store_chunk
 from crawler.ledger.database import LedgerConnection, session_settings, session_timeout
+from crawler.ledger.jobs import create_job
 from crawler.ledger.migrate import apply_migrations
+from crawler.urls import fingerprint
 
 URLS = 20_000
 CHUNK = 200
@@ -232,6 +238,23 @@ async def wait_until_taken_over(dsn: str, name: str, fences: dict[int, int], tim
     raise AssertionError(f"chunks {sorted(fences)} were not taken over within {timeout}s")
 
 
+async def chunk_deaths(dsn: str, name: str, chunks: list[int]) -> dict[int, int]:
+    """Deaths counted on these chunks: the supervisor counts one on each chunk it gives back for a
+    worker it saw die; a lease that expired instead counts none."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return dict(
+            await conn.fetch(
+                "SELECT c.chunk_no, c.deaths FROM chunks c JOIN jobs j ON j.id = c.job_id"
+                " WHERE j.name = $1 AND c.chunk_no = ANY($2::int[])",
+                name,
+                chunks,
+            )
+        )
+    finally:
+        await conn.close()
+
+
 async def server_hits(base: str) -> int:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{base}/__hits") as resp:
@@ -296,12 +319,14 @@ async def test_a_killed_worker_is_replaced_and_the_job_completes_exactly_once(
     rng = random.Random(seed)
     rows = write_input(tmp_path / "urls.csv", mock_process)
     name = f"kill-worker-{seed}"
-    # Small result batches, so the bound below is tight: the writer buffers 8 batches.
-    proc = crawl_process(session_dsn, tmp_path / "urls.csv", name, env={"CRAWLER_WRITE_BATCH": str(WRITE_BATCH)})
+    # Small result batches, so the bound below is tight: the writer buffers 8 batches. Leases
+    # far longer than the crawl: a chunk of the killed worker's left to expire fails the test.
+    env = {"CRAWLER_WRITE_BATCH": str(WRITE_BATCH), "CRAWLER_LEASE_SECONDS": "3600"}
+    proc = crawl_process(session_dsn, tmp_path / "urls.csv", name, env=env)
     try:
         await wait_for_results(session_dsn, name, rng.randrange(500, URLS // 3), proc)
-        victim = rng.choice(workers_of(proc))
-        victim.suspend()  # frozen: it can neither lease nor commit while we measure its leases
+        # frozen holding leases: it can neither lease nor commit while we measure them
+        victim, held = await suspend_a_lease_holder(session_dsn, name, proc)
         at_risk = await uncommitted_in_leases(session_dsn, name, [owner(victim)])
         victim.send_signal(signal.SIGKILL)
         code, err = finish(proc)
@@ -310,6 +335,8 @@ async def test_a_killed_worker_is_replaced_and_the_job_completes_exactly_once(
             kill_tree(proc)
     assert code == 0, err
     assert "died" in err  # the supervisor noticed and said so
+    # ...and gave back every chunk the dead worker held, a death counted on each, at once
+    assert await chunk_deaths(session_dsn, name, list(held)) == dict.fromkeys(held, 1)
     await assert_exactly_once(session_dsn, name, rows)
     # the killed worker's leased, uncommitted rows were fetched again; nothing else was
     assert rows <= await server_hits(mock_process) <= rows + at_risk
@@ -317,6 +344,43 @@ async def test_a_killed_worker_is_replaced_and_the_job_completes_exactly_once(
     # of items (2 x concurrency, plus up to 4 chunks more while hosts starve it, plus the chunk
     # that crossed the line) and results not yet flushed (the writer's buffer, 8 batches).
     assert at_risk <= 2 * CONCURRENCY + 5 * CHUNK + 8 * WRITE_BATCH  # 1 900 of 20 000
+
+
+async def test_a_worker_that_ends_between_the_supervisors_two_looks_has_its_leases_given_back(db, session_dsn):
+    """A turn of the supervisor looks at its worker processes twice: reap() gives the dead ones'
+    leases back, then watch() restarts them. A process that ended between the two looks was
+    restarted by watch() alone, and the dead one's chunks waited out their leases (a minute by
+    default). The turn is played look by look around a real process killed in between."""
+    job = await create_job(db, name="ends-between-looks", input="test", settings={})
+    urls = [f"http://example.test/{i}" for i in range(1, 11)]
+    await store_chunk(db, job.id, 0, [RequestRow(i, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls, 1)])
+    await mark_ingested(db, job.id)
+    pool = WorkerProcesses(session_dsn, test_settings(workers=1, restart_backoff=30.0))
+    process = CONTEXT.Process(target=time.sleep, args=(120,))
+    process.start()
+    try:
+        slot = WorkerSlot(0, process, worker_id=f"{socket.gethostname()}:{process.pid}")
+        pool.slots, pool._slot_of[slot.worker_id] = [slot], slot
+        leased = await lease_chunk(db, job.id, slot.worker_id, 3600)
+        assert pool.reap() == []  # the first look: it runs
+        os.kill(process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while psutil.Process(process.pid).status() != psutil.STATUS_ZOMBIE:  # ended, not waited for
+            assert time.monotonic() < deadline, "the killed process did not end within 30 s"
+            await asyncio.sleep(0.01)
+        assert pool.watch(job) is None  # the second look
+        async with LedgerConnection(session_dsn, outage_limit=10) as ledger:
+            assert await pool.tend(ledger, job) is None  # the next turn
+        chunk = await db.fetchrow(
+            "SELECT state, lease_owner, fence, deaths FROM chunks WHERE job_id = $1 AND chunk_no = 0", job.id
+        )
+        # given back as a dead worker's (its death counted), not left to expire
+        assert dict(chunk) == {"state": "pending", "lease_owner": None, "fence": leased.lease.fence, "deaths": 1}
+        assert (slot.restarts, slot.process) == (1, None)  # judged once, after its leases went back
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -40,7 +40,10 @@ class WorkerSlot:
     restarts: int = 0
     restart_at: float = 0.0
     finished: bool = False
-    reaped: bool = False
+    # Its process's exit code once reap() has seen it end. Only reap() looks at the process: a
+    # death that watch() saw first (the process ending between the two looks) would be judged,
+    # and the slot given a new process, without the dead one's leases ever going back.
+    exit_code: int | None = None
     worker_id: str = ""  # host:pid of its current process, the owner of its leases
     # The chunks held at each death not yet explained; a death whose chunk was quarantined is
     # explained and leaves the restart budget, so poisoned chunks cannot exhaust it.
@@ -118,23 +121,24 @@ class WorkerProcesses:
                 elif now >= slot.restart_at:
                     self._start(slot, job)
                 continue
-            if proc.exitcode is None:
-                continue
-            if proc.exitcode == 0 or self.stopping.is_set():
+            code = slot.exit_code
+            if code is None:
+                continue  # running, or ended since reap() looked: judged on the next turn
+            if code == 0 or self.stopping.is_set():
                 slot.finished = True
                 continue
             if slot.worker_id in self._unreleased:
                 continue  # judged once its leases are given back and its death counted on them
             slot.restarts += 1
-            log.warning("worker %d (pid %s) died with exit code %s", slot.index, proc.pid, proc.exitcode)
+            log.warning("worker %d (pid %s) died with exit code %s", slot.index, proc.pid, code)
             if slot.unexplained > self.settings.worker_restarts:
                 slot.finished = True
-                broken = f"worker {slot.index} died {slot.restarts} times (last exit code {proc.exitcode})"
+                broken = f"worker {slot.index} died {slot.restarts} times (last exit code {code})"
                 continue
             if self.exporter is not None:
                 self.exporter.worker_restarted()
             slot.process = None
-            slot.reaped = False
+            slot.exit_code = None
             backoff = self.settings.restart_backoff * 2 ** max(0, slot.unexplained - 1)
             slot.restart_at = now + min(30.0, backoff)
         return broken
@@ -145,13 +149,13 @@ class WorkerProcesses:
         dead = []
         for slot in self.slots:
             proc = slot.process
-            if proc is not None and proc.exitcode is not None and not slot.reaped:
-                slot.reaped = True
+            if proc is not None and slot.exit_code is None and proc.exitcode is not None:
+                slot.exit_code = proc.exitcode
                 if self.exporter is not None:
                     self.exporter.worker_exited(proc.pid)
-                if proc.exitcode != 0:
+                if slot.exit_code != 0:
                     dead.append(slot.worker_id)
-                if proc.exitcode == EXIT_INFRA:
+                if slot.exit_code == EXIT_INFRA:
                     # It stopped because the database was away, not because of what it held.
                     self._blameless.add(slot.worker_id)
         return dead
