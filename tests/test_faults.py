@@ -238,6 +238,25 @@ async def wait_until_taken_over(dsn: str, name: str, fences: dict[int, int], tim
     raise AssertionError(f"chunks {sorted(fences)} were not taken over within {timeout}s")
 
 
+async def settled_lease_count(dsn: str, name: str, timeout: float = 10) -> int:
+    """How many of the job's chunks are leased, once a lease a killed worker had sent has landed:
+    the same on two reads in a row."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        query = "SELECT count(*) FROM chunks c JOIN jobs j ON j.id = c.job_id WHERE j.name = $1 AND c.state = 'leased'"
+        deadline = time.monotonic() + timeout
+        last = await conn.fetchval(query, name)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            now = await conn.fetchval(query, name)
+            if now == last:
+                return now
+            last = now
+    finally:
+        await conn.close()
+    raise AssertionError(f"the job's leases kept changing for {timeout}s after its processes were killed")
+
+
 async def chunk_deaths(dsn: str, name: str, chunks: list[int]) -> dict[int, int]:
     """Deaths counted on these chunks: the supervisor counts one on each chunk it gives back for a
     worker it saw die; a lease that expired instead counts none."""
@@ -388,7 +407,9 @@ async def test_a_killed_supervisor_is_finished_by_resume(session_dsn, mock_proce
     rng = random.Random(seed)
     rows = write_input(tmp_path / "urls.csv", mock_process)
     name = f"kill-supervisor-{seed}"
-    proc = crawl_process(session_dsn, tmp_path / "urls.csv", name)
+    # Leases far longer than the crawl (a policy: the resume keeps it): a chunk of the killed
+    # workers' left to expire fails the test.
+    proc = crawl_process(session_dsn, tmp_path / "urls.csv", name, env={"CRAWLER_LEASE_SECONDS": "3600"})
     try:
         await wait_for_results(session_dsn, name, rng.randrange(500, URLS // 2), proc)
         for process in [psutil.Process(proc.pid), *workers_of(proc)]:
@@ -397,6 +418,8 @@ async def test_a_killed_supervisor_is_finished_by_resume(session_dsn, mock_proce
     finally:
         kill_tree(proc)  # the supervisor and its workers, as a machine losing power would
     assert proc.returncode == -signal.SIGKILL
+    leased = await settled_lease_count(session_dsn, name)
+    assert leased > 0  # killed mid-crawl, its workers held chunks
 
     again = crawl_process(session_dsn, tmp_path / "urls.csv", name)
     code, err = finish(again)
@@ -420,6 +443,8 @@ async def test_a_killed_supervisor_is_finished_by_resume(session_dsn, mock_proce
     else:
         resumed = cli("resume", name, "--dsn", session_dsn, "--workers", "2", "--allow-net", "127.0.0.1/32", "--quiet")
     assert resumed.returncode == 0, resumed.stderr.decode()
+    # the dead workers' chunks went back as the resume started, every one of them
+    assert f"released {leased} chunks leased by workers that are gone" in resumed.stderr.decode()
     await assert_exactly_once(session_dsn, name, rows)
     assert rows <= await server_hits(mock_process) <= rows + at_risk
 
