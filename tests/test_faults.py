@@ -365,41 +365,97 @@ async def test_a_killed_worker_is_replaced_and_the_job_completes_exactly_once(
     assert at_risk <= 2 * CONCURRENCY + 5 * CHUNK + 8 * WRITE_BATCH  # 1 900 of 20 000
 
 
-async def test_a_worker_that_ends_between_the_supervisors_two_looks_has_its_leases_given_back(db, session_dsn):
-    """A turn of the supervisor looks at its worker processes twice: reap() gives the dead ones'
-    leases back, then watch() restarts them. A process that ended between the two looks was
-    restarted by watch() alone, and the dead one's chunks waited out their leases (a minute by
-    default). The turn is played look by look around a real process killed in between."""
-    job = await create_job(db, name="ends-between-looks", input="test", settings={})
-    urls = [f"http://example.test/{i}" for i in range(1, 11)]
-    await store_chunk(db, job.id, 0, [RequestRow(i, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls, 1)])
+async def two_chunk_job(db, name: str):
+    job = await create_job(db, name=name, input="test", settings={})
+    for chunk_no in range(2):
+        urls = [f"http://example.test/{chunk_no}/{i}" for i in range(10)]
+        rows = [RequestRow(chunk_no * 10 + i, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls, 1)]
+        await store_chunk(db, job.id, chunk_no, rows)
     await mark_ingested(db, job.id)
-    pool = WorkerProcesses(session_dsn, test_settings(workers=1, restart_backoff=30.0))
+    return job
+
+
+@contextlib.contextmanager
+def a_worker_slot(pool: WorkerProcesses):
+    """The pool's one slot, running a real process (it only sleeps) that the test kills."""
     process = CONTEXT.Process(target=time.sleep, args=(120,))
     process.start()
     try:
         slot = WorkerSlot(0, process, worker_id=f"{socket.gethostname()}:{process.pid}")
         pool.slots, pool._slot_of[slot.worker_id] = [slot], slot
-        leased = await lease_chunk(db, job.id, slot.worker_id, 3600)
-        assert pool.reap() == []  # the first look: it runs
-        os.kill(process.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while psutil.Process(process.pid).status() != psutil.STATUS_ZOMBIE:  # ended, not waited for
-            assert time.monotonic() < deadline, "the killed process did not end within 30 s"
-            await asyncio.sleep(0.01)
-        assert pool.watch(job) is None  # the second look
-        async with LedgerConnection(session_dsn, outage_limit=10) as ledger:
-            assert await pool.tend(ledger, job) is None  # the next turn
-        chunk = await db.fetchrow(
-            "SELECT state, lease_owner, fence, deaths FROM chunks WHERE job_id = $1 AND chunk_no = 0", job.id
-        )
-        # given back as a dead worker's (its death counted), not left to expire
-        assert dict(chunk) == {"state": "pending", "lease_owner": None, "fence": leased.lease.fence, "deaths": 1}
-        assert (slot.restarts, slot.process) == (1, None)  # judged once, after its leases went back
+        yield slot
     finally:
         if process.is_alive():
             process.kill()
         process.join()
+
+
+async def kill_unwaited(pid: int) -> None:
+    """SIGKILL the process and wait until it has ended, without waiting for it (which would
+    take its exit code away from its parent)."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the killed process did not end within 30 s"
+        await asyncio.sleep(0.01)
+
+
+async def chunk_state(db, job_id: int, chunk_no: int) -> dict:
+    return dict(
+        await db.fetchrow(
+            "SELECT state, lease_owner, fence, deaths FROM chunks WHERE job_id = $1 AND chunk_no = $2", job_id, chunk_no
+        )
+    )
+
+
+async def test_a_worker_that_ends_between_the_supervisors_two_looks_has_its_leases_given_back(db, session_dsn):
+    """A turn of the supervisor looks at its worker processes twice: reap() gives the dead ones'
+    leases back, then watch() restarts them. A process that ended between the two looks was
+    restarted by watch() alone, and the dead one's chunks waited out their leases (a minute by
+    default). The turn is played look by look around a real process killed in between."""
+    job = await two_chunk_job(db, "ends-between-looks")
+    pool = WorkerProcesses(session_dsn, test_settings(workers=1, restart_backoff=30.0))
+    with a_worker_slot(pool) as slot:
+        leased = await lease_chunk(db, job.id, slot.worker_id, 3600)
+        assert pool.reap() == []  # the first look: it runs
+        await kill_unwaited(slot.process.pid)
+        assert pool.watch(job) is None  # the second look
+        async with LedgerConnection(session_dsn, outage_limit=10) as ledger:
+            assert await pool.tend(ledger, job) is None  # the next turn
+        # given back as a dead worker's (its death counted), not left to expire
+        assert await chunk_state(db, job.id, leased.lease.chunk_no) == {
+            "state": "pending",
+            "lease_owner": None,
+            "fence": leased.lease.fence,
+            "deaths": 1,
+        }
+        assert (slot.restarts, slot.process) == (1, None)  # judged once, after its leases went back
+
+
+async def test_a_lease_that_lands_after_its_worker_was_seen_dead_is_given_back(db, session_dsn):
+    """A worker killed while its lease statement runs: PostgreSQL finishes the statement and
+    commits the lease, maybe after the supervisor gave the dead worker's leases back. The
+    supervisor looks again, and that chunk goes back too, without a death."""
+    job = await two_chunk_job(db, "late-lease")
+    pool = WorkerProcesses(session_dsn, test_settings(workers=1, restart_backoff=30.0))
+    async with LedgerConnection(session_dsn, outage_limit=10) as ledger:
+        with a_worker_slot(pool) as slot:
+            first = await lease_chunk(db, job.id, slot.worker_id, 3600)
+            await kill_unwaited(slot.process.pid)
+            await pool.tend(ledger, job)
+            assert (await chunk_state(db, job.id, first.lease.chunk_no))["state"] == "pending"
+            late = await lease_chunk(db, job.id, slot.worker_id, 3600)  # the statement it had sent lands
+            deadline = time.monotonic() + 30  # the lease would last an hour
+            while (await chunk_state(db, job.id, late.lease.chunk_no))["state"] == "leased":
+                assert time.monotonic() < deadline, "the late lease was not given back within 30 s"
+                await pool.tend(ledger, job)
+                await asyncio.sleep(0.05)
+            assert await chunk_state(db, job.id, late.lease.chunk_no) == {
+                "state": "pending",
+                "lease_owner": None,
+                "fence": late.lease.fence,
+                "deaths": 1,  # the death counted when it was first given back, none more
+            }
 
 
 @pytest.mark.parametrize("seed", SEEDS)

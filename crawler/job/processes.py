@@ -31,6 +31,9 @@ from crawler.settings import Settings
 log = logging.getLogger(__name__)
 
 POLL = 0.25
+# Seconds between looks for a lease that reached the ledger after its worker was seen dead and its
+# leases were given back (below, WorkerProcesses.tend).
+LATE_LEASE_LOOK = 1.0
 
 
 @dataclass
@@ -67,6 +70,9 @@ class WorkerProcesses:
         self._unreleased: list[str] = []  # dead workers whose leases are not yet given back
         self._slot_of: dict[str, WorkerSlot] = {}  # every worker id started here -> its slot
         self._blameless: set[str] = set()  # dead workers whose death counts on no chunk
+        # Dead workers whose leases were given back -> until when a late lease of theirs is looked for.
+        self._gone: dict[str, float] = {}
+        self._next_late_look = 0.0
 
     # --- signals ---------------------------------------------------------------------------
 
@@ -105,6 +111,7 @@ class WorkerProcesses:
         slot.process = process
         slot.worker_id = f"{socket.gethostname()}:{process.pid}"
         self._slot_of[slot.worker_id] = slot
+        self._gone.pop(slot.worker_id, None)  # a pid used again: this one's leases are its own
         send_order(sender, self.dsn, job.id, self.settings.as_dict())
 
     def watch(self, job: Job) -> str | None:
@@ -170,13 +177,30 @@ class WorkerProcesses:
         if self._unreleased:
             released = await db.try_run(self._release, job.id, self._unreleased)
             if released is not None:
+                until = time.monotonic() + self.settings.lease_seconds
+                self._gone.update(dict.fromkeys(self._unreleased, until))
                 self._unreleased = []
                 self._count_deaths(released)
+        await self._give_back_late_leases(db, job)
         broken = self.watch(job)
         if broken and not self.stopping.is_set():
             self.stopping.set()
             self.signal(signal.SIGTERM)
         return broken
+
+    async def _give_back_late_leases(self, db: LedgerConnection, job: Job) -> None:
+        """A worker killed while its lease statement ran: PostgreSQL finishes the statement and
+        commits it, maybe after the worker's leases were given back; that chunk would then wait
+        for its lease to expire. Chunks leased by workers seen dead go back, for as long as such a
+        lease could still be unexpired, without a death: the worker never held it alive."""
+        now = time.monotonic()
+        self._gone = {owner: until for owner, until in self._gone.items() if until > now}
+        if not self._gone or now < self._next_late_look:
+            return
+        self._next_late_look = now + LATE_LEASE_LOOK
+        late = await db.try_run(release_leases_of, job.id, list(self._gone))
+        if late:
+            log.warning("gave back %d chunks leased by workers after they died", late)
 
     async def _release(self, conn, job_id: int, dead: list[str]) -> Released:
         blameless = [owner for owner in dead if owner in self._blameless]
