@@ -24,10 +24,16 @@ import asyncpg
 import psutil
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, test_settings
 from crawler.errors import DatabaseError
+from crawler.job.inputs import RequestRow
+from crawler.job.processes import WorkerProcesses, WorkerSlot
+from crawler.job.standby import CONTEXT
+from crawler.ledger.chunks import lease_chunk, mark_ingested, store_chunk
 from crawler.ledger.database import LedgerConnection, session_settings, session_timeout
+from crawler.ledger.jobs import create_job
 from crawler.ledger.migrate import apply_migrations
+from crawler.urls import fingerprint
 
 URLS = 20_000
 CHUNK = 200
@@ -232,6 +238,42 @@ async def wait_until_taken_over(dsn: str, name: str, fences: dict[int, int], tim
     raise AssertionError(f"chunks {sorted(fences)} were not taken over within {timeout}s")
 
 
+async def settled_lease_count(dsn: str, name: str, timeout: float = 10) -> int:
+    """How many of the job's chunks are leased, once a lease a killed worker had sent has landed:
+    the same on two reads in a row."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        query = "SELECT count(*) FROM chunks c JOIN jobs j ON j.id = c.job_id WHERE j.name = $1 AND c.state = 'leased'"
+        deadline = time.monotonic() + timeout
+        last = await conn.fetchval(query, name)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            now = await conn.fetchval(query, name)
+            if now == last:
+                return now
+            last = now
+    finally:
+        await conn.close()
+    raise AssertionError(f"the job's leases kept changing for {timeout}s after its processes were killed")
+
+
+async def chunk_deaths(dsn: str, name: str, chunks: list[int]) -> dict[int, int]:
+    """Deaths counted on these chunks: the supervisor counts one on each chunk it gives back for a
+    worker it saw die; a lease that expired instead counts none."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return dict(
+            await conn.fetch(
+                "SELECT c.chunk_no, c.deaths FROM chunks c JOIN jobs j ON j.id = c.job_id"
+                " WHERE j.name = $1 AND c.chunk_no = ANY($2::int[])",
+                name,
+                chunks,
+            )
+        )
+    finally:
+        await conn.close()
+
+
 async def server_hits(base: str) -> int:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{base}/__hits") as resp:
@@ -296,12 +338,14 @@ async def test_a_killed_worker_is_replaced_and_the_job_completes_exactly_once(
     rng = random.Random(seed)
     rows = write_input(tmp_path / "urls.csv", mock_process)
     name = f"kill-worker-{seed}"
-    # Small result batches, so the bound below is tight: the writer buffers 8 batches.
-    proc = crawl_process(session_dsn, tmp_path / "urls.csv", name, env={"CRAWLER_WRITE_BATCH": str(WRITE_BATCH)})
+    # Small result batches, so the bound below is tight: the writer buffers 8 batches. Leases
+    # far longer than the crawl: a chunk of the killed worker's left to expire fails the test.
+    env = {"CRAWLER_WRITE_BATCH": str(WRITE_BATCH), "CRAWLER_LEASE_SECONDS": "3600"}
+    proc = crawl_process(session_dsn, tmp_path / "urls.csv", name, env=env)
     try:
         await wait_for_results(session_dsn, name, rng.randrange(500, URLS // 3), proc)
-        victim = rng.choice(workers_of(proc))
-        victim.suspend()  # frozen: it can neither lease nor commit while we measure its leases
+        # frozen holding leases: it can neither lease nor commit while we measure them
+        victim, held = await suspend_a_lease_holder(session_dsn, name, proc)
         at_risk = await uncommitted_in_leases(session_dsn, name, [owner(victim)])
         victim.send_signal(signal.SIGKILL)
         code, err = finish(proc)
@@ -310,6 +354,8 @@ async def test_a_killed_worker_is_replaced_and_the_job_completes_exactly_once(
             kill_tree(proc)
     assert code == 0, err
     assert "died" in err  # the supervisor noticed and said so
+    # ...and gave back every chunk the dead worker held, a death counted on each, at once
+    assert await chunk_deaths(session_dsn, name, list(held)) == dict.fromkeys(held, 1)
     await assert_exactly_once(session_dsn, name, rows)
     # the killed worker's leased, uncommitted rows were fetched again; nothing else was
     assert rows <= await server_hits(mock_process) <= rows + at_risk
@@ -319,12 +365,107 @@ async def test_a_killed_worker_is_replaced_and_the_job_completes_exactly_once(
     assert at_risk <= 2 * CONCURRENCY + 5 * CHUNK + 8 * WRITE_BATCH  # 1 900 of 20 000
 
 
+async def two_chunk_job(db, name: str):
+    job = await create_job(db, name=name, input="test", settings={})
+    for chunk_no in range(2):
+        urls = [f"http://example.test/{chunk_no}/{i}" for i in range(10)]
+        rows = [RequestRow(chunk_no * 10 + i, "GET", u, fingerprint("GET", u)) for i, u in enumerate(urls, 1)]
+        await store_chunk(db, job.id, chunk_no, rows)
+    await mark_ingested(db, job.id)
+    return job
+
+
+@contextlib.contextmanager
+def a_worker_slot(pool: WorkerProcesses):
+    """The pool's one slot, running a real process (it only sleeps) that the test kills."""
+    process = CONTEXT.Process(target=time.sleep, args=(120,))
+    process.start()
+    try:
+        slot = WorkerSlot(0, process, worker_id=f"{socket.gethostname()}:{process.pid}")
+        pool.slots, pool._slot_of[slot.worker_id] = [slot], slot
+        yield slot
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+
+async def kill_unwaited(pid: int) -> None:
+    """SIGKILL the process and wait until it has ended, without waiting for it (which would
+    take its exit code away from its parent)."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the killed process did not end within 30 s"
+        await asyncio.sleep(0.01)
+
+
+async def chunk_state(db, job_id: int, chunk_no: int) -> dict:
+    return dict(
+        await db.fetchrow(
+            "SELECT state, lease_owner, fence, deaths FROM chunks WHERE job_id = $1 AND chunk_no = $2", job_id, chunk_no
+        )
+    )
+
+
+async def test_a_worker_that_ends_between_the_supervisors_two_looks_has_its_leases_given_back(db, session_dsn):
+    """A turn of the supervisor looks at its worker processes twice: reap() gives the dead ones'
+    leases back, then watch() restarts them. A process that ended between the two looks was
+    restarted by watch() alone, and the dead one's chunks waited out their leases (a minute by
+    default). The turn is played look by look around a real process killed in between."""
+    job = await two_chunk_job(db, "ends-between-looks")
+    pool = WorkerProcesses(session_dsn, test_settings(workers=1, restart_backoff=30.0))
+    with a_worker_slot(pool) as slot:
+        leased = await lease_chunk(db, job.id, slot.worker_id, 3600)
+        assert pool.reap() == []  # the first look: it runs
+        await kill_unwaited(slot.process.pid)
+        assert pool.watch(job) is None  # the second look
+        async with LedgerConnection(session_dsn, outage_limit=10) as ledger:
+            assert await pool.tend(ledger, job) is None  # the next turn
+        # given back as a dead worker's (its death counted), not left to expire
+        assert await chunk_state(db, job.id, leased.lease.chunk_no) == {
+            "state": "pending",
+            "lease_owner": None,
+            "fence": leased.lease.fence,
+            "deaths": 1,
+        }
+        assert (slot.restarts, slot.process) == (1, None)  # judged once, after its leases went back
+
+
+async def test_a_lease_that_lands_after_its_worker_was_seen_dead_is_given_back(db, session_dsn):
+    """A worker killed while its lease statement runs: PostgreSQL finishes the statement and
+    commits the lease, maybe after the supervisor gave the dead worker's leases back. The
+    supervisor looks again, and that chunk goes back too, without a death."""
+    job = await two_chunk_job(db, "late-lease")
+    pool = WorkerProcesses(session_dsn, test_settings(workers=1, restart_backoff=30.0))
+    async with LedgerConnection(session_dsn, outage_limit=10) as ledger:
+        with a_worker_slot(pool) as slot:
+            first = await lease_chunk(db, job.id, slot.worker_id, 3600)
+            await kill_unwaited(slot.process.pid)
+            await pool.tend(ledger, job)
+            assert (await chunk_state(db, job.id, first.lease.chunk_no))["state"] == "pending"
+            late = await lease_chunk(db, job.id, slot.worker_id, 3600)  # the statement it had sent lands
+            deadline = time.monotonic() + 30  # the lease would last an hour
+            while (await chunk_state(db, job.id, late.lease.chunk_no))["state"] == "leased":
+                assert time.monotonic() < deadline, "the late lease was not given back within 30 s"
+                await pool.tend(ledger, job)
+                await asyncio.sleep(0.05)
+            assert await chunk_state(db, job.id, late.lease.chunk_no) == {
+                "state": "pending",
+                "lease_owner": None,
+                "fence": late.lease.fence,
+                "deaths": 1,  # the death counted when it was first given back, none more
+            }
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_a_killed_supervisor_is_finished_by_resume(session_dsn, mock_process, tmp_path, seed):
     rng = random.Random(seed)
     rows = write_input(tmp_path / "urls.csv", mock_process)
     name = f"kill-supervisor-{seed}"
-    proc = crawl_process(session_dsn, tmp_path / "urls.csv", name)
+    # Leases far longer than the crawl (a policy: the resume keeps it): a chunk of the killed
+    # workers' left to expire fails the test.
+    proc = crawl_process(session_dsn, tmp_path / "urls.csv", name, env={"CRAWLER_LEASE_SECONDS": "3600"})
     try:
         await wait_for_results(session_dsn, name, rng.randrange(500, URLS // 2), proc)
         for process in [psutil.Process(proc.pid), *workers_of(proc)]:
@@ -333,6 +474,8 @@ async def test_a_killed_supervisor_is_finished_by_resume(session_dsn, mock_proce
     finally:
         kill_tree(proc)  # the supervisor and its workers, as a machine losing power would
     assert proc.returncode == -signal.SIGKILL
+    leased = await settled_lease_count(session_dsn, name)
+    assert leased > 0  # killed mid-crawl, its workers held chunks
 
     again = crawl_process(session_dsn, tmp_path / "urls.csv", name)
     code, err = finish(again)
@@ -356,6 +499,8 @@ async def test_a_killed_supervisor_is_finished_by_resume(session_dsn, mock_proce
     else:
         resumed = cli("resume", name, "--dsn", session_dsn, "--workers", "2", "--allow-net", "127.0.0.1/32", "--quiet")
     assert resumed.returncode == 0, resumed.stderr.decode()
+    # the dead workers' chunks went back as the resume started, every one of them
+    assert f"released {leased} chunks leased by workers that are gone" in resumed.stderr.decode()
     await assert_exactly_once(session_dsn, name, rows)
     assert rows <= await server_hits(mock_process) <= rows + at_risk
 

@@ -140,8 +140,9 @@ async def test_a_chunk_that_kills_its_workers_is_quarantined_and_the_job_ends_do
     monkeypatch.setenv("CRAWLER_TEST_EXIT_ON_ROW", "250,660")  # in chunks 2 and 6: rows 201-300, 601-700
     # Six deaths on two slots. Which deaths a quarantine explains, and so leave the restart
     # budget, is the subject of the test above, in every order; here the budget is wide enough
-    # that the order in which the workers meet the two chunks never decides the outcome.
-    settings = test_settings(restart_backoff=0.05, worker_restarts=5)
+    # that the order in which the workers meet the two chunks never decides the outcome. Leases
+    # far longer than the test: a dead worker's chunk left to expire fails it.
+    settings = test_settings(restart_backoff=0.05, worker_restarts=5, lease_seconds=3600)
     code = await crawl(
         session_dsn,
         settings,

@@ -31,6 +31,9 @@ from crawler.settings import Settings
 log = logging.getLogger(__name__)
 
 POLL = 0.25
+# Seconds between looks for a lease that reached the ledger after its worker was seen dead and its
+# leases were given back (below, WorkerProcesses.tend).
+LATE_LEASE_LOOK = 1.0
 
 
 @dataclass
@@ -40,7 +43,10 @@ class WorkerSlot:
     restarts: int = 0
     restart_at: float = 0.0
     finished: bool = False
-    reaped: bool = False
+    # Its process's exit code once reap() has seen it end. Only reap() looks at the process: a
+    # death that watch() saw first (the process ending between the two looks) would be judged,
+    # and the slot given a new process, without the dead one's leases ever going back.
+    exit_code: int | None = None
     worker_id: str = ""  # host:pid of its current process, the owner of its leases
     # The chunks held at each death not yet explained; a death whose chunk was quarantined is
     # explained and leaves the restart budget, so poisoned chunks cannot exhaust it.
@@ -64,6 +70,9 @@ class WorkerProcesses:
         self._unreleased: list[str] = []  # dead workers whose leases are not yet given back
         self._slot_of: dict[str, WorkerSlot] = {}  # every worker id started here -> its slot
         self._blameless: set[str] = set()  # dead workers whose death counts on no chunk
+        # Dead workers whose leases were given back -> until when a late lease of theirs is looked for.
+        self._gone: dict[str, float] = {}
+        self._next_late_look = 0.0
 
     # --- signals ---------------------------------------------------------------------------
 
@@ -102,6 +111,7 @@ class WorkerProcesses:
         slot.process = process
         slot.worker_id = f"{socket.gethostname()}:{process.pid}"
         self._slot_of[slot.worker_id] = slot
+        self._gone.pop(slot.worker_id, None)  # a pid used again: this one's leases are its own
         send_order(sender, self.dsn, job.id, self.settings.as_dict())
 
     def watch(self, job: Job) -> str | None:
@@ -118,23 +128,24 @@ class WorkerProcesses:
                 elif now >= slot.restart_at:
                     self._start(slot, job)
                 continue
-            if proc.exitcode is None:
-                continue
-            if proc.exitcode == 0 or self.stopping.is_set():
+            code = slot.exit_code
+            if code is None:
+                continue  # running, or ended since reap() looked: judged on the next turn
+            if code == 0 or self.stopping.is_set():
                 slot.finished = True
                 continue
             if slot.worker_id in self._unreleased:
                 continue  # judged once its leases are given back and its death counted on them
             slot.restarts += 1
-            log.warning("worker %d (pid %s) died with exit code %s", slot.index, proc.pid, proc.exitcode)
+            log.warning("worker %d (pid %s) died with exit code %s", slot.index, proc.pid, code)
             if slot.unexplained > self.settings.worker_restarts:
                 slot.finished = True
-                broken = f"worker {slot.index} died {slot.restarts} times (last exit code {proc.exitcode})"
+                broken = f"worker {slot.index} died {slot.restarts} times (last exit code {code})"
                 continue
             if self.exporter is not None:
                 self.exporter.worker_restarted()
             slot.process = None
-            slot.reaped = False
+            slot.exit_code = None
             backoff = self.settings.restart_backoff * 2 ** max(0, slot.unexplained - 1)
             slot.restart_at = now + min(30.0, backoff)
         return broken
@@ -145,13 +156,13 @@ class WorkerProcesses:
         dead = []
         for slot in self.slots:
             proc = slot.process
-            if proc is not None and proc.exitcode is not None and not slot.reaped:
-                slot.reaped = True
+            if proc is not None and slot.exit_code is None and proc.exitcode is not None:
+                slot.exit_code = proc.exitcode
                 if self.exporter is not None:
                     self.exporter.worker_exited(proc.pid)
-                if proc.exitcode != 0:
+                if slot.exit_code != 0:
                     dead.append(slot.worker_id)
-                if proc.exitcode == EXIT_INFRA:
+                if slot.exit_code == EXIT_INFRA:
                     # It stopped because the database was away, not because of what it held.
                     self._blameless.add(slot.worker_id)
         return dead
@@ -166,13 +177,30 @@ class WorkerProcesses:
         if self._unreleased:
             released = await db.try_run(self._release, job.id, self._unreleased)
             if released is not None:
+                until = time.monotonic() + self.settings.lease_seconds
+                self._gone.update(dict.fromkeys(self._unreleased, until))
                 self._unreleased = []
                 self._count_deaths(released)
+        await self._give_back_late_leases(db, job)
         broken = self.watch(job)
         if broken and not self.stopping.is_set():
             self.stopping.set()
             self.signal(signal.SIGTERM)
         return broken
+
+    async def _give_back_late_leases(self, db: LedgerConnection, job: Job) -> None:
+        """A worker killed while its lease statement ran: PostgreSQL finishes the statement and
+        commits it, maybe after the worker's leases were given back; that chunk would then wait
+        for its lease to expire. Chunks leased by workers seen dead go back, for as long as such a
+        lease could still be unexpired, without a death: the worker never held it alive."""
+        now = time.monotonic()
+        self._gone = {owner: until for owner, until in self._gone.items() if until > now}
+        if not self._gone or now < self._next_late_look:
+            return
+        self._next_late_look = now + LATE_LEASE_LOOK
+        late = await db.try_run(release_leases_of, job.id, list(self._gone))
+        if late:
+            log.warning("gave back %d chunks leased by workers after they died", late)
 
     async def _release(self, conn, job_id: int, dead: list[str]) -> Released:
         blameless = [owner for owner in dead if owner in self._blameless]
