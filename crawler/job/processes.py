@@ -281,7 +281,6 @@ async def join_job(dsn: str, job: Job, settings: Settings, *, exporter=None) -> 
                 pool.signal(signal.SIGTERM)
                 await pool.join()
                 raise
-            pool.reap()
     if broken:
         print(f"crawler: {broken}; this machine stops fetching (the job goes on elsewhere).", file=sys.stderr)
         return EXIT_INFRA
