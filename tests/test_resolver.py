@@ -322,3 +322,19 @@ def test_the_name_cache_gives_back_what_it_was_given():
     assert (one.addresses, one.failure, one.expires) == (("127.0.0.1",), None, clock.now + 30.0)
     assert (two.addresses, two.failure) == (("127.0.0.2", "::1"), None)
     assert (failed.addresses, failed.failure) == ((), gone)
+
+
+def test_an_answer_used_just_before_it_expires_does_not_stay_once_expired():
+    """The cache keeps answers in the order they came, not the order they were used: a name
+    asked for a moment before its answer expired leaves with the other expired ones as new names
+    come in, instead of staying, expired, behind fresher answers."""
+    clock = Clock()
+    cache = NameCache(100, clock)
+    cache.put("busy.test", ("127.0.0.1",), 30.0)
+    clock.now += 10
+    cache.put("later.test", ("127.0.0.2",), 300.0)
+    clock.now += 15
+    assert cache.get("busy.test") is not None  # used, 5 s before its answer expires
+    clock.now += 10
+    cache.put("new.test", ("127.0.0.3",), 300.0)
+    assert len(cache) == 2 and cache.get("later.test") is not None
