@@ -86,8 +86,8 @@ class NameCache:
     often it is used, and with every TTL at most `max_ttl` the oldest answer is the first to
     expire or near it, so the cache holds the names answered within the last `max_ttl` and no
     more. Ordered by use, a name asked for a moment before its answer expired sat behind fresher
-    answers and stayed, expired, for up to another TTL: over a million URLs and 100 000 names a
-    worker's cache held twice the names met within a TTL.
+    answers and stayed, expired, for up to another TTL, so a cache could hold up to twice the
+    names met within a TTL.
 
     Held compactly, as much of a worker's memory at a million URLs over a hundred thousand names
     is this cache: (expires, what was answered), one address kept as itself rather than in a
